@@ -1,0 +1,409 @@
+//! One input row: JSON bytes -> a checked [`InputRow`], or a [`RowError`] saying why not.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::error::{InputPosition, RejectReason, RowError};
+
+/// The fields rankfeed reads; everything else is counted as unknown and ignored.
+pub const KNOWN_FIELDS: [&str; 8] = [
+    "query",
+    "pos",
+    "neg",
+    "pos_scores",
+    "neg_scores",
+    "prompt",
+    "query_prompt",
+    "passage_prompt",
+];
+
+/// A checked input row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputRow {
+    /// The query text.
+    pub query: String,
+    /// Positive passages (non-empty).
+    pub pos: Vec<String>,
+    /// Negative passages (may be empty).
+    pub neg: Vec<String>,
+    /// Teacher scores, as long as `pos`.
+    pub pos_scores: Option<Vec<f32>>,
+    /// Teacher scores, as long as `neg`.
+    pub neg_scores: Option<Vec<f32>>,
+    /// The LLM prompt of this row.
+    pub prompt: Option<String>,
+    /// Replaces the query instruction for this row.
+    pub query_prompt: Option<String>,
+    /// Replaces the passage instruction for this row.
+    pub passage_prompt: Option<String>,
+}
+
+/// Sentinel standing for a bare NaN/Infinity literal (which Python's json module writes).
+const NONFINITE: &str = "\u{0}rankfeed-nonfinite";
+
+/// Parse and check one row. `unknown` counts unknown top-level field names.
+pub fn parse_row(
+    bytes: &[u8],
+    position: &InputPosition,
+    unknown: &mut BTreeMap<String, u64>,
+) -> Result<InputRow, RowError> {
+    let err = |field: Option<&str>, reason, message: String| RowError {
+        position: position.clone(),
+        field: field.map(String::from),
+        reason,
+        message,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        err(
+            None,
+            RejectReason::InvalidUtf8,
+            format!("invalid UTF-8 at byte {} of the row", e.valid_up_to()),
+        )
+    })?;
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            match replace_nonfinite_literals(text).and_then(|t| serde_json::from_str(&t).ok()) {
+                Some(v) => v,
+                None => {
+                    return Err(err(
+                        None,
+                        RejectReason::InvalidJson,
+                        format!("invalid JSON: {e}"),
+                    ));
+                }
+            }
+        }
+    };
+    let Value::Object(mut obj) = value else {
+        return Err(err(
+            None,
+            RejectReason::NotAnObject,
+            format!("expected a JSON object, found {}", kind(&value)),
+        ));
+    };
+    for key in obj.keys() {
+        if !KNOWN_FIELDS.contains(&key.as_str()) {
+            *unknown.entry(key.clone()).or_default() += 1;
+        }
+    }
+    let query = match obj.remove("query") {
+        Some(Value::String(s)) => s,
+        None => {
+            return Err(err(
+                Some("query"),
+                RejectReason::MissingField,
+                "missing".into(),
+            ))
+        }
+        Some(v) => {
+            return Err(err(
+                Some("query"),
+                RejectReason::WrongType,
+                format!("expected a string, found {}", kind(&v)),
+            ));
+        }
+    };
+    let pos = strings(&mut obj, "pos").map_err(|(f, r, m)| err(Some(&f), r, m))?;
+    if pos.is_empty() {
+        return Err(err(
+            Some("pos"),
+            RejectReason::EmptyPos,
+            "empty list: a group needs at least one positive".into(),
+        ));
+    }
+    let neg = strings(&mut obj, "neg").map_err(|(f, r, m)| err(Some(&f), r, m))?;
+    let pos_scores =
+        scores(&mut obj, "pos_scores", pos.len()).map_err(|(f, r, m)| err(Some(&f), r, m))?;
+    let neg_scores =
+        scores(&mut obj, "neg_scores", neg.len()).map_err(|(f, r, m)| err(Some(&f), r, m))?;
+    let mut opt_string = |name: &str| match obj.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(err(
+            Some(name),
+            RejectReason::WrongType,
+            format!("expected a string or null, found {}", kind(&v)),
+        )),
+    };
+    Ok(InputRow {
+        prompt: opt_string("prompt")?,
+        query_prompt: opt_string("query_prompt")?,
+        passage_prompt: opt_string("passage_prompt")?,
+        query,
+        pos,
+        neg,
+        pos_scores,
+        neg_scores,
+    })
+}
+
+type FieldError = (String, RejectReason, String);
+
+fn strings(obj: &mut Map<String, Value>, name: &str) -> Result<Vec<String>, FieldError> {
+    match obj.remove(name) {
+        None => Err((name.into(), RejectReason::MissingField, "missing".into())),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s),
+                v => Err((
+                    format!("{name}[{i}]"),
+                    RejectReason::WrongType,
+                    format!("expected a string, found {}", kind(&v)),
+                )),
+            })
+            .collect(),
+        Some(v) => Err((
+            name.into(),
+            RejectReason::WrongType,
+            format!("expected a list of strings, found {}", kind(&v)),
+        )),
+    }
+}
+
+fn scores(
+    obj: &mut Map<String, Value>,
+    name: &str,
+    want: usize,
+) -> Result<Option<Vec<f32>>, FieldError> {
+    let items = match obj.remove(name) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            return Err((
+                name.into(),
+                RejectReason::WrongType,
+                format!("expected a list of numbers, found {}", kind(&v)),
+            ));
+        }
+    };
+    if items.len() != want {
+        let passages = if name == "pos_scores" { "pos" } else { "neg" };
+        return Err((
+            name.into(),
+            RejectReason::ScoreLengthMismatch,
+            format!(
+                "has {} scores but `{passages}` has {want} passages",
+                items.len()
+            ),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let at = || format!("{name}[{i}]");
+            match v {
+                Value::Number(n) => {
+                    let x = n.as_f64().unwrap_or(f64::NAN);
+                    let y = x as f32;
+                    if y.is_finite() {
+                        Ok(y)
+                    } else {
+                        Err((
+                            at(),
+                            RejectReason::NonFiniteScore,
+                            format!("{n} is not a finite float32"),
+                        ))
+                    }
+                }
+                Value::String(s) if s == NONFINITE => {
+                    Err((at(), RejectReason::NonFiniteScore, "NaN or Infinity".into()))
+                }
+                Value::Bool(b) => Err((
+                    at(),
+                    RejectReason::BooleanScore,
+                    format!("boolean {b} is not a score"),
+                )),
+                v => Err((
+                    at(),
+                    RejectReason::NonNumericScore,
+                    format!("expected a number, found {}", kind(v)),
+                )),
+            }
+        })
+        .collect::<Result<Vec<f32>, _>>()
+        .map(Some)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(s) if s == NONFINITE => "NaN/Infinity",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Replace bare `NaN`, `Infinity` and `-Infinity` literals outside strings with a sentinel
+/// string, so a row Python's json module wrote gets "non-finite score" rather than "invalid
+/// JSON". `None` when there is none.
+fn replace_nonfinite_literals(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 32);
+    let (mut i, mut last, mut in_str, mut found) = (0, 0, false, false);
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' {
+            in_str = true;
+            i += 1;
+            continue;
+        }
+        let rest = &text[i..];
+        let len = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|lit| rest.starts_with(*lit))
+            .map(|lit| lit.len());
+        if let Some(len) = len {
+            out.push_str(&text[last..i]);
+            out.push('"');
+            out.push_str("\\u0000rankfeed-nonfinite");
+            out.push('"');
+            i += len;
+            last = i;
+            found = true;
+        } else {
+            i += 1;
+        }
+    }
+    if !found {
+        return None;
+    }
+    out.push_str(&text[last..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<InputRow, RowError> {
+        let pos = InputPosition {
+            path: "t.jsonl".into(),
+            line: 7,
+            element: None,
+        };
+        parse_row(s.as_bytes(), &pos, &mut BTreeMap::new())
+    }
+
+    fn reason(s: &str) -> (RejectReason, Option<String>) {
+        let e = parse(s).unwrap_err();
+        assert_eq!(e.position.line, 7);
+        (e.reason, e.field)
+    }
+
+    #[test]
+    fn accepts_a_full_row() {
+        let r = parse(r#"{"query":"q","pos":["a"],"neg":["b","c"],"pos_scores":[1],"neg_scores":[0.5,-2e3],"prompt":"p","extra":1}"#).unwrap();
+        assert_eq!(r.pos, vec!["a"]);
+        assert_eq!(r.neg_scores, Some(vec![0.5, -2000.0]));
+        assert_eq!(r.prompt.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn rejects_each_class() {
+        use RejectReason::*;
+        assert_eq!(reason("{").0, InvalidJson);
+        assert_eq!(
+            parse_row(
+                b"{\"query\":\"\xff\"}",
+                &InputPosition {
+                    path: "x".into(),
+                    line: 7,
+                    element: None
+                },
+                &mut BTreeMap::new()
+            )
+            .unwrap_err()
+            .reason,
+            InvalidUtf8
+        );
+        assert_eq!(reason("[1]").0, NotAnObject);
+        assert_eq!(
+            reason(r#"{"pos":["a"],"neg":[]}"#),
+            (MissingField, Some("query".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","neg":[]}"#),
+            (MissingField, Some("pos".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"]}"#),
+            (MissingField, Some("neg".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":1,"pos":["a"],"neg":[]}"#),
+            (WrongType, Some("query".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":null,"neg":[]}"#),
+            (WrongType, Some("pos".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a",null],"neg":[]}"#),
+            (WrongType, Some("pos[1]".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":[],"neg":[]}"#),
+            (EmptyPos, Some("pos".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":["b"],"neg_scores":[]}"#).0,
+            ScoreLengthMismatch
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":["1"]}"#).0,
+            NonNumericScore
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":[true]}"#).0,
+            BooleanScore
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":[NaN]}"#),
+            (NonFiniteScore, Some("pos_scores[0]".into()))
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":[-Infinity]}"#).0,
+            NonFiniteScore
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":[1e300]}"#).0,
+            NonFiniteScore
+        );
+        assert_eq!(
+            reason(r#"{"query":"q","pos":["a"],"neg":[],"prompt":3}"#).0,
+            WrongType
+        );
+    }
+
+    #[test]
+    fn nan_inside_strings_is_text() {
+        let r = parse(r#"{"query":"NaN Infinity","pos":["a"],"neg":[]}"#).unwrap();
+        assert_eq!(r.query, "NaN Infinity");
+        assert!(replace_nonfinite_literals(r#"{"a":"NaN \" NaN"}"#).is_none());
+    }
+
+    #[test]
+    fn null_scores_and_prompts_are_absent() {
+        let r =
+            parse(r#"{"query":"q","pos":["a"],"neg":[],"pos_scores":null,"prompt":null}"#).unwrap();
+        assert_eq!(r.pos_scores, None);
+        assert_eq!(r.prompt, None);
+    }
+}

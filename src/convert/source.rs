@@ -1,0 +1,374 @@
+//! Input files: discovery, decompression, and streaming rows with their positions.
+//!
+//! Accepted: `.jsonl`; `.json` holding JSON lines or one JSON array (decided by the first
+//! non-blank byte); either compressed as `.gz` or `.zst`; directories contribute their
+//! `.json`/`.jsonl` (compressed or not) files in sorted order, not recursively. Files are
+//! streamed: memory holds one row (one array element) at a time.
+//!
+//! Positions: JSON lines report the 1-based line; array elements report the line where the
+//! element starts and the element index. Blank lines are not rows (they are counted).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, InputPosition, RejectReason, Result, RowError};
+
+/// Compression of an input file, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain.
+    None,
+    /// `.gz`.
+    Gzip,
+    /// `.zst`.
+    Zstd,
+}
+
+/// How rows are laid out in a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One JSON object per line (`.jsonl`).
+    JsonLines,
+    /// `.json`: JSON lines, or one array (decided from the content).
+    Json,
+}
+
+/// One input file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// The path.
+    pub path: PathBuf,
+    /// Size on disk.
+    pub bytes: u64,
+    /// Compression.
+    pub compression: Compression,
+    /// Layout.
+    pub layout: Layout,
+}
+
+/// Split `name` into (layout, compression), or `None` when it is not an input file.
+fn classify(path: &Path) -> Option<(Layout, Compression)> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let (stem, compression) = if let Some(s) = name.strip_suffix(".gz") {
+        (s, Compression::Gzip)
+    } else if let Some(s) = name.strip_suffix(".zst") {
+        (s, Compression::Zstd)
+    } else {
+        (name.as_str(), Compression::None)
+    };
+    if stem.ends_with(".jsonl") {
+        Some((Layout::JsonLines, compression))
+    } else if stem.ends_with(".json") {
+        Some((Layout::Json, compression))
+    } else {
+        None
+    }
+}
+
+/// Expand the given paths into input files, in order. Errors: a missing path, a file that is
+/// not `.json`/`.jsonl` (optionally `.gz`/`.zst`), a directory without such files.
+pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
+    if inputs.is_empty() {
+        return Err(Error::Config("no input paths given".into()));
+    }
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|e| Error::io(input, e))?
+                .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(input, e)))
+                .collect::<Result<_>>()?;
+            files.retain(|p| p.is_file() && classify(p).is_some());
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::Config(format!(
+                    "{}: directory has no .json or .jsonl files (optionally .gz/.zst)",
+                    input.display()
+                )));
+            }
+            for f in files {
+                out.push(source_file(&f)?);
+            }
+        } else {
+            out.push(source_file(input)?);
+        }
+    }
+    Ok(out)
+}
+
+fn source_file(path: &Path) -> Result<SourceFile> {
+    let (layout, compression) = classify(path).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: not an input file (expected .json or .jsonl, optionally .gz or .zst)",
+            path.display()
+        ))
+    })?;
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    Ok(SourceFile {
+        path: path.to_path_buf(),
+        bytes,
+        compression,
+        layout,
+    })
+}
+
+/// Counts raw bytes read, for progress.
+struct Counting<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open(src: &SourceFile, counter: Arc<AtomicU64>) -> Result<Box<dyn BufRead + Send>> {
+    let file = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
+    let raw = Counting {
+        inner: file,
+        counter,
+    };
+    const CAP: usize = 1 << 20;
+    Ok(match src.compression {
+        Compression::None => Box::new(BufReader::with_capacity(CAP, raw)),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            CAP,
+            flate2::read::MultiGzDecoder::new(BufReader::new(raw)),
+        )),
+        Compression::Zstd => Box::new(BufReader::with_capacity(
+            CAP,
+            zstd::stream::read::Decoder::new(raw).map_err(|e| Error::io(&src.path, e))?,
+        )),
+    })
+}
+
+/// What a source yields: a row's bytes with its position, a blank line, or a row that could
+/// not even be delimited (broken JSON array structure).
+pub enum Record<'a> {
+    /// The bytes of one row.
+    Row(&'a [u8], InputPosition),
+    /// A blank line (JSON lines only).
+    Blank,
+    /// A structural error; the rest of the file is unreadable.
+    Broken(RowError),
+}
+
+/// Stream the records of `src` into `f`, stopping early when `f` returns `false`.
+/// `counter` is advanced by the raw bytes read.
+pub fn read_records(
+    src: &SourceFile,
+    counter: Arc<AtomicU64>,
+    f: &mut dyn FnMut(Record<'_>) -> bool,
+) -> Result<()> {
+    let mut reader = open(src, counter)?;
+    let io = |e: std::io::Error| Error::io(&src.path, e);
+    // Leading whitespace: counted as blank lines, so line numbers stay right either way.
+    let mut skipped_newlines = 0u64;
+    let first = loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            break None;
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => {
+                skipped_newlines += buf[..i].iter().filter(|&&b| b == b'\n').count() as u64;
+                reader.consume(i);
+                break Some(reader.fill_buf().map_err(io)?[0]);
+            }
+            None => {
+                let n = buf.len();
+                skipped_newlines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+                reader.consume(n);
+            }
+        }
+    };
+    if src.layout == Layout::Json && first == Some(b'[') {
+        return read_array(&mut *reader, src, 1 + skipped_newlines, f).map_err(io);
+    }
+    for _ in 0..skipped_newlines {
+        if !f(Record::Blank) {
+            return Ok(());
+        }
+    }
+    read_lines(&mut *reader, src, skipped_newlines, f).map_err(io)
+}
+
+fn read_lines(
+    reader: &mut dyn BufRead,
+    src: &SourceFile,
+    first_line: u64,
+    f: &mut dyn FnMut(Record<'_>) -> bool,
+) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(1 << 16);
+    let mut number = first_line;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        number += 1;
+        let mut end = line.len();
+        while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
+            end -= 1;
+        }
+        let row = &line[..end];
+        let keep_going = if row.iter().all(|b| b.is_ascii_whitespace()) {
+            f(Record::Blank)
+        } else {
+            let pos = InputPosition {
+                path: src.path.clone(),
+                line: number,
+                element: None,
+            };
+            f(Record::Row(row, pos))
+        };
+        if !keep_going {
+            return Ok(());
+        }
+    }
+}
+
+/// Split a top-level JSON array into its elements without parsing them: track strings,
+/// escapes and bracket depth. Each element is then parsed on its own, so one bad element is
+/// one rejected row.
+fn read_array(
+    reader: &mut dyn BufRead,
+    src: &SourceFile,
+    first_line: u64,
+    f: &mut dyn FnMut(Record<'_>) -> bool,
+) -> std::io::Result<()> {
+    #[derive(PartialEq)]
+    enum State {
+        BeforeOpen,
+        BetweenElements,
+        InElement,
+        AfterClose,
+    }
+    let mut state = State::BeforeOpen;
+    let (mut line, mut start_line, mut element) = (first_line, first_line, 0u64);
+    let (mut depth, mut in_str, mut escaped) = (0i64, false, false);
+    let mut cur: Vec<u8> = Vec::new();
+    let broken = |line: u64, element: Option<u64>, msg: String| {
+        Record::Broken(RowError {
+            position: InputPosition {
+                path: src.path.clone(),
+                line,
+                element,
+            },
+            field: None,
+            reason: RejectReason::InvalidJson,
+            message: msg,
+        })
+    };
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let n = buf.len();
+        for &c in buf {
+            if c == b'\n' {
+                line += 1;
+            }
+            match state {
+                State::BeforeOpen => {
+                    if c == b'[' {
+                        state = State::BetweenElements;
+                    }
+                }
+                State::AfterClose => {
+                    if !c.is_ascii_whitespace() {
+                        f(broken(
+                            line,
+                            None,
+                            "unexpected data after the closing ']'".into(),
+                        ));
+                        return Ok(());
+                    }
+                }
+                State::BetweenElements => {
+                    if c == b']' {
+                        state = State::AfterClose;
+                    } else if c == b',' {
+                        if cur.is_empty() && element == 0 {
+                            f(broken(line, Some(0), "',' before the first element".into()));
+                            return Ok(());
+                        }
+                    } else if !c.is_ascii_whitespace() {
+                        state = State::InElement;
+                        start_line = line;
+                        cur.clear();
+                        cur.push(c);
+                        depth = i64::from(c == b'{' || c == b'[');
+                        in_str = c == b'"';
+                        escaped = false;
+                    }
+                }
+                State::InElement => {
+                    let ends = !in_str && depth == 0 && (c == b',' || c == b']');
+                    if ends {
+                        let pos = InputPosition {
+                            path: src.path.clone(),
+                            line: start_line,
+                            element: Some(element),
+                        };
+                        while cur.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                            cur.pop();
+                        }
+                        if !f(Record::Row(&cur, pos)) {
+                            return Ok(());
+                        }
+                        element += 1;
+                        cur.clear();
+                        state = if c == b']' {
+                            State::AfterClose
+                        } else {
+                            State::BetweenElements
+                        };
+                        continue;
+                    }
+                    cur.push(c);
+                    if in_str {
+                        if escaped {
+                            escaped = false;
+                        } else if c == b'\\' {
+                            escaped = true;
+                        } else if c == b'"' {
+                            in_str = false;
+                        }
+                    } else {
+                        match c {
+                            b'"' => in_str = true,
+                            b'{' | b'[' => depth += 1,
+                            b'}' | b']' => depth -= 1,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        reader.consume(n);
+    }
+    if state != State::AfterClose {
+        f(broken(
+            if state == State::InElement {
+                start_line
+            } else {
+                line
+            },
+            (state == State::InElement).then_some(element),
+            "file ends inside the JSON array (truncated?)".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! Opening a dataset directory and reading it zero-copy.
+//!
+//! [`Dataset::open`] maps the files and checks, in time independent of the number of rows:
+//! - the manifest parses, names this format and a supported version;
+//! - each file's size equals the manifest's (a truncated or replaced file fails here);
+//! - each Arrow file's footer, schema and every record batch's metadata are well formed, every
+//!   buffer lies inside the file and is aligned, batch row counts follow `rows_per_batch` and
+//!   add up to the manifest's counts (O(number of batches): ~80 batches per 5M rows).
+//!
+//! Checks that would be linear in the data happen **per access** instead, in O(1) each: list
+//! offsets in bounds and ordered, null bits, passage and prompt ids below their table sizes,
+//! score lists as long as their passage lists. A corrupt row is an `Err` when it is read, never
+//! a panic and never undefined behaviour. [`Dataset::validate`] runs all of them over every row
+//! plus the file checksums, for those who want to know up front (`rankfeed inspect --verify`).
+
+use std::path::{Path, PathBuf};
+
+use arrow_schema::Schema;
+use bytemuck::Pod;
+
+use crate::error::{Error, Result};
+use crate::format::{self, Manifest};
+use crate::ipc::{read_layout, BatchLayout, FileLayout};
+use crate::storage::MappedFile;
+
+/// A record batch and its index.
+#[derive(Debug, Clone, Copy)]
+struct Loc<'a> {
+    batch: usize,
+    layout: &'a BatchLayout,
+}
+
+/// One Arrow file of the dataset, mapped, with its checked layout.
+#[derive(Debug)]
+struct Table {
+    file: MappedFile,
+    layout: FileLayout,
+    rows: usize,
+    rows_per_batch: usize,
+}
+
+impl Table {
+    fn open(
+        dir: &Path,
+        name: &str,
+        schema: &Schema,
+        manifest: &Manifest,
+        expected_rows: u64,
+    ) -> Result<Table> {
+        let path = dir.join(name);
+        let file = MappedFile::open(&path)?;
+        if let Some(entry) = manifest.files.get(name) {
+            if entry.bytes != file.bytes().len() as u64 {
+                return Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "size is {} bytes, the manifest says {} (truncated or replaced?)",
+                        file.bytes().len(),
+                        entry.bytes
+                    ),
+                ));
+            }
+        }
+        let layout = read_layout(&path, file.bytes(), schema)?;
+        let rows_per_batch = usize::try_from(manifest.rows_per_batch)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| Error::corrupt(&path, "manifest rows_per_batch must be positive"))?;
+        let mut rows = 0usize;
+        let n = layout.batches.len();
+        for (i, b) in layout.batches.iter().enumerate() {
+            let ok = if i + 1 < n {
+                b.rows == rows_per_batch
+            } else {
+                b.rows <= rows_per_batch
+            };
+            if !ok {
+                return Err(Error::corrupt(
+                    &path,
+                    format!(
+                        "record batch {i} has {} rows; every batch but the last must have {rows_per_batch}",
+                        b.rows
+                    ),
+                ));
+            }
+            rows += b.rows;
+        }
+        if rows as u64 != expected_rows {
+            return Err(Error::corrupt(
+                &path,
+                format!("holds {rows} rows, the manifest says {expected_rows}"),
+            ));
+        }
+        Ok(Table {
+            file,
+            layout,
+            rows,
+            rows_per_batch,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The batch holding `row` and the row's index inside it: O(1).
+    #[inline]
+    fn locate(&self, row: usize, what: &'static str) -> Result<(Loc<'_>, usize)> {
+        if row >= self.rows {
+            return Err(Error::OutOfRange {
+                what,
+                index: row as u64,
+                len: self.rows as u64,
+            });
+        }
+        let batch = row / self.rows_per_batch;
+        let loc = Loc {
+            batch,
+            layout: &self.layout.batches[batch],
+        };
+        Ok((loc, row % self.rows_per_batch))
+    }
+
+    fn corrupt(&self, row_in_batch: usize, b: Loc<'_>, msg: &str) -> Error {
+        Error::corrupt(
+            self.path(),
+            format!(
+                "row {}: {msg}",
+                b.batch * self.rows_per_batch + row_in_batch
+            ),
+        )
+    }
+
+    /// The buffer `buf` of batch `b` as a slice of `T` (alignment checked).
+    #[inline]
+    fn buffer<T: Pod>(&self, b: Loc<'_>, buf: usize, i: usize) -> Result<&[T]> {
+        let bytes = &self.file.bytes()[b.layout.buffers[buf].clone()];
+        let whole = bytes.len() / std::mem::size_of::<T>() * std::mem::size_of::<T>();
+        bytemuck::try_cast_slice(&bytes[..whole])
+            .map_err(|e| self.corrupt(i, b, &format!("buffer {buf}: {e:?}")))
+    }
+
+    /// Whether entry `i` of node `node` (validity in buffer `buf`) is null.
+    #[inline]
+    fn is_null(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<bool> {
+        if b.layout.nodes[node].null_count == 0 {
+            return Ok(false);
+        }
+        let bits = &self.file.bytes()[b.layout.buffers[buf].clone()];
+        match bits.get(i / 8) {
+            Some(byte) => Ok(byte & (1 << (i % 8)) == 0),
+            None => Err(self.corrupt(i, b, "validity bitmap too short")),
+        }
+    }
+
+    /// The list at row `i` of the list column starting at node `node`, buffer `buf`.
+    #[inline]
+    fn list<T: Pod>(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<Option<&[T]>> {
+        if self.is_null(b, node, buf, i)? {
+            return Ok(None);
+        }
+        let offsets: &[i64] = self.buffer(b, buf + 1, i)?;
+        let values: &[T] = self.buffer(b, buf + 3, i)?;
+        let values = &values[..values.len().min(b.layout.nodes[node + 1].len)];
+        match (offsets.get(i), offsets.get(i + 1)) {
+            (Some(&s), Some(&e)) if 0 <= s && s <= e && (e as u64) <= values.len() as u64 => {
+                Ok(Some(&values[s as usize..e as usize]))
+            }
+            _ => Err(self.corrupt(i, b, "list offsets out of bounds or decreasing")),
+        }
+    }
+
+    /// The value at row `i` of the primitive column at node `node`, buffer `buf`.
+    #[inline]
+    fn value<T: Pod>(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<Option<T>> {
+        if self.is_null(b, node, buf, i)? {
+            return Ok(None);
+        }
+        let values: &[T] = self.buffer(b, buf + 1, i)?;
+        values
+            .get(i)
+            .copied()
+            .map(Some)
+            .ok_or_else(|| self.corrupt(i, b, "value buffer too short"))
+    }
+}
+
+/// Node and buffer indices of the groups.arrow columns (see [`format::groups_schema`]).
+mod groups_col {
+    pub const QUERY: (usize, usize) = (0, 0);
+    pub const POS: (usize, usize) = (2, 4);
+    pub const NEG: (usize, usize) = (4, 8);
+    pub const POS_SCORES: (usize, usize) = (6, 12);
+    pub const NEG_SCORES: (usize, usize) = (8, 16);
+    pub const PROMPT: (usize, usize) = (10, 20);
+    pub const SOURCE: (usize, usize) = (11, 22);
+}
+
+/// One training group (one input row), borrowed zero-copy from the mapped files.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group<'a> {
+    /// Query token ids (formatted, no special tokens).
+    pub query: &'a [i32],
+    /// Passage ids of the positives (non-empty).
+    pub pos: &'a [i32],
+    /// Passage ids of the negatives (may be empty).
+    pub neg: &'a [i32],
+    /// Teacher scores of the positives, as long as `pos`, when the row had them.
+    pub pos_scores: Option<&'a [f32]>,
+    /// Teacher scores of the negatives, as long as `neg`, when the row had them.
+    pub neg_scores: Option<&'a [f32]>,
+    /// Row of prompts.arrow holding this row's prompt; `None` means the mode's default.
+    pub prompt: Option<u32>,
+    /// Source (input file) id.
+    pub source: u32,
+}
+
+/// An opened dataset directory.
+#[derive(Debug)]
+pub struct Dataset {
+    dir: PathBuf,
+    manifest: Manifest,
+    groups: Table,
+    passages: Table,
+    prompts: Table,
+}
+
+impl Dataset {
+    /// Open the dataset in `dir`: map the files and check everything that does not take time
+    /// proportional to the data (see the module docs).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
+        let dir = dir.as_ref();
+        let manifest = read_manifest(dir)?;
+        let c = &manifest.counts;
+        let groups = Table::open(
+            dir,
+            format::GROUPS_FILE,
+            &format::groups_schema(),
+            &manifest,
+            c.groups,
+        )?;
+        let passages = Table::open(
+            dir,
+            format::PASSAGES_FILE,
+            &format::tokens_schema(),
+            &manifest,
+            c.passages,
+        )?;
+        let prompts = Table::open(
+            dir,
+            format::PROMPTS_FILE,
+            &format::tokens_schema(),
+            &manifest,
+            c.prompts,
+        )?;
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            manifest,
+            groups,
+            passages,
+            prompts,
+        })
+    }
+
+    /// The dataset directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Number of groups (queries).
+    pub fn len(&self) -> usize {
+        self.groups.rows
+    }
+
+    /// Whether the dataset has no groups.
+    pub fn is_empty(&self) -> bool {
+        self.groups.rows == 0
+    }
+
+    /// Number of unique passages.
+    pub fn num_passages(&self) -> usize {
+        self.passages.rows
+    }
+
+    /// Number of stored prompts.
+    pub fn num_prompts(&self) -> usize {
+        self.prompts.rows
+    }
+
+    /// The group at `row`, O(1), zero-copy.
+    pub fn group(&self, row: usize) -> Result<Group<'_>> {
+        let t = &self.groups;
+        let (b, i) = t.locate(row, "row")?;
+        let ids = |(node, buf): (usize, usize), what: &str| -> Result<&[i32]> {
+            t.list(b, node, buf, i)?
+                .ok_or_else(|| t.corrupt(i, b, &format!("{what} is null")))
+        };
+        let query = ids(groups_col::QUERY, "query")?;
+        let pos = ids(groups_col::POS, "pos")?;
+        let neg = ids(groups_col::NEG, "neg")?;
+        let pos_scores: Option<&[f32]> =
+            t.list(b, groups_col::POS_SCORES.0, groups_col::POS_SCORES.1, i)?;
+        let neg_scores: Option<&[f32]> =
+            t.list(b, groups_col::NEG_SCORES.0, groups_col::NEG_SCORES.1, i)?;
+        if pos_scores.is_some_and(|s| s.len() != pos.len())
+            || neg_scores.is_some_and(|s| s.len() != neg.len())
+        {
+            return Err(t.corrupt(i, b, "score list length differs from its passage list"));
+        }
+        let prompt: Option<i32> = t.value(b, groups_col::PROMPT.0, groups_col::PROMPT.1, i)?;
+        let prompt = match prompt {
+            None => None,
+            Some(p) if p >= 0 && (p as usize) < self.prompts.rows => Some(p as u32),
+            Some(p) => return Err(t.corrupt(i, b, &format!("prompt id {p} out of range"))),
+        };
+        let source: i32 = t
+            .value(b, groups_col::SOURCE.0, groups_col::SOURCE.1, i)?
+            .ok_or_else(|| t.corrupt(i, b, "source is null"))?;
+        if source < 0 || source as usize >= self.manifest.sources.len().max(1) {
+            return Err(t.corrupt(i, b, &format!("source id {source} out of range")));
+        }
+        Ok(Group {
+            query,
+            pos,
+            neg,
+            pos_scores,
+            neg_scores,
+            prompt,
+            source: source as u32,
+        })
+    }
+
+    /// Token ids of passage `id`, O(1), zero-copy. Ids come from [`Group::pos`] / [`Group::neg`];
+    /// an id outside the table is an [`Error::OutOfRange`].
+    #[inline]
+    pub fn passage(&self, id: i32) -> Result<&[i32]> {
+        tokens_row(&self.passages, id, "passage id")
+    }
+
+    /// Token ids of prompt `id`.
+    pub fn prompt_tokens(&self, id: u32) -> Result<&[i32]> {
+        tokens_row(&self.prompts, id as i32, "prompt id")
+    }
+
+    /// Check every row of every file, every id, and the file checksums: linear in the data.
+    pub fn validate(&self) -> Result<()> {
+        for (name, table) in [
+            (format::GROUPS_FILE, &self.groups),
+            (format::PASSAGES_FILE, &self.passages),
+            (format::PROMPTS_FILE, &self.prompts),
+        ] {
+            if let Some(entry) = self.manifest.files.get(name) {
+                let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(table.file.bytes()));
+                if sum != entry.xxh3_64 {
+                    return Err(Error::corrupt(
+                        table.path(),
+                        format!(
+                            "checksum {sum} differs from the manifest's {}",
+                            entry.xxh3_64
+                        ),
+                    ));
+                }
+            }
+        }
+        for id in 0..self.passages.rows {
+            self.passage(id as i32)?;
+        }
+        for id in 0..self.prompts.rows {
+            self.prompt_tokens(id as u32)?;
+        }
+        let n = self.passages.rows;
+        for row in 0..self.groups.rows {
+            let g = self.group(row)?;
+            for &id in g.pos.iter().chain(g.neg) {
+                if id < 0 || id as usize >= n {
+                    return Err(Error::corrupt(
+                        self.groups.path(),
+                        format!("row {row}: passage id {id} out of range (have {n})"),
+                    ));
+                }
+            }
+            if g.pos.is_empty() {
+                return Err(Error::corrupt(
+                    self.groups.path(),
+                    format!("row {row}: no positive"),
+                ));
+            }
+            for s in g.pos_scores.into_iter().chain(g.neg_scores).flatten() {
+                if !s.is_finite() {
+                    return Err(Error::corrupt(
+                        self.groups.path(),
+                        format!("row {row}: non-finite score {s}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[inline]
+fn tokens_row<'a>(t: &'a Table, id: i32, what: &'static str) -> Result<&'a [i32]> {
+    let row = usize::try_from(id).map_err(|_| Error::OutOfRange {
+        what,
+        index: id as i64 as u64,
+        len: t.rows as u64,
+    })?;
+    let (b, i) = t.locate(row, what)?;
+    t.list(b, 0, 0, i)?
+        .ok_or_else(|| t.corrupt(i, b, "tokens are null"))
+}
+
+/// Read and check `dir/manifest.json`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(format::MANIFEST_FILE);
+    let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::corrupt(&path, format!("not valid JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(format::FORMAT_NAME) {
+        return Err(Error::corrupt(
+            &path,
+            format!(
+                "not a rankfeed manifest (no \"format\": \"{}\")",
+                format::FORMAT_NAME
+            ),
+        ));
+    }
+    let version = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::corrupt(&path, "no format_version"))?;
+    if !format::SUPPORTED_VERSIONS.contains(&(version as u32)) || version > u32::MAX as u64 {
+        return Err(Error::UnsupportedVersion {
+            path,
+            found: version.min(u32::MAX as u64) as u32,
+            supported: format::SUPPORTED_VERSIONS,
+        });
+    }
+    serde_json::from_value(value)
+        .map_err(|e| Error::corrupt(&path, format!("invalid manifest: {e}")))
+}

@@ -1,0 +1,199 @@
+//! One error type for the library, carrying where things went wrong: the file, the line (or
+//! array element), the field, the row.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Result alias used throughout rankfeed.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an input row was rejected. The snake_case name is what the manifest, the rejects file
+/// and the CLI report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// The line (or array element) is not valid JSON.
+    InvalidJson,
+    /// The line is not valid UTF-8.
+    InvalidUtf8,
+    /// The row is valid JSON but not an object.
+    NotAnObject,
+    /// `query`, `pos` or `neg` is absent.
+    MissingField,
+    /// A field has the wrong JSON type (e.g. `pos` is a string, or `null`).
+    WrongType,
+    /// `pos` is an empty list: no positive to train on.
+    EmptyPos,
+    /// `pos_scores`/`neg_scores` has a different length than `pos`/`neg`.
+    ScoreLengthMismatch,
+    /// A score is a string, null, list or object.
+    NonNumericScore,
+    /// A score is `true`/`false` (Python would take it as 1/0; we do not guess).
+    BooleanScore,
+    /// A score is NaN, infinite, or does not fit in a float32.
+    NonFiniteScore,
+}
+
+impl RejectReason {
+    /// All reasons, in a stable order.
+    pub const ALL: [RejectReason; 10] = [
+        RejectReason::InvalidJson,
+        RejectReason::InvalidUtf8,
+        RejectReason::NotAnObject,
+        RejectReason::MissingField,
+        RejectReason::WrongType,
+        RejectReason::EmptyPos,
+        RejectReason::ScoreLengthMismatch,
+        RejectReason::NonNumericScore,
+        RejectReason::BooleanScore,
+        RejectReason::NonFiniteScore,
+    ];
+
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InvalidJson => "invalid_json",
+            RejectReason::InvalidUtf8 => "invalid_utf8",
+            RejectReason::NotAnObject => "not_an_object",
+            RejectReason::MissingField => "missing_field",
+            RejectReason::WrongType => "wrong_type",
+            RejectReason::EmptyPos => "empty_pos",
+            RejectReason::ScoreLengthMismatch => "score_length_mismatch",
+            RejectReason::NonNumericScore => "non_numeric_score",
+            RejectReason::BooleanScore => "boolean_score",
+            RejectReason::NonFiniteScore => "non_finite_score",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where in an input file a row came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputPosition {
+    /// The input file.
+    pub path: PathBuf,
+    /// 1-based line number of the row (JSON lines), or of the start of the array element.
+    pub line: u64,
+    /// 0-based index of the element when the file is one JSON array.
+    pub element: Option<u64>,
+}
+
+impl fmt::Display for InputPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.line)?;
+        if let Some(e) = self.element {
+            write!(f, " (array element {e})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A rejected input row: where, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// File and line.
+    pub position: InputPosition,
+    /// The offending field, when one field is to blame.
+    pub field: Option<String>,
+    /// The class of problem.
+    pub reason: RejectReason,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl fmt::Display for RowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.position)?;
+        if let Some(field) = &self.field {
+            write!(f, "field `{field}`: ")?;
+        }
+        write!(f, "{} ({})", self.message, self.reason)
+    }
+}
+
+/// Every error rankfeed returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad input row under the `fail` policy.
+    #[error("bad input row at {0}")]
+    Row(Box<RowError>),
+    /// The tokenizer file could not be loaded or used.
+    #[error("tokenizer {}: {message}", path.display())]
+    Tokenizer {
+        /// The tokenizer.json path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A dataset file is corrupt, truncated or inconsistent.
+    #[error("corrupt dataset file {}: {message}", path.display())]
+    Corrupt {
+        /// The file that failed validation.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// The dataset was written by an incompatible format version.
+    #[error("{}: dataset format version {found} is not supported (this build reads versions {supported:?})", path.display())]
+    UnsupportedVersion {
+        /// The manifest path.
+        path: PathBuf,
+        /// The version found on disk.
+        found: u32,
+        /// Versions this build reads.
+        supported: &'static [u32],
+    },
+    /// An index (row, passage id, prompt id) outside its table.
+    #[error("{what} {index} is out of range (the dataset has {len})")]
+    OutOfRange {
+        /// What kind of index.
+        what: &'static str,
+        /// The index asked for.
+        index: u64,
+        /// The table size.
+        len: u64,
+    },
+    /// A bad argument or setting.
+    #[error("{0}")]
+    Config(String),
+    /// An error from the Arrow writer.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A corrupt-file error on `path`.
+    pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RowError> for Error {
+    fn from(e: RowError) -> Self {
+        Error::Row(Box::new(e))
+    }
+}

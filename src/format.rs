@@ -1,0 +1,306 @@
+//! The on-disk dataset format. This module owns the layout; it does no I/O.
+//!
+//! A dataset is a directory:
+//!
+//! ```text
+//! dataset/
+//!   manifest.json    format version, counts, tokenizer facts, text settings, per-source stats,
+//!                    a checksum per file (see [`Manifest`])
+//!   passages.arrow   one row per *unique* formatted passage text
+//!                      tokens: large_list<int32>            (full length, no special tokens)
+//!   groups.arrow     one row per accepted input row (query), in input order
+//!                      query:      large_list<int32>        (formatted query, no special tokens)
+//!                      pos:        large_list<int32>        (passage ids, rows of passages.arrow)
+//!                      neg:        large_list<int32>        (passage ids)
+//!                      pos_scores: large_list<float32>?     (null when the row had none)
+//!                      neg_scores: large_list<float32>?
+//!                      prompt:     int32?                   (row of prompts.arrow; null = default)
+//!                      source:     int32                    (index into manifest.sources)
+//!   prompts.arrow    tokens of the built-in default prompts and of each distinct row prompt
+//!                      tokens: large_list<int32>
+//!   rejects.jsonl    only with --on-error skip: one JSON object per rejected row
+//! ```
+//!
+//! Each `.arrow` file is a plain, uncompressed Arrow IPC *file* (pyarrow `ipc.open_file`,
+//! polars `read_ipc`/`scan_ipc`) whose buffers are 64-byte aligned. Record batches hold exactly
+//! [`Manifest::rows_per_batch`] rows each except the last, so row `r` lives in batch
+//! `r / rows_per_batch` at index `r % rows_per_batch`: an O(1) lookup. List offsets are 64-bit
+//! (large_list), so a file may hold more than 2^31 tokens; they restart in every batch.
+//!
+//! Token ids are int32: vocabularies are below 2^31 and Spark has no unsigned types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The format versions this build reads.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+/// The `format` field of every manifest.
+pub const FORMAT_NAME: &str = "rankfeed-dataset";
+
+/// File names inside a dataset directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Unique passages.
+pub const PASSAGES_FILE: &str = "passages.arrow";
+/// One row per query.
+pub const GROUPS_FILE: &str = "groups.arrow";
+/// Prompt tokens.
+pub const PROMPTS_FILE: &str = "prompts.arrow";
+/// Rejected input rows (skip policy).
+pub const REJECTS_FILE: &str = "rejects.jsonl";
+
+/// Rows per record batch unless the writer is told otherwise.
+pub const DEFAULT_ROWS_PER_BATCH: usize = 1 << 16;
+/// Buffer alignment inside the Arrow files.
+pub const ALIGNMENT: usize = 64;
+
+/// The default prompt of FlagEmbedding's LLM rerankers.
+pub const DEFAULT_LLM_PROMPT: &str = "Given a query A and a passage B, determine whether the passage contains an answer to the query by providing a prediction of either 'Yes' or 'No'.";
+/// The default prompt of the Matryoshka reranker.
+pub const DEFAULT_MATRYOSHKA_PROMPT: &str =
+    "Predict whether passage B contains an answer to query A.";
+/// Prompt row holding the LLM default prompt.
+pub const PROMPT_ID_LLM_DEFAULT: u32 = 0;
+/// Prompt row holding the Matryoshka default prompt.
+pub const PROMPT_ID_MATRYOSHKA_DEFAULT: u32 = 1;
+
+/// Column names of groups.arrow, in order.
+pub mod col {
+    /// Query token ids.
+    pub const QUERY: &str = "query";
+    /// Positive passage ids.
+    pub const POS: &str = "pos";
+    /// Negative passage ids.
+    pub const NEG: &str = "neg";
+    /// Teacher scores of the positives.
+    pub const POS_SCORES: &str = "pos_scores";
+    /// Teacher scores of the negatives.
+    pub const NEG_SCORES: &str = "neg_scores";
+    /// Prompt id.
+    pub const PROMPT: &str = "prompt";
+    /// Source id.
+    pub const SOURCE: &str = "source";
+    /// Token ids of passages.arrow / prompts.arrow.
+    pub const TOKENS: &str = "tokens";
+}
+
+fn large_list(name: &str, item: DataType, nullable: bool) -> Field {
+    Field::new(
+        name,
+        DataType::LargeList(Arc::new(Field::new("item", item, false))),
+        nullable,
+    )
+}
+
+/// Schema of passages.arrow and prompts.arrow.
+pub fn tokens_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![large_list(
+        col::TOKENS,
+        DataType::Int32,
+        false,
+    )]))
+}
+
+/// Schema of groups.arrow.
+pub fn groups_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        large_list(col::QUERY, DataType::Int32, false),
+        large_list(col::POS, DataType::Int32, false),
+        large_list(col::NEG, DataType::Int32, false),
+        large_list(col::POS_SCORES, DataType::Float32, true),
+        large_list(col::NEG_SCORES, DataType::Float32, true),
+        Field::new(col::PROMPT, DataType::Int32, true),
+        Field::new(col::SOURCE, DataType::Int32, false),
+    ]))
+}
+
+/// One piece of a post-processing template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplatePiece {
+    /// Special token ids inserted verbatim.
+    Special {
+        /// The ids.
+        ids: Vec<i32>,
+        /// token_type_id of these positions.
+        type_id: u32,
+    },
+    /// The first (`a`) or second (`b`) sequence.
+    Sequence {
+        /// `"A"` or `"B"`.
+        id: String,
+        /// token_type_id of the sequence.
+        type_id: u32,
+    },
+}
+
+/// What pair building needs to know about the tokenizer, read from tokenizer.json (and the
+/// tokenizer_config.json / special_tokens_map.json beside it when present).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerFacts {
+    /// `xxh3-128:<hex>` of the tokenizer.json bytes.
+    pub fingerprint: String,
+    /// The tokenizer model type (WordPiece, Unigram, BPE, WordLevel).
+    pub model: String,
+    /// Vocabulary size including added tokens.
+    pub vocab_size: u32,
+    /// Template for one sequence (`[CLS] A [SEP]`); empty when the tokenizer adds nothing.
+    pub single_template: Vec<TemplatePiece>,
+    /// Template for a pair (`[CLS] A [SEP] B [SEP]`); empty when the tokenizer adds nothing.
+    pub pair_template: Vec<TemplatePiece>,
+    /// Whether the model takes token_type_ids (true when the pair template uses type id 1,
+    /// or tokenizer_config.json lists them among model_input_names).
+    pub has_token_type_ids: bool,
+    /// Beginning-of-sequence id, if any.
+    pub bos_id: Option<i32>,
+    /// End-of-sequence id, if any.
+    pub eos_id: Option<i32>,
+    /// Padding id, if any.
+    pub pad_id: Option<i32>,
+    /// Unknown-token id, if any.
+    pub unk_id: Option<i32>,
+    /// `"right"` or `"left"`: the tokenizer's configured padding side.
+    pub padding_side: String,
+    /// Where each fact came from, for users who wonder.
+    pub notes: Vec<String>,
+}
+
+impl TokenizerFacts {
+    /// Number of special ids the pair template adds (BERT 3, XLM-R 4).
+    pub fn num_special_pair(&self) -> usize {
+        self.pair_template
+            .iter()
+            .map(|p| match p {
+                TemplatePiece::Special { ids, .. } => ids.len(),
+                TemplatePiece::Sequence { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+/// Text formatting applied before tokenization, exactly as FlagEmbedding does it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextSettings {
+    /// `query_instruction_for_rerank`; when set, queries become `format(prompt, query)`.
+    pub query_instruction: Option<String>,
+    /// `query_instruction_format` (default `{}{}`), after `\n` unescaping.
+    pub query_instruction_format: String,
+    /// `passage_instruction_for_rerank`.
+    pub passage_instruction: Option<String>,
+    /// `passage_instruction_format` (default `{}{}`), after `\n` unescaping.
+    pub passage_instruction_format: String,
+    /// The separator text of LLM modes (default `"\n"`), taken literally.
+    pub sep_token: String,
+    /// Token ids of `sep_token` (no special tokens).
+    pub sep_ids: Vec<i32>,
+    /// The default prompt text used in `llm` mode (rows without a `prompt`).
+    pub default_prompt_llm: String,
+    /// The default prompt text used in `matryoshka` mode.
+    pub default_prompt_matryoshka: String,
+}
+
+impl Default for TextSettings {
+    fn default() -> Self {
+        TextSettings {
+            query_instruction: None,
+            query_instruction_format: "{}{}".into(),
+            passage_instruction: None,
+            passage_instruction_format: "{}{}".into(),
+            sep_token: "\n".into(),
+            sep_ids: Vec::new(),
+            default_prompt_llm: DEFAULT_LLM_PROMPT.into(),
+            default_prompt_matryoshka: DEFAULT_MATRYOSHKA_PROMPT.into(),
+        }
+    }
+}
+
+/// Statistics of one input file (one *source*).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceStats {
+    /// Source id (the `source` column).
+    pub id: u32,
+    /// The path as given.
+    pub path: String,
+    /// Input bytes (compressed size when compressed).
+    pub bytes: u64,
+    /// Rows read (accepted + rejected; blank lines are not rows).
+    pub rows_read: u64,
+    /// Rows stored in groups.arrow.
+    pub rows_accepted: u64,
+    /// Rows rejected, in total.
+    pub rows_rejected: u64,
+    /// Rejected rows by reason (snake_case names of [`crate::RejectReason`]).
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Accepted rows with an empty `neg` (usable only with group size 1).
+    pub rows_empty_neg: u64,
+    /// Blank lines skipped.
+    pub blank_lines: u64,
+    /// Unknown top-level fields and how many rows carried each (ignored).
+    pub unknown_fields: BTreeMap<String, u64>,
+}
+
+/// Size and checksum of one dataset file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// xxh3-64 of the contents, lower-case hex.
+    pub xxh3_64: String,
+}
+
+/// Row and token counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Rows of groups.arrow.
+    pub groups: u64,
+    /// Rows of passages.arrow (unique passages).
+    pub passages: u64,
+    /// Rows of prompts.arrow.
+    pub prompts: u64,
+    /// Passage references (sum of |pos| + |neg| over groups), before dedup.
+    pub passage_refs: u64,
+    /// Total query tokens.
+    pub query_tokens: u64,
+    /// Total tokens of the unique passages.
+    pub passage_tokens: u64,
+    /// Total tokens the passage references would hold without dedup.
+    pub passage_ref_tokens: u64,
+}
+
+impl Counts {
+    /// Passage references per stored passage (>= 1; 1 means nothing repeated).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.passages == 0 {
+            1.0
+        } else {
+            self.passage_refs as f64 / self.passages as f64
+        }
+    }
+}
+
+/// The contents of manifest.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version; see [`SUPPORTED_VERSIONS`].
+    pub format_version: u32,
+    /// rankfeed version that wrote the dataset.
+    pub tool_version: String,
+    /// Rows per record batch in every .arrow file.
+    pub rows_per_batch: u64,
+    /// Row and token counts.
+    pub counts: Counts,
+    /// Tokenizer facts; `None` for datasets written from pre-tokenized ids.
+    pub tokenizer: Option<TokenizerFacts>,
+    /// Text formatting used at conversion.
+    pub text: TextSettings,
+    /// Per-source statistics, indexed by source id.
+    pub sources: Vec<SourceStats>,
+    /// Size and checksum of each .arrow file (and rejects.jsonl when present).
+    pub files: BTreeMap<String, FileEntry>,
+}

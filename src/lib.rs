@@ -1,0 +1,36 @@
+//! rankfeed: pre-tokenized, memory-mapped, deduplicated datasets for reranker and embedder
+//! training, and bit-exact batch collation straight from the mapped buffers.
+//!
+//! The pipeline, one module per layer (arrows point down only):
+//!
+//! ```text
+//!   convert  (JSON/JSONL sources -> check rows -> format -> dedup -> tokenize -> writer)
+//!      |
+//!   writer   (token ids -> Arrow IPC files + manifest, published atomically)
+//!      |
+//!   dataset  (open + validate; typed zero-copy views of groups, passages, prompts)
+//!      |
+//!   format   (the on-disk layout and manifest; no I/O)      storage (the only mmap/unsafe)
+//!   ipc      (Arrow IPC file layout parsed with every offset checked)
+//! ```
+//!
+//! - [`convert::convert`] turns FlagEmbedding-style JSON lines into a dataset directory.
+//! - [`Dataset::open`] maps it in time independent of its size and hands out `&[i32]` views.
+//! - [`tokenizer::TextTokenizer`] loads a `tokenizer.json` and reads the special-token facts
+//!   that pair building needs.
+
+#![deny(missing_docs)]
+
+pub mod convert;
+pub mod dataset;
+pub mod error;
+pub mod format;
+mod ipc;
+pub mod stats;
+pub mod storage;
+pub mod tokenizer;
+pub mod writer;
+
+pub use dataset::{Dataset, Group};
+pub use error::{Error, InputPosition, RejectReason, Result, RowError};
+pub use format::Manifest;

@@ -1,0 +1,531 @@
+//! Writing a dataset directory from token ids: streaming, bounded memory, atomic publish.
+//!
+//! Files are written into a temporary directory beside the output and renamed into place by
+//! [`DatasetWriter::finish`]; dropping an unfinished writer removes the temporary directory, so
+//! an interrupted or failed run never leaves a partial dataset under the output name.
+//! Memory: one record batch per file is buffered (`rows_per_batch` rows), plus one `u32` per
+//! passage for statistics.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float32Array, Int32Array, LargeListArray, RecordBatch};
+use arrow_buffer::{NullBufferBuilder, OffsetBuffer, ScalarBuffer};
+use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
+use arrow_ipc::MetadataVersion;
+use arrow_schema::{DataType, Field, SchemaRef};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{Error, Result, RowError};
+use crate::format::{self, Counts, FileEntry, Manifest, SourceStats, TextSettings, TokenizerFacts};
+
+/// A `Write` that hashes and counts what passes through.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Xxh3,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Xxh3::new(),
+            bytes: 0,
+        }
+    }
+
+    fn entry(&self) -> FileEntry {
+        FileEntry {
+            bytes: self.bytes,
+            xxh3_64: format!("{:016x}", self.hasher.digest()),
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+type IpcOut = FileWriter<HashingWriter<BufWriter<File>>>;
+
+fn ipc_writer(path: &Path, schema: &SchemaRef) -> Result<IpcOut> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let options = IpcWriteOptions::try_new(format::ALIGNMENT, false, MetadataVersion::V5)?;
+    Ok(FileWriter::try_new_with_options(out, schema, options)?)
+}
+
+fn finish_ipc(mut w: IpcOut, path: &Path) -> Result<FileEntry> {
+    w.finish()?;
+    let mut out = w.into_inner()?;
+    out.flush().map_err(|e| Error::io(path, e))?;
+    let entry = out.entry();
+    let file = out
+        .inner
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    Ok(entry)
+}
+
+/// A list column being filled: 64-bit offsets, values, optional validity.
+struct ListBuf<T> {
+    offsets: Vec<i64>,
+    values: Vec<T>,
+    nulls: NullBufferBuilder,
+}
+
+impl<T: Copy> ListBuf<T> {
+    fn new() -> Self {
+        ListBuf {
+            offsets: vec![0],
+            values: Vec::new(),
+            nulls: NullBufferBuilder::new(0),
+        }
+    }
+
+    fn push(&mut self, v: Option<&[T]>) {
+        match v {
+            Some(v) => {
+                self.values.extend_from_slice(v);
+                self.nulls.append_non_null();
+            }
+            None => self.nulls.append_null(),
+        }
+        self.offsets.push(self.values.len() as i64);
+    }
+
+    /// Build the array and reset.
+    fn take(&mut self, item: DataType, make: impl FnOnce(Vec<T>) -> ArrayRef) -> Result<ArrayRef> {
+        let offsets = std::mem::replace(&mut self.offsets, vec![0]);
+        let values = std::mem::take(&mut self.values);
+        let nulls = self.nulls.finish();
+        let field = Arc::new(Field::new("item", item, false));
+        let array = LargeListArray::try_new(
+            field,
+            OffsetBuffer::new(ScalarBuffer::from(offsets)),
+            make(values),
+            nulls,
+        )?;
+        Ok(Arc::new(array))
+    }
+}
+
+fn int32s(v: Vec<i32>) -> ArrayRef {
+    Arc::new(Int32Array::from(v))
+}
+
+fn float32s(v: Vec<f32>) -> ArrayRef {
+    Arc::new(Float32Array::from(v))
+}
+
+/// A tokens file (passages.arrow, prompts.arrow) being written.
+struct TokensFile {
+    path: PathBuf,
+    schema: SchemaRef,
+    out: IpcOut,
+    buf: ListBuf<i32>,
+    pending: usize,
+    rows: u64,
+}
+
+impl TokensFile {
+    fn create(path: PathBuf) -> Result<Self> {
+        let schema = format::tokens_schema();
+        let out = ipc_writer(&path, &schema)?;
+        Ok(TokensFile {
+            path,
+            schema,
+            out,
+            buf: ListBuf::new(),
+            pending: 0,
+            rows: 0,
+        })
+    }
+
+    fn push(&mut self, tokens: &[i32], rows_per_batch: usize) -> Result<u64> {
+        self.buf.push(Some(tokens));
+        self.pending += 1;
+        let id = self.rows;
+        self.rows += 1;
+        if self.pending == rows_per_batch {
+            self.flush()?;
+        }
+        Ok(id)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        let col = self.buf.take(DataType::Int32, int32s)?;
+        self.out
+            .write(&RecordBatch::try_new(self.schema.clone(), vec![col])?)?;
+        self.pending = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<FileEntry> {
+        self.flush()?;
+        finish_ipc(self.out, &self.path)
+    }
+}
+
+/// One group as given to the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupRecord<'a> {
+    /// Query token ids.
+    pub query: &'a [i32],
+    /// Positive passage ids (from [`DatasetWriter::add_passage`]).
+    pub pos: &'a [i32],
+    /// Negative passage ids.
+    pub neg: &'a [i32],
+    /// Teacher scores of the positives.
+    pub pos_scores: Option<&'a [f32]>,
+    /// Teacher scores of the negatives.
+    pub neg_scores: Option<&'a [f32]>,
+    /// Prompt id (from [`DatasetWriter::add_prompt`]), `None` for the default.
+    pub prompt: Option<u32>,
+    /// Source id.
+    pub source: u32,
+}
+
+/// groups.arrow being written.
+struct GroupsFile {
+    path: PathBuf,
+    schema: SchemaRef,
+    out: IpcOut,
+    query: ListBuf<i32>,
+    pos: ListBuf<i32>,
+    neg: ListBuf<i32>,
+    pos_scores: ListBuf<f32>,
+    neg_scores: ListBuf<f32>,
+    prompt: Vec<Option<i32>>,
+    source: Vec<i32>,
+}
+
+impl GroupsFile {
+    fn create(path: PathBuf) -> Result<Self> {
+        let schema = format::groups_schema();
+        let out = ipc_writer(&path, &schema)?;
+        Ok(GroupsFile {
+            path,
+            schema,
+            out,
+            query: ListBuf::new(),
+            pos: ListBuf::new(),
+            neg: ListBuf::new(),
+            pos_scores: ListBuf::new(),
+            neg_scores: ListBuf::new(),
+            prompt: Vec::new(),
+            source: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, g: &GroupRecord<'_>) {
+        self.query.push(Some(g.query));
+        self.pos.push(Some(g.pos));
+        self.neg.push(Some(g.neg));
+        self.pos_scores.push(g.pos_scores);
+        self.neg_scores.push(g.neg_scores);
+        self.prompt.push(g.prompt.map(|p| p as i32));
+        self.source.push(g.source as i32);
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.source.is_empty() {
+            return Ok(());
+        }
+        let columns = vec![
+            self.query.take(DataType::Int32, int32s)?,
+            self.pos.take(DataType::Int32, int32s)?,
+            self.neg.take(DataType::Int32, int32s)?,
+            self.pos_scores.take(DataType::Float32, float32s)?,
+            self.neg_scores.take(DataType::Float32, float32s)?,
+            Arc::new(Int32Array::from(std::mem::take(&mut self.prompt))) as ArrayRef,
+            Arc::new(Int32Array::from(std::mem::take(&mut self.source))) as ArrayRef,
+        ];
+        self.out
+            .write(&RecordBatch::try_new(self.schema.clone(), columns)?)?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<FileEntry> {
+        self.flush()?;
+        finish_ipc(self.out, &self.path)
+    }
+}
+
+/// Options of a [`DatasetWriter`].
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Rows per record batch (default [`format::DEFAULT_ROWS_PER_BATCH`]).
+    pub rows_per_batch: usize,
+    /// Replace an existing dataset at the output path.
+    pub overwrite: bool,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            rows_per_batch: format::DEFAULT_ROWS_PER_BATCH,
+            overwrite: false,
+        }
+    }
+}
+
+/// What the manifest needs besides what the writer counted itself.
+#[derive(Debug, Clone, Default)]
+pub struct ManifestInfo {
+    /// Tokenizer facts (None for pre-tokenized input).
+    pub tokenizer: Option<TokenizerFacts>,
+    /// Formatting settings.
+    pub text: TextSettings,
+    /// Per-source statistics.
+    pub sources: Vec<SourceStats>,
+}
+
+struct OpenFiles {
+    passages: TokensFile,
+    prompts: TokensFile,
+    groups: GroupsFile,
+}
+
+/// Writes a dataset directory; see the module docs.
+pub struct DatasetWriter {
+    out_dir: PathBuf,
+    tmp_dir: PathBuf,
+    options: WriterOptions,
+    /// The open files; `None` only inside `finish`, which consumes the writer.
+    files: Option<OpenFiles>,
+    rejects: Option<HashingWriter<BufWriter<File>>>,
+    passage_lens: Vec<u32>,
+    counts: Counts,
+    finished: bool,
+}
+
+impl DatasetWriter {
+    /// Start writing a dataset that will appear at `out_dir` when [`finish`](Self::finish)ed.
+    pub fn create(out_dir: impl AsRef<Path>, options: WriterOptions) -> Result<Self> {
+        let out_dir = out_dir.as_ref().to_path_buf();
+        if options.rows_per_batch == 0 {
+            return Err(Error::Config("rows_per_batch must be positive".into()));
+        }
+        if out_dir.exists() && !options.overwrite {
+            return Err(Error::Config(format!(
+                "{} already exists (use overwrite to replace it)",
+                out_dir.display()
+            )));
+        }
+        let tmp_dir = sibling(&out_dir, "tmp")?;
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        }
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        let make = || -> Result<_> {
+            Ok(OpenFiles {
+                passages: TokensFile::create(tmp_dir.join(format::PASSAGES_FILE))?,
+                prompts: TokensFile::create(tmp_dir.join(format::PROMPTS_FILE))?,
+                groups: GroupsFile::create(tmp_dir.join(format::GROUPS_FILE))?,
+            })
+        };
+        let files = make().inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp_dir);
+        })?;
+        Ok(DatasetWriter {
+            out_dir,
+            tmp_dir,
+            options,
+            files: Some(files),
+            rejects: None,
+            passage_lens: Vec::new(),
+            counts: Counts::default(),
+            finished: false,
+        })
+    }
+
+    /// Append a passage; returns its id.
+    pub fn add_passage(&mut self, tokens: &[i32]) -> Result<u32> {
+        let rows_per_batch = self.options.rows_per_batch;
+        let id = self.files().passages.push(tokens, rows_per_batch)?;
+        let id = u32::try_from(id)
+            .ok()
+            .filter(|&i| i <= i32::MAX as u32)
+            .ok_or_else(|| Error::Config("more than 2^31 unique passages".into()))?;
+        self.passage_lens.push(tokens.len() as u32);
+        self.counts.passages += 1;
+        self.counts.passage_tokens += tokens.len() as u64;
+        Ok(id)
+    }
+
+    /// Append a prompt; returns its id.
+    pub fn add_prompt(&mut self, tokens: &[i32]) -> Result<u32> {
+        let rows_per_batch = self.options.rows_per_batch;
+        let id = self.files().prompts.push(tokens, rows_per_batch)?;
+        self.counts.prompts += 1;
+        u32::try_from(id).map_err(|_| Error::Config("too many prompts".into()))
+    }
+
+    /// Number of passages added so far.
+    pub fn num_passages(&self) -> u64 {
+        self.counts.passages
+    }
+
+    /// Append a group. Passage and prompt ids must have been returned by this writer.
+    pub fn add_group(&mut self, g: &GroupRecord<'_>) -> Result<()> {
+        let n = self.counts.passages;
+        let mut ref_tokens = 0u64;
+        for &id in g.pos.iter().chain(g.neg) {
+            match usize::try_from(id)
+                .ok()
+                .and_then(|i| self.passage_lens.get(i))
+            {
+                Some(&len) => ref_tokens += len as u64,
+                None => {
+                    return Err(Error::Config(format!(
+                        "group {}: passage id {id} was not added (have {n})",
+                        self.counts.groups
+                    )));
+                }
+            }
+        }
+        if g.prompt.is_some_and(|p| p as u64 >= self.counts.prompts) {
+            return Err(Error::Config(format!(
+                "prompt id {:?} was not added",
+                g.prompt
+            )));
+        }
+        if g.pos_scores.is_some_and(|s| s.len() != g.pos.len())
+            || g.neg_scores.is_some_and(|s| s.len() != g.neg.len())
+        {
+            return Err(Error::Config(format!(
+                "group {}: score list length differs from its passage list",
+                self.counts.groups
+            )));
+        }
+        let rows_per_batch = self.options.rows_per_batch;
+        let groups = &mut self.files().groups;
+        groups.push(g);
+        if groups.source.len() == rows_per_batch {
+            groups.flush()?;
+        }
+        self.counts.groups += 1;
+        self.counts.passage_refs += (g.pos.len() + g.neg.len()) as u64;
+        self.counts.passage_ref_tokens += ref_tokens;
+        self.counts.query_tokens += g.query.len() as u64;
+        Ok(())
+    }
+
+    /// Record a rejected input row in rejects.jsonl.
+    pub fn add_reject(&mut self, e: &RowError) -> Result<()> {
+        let path = self.tmp_dir.join(format::REJECTS_FILE);
+        if self.rejects.is_none() {
+            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            self.rejects = Some(HashingWriter::new(BufWriter::new(f)));
+        }
+        let line = serde_json::json!({
+            "file": e.position.path.display().to_string(),
+            "line": e.position.line,
+            "element": e.position.element,
+            "field": e.field,
+            "reason": e.reason.as_str(),
+            "message": e.message,
+        });
+        let w = self.rejects.as_mut().expect("created above");
+        serde_json::to_writer(&mut *w, &line).map_err(|e| Error::io(&path, e.into()))?;
+        w.write_all(b"\n").map_err(|e| Error::io(&path, e))
+    }
+
+    fn files(&mut self) -> &mut OpenFiles {
+        self.files.as_mut().expect("present until finish")
+    }
+
+    /// Counts so far.
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// Flush everything, write the manifest and publish the directory at the output path.
+    pub fn finish(mut self, info: ManifestInfo) -> Result<Manifest> {
+        let mut files = BTreeMap::new();
+        let open = self.files.take().expect("present until finish");
+        files.insert(format::PASSAGES_FILE.to_string(), open.passages.finish()?);
+        files.insert(format::PROMPTS_FILE.to_string(), open.prompts.finish()?);
+        files.insert(format::GROUPS_FILE.to_string(), open.groups.finish()?);
+        if let Some(mut r) = self.rejects.take() {
+            let path = self.tmp_dir.join(format::REJECTS_FILE);
+            r.flush().map_err(|e| Error::io(&path, e))?;
+            files.insert(format::REJECTS_FILE.to_string(), r.entry());
+        }
+        let manifest = Manifest {
+            format: format::FORMAT_NAME.to_string(),
+            format_version: format::FORMAT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            rows_per_batch: self.options.rows_per_batch as u64,
+            counts: self.counts.clone(),
+            tokenizer: info.tokenizer,
+            text: info.text,
+            sources: info.sources,
+            files,
+        };
+        let path = self.tmp_dir.join(format::MANIFEST_FILE);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io(&path, e.into()))?;
+        std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
+        self.publish()?;
+        self.finished = true;
+        Ok(manifest)
+    }
+
+    fn publish(&self) -> Result<()> {
+        let out = &self.out_dir;
+        if out.exists() {
+            if !self.options.overwrite {
+                return Err(Error::Config(format!("{} already exists", out.display())));
+            }
+            let old = sibling(out, "old")?;
+            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+            std::fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        } else {
+            std::fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DatasetWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp_dir);
+        }
+    }
+}
+
+/// `parent/.name.rankfeed-<tag>-<pid>`: a sibling on the same file system, so rename is atomic.
+fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("{} is not a directory name", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(
+        ".{}.rankfeed-{tag}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
