@@ -1,11 +1,15 @@
 //! JSON/JSONL -> dataset: read, check, format, deduplicate, tokenize, write.
 //!
-//! Pipeline (bounded memory, input order preserved):
+//! Pipeline (three stages joined by bounded channels, input order preserved):
 //! ```text
-//! reader thread: files -> rows (parse + check) -> chunks of rows ──(bounded channel)──┐
-//! main thread:   format texts -> dedup passages by 128-bit hash -> tokenize the chunk's
-//!                queries + new passages + new prompts in one parallel batch -> write
+//! prepare thread:  files -> rows (parse + check, texts borrowed from the line) -> format ->
+//!                  dedup passages by 128-bit hash -> jobs: the chunk's queries, new passages
+//!                  and new prompts, plus each row's passage ids
+//! tokenize thread: one parallel encode_batch per job (rayon)
+//! main thread:     append to the dataset writer; rejects; progress
 //! ```
+//! Only texts that must be tokenized are copied out of the input buffer; a repeated passage
+//! costs one hash and one table probe.
 //! The dedup table maps xxh3-128 of each formatted passage text to its id (16 + 4 bytes per
 //! unique passage; a collision needs ~2^64 passages). It is the only state that grows with
 //! the data. Passage ids are assigned in first-appearance order, so the output does not depend
@@ -19,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,13 +150,7 @@ impl Hasher for PreHashed {
 
 type DedupMap = HashMap<u128, u32, BuildHasherDefault<PreHashed>>;
 
-/// One item from the reader: a good row, or a rejected one.
-enum Item {
-    Row(u32, Box<InputRow>),
-    Reject(Box<RowError>),
-}
-
-/// Per-source counts kept by the reader.
+/// Per-source counts kept by the prepare stage.
 #[derive(Default, Clone)]
 struct ReadStats {
     rows_read: u64,
@@ -160,6 +158,51 @@ struct ReadStats {
     blank_lines: u64,
     unknown_fields: BTreeMap<String, u64>,
 }
+
+/// A row waiting for its query tokens: passage ids already resolved.
+struct Pending {
+    source: u32,
+    refs: std::ops::Range<usize>,
+    n_pos: usize,
+    pos_scores: Option<Vec<f32>>,
+    neg_scores: Option<Vec<f32>>,
+    prompt: Option<u32>,
+}
+
+/// One chunk of rows, ready to tokenize, then to write.
+#[derive(Default)]
+struct Job {
+    /// Queries (one per pending row) while filling; then new passages and new prompts are
+    /// appended by [`Job::assemble`], which is the order they are tokenized in.
+    texts: Vec<String>,
+    new_passages: Vec<String>,
+    new_prompts: Vec<String>,
+    n_queries: usize,
+    n_passages: usize,
+    refs: Vec<i32>,
+    pending: Vec<Pending>,
+    /// Rows rejected in this chunk (skip policy), in order.
+    rejects: Vec<RowError>,
+    /// The first bad row under the fail policy: the job ends there.
+    fail: Option<RowError>,
+}
+
+impl Job {
+    fn rows(&self) -> usize {
+        self.pending.len() + self.rejects.len()
+    }
+
+    fn assemble(mut self) -> Job {
+        self.n_queries = self.texts.len();
+        self.n_passages = self.new_passages.len();
+        self.texts.append(&mut self.new_passages);
+        self.texts.append(&mut self.new_prompts);
+        self
+    }
+}
+
+/// Tokens of a job's texts, and the time the tokenizer took.
+type Tokenized = (Job, Result<Vec<Vec<i32>>>, Duration);
 
 /// Convert `inputs` into a dataset at `out`. `progress` is called about ten times a second.
 pub fn convert(
@@ -172,15 +215,6 @@ pub fn convert(
     let start = Instant::now();
     let sources = source::discover(inputs)?;
     let t = &options.text;
-    let query_fmt = Formatter::new(
-        t.query_instruction.clone(),
-        &unescape_format(&t.query_instruction_format),
-    )?;
-    let passage_fmt = Formatter::new(
-        t.passage_instruction.clone(),
-        &unescape_format(&t.passage_instruction_format),
-    )?;
-    let mut writer = DatasetWriter::create(out, options.writer.clone())?;
     let mut text = TextSettings {
         query_instruction: t.query_instruction.clone(),
         query_instruction_format: unescape_format(&t.query_instruction_format),
@@ -194,9 +228,24 @@ pub fn convert(
         text.default_prompt_llm = p.clone();
         text.default_prompt_matryoshka = p.clone();
     }
+    let mut preparer = Preparer {
+        query_fmt: Formatter::new(
+            text.query_instruction.clone(),
+            &text.query_instruction_format,
+        )?,
+        passage_fmt: Formatter::new(
+            text.passage_instruction.clone(),
+            &text.passage_instruction_format,
+        )?,
+        dedup: DedupMap::default(),
+        prompt_ids: HashMap::new(),
+        next_passage: 0,
+        policy: options.on_error,
+        chunk_rows: options.chunk_rows.max(1),
+    };
+    let mut writer = DatasetWriter::create(out, options.writer.clone())?;
     let defaults =
         tokenizer.encode_batch(&[&text.default_prompt_llm, &text.default_prompt_matryoshka])?;
-    let mut prompt_ids: HashMap<String, u32> = HashMap::new();
     for (tokens, expected) in defaults.iter().zip([
         format::PROMPT_ID_LLM_DEFAULT,
         format::PROMPT_ID_MATRYOSHKA_DEFAULT,
@@ -204,49 +253,49 @@ pub fn convert(
         let id = writer.add_prompt(tokens)?;
         debug_assert_eq!(id, expected);
     }
-
-    let bytes_total: u64 = sources.iter().map(|s| s.bytes).sum();
-    let bytes_read = Arc::new(AtomicU64::new(0));
-    let chunk_rows = options.chunk_rows.max(1);
-    let policy = options.on_error;
-    let (tx, rx) = sync_channel::<Vec<Item>>(2);
-
-    let mut state = Converter {
-        tokenizer,
+    let mut sink = Sink {
         writer: &mut writer,
-        query_fmt,
-        passage_fmt,
-        dedup: DedupMap::default(),
-        prompt_ids: &mut prompt_ids,
-        next_passage: 0,
         accepted: vec![0; sources.len()],
         empty_neg: vec![0; sources.len()],
+        rows: 0,
         rejected: 0,
-        texts_tokenized: 2,
+        texts_tokenized: defaults.len() as u64,
         tokens_tokenized: defaults.iter().map(|d| d.len() as u64).sum(),
         tokenize_time: Duration::ZERO,
     };
 
-    let (read_result, main_result) = std::thread::scope(|scope| {
-        let reader = scope.spawn({
-            let sources = &sources;
-            let bytes_read = bytes_read.clone();
-            move || read_all(sources, policy, chunk_rows, bytes_read, tx)
+    let bytes_total: u64 = sources.iter().map(|s| s.bytes).sum();
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let (job_tx, job_rx) = sync_channel::<Job>(2);
+    let (done_tx, done_rx) = sync_channel::<Tokenized>(2);
+    let (read_result, write_result) = std::thread::scope(|scope| {
+        let prepare = scope.spawn(|| preparer.run(&sources, bytes_read.clone(), job_tx));
+        scope.spawn(move || {
+            for job in job_rx {
+                let t0 = Instant::now();
+                let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+                let tokens = tokenizer.encode_batch(&texts);
+                if done_tx.send((job, tokens, t0.elapsed())).is_err() {
+                    return;
+                }
+            }
         });
-        let main = state.run(&rx, policy, &mut |s: &Converter<'_>| {
+        let write_result = sink.run(done_rx, &mut |s: &Sink<'_>| {
             progress(&Progress {
                 bytes_read: bytes_read.load(Ordering::Relaxed),
                 bytes_total,
-                rows: s.accepted.iter().sum::<u64>() + s.rejected,
+                rows: s.rows,
                 rejected: s.rejected,
                 tokens: s.tokens_tokenized,
                 elapsed: start.elapsed(),
             })
         });
-        drop(rx);
-        (reader.join().expect("reader thread does not panic"), main)
+        (
+            prepare.join().expect("prepare thread does not panic"),
+            write_result,
+        )
     });
-    main_result?;
+    write_result?;
     let read_stats = read_result?;
 
     let mut stats = Vec::with_capacity(sources.len());
@@ -258,274 +307,185 @@ pub fn convert(
             )));
         }
         let rows_rejected: u64 = rs.rejected.values().sum();
+        if rs.rows_read != sink.accepted[i] + rows_rejected {
+            return Err(Error::Config(format!(
+                "{}: internal count mismatch: read {} rows, accepted {} + rejected {}",
+                src.path.display(),
+                rs.rows_read,
+                sink.accepted[i],
+                rows_rejected
+            )));
+        }
         stats.push(SourceStats {
             id: i as u32,
             path: src.path.display().to_string(),
             bytes: src.bytes,
             rows_read: rs.rows_read,
-            rows_accepted: state.accepted[i],
+            rows_accepted: sink.accepted[i],
             rows_rejected,
             rejected_by_reason: rs
                 .rejected
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), *v))
                 .collect(),
-            rows_empty_neg: state.empty_neg[i],
+            rows_empty_neg: sink.empty_neg[i],
             blank_lines: rs.blank_lines,
             unknown_fields: rs.unknown_fields,
         });
-        debug_assert_eq!(rs.rows_read, state.accepted[i] + rows_rejected);
     }
-    let report_counts = (
-        state.texts_tokenized,
-        state.tokens_tokenized,
-        state.tokenize_time,
+    let (texts_tokenized, tokens_tokenized, tokenize_time) = (
+        sink.texts_tokenized,
+        sink.tokens_tokenized,
+        sink.tokenize_time,
     );
-    drop(state);
-    let info = ManifestInfo {
+    drop(sink);
+    let manifest = writer.finish(ManifestInfo {
         tokenizer: Some(tokenizer.facts().clone()),
         text,
         sources: stats,
-    };
-    let manifest = writer.finish(info)?;
+    })?;
     Ok(ConvertReport {
         manifest,
         elapsed: start.elapsed(),
-        texts_tokenized: report_counts.0,
-        tokens_tokenized: report_counts.1,
-        tokenize_time: report_counts.2,
+        texts_tokenized,
+        tokens_tokenized,
+        tokenize_time,
     })
 }
 
-/// The reader thread: every source in order, rows checked, sent in chunks.
-fn read_all(
-    sources: &[SourceFile],
-    policy: OnError,
-    chunk_rows: usize,
-    bytes_read: Arc<AtomicU64>,
-    tx: std::sync::mpsc::SyncSender<Vec<Item>>,
-) -> Result<Vec<ReadStats>> {
-    let mut all = Vec::with_capacity(sources.len());
-    let mut chunk = Vec::with_capacity(chunk_rows);
-    let mut receiver_gone = false;
-    for (id, src) in sources.iter().enumerate() {
-        let id = id as u32;
-        let mut st = ReadStats::default();
-        let mut stop = false;
-        source::read_records(src, bytes_read.clone(), &mut |rec| {
-            let item = match rec {
-                Record::Blank => {
-                    st.blank_lines += 1;
-                    return true;
-                }
-                Record::Row(bytes, pos) => match parse_row(bytes, &pos, &mut st.unknown_fields) {
-                    Ok(row) => Item::Row(id, Box::new(row)),
-                    Err(e) => Item::Reject(Box::new(e)),
-                },
-                Record::Broken(e) => Item::Reject(Box::new(e)),
-            };
-            st.rows_read += 1;
-            if let Item::Reject(e) = &item {
-                *st.rejected.entry(e.reason).or_default() += 1;
-                stop = policy == OnError::Fail;
-            }
-            chunk.push(item);
-            if chunk.len() >= chunk_rows || stop {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_rows));
-                if tx.send(full).is_err() {
-                    receiver_gone = true;
-                    return false;
-                }
-            }
-            !stop
-        })?;
-        all.push(st);
-        if stop || receiver_gone {
-            break;
-        }
-    }
-    if !chunk.is_empty() {
-        let _ = tx.send(chunk);
-    }
-    all.resize(sources.len(), ReadStats::default());
-    Ok(all)
-}
-
-/// The main-thread state: dedup, tokenize, write.
-struct Converter<'a> {
-    tokenizer: &'a TextTokenizer,
-    writer: &'a mut DatasetWriter,
+/// The prepare stage: parse, check, format, deduplicate.
+struct Preparer {
     query_fmt: Formatter,
     passage_fmt: Formatter,
     dedup: DedupMap,
-    prompt_ids: &'a mut HashMap<String, u32>,
+    prompt_ids: HashMap<String, u32>,
     next_passage: u32,
+    policy: OnError,
+    chunk_rows: usize,
+}
+
+impl Preparer {
+    /// Every source in order; jobs of `chunk_rows` rows go to `tx`.
+    fn run(
+        &mut self,
+        sources: &[SourceFile],
+        bytes_read: Arc<AtomicU64>,
+        tx: SyncSender<Job>,
+    ) -> Result<Vec<ReadStats>> {
+        let mut all = vec![ReadStats::default(); sources.len()];
+        let mut job = Job::default();
+        let mut stop = false;
+        for (id, src) in sources.iter().enumerate() {
+            let st = &mut all[id];
+            source::read_records(src, bytes_read.clone(), &mut |rec| {
+                let bytes_and_pos = match rec {
+                    Record::Blank => {
+                        st.blank_lines += 1;
+                        return true;
+                    }
+                    Record::Row(bytes, pos) => Ok((bytes, pos)),
+                    Record::Broken(e) => Err(e),
+                };
+                st.rows_read += 1;
+                let row = bytes_and_pos
+                    .and_then(|(bytes, pos)| parse_row(bytes, &pos, &mut st.unknown_fields));
+                match row {
+                    Ok(row) => self.add_row(&mut job, id as u32, row),
+                    Err(e) => {
+                        *st.rejected.entry(e.reason).or_default() += 1;
+                        match self.policy {
+                            OnError::Skip => job.rejects.push(e),
+                            OnError::Fail => {
+                                job.fail = Some(e);
+                                stop = true;
+                            }
+                        }
+                    }
+                }
+                if job.rows() >= self.chunk_rows || stop {
+                    let full = std::mem::take(&mut job).assemble();
+                    if tx.send(full).is_err() {
+                        stop = true;
+                    }
+                }
+                !stop
+            })?;
+            if stop {
+                break;
+            }
+        }
+        if job.rows() > 0 {
+            let _ = tx.send(job.assemble());
+        }
+        Ok(all)
+    }
+
+    fn add_row(&mut self, job: &mut Job, source: u32, row: InputRow<'_>) {
+        job.texts.push(
+            self.query_fmt
+                .apply(&row.query, row.query_prompt.as_deref())
+                .into_owned(),
+        );
+        let start = job.refs.len();
+        for p in row.pos.iter().chain(&row.neg) {
+            let text = self.passage_fmt.apply(p, row.passage_prompt.as_deref());
+            let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
+            let next = &mut self.next_passage;
+            let id = *self.dedup.entry(key).or_insert_with(|| {
+                job.new_passages.push(text.into_owned());
+                *next += 1;
+                *next - 1
+            });
+            job.refs.push(id as i32);
+        }
+        let prompt = row.prompt.map(|p| {
+            let next = self.prompt_ids.len() as u32 + 2;
+            *self
+                .prompt_ids
+                .entry(p.into_owned())
+                .or_insert_with_key(|p| {
+                    job.new_prompts.push(p.clone());
+                    next
+                })
+        });
+        job.pending.push(Pending {
+            source,
+            refs: start..job.refs.len(),
+            n_pos: row.pos.len(),
+            pos_scores: row.pos_scores,
+            neg_scores: row.neg_scores,
+            prompt,
+        });
+    }
+}
+
+/// The write stage.
+struct Sink<'a> {
+    writer: &'a mut DatasetWriter,
     accepted: Vec<u64>,
     empty_neg: Vec<u64>,
+    rows: u64,
     rejected: u64,
     texts_tokenized: u64,
     tokens_tokenized: u64,
     tokenize_time: Duration,
 }
 
-/// A row waiting for its query tokens: passage ids already resolved.
-struct Pending {
-    source: u32,
-    refs: std::ops::Range<usize>,
-    n_pos: usize,
-    pos_scores: Option<Vec<f32>>,
-    neg_scores: Option<Vec<f32>>,
-    prompt: Option<u32>,
-}
-
-/// The texts of one chunk to tokenize, and what to write once they are.
-struct Job {
-    /// Queries (one per pending row), then new passages, then new prompts.
-    texts: Vec<String>,
-    n_queries: usize,
-    n_passages: usize,
-    refs: Vec<i32>,
-    pending: Vec<Pending>,
-}
-
-impl Converter<'_> {
-    /// Main loop: chunks from the reader are deduplicated here (in order), tokenized on
-    /// another thread (rayon inside), and written here, so dedup and writing of one chunk
-    /// overlap the tokenization of the next.
-    fn run(
-        &mut self,
-        rx: &Receiver<Vec<Item>>,
-        policy: OnError,
-        progress: &mut dyn FnMut(&Converter<'_>),
-    ) -> Result<()> {
-        let tokenizer = self.tokenizer;
-        let (job_tx, job_rx) = sync_channel::<Job>(1);
-        // Unbounded, but never holds more than the jobs in flight (at most 3).
-        let (done_tx, done_rx) =
-            std::sync::mpsc::channel::<(Job, Result<Vec<Vec<i32>>>, Duration)>();
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                for job in job_rx {
-                    let t0 = Instant::now();
-                    let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-                    let tokens = tokenizer.encode_batch(&texts);
-                    if done_tx.send((job, tokens, t0.elapsed())).is_err() {
-                        return;
-                    }
-                }
-            });
-            let mut last = Instant::now();
-            let mut in_flight = 0usize;
-            let result = (|| -> Result<()> {
-                for chunk in rx.iter() {
-                    let job = self.prepare(chunk, policy)?;
-                    // Write whatever is done before queueing more (keeps memory bounded).
-                    while in_flight > 0 {
-                        match done_rx.try_recv() {
-                            Ok(done) => {
-                                in_flight -= 1;
-                                self.write(done)?;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    if job_tx.send(job).is_err() {
-                        break;
-                    }
-                    in_flight += 1;
-                    if last.elapsed() >= Duration::from_millis(100) {
-                        progress(self);
-                        last = Instant::now();
-                    }
-                }
-                drop(job_tx);
-                while in_flight > 0 {
-                    let done = done_rx.recv().expect("tokenizer thread answers every job");
-                    in_flight -= 1;
-                    self.write(done)?;
-                }
-                Ok(())
-            })();
-            progress(self);
-            result
-        })
-    }
-
-    /// Format, deduplicate and resolve ids for one chunk; collect the texts to tokenize.
-    fn prepare(&mut self, items: Vec<Item>, policy: OnError) -> Result<Job> {
-        let mut queries: Vec<String> = Vec::with_capacity(items.len());
-        let mut new_passages: Vec<String> = Vec::new();
-        let mut new_prompts: Vec<String> = Vec::new();
-        let mut refs: Vec<i32> = Vec::new();
-        let mut pending: Vec<Pending> = Vec::with_capacity(items.len());
-        let first_prompt = self.prompt_ids.len() as u32 + 2;
-        for item in items {
-            let row = match item {
-                Item::Row(s, r) => (s, r),
-                Item::Reject(e) => {
-                    self.rejected += 1;
-                    match policy {
-                        OnError::Fail => return Err(Error::Row(e)),
-                        OnError::Skip => {
-                            self.writer.add_reject(&e)?;
-                            continue;
-                        }
-                    }
-                }
-            };
-            let (source, row) = (row.0, *row.1);
-            queries.push(
-                self.query_fmt
-                    .apply(&row.query, row.query_prompt.as_deref())
-                    .into_owned(),
-            );
-            let start = refs.len();
-            let n_pos = row.pos.len();
-            for p in row.pos.into_iter().chain(row.neg) {
-                let text = match self.passage_fmt.apply(&p, row.passage_prompt.as_deref()) {
-                    std::borrow::Cow::Borrowed(_) => p,
-                    std::borrow::Cow::Owned(t) => t,
-                };
-                let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
-                let id = *self.dedup.entry(key).or_insert_with(|| {
-                    new_passages.push(text);
-                    self.next_passage += 1;
-                    self.next_passage - 1
-                });
-                refs.push(id as i32);
+impl Sink<'_> {
+    fn run(&mut self, rx: Receiver<Tokenized>, progress: &mut dyn FnMut(&Sink<'_>)) -> Result<()> {
+        let mut last = Instant::now();
+        for done in rx {
+            self.write(done)?;
+            if last.elapsed() >= Duration::from_millis(100) {
+                progress(self);
+                last = Instant::now();
             }
-            let prompt = row.prompt.map(|p| {
-                let next = first_prompt + new_prompts.len() as u32;
-                *self.prompt_ids.entry(p).or_insert_with_key(|p| {
-                    new_prompts.push(p.clone());
-                    next
-                })
-            });
-            pending.push(Pending {
-                source,
-                refs: start..refs.len(),
-                n_pos,
-                pos_scores: row.pos_scores,
-                neg_scores: row.neg_scores,
-                prompt,
-            });
         }
-        let (n_queries, n_passages) = (queries.len(), new_passages.len());
-        let mut texts = queries;
-        texts.extend(new_passages);
-        texts.extend(new_prompts);
-        Ok(Job {
-            texts,
-            n_queries,
-            n_passages,
-            refs,
-            pending,
-        })
+        progress(self);
+        Ok(())
     }
 
-    /// Append a tokenized chunk to the dataset.
-    fn write(&mut self, done: (Job, Result<Vec<Vec<i32>>>, Duration)) -> Result<()> {
-        let (job, tokens, took) = done;
+    fn write(&mut self, (job, tokens, took): Tokenized) -> Result<()> {
         let tokens = tokens?;
         self.tokenize_time += took;
         self.texts_tokenized += tokens.len() as u64;
@@ -553,6 +513,15 @@ impl Converter<'_> {
                 source: p.source,
             })?;
             self.accepted[p.source as usize] += 1;
+        }
+        self.rows += job.pending.len() as u64;
+        for e in &job.rejects {
+            self.writer.add_reject(e)?;
+        }
+        self.rows += job.rejects.len() as u64;
+        self.rejected += job.rejects.len() as u64;
+        if let Some(e) = job.fail {
+            return Err(Error::Row(Box::new(e)));
         }
         Ok(())
     }

@@ -1,7 +1,11 @@
 //! One input row: JSON bytes -> a checked [`InputRow`], or a [`RowError`] saying why not.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{InputPosition, RejectReason, RowError};
@@ -18,36 +22,57 @@ pub const KNOWN_FIELDS: [&str; 8] = [
     "passage_prompt",
 ];
 
-/// A checked input row.
+/// A checked input row; texts borrow from the input line where JSON escapes allow.
 #[derive(Debug, Clone, PartialEq)]
-pub struct InputRow {
+pub struct InputRow<'a> {
     /// The query text.
-    pub query: String,
+    pub query: Cow<'a, str>,
     /// Positive passages (non-empty).
-    pub pos: Vec<String>,
+    pub pos: Vec<Cow<'a, str>>,
     /// Negative passages (may be empty).
-    pub neg: Vec<String>,
+    pub neg: Vec<Cow<'a, str>>,
     /// Teacher scores, as long as `pos`.
     pub pos_scores: Option<Vec<f32>>,
     /// Teacher scores, as long as `neg`.
     pub neg_scores: Option<Vec<f32>>,
     /// The LLM prompt of this row.
-    pub prompt: Option<String>,
+    pub prompt: Option<Cow<'a, str>>,
     /// Replaces the query instruction for this row.
-    pub query_prompt: Option<String>,
+    pub query_prompt: Option<Cow<'a, str>>,
     /// Replaces the passage instruction for this row.
-    pub passage_prompt: Option<String>,
+    pub passage_prompt: Option<Cow<'a, str>>,
 }
 
 /// Sentinel standing for a bare NaN/Infinity literal (which Python's json module writes).
 const NONFINITE: &str = "\u{0}rankfeed-nonfinite";
 
 /// Parse and check one row. `unknown` counts unknown top-level field names.
-pub fn parse_row(
+///
+/// A fast path deserializes straight into borrowed strings; any row it does not accept as is
+/// (wrong types, NaN, duplicate keys, ...) goes through the slow path, which builds a JSON
+/// value to say exactly what is wrong. Both accept the same rows with the same result
+/// (duplicate keys: the last one wins, as in Python's json).
+pub fn parse_row<'a>(
+    bytes: &'a [u8],
+    position: &InputPosition,
+    unknown: &mut BTreeMap<String, u64>,
+) -> Result<InputRow<'a>, RowError> {
+    if let Ok(FastRow(row, fields)) = serde_json::from_slice::<FastRow<'a>>(bytes) {
+        if row.is_valid() {
+            for f in fields {
+                *unknown.entry(f).or_default() += 1;
+            }
+            return Ok(row);
+        }
+    }
+    parse_row_slow(bytes, position, unknown)
+}
+
+fn parse_row_slow<'a>(
     bytes: &[u8],
     position: &InputPosition,
     unknown: &mut BTreeMap<String, u64>,
-) -> Result<InputRow, RowError> {
+) -> Result<InputRow<'a>, RowError> {
     let err = |field: Option<&str>, reason, message: String| RowError {
         position: position.clone(),
         field: field.map(String::from),
@@ -89,7 +114,7 @@ pub fn parse_row(
         }
     }
     let query = match obj.remove("query") {
-        Some(Value::String(s)) => s,
+        Some(Value::String(s)) => Cow::Owned(s),
         None => {
             return Err(err(
                 Some("query"),
@@ -120,7 +145,7 @@ pub fn parse_row(
         scores(&mut obj, "neg_scores", neg.len()).map_err(|(f, r, m)| err(Some(&f), r, m))?;
     let mut opt_string = |name: &str| match obj.remove(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::String(s)) => Ok(Some(Cow::Owned(s))),
         Some(v) => Err(err(
             Some(name),
             RejectReason::WrongType,
@@ -141,14 +166,14 @@ pub fn parse_row(
 
 type FieldError = (String, RejectReason, String);
 
-fn strings(obj: &mut Map<String, Value>, name: &str) -> Result<Vec<String>, FieldError> {
+fn strings<'a>(obj: &mut Map<String, Value>, name: &str) -> Result<Vec<Cow<'a, str>>, FieldError> {
     match obj.remove(name) {
         None => Err((name.into(), RejectReason::MissingField, "missing".into())),
         Some(Value::Array(items)) => items
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(s) => Ok(s),
+                Value::String(s) => Ok(Cow::Owned(s)),
                 v => Err((
                     format!("{name}[{i}]"),
                     RejectReason::WrongType,
@@ -229,6 +254,143 @@ fn scores(
         .map(Some)
 }
 
+impl InputRow<'_> {
+    /// What the fast path must check that deserialization did not.
+    fn is_valid(&self) -> bool {
+        let scores_ok = |s: &Option<Vec<f32>>, n: usize| {
+            s.as_ref()
+                .is_none_or(|s| s.len() == n && s.iter().all(|x| x.is_finite()))
+        };
+        !self.pos.is_empty()
+            && scores_ok(&self.pos_scores, self.pos.len())
+            && scores_ok(&self.neg_scores, self.neg.len())
+    }
+}
+
+/// A string that borrows from the input when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Scores as float32; rejects anything but numbers (booleans included).
+struct Scores(Vec<f32>);
+
+impl<'de> Deserialize<'de> for Scores {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Vec::<f64>::deserialize(d)?;
+        Ok(Scores(v.into_iter().map(|x| x as f32).collect()))
+    }
+}
+
+/// The fast path: a valid row plus the names of its unknown fields.
+struct FastRow<'a>(InputRow<'a>, Vec<String>);
+
+impl<'de> Deserialize<'de> for FastRow<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FastRow<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a row object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastRow<'de>, A::Error> {
+                let mut query = None;
+                let (mut pos, mut neg) = (None, None);
+                let (mut pos_scores, mut neg_scores) = (None, None);
+                let (mut prompt, mut query_prompt, mut passage_prompt) = (None, None, None);
+                let mut unknown = Vec::new();
+                let mut seen = 0u8;
+                fn once<E: de::Error>(seen: &mut u8, bit: u8) -> Result<(), E> {
+                    if *seen & bit != 0 {
+                        return Err(E::custom("duplicate key"));
+                    }
+                    *seen |= bit;
+                    Ok(())
+                }
+                let texts = |v: Vec<Text<'de>>| v.into_iter().map(|t| t.0).collect::<Vec<_>>();
+                while let Some(key) = map.next_key::<Text<'de>>()? {
+                    match key.0.as_ref() {
+                        "query" => {
+                            once(&mut seen, 1)?;
+                            query = Some(map.next_value::<Text<'de>>()?.0);
+                        }
+                        "pos" => {
+                            once(&mut seen, 2)?;
+                            pos = Some(texts(map.next_value()?));
+                        }
+                        "neg" => {
+                            once(&mut seen, 4)?;
+                            neg = Some(texts(map.next_value()?));
+                        }
+                        "pos_scores" => {
+                            once(&mut seen, 8)?;
+                            pos_scores = map.next_value::<Option<Scores>>()?.map(|s| s.0);
+                        }
+                        "neg_scores" => {
+                            once(&mut seen, 16)?;
+                            neg_scores = map.next_value::<Option<Scores>>()?.map(|s| s.0);
+                        }
+                        "prompt" => {
+                            once(&mut seen, 32)?;
+                            prompt = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
+                        }
+                        "query_prompt" => {
+                            once(&mut seen, 64)?;
+                            query_prompt = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
+                        }
+                        "passage_prompt" => {
+                            once(&mut seen, 128)?;
+                            passage_prompt = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
+                        }
+                        other => {
+                            if unknown.iter().any(|u| u == other) {
+                                return Err(de::Error::custom("duplicate key"));
+                            }
+                            unknown.push(other.to_string());
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                let missing = || de::Error::custom("missing field");
+                Ok(FastRow(
+                    InputRow {
+                        query: query.ok_or_else(missing)?,
+                        pos: pos.ok_or_else(missing)?,
+                        neg: neg.ok_or_else(missing)?,
+                        pos_scores,
+                        neg_scores,
+                        prompt,
+                        query_prompt,
+                        passage_prompt,
+                    },
+                    unknown,
+                ))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -292,7 +454,7 @@ fn replace_nonfinite_literals(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<InputRow, RowError> {
+    fn parse(s: &str) -> Result<InputRow<'_>, RowError> {
         let pos = InputPosition {
             path: "t.jsonl".into(),
             line: 7,
@@ -397,6 +559,35 @@ mod tests {
         let r = parse(r#"{"query":"NaN Infinity","pos":["a"],"neg":[]}"#).unwrap();
         assert_eq!(r.query, "NaN Infinity");
         assert!(replace_nonfinite_literals(r#"{"a":"NaN \" NaN"}"#).is_none());
+    }
+
+    #[test]
+    fn fast_and_slow_paths_agree() {
+        let pos = InputPosition {
+            path: "t.jsonl".into(),
+            line: 1,
+            element: None,
+        };
+        for row in [
+            r#"{"query":"q \"x\" \u00e9","pos":["a\nb"],"neg":["c"],"pos_scores":[1],"neg_scores":[0.25],"prompt":"p","query_prompt":null,"z":[1,{"a":2}]}"#,
+            r#"{"neg":[],"pos":["a"],"query":""}"#,
+            r#"{"query":"q","pos":["a"],"neg":["b"],"query":"last wins"}"#,
+            r#"{"query":"q","pos":["a"],"neg":["b"],"zz":1,"zz":2}"#,
+        ] {
+            let (mut u1, mut u2) = (BTreeMap::new(), BTreeMap::new());
+            let fast = parse_row(row.as_bytes(), &pos, &mut u1).unwrap();
+            let slow = parse_row_slow(row.as_bytes(), &pos, &mut u2).unwrap();
+            assert_eq!(fast, slow, "{row}");
+            assert_eq!(u1, u2, "{row}");
+        }
+        let mut u = BTreeMap::new();
+        let r = parse_row(
+            br#"{"query":"q","pos":["a"],"neg":["b"],"query":"last"}"#,
+            &pos,
+            &mut u,
+        )
+        .unwrap();
+        assert_eq!(r.query, "last");
     }
 
     #[test]
