@@ -23,7 +23,8 @@ pub struct Distribution {
     pub p90: u64,
     /// 99th percentile.
     pub p99: u64,
-    /// `(lo, hi, count)`: values in `lo..=hi`. Buckets are 0, 1, 2-3, 4-7, 8-15, ...
+    /// `(lo, hi, count)`: values in `lo..=hi`. One bucket per value when all are <= 32,
+    /// else 0, 1, 2-3, 4-7, 8-15, ...
     pub buckets: Vec<(u64, u64, u64)>,
 }
 
@@ -39,6 +40,8 @@ struct Accumulator {
 }
 
 const EXACT: u64 = 1 << 16;
+/// Distributions whose values are all below this get one bucket per value.
+const EXACT_BUCKETS_BELOW: u64 = 33;
 
 impl Accumulator {
     fn new() -> Self {
@@ -93,14 +96,18 @@ impl Accumulator {
         for (b, &c) in self.big.iter().enumerate() {
             counts[b] += c;
         }
-        let first = bucket_of(self.min);
-        let last = bucket_of(self.max);
-        let buckets = (first..=last)
-            .map(|b| {
-                let (lo, hi) = bucket_range(b);
-                (lo, hi, counts[b])
-            })
-            .collect();
+        let buckets = if self.max < EXACT_BUCKETS_BELOW {
+            (self.min..=self.max)
+                .map(|v| (v, v, self.exact[v as usize]))
+                .collect()
+        } else {
+            (bucket_of(self.min)..=bucket_of(self.max))
+                .map(|b| {
+                    let (lo, hi) = bucket_range(b);
+                    (lo, hi, counts[b])
+                })
+                .collect()
+        };
         Distribution {
             count: self.count,
             min: self.min,
@@ -172,6 +179,14 @@ mod tests {
     #[test]
     fn buckets_and_quantiles() {
         let mut a = Accumulator::new();
+        let mut small = Accumulator::new();
+        for v in [2, 2, 5] {
+            small.add(v);
+        }
+        assert_eq!(
+            small.finish().buckets,
+            vec![(2, 2, 2), (3, 3, 0), (4, 4, 0), (5, 5, 1)]
+        );
         for v in [0, 1, 2, 3, 4, 100, 70000] {
             a.add(v);
         }
