@@ -20,17 +20,20 @@ impl Rng {
     }
 }
 
+/// query, pos, neg, pos_scores, neg_scores, prompt, source
+type GroupRow = (
+    Vec<i32>,
+    Vec<i32>,
+    Vec<i32>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+    Option<u32>,
+    u32,
+);
+
 struct Expected {
     passages: Vec<Vec<i32>>,
-    groups: Vec<(
-        Vec<i32>,
-        Vec<i32>,
-        Vec<i32>,
-        Option<Vec<f32>>,
-        Option<Vec<f32>>,
-        Option<u32>,
-        u32,
-    )>,
+    groups: Vec<GroupRow>,
 }
 
 fn write_random(
@@ -273,7 +276,8 @@ fn manifest_problems_are_errors() {
     write_random(&good, 3, 10, 10, 4);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "version",
             Box::new(|m| m["format_version"] = 99.into()),
