@@ -347,6 +347,15 @@ impl Dataset {
         tokens_row(&self.prompts, id as i32, "prompt id")
     }
 
+    /// Whether every group has both score lists, from the null counts in each record batch's
+    /// metadata: O(number of batches).
+    pub fn all_rows_have_scores(&self) -> bool {
+        self.groups.layout.batches.iter().all(|b| {
+            b.nodes[groups_col::POS_SCORES.0].null_count == 0
+                && b.nodes[groups_col::NEG_SCORES.0].null_count == 0
+        })
+    }
+
     /// Check every row of every file, every id, and the file checksums: linear in the data.
     pub fn validate(&self) -> Result<()> {
         for (name, table) in [

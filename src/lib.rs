@@ -21,11 +21,14 @@
 
 #![deny(missing_docs)]
 
+pub mod collate;
 pub mod convert;
 pub mod dataset;
 pub mod error;
 pub mod format;
 mod ipc;
+pub mod loader;
+pub mod sample;
 pub mod stats;
 pub mod storage;
 pub mod tokenizer;

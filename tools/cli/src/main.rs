@@ -1,5 +1,8 @@
 //! The `rankfeed` command line.
 
+mod batch;
+mod npy;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +34,12 @@ enum Command {
     Convert(ConvertArgs),
     /// Show a dataset's counts, dedup ratio, per-source stats and length distributions.
     Inspect(InspectArgs),
+    /// Show the exact ids the model will see for one group (decoded with --tokenizer).
+    Show(batch::ShowArgs),
+    /// Collate given selections into .npy arrays (for your own sampler, and parity tests).
+    Collate(batch::CollateCmdArgs),
+    /// Measure the loader: batches/s, real tokens/s, padding efficiency, output GB/s.
+    Bench(batch::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +113,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Convert(a) => run_convert(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Show(a) => batch::run_show(a),
+        Command::Collate(a) => batch::run_collate(a),
+        Command::Bench(a) => batch::run_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,337 @@
+//! The loader: an iterator of collated batches with background prefetch and a resumable state.
+//!
+//! Batch `k` of epoch `e` is a pure function of (dataset, options, e, k): its selections come
+//! from [`crate::sample`], its arrays from [`Collator`]. Prefetch threads therefore only change
+//! *when* a batch is computed, never *what* it holds: with 0, 1 or N threads the sequence is the
+//! same, and resuming at (epoch, step) is O(1).
+//!
+//! Threads are plain `std::thread`s (not a rayon pool), started lazily on the first `next()`,
+//! and restarted when the process id changes: a loader created before a `fork` (PyTorch
+//! DataLoader workers) works in the child.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use crate::collate::{Batch, CollateOptions, Collator};
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::sample::{sample_group, EpochOrder, Selection, Shard, Universe};
+
+/// Loader settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderOptions {
+    /// Queries per batch.
+    pub batch_size: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Rank and world size; padding or dropping the tail as torch's DistributedSampler.
+    pub shard: Shard,
+    /// Shuffle rows each epoch (default true).
+    pub shuffle: bool,
+    /// Drop the last incomplete batch of each epoch.
+    pub drop_last: bool,
+    /// `max_example_num_per_dataset`: keep a seeded random subset of each larger source.
+    pub max_example_num_per_dataset: Option<u64>,
+    /// Leave out rows with no negatives (otherwise they are an error when group_size >= 2).
+    pub skip_rows_without_negatives: bool,
+    /// Background threads computing batches (0: compute in the caller's thread).
+    pub prefetch_threads: usize,
+    /// Batches computed ahead, in total.
+    pub prefetch_depth: usize,
+    /// Collation settings.
+    pub collate: CollateOptions,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        LoaderOptions {
+            batch_size: 4,
+            seed: 42,
+            shard: Shard::default(),
+            shuffle: true,
+            drop_last: false,
+            max_example_num_per_dataset: None,
+            skip_rows_without_negatives: false,
+            prefetch_threads: 1,
+            prefetch_depth: 8,
+            collate: CollateOptions::default(),
+        }
+    }
+}
+
+/// Where a loader is: the next batch is `step` of `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoaderState {
+    /// Epoch.
+    pub epoch: u64,
+    /// Batches of that epoch already yielded.
+    pub step: u64,
+}
+
+/// What batches are computed from; shared with the prefetch threads.
+#[derive(Debug)]
+struct Plan {
+    ds: Arc<Dataset>,
+    universe: Universe,
+    collator: Collator,
+    options: LoaderOptions,
+}
+
+impl Plan {
+    fn steps(&self) -> u64 {
+        let n = self.options.shard.samples_per_rank(self.universe.len());
+        let b = self.options.batch_size as u64;
+        if self.options.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+
+    fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
+        let o = &self.options;
+        let order = EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle);
+        let b = o.batch_size as u64;
+        let (lo, hi) = (step * b, ((step + 1) * b).min(order.len()));
+        let g = o.collate.group_size;
+        (lo..hi)
+            .map(|i| {
+                let row = order.row(i);
+                let group = self.ds.group(row as usize)?;
+                let mut neg = Vec::with_capacity(g.saturating_sub(1));
+                let pos = sample_group(
+                    o.seed,
+                    epoch,
+                    row,
+                    group.pos.len(),
+                    group.neg.len(),
+                    g,
+                    &mut neg,
+                )?;
+                Ok(Selection { row, pos, neg })
+            })
+            .collect()
+    }
+
+    fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
+        let steps = self.steps();
+        if step >= steps {
+            return Err(Error::OutOfRange {
+                what: "step",
+                index: step,
+                len: steps,
+            });
+        }
+        self.collator
+            .collate(&self.ds, self.selections(epoch, step)?)
+    }
+}
+
+/// Running prefetch threads for one epoch from one step on.
+struct Prefetch {
+    pid: u32,
+    epoch: u64,
+    receivers: Vec<Receiver<Result<Batch>>>,
+    next: u64,
+    first: u64,
+}
+
+/// An iterator of batches; see the module docs.
+pub struct Loader {
+    plan: Arc<Plan>,
+    state: LoaderState,
+    prefetch: Option<Prefetch>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("options", &self.plan.options)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl Loader {
+    /// A loader over `ds`. Checks the options, and that every row it may draw can form a
+    /// group: with group_size >= 2, rows without negatives are an error naming how many and
+    /// how to skip them, unless `skip_rows_without_negatives`.
+    pub fn new(ds: Arc<Dataset>, options: LoaderOptions) -> Result<Loader> {
+        if options.batch_size == 0 {
+            return Err(Error::Config("batch_size must be at least 1".into()));
+        }
+        options.shard.check()?;
+        let collator = Collator::new(&ds, options.collate.clone())?;
+        let m = ds.manifest();
+        let accepted: Vec<u64> = m.sources.iter().map(|s| s.rows_accepted).collect();
+        let universe = if accepted.iter().sum::<u64>() == ds.len() as u64 && !accepted.is_empty() {
+            Universe::ranges(&accepted, options.max_example_num_per_dataset, options.seed)
+        } else if options.max_example_num_per_dataset.is_some() {
+            return Err(Error::Config(
+                "max_example_num_per_dataset needs per-source row counts, which this dataset's manifest lacks".into(),
+            ));
+        } else {
+            Universe::all(ds.len() as u64)
+        };
+        let empty_neg: u64 = m.sources.iter().map(|s| s.rows_empty_neg).sum();
+        let needs_negatives = options.collate.group_size >= 2;
+        let universe = if needs_negatives
+            && (empty_neg > 0 || accepted.iter().sum::<u64>() != ds.len() as u64)
+        {
+            if options.skip_rows_without_negatives {
+                universe.filter(|r| Ok(!ds.group(r as usize)?.neg.is_empty()))?
+            } else if empty_neg > 0 {
+                return Err(Error::Config(format!(
+                    "{empty_neg} rows have no negatives, but group_size {} needs {} per group; \
+                     skip them with skip_rows_without_negatives (CLI: --skip-empty-neg) or use group_size 1",
+                    options.collate.group_size,
+                    options.collate.group_size - 1
+                )));
+            } else {
+                universe
+            }
+        } else {
+            universe
+        };
+        if options.collate.knowledge_distillation && !ds.all_rows_have_scores() {
+            return Err(Error::Config(
+                "knowledge distillation needs pos_scores and neg_scores on every row; some rows have none".into(),
+            ));
+        }
+        Ok(Loader {
+            plan: Arc::new(Plan {
+                ds,
+                universe,
+                collator,
+                options,
+            }),
+            state: LoaderState::default(),
+            prefetch: None,
+        })
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.plan.steps()
+    }
+
+    /// Rows this run trains on per epoch (all ranks, before padding).
+    pub fn rows_per_epoch(&self) -> u64 {
+        self.plan.universe.len()
+    }
+
+    /// The collator in use.
+    pub fn collator(&self) -> &Collator {
+        &self.plan.collator
+    }
+
+    /// The options.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.plan.options
+    }
+
+    /// The selections of batch `step` of `epoch` (pure).
+    pub fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
+        self.plan.selections(epoch, step)
+    }
+
+    /// Batch `step` of `epoch` (pure; does not move the loader).
+    pub fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
+        self.plan.batch(epoch, step)
+    }
+
+    /// Collate user-chosen selections with this loader's settings.
+    pub fn collate(&self, selections: Vec<Selection>) -> Result<Batch> {
+        self.plan.collator.collate(&self.plan.ds, selections)
+    }
+
+    /// The state to save: the next batch is `step` of `epoch`.
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    /// Continue from a saved state.
+    pub fn set_state(&mut self, state: LoaderState) {
+        self.state = state;
+        self.prefetch = None;
+    }
+
+    /// Start epoch `epoch` from its first batch.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.set_state(LoaderState { epoch, step: 0 });
+    }
+
+    fn start_prefetch(&mut self) {
+        let o = &self.plan.options;
+        let threads = o.prefetch_threads;
+        let per_thread = o.prefetch_depth.div_ceil(threads).max(1);
+        let (epoch, first) = (self.state.epoch, self.state.step);
+        let steps = self.plan.steps();
+        let mut receivers = Vec::with_capacity(threads);
+        for t in 0..threads as u64 {
+            let (tx, rx) = sync_channel(per_thread);
+            let plan = self.plan.clone();
+            std::thread::Builder::new()
+                .name(format!("rankfeed-prefetch-{t}"))
+                .spawn(move || {
+                    let mut step = first + t;
+                    while step < steps {
+                        if tx.send(plan.batch(epoch, step)).is_err() {
+                            return;
+                        }
+                        step += threads as u64;
+                    }
+                })
+                .expect("spawning a prefetch thread");
+            receivers.push(rx);
+        }
+        self.prefetch = Some(Prefetch {
+            pid: std::process::id(),
+            epoch,
+            receivers,
+            next: first,
+            first,
+        });
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    /// The next batch of the current epoch; after the last one, `None` once, and the loader
+    /// moves to the next epoch (so `for batch in &mut loader` is one epoch).
+    fn next(&mut self) -> Option<Result<Batch>> {
+        let steps = self.plan.steps();
+        if self.state.step >= steps {
+            self.set_epoch(self.state.epoch + 1);
+            return None;
+        }
+        let batch = if self.plan.options.prefetch_threads == 0 {
+            self.plan.batch(self.state.epoch, self.state.step)
+        } else {
+            let stale = self.prefetch.as_ref().is_none_or(|p| {
+                p.pid != std::process::id()
+                    || p.epoch != self.state.epoch
+                    || p.next != self.state.step
+            });
+            if stale {
+                if let Some(p) = self.prefetch.take() {
+                    if p.pid != std::process::id() {
+                        // Forked: the threads did not come along, and a channel lock may have
+                        // been held mid-send at the fork. Leak the receivers, never touch them.
+                        std::mem::forget(p.receivers);
+                    }
+                }
+                self.start_prefetch();
+            }
+            let p = self.prefetch.as_mut().expect("started above");
+            let t = ((p.next - p.first) % p.receivers.len() as u64) as usize;
+            p.next += 1;
+            p.receivers[t]
+                .recv()
+                .unwrap_or_else(|_| Err(Error::Config("a prefetch thread stopped".into())))
+        };
+        self.state.step += 1;
+        Some(batch)
+    }
+}

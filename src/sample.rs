@@ -1,0 +1,427 @@
+//! The group sampler: pure functions of (seed, epoch, position). No hidden state, no I/O.
+//!
+//! - **Universe**: the rows a run trains on. Each source (input file) is a contiguous range of
+//!   rows; `max_example_num_per_dataset` keeps a seeded random subset of each larger source
+//!   (fixed for the whole run, as FlagEmbedding draws it once at load). Rows without negatives
+//!   can be left out when the group size needs them.
+//! - **Epoch order**: a pseudo-random permutation of the universe keyed by (seed, epoch),
+//!   computed per position in O(1) (a Feistel network with cycle walking), so step k of epoch e
+//!   is found without replaying steps 0..k-1 and without materializing anything.
+//! - **Sharding** as torch's `DistributedSampler`: rank r takes positions r, r+W, r+2W, ...;
+//!   the tail is either padded by repeating from the start of the order, or dropped.
+//! - **Groups** as FlagEmbedding: one positive uniformly; G-1 negatives without replacement in
+//!   draw order; when there are fewer than G-1 negatives, G-1 draws without replacement from the
+//!   negatives repeated `ceil((G-1)/len)` times. The randomness is keyed by (seed, epoch, row),
+//!   so a row's group in an epoch does not depend on threads, processes, ranks or batch size.
+
+use crate::error::{Error, Result};
+
+/// SplitMix64 finalizer: a strong 64-bit mixer.
+#[inline]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A small counter-based generator: SplitMix64 started from a hash of its key.
+#[derive(Debug, Clone)]
+pub struct KeyedRng {
+    state: u64,
+}
+
+impl KeyedRng {
+    /// A generator for `key` (e.g. `[seed, epoch, row, stream]`).
+    pub fn new(key: &[u64]) -> Self {
+        let mut h = 0x6A09_E667_F3BC_C909u64;
+        for &k in key {
+            h = mix64(h ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        KeyedRng { state: h }
+    }
+
+    /// Next 64 random bits.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix64(self.state)
+    }
+
+    /// Uniform in `0..n` (n > 0), unbiased (Lemire's multiply-and-reject).
+    #[inline]
+    pub fn below(&mut self, n: u64) -> u64 {
+        debug_assert!(n > 0);
+        let threshold = n.wrapping_neg() % n;
+        loop {
+            let m = (self.next_u64() as u128) * (n as u128);
+            if (m as u64) >= threshold {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+}
+
+/// A pseudo-random permutation of `0..n`, evaluated per index in O(1) expected time.
+#[derive(Debug, Clone, Copy)]
+pub struct Permutation {
+    n: u64,
+    half_bits: u32,
+    keys: [u64; 6],
+}
+
+impl Permutation {
+    /// The permutation of `0..n` for `key`.
+    pub fn new(n: u64, key: &[u64]) -> Self {
+        let bits = 64 - n.saturating_sub(1).leading_zeros();
+        let half_bits = bits.div_ceil(2).max(1);
+        let mut rng = KeyedRng::new(key);
+        let keys = [0; 6].map(|_| rng.next_u64());
+        Permutation { n, half_bits, keys }
+    }
+
+    /// The image of `i` (< n).
+    #[inline]
+    pub fn apply(&self, i: u64) -> u64 {
+        debug_assert!(i < self.n);
+        let mask = (1u64 << self.half_bits) - 1;
+        let mut x = i;
+        loop {
+            let (mut l, mut r) = (x >> self.half_bits, x & mask);
+            for k in self.keys {
+                let f = mix64(r ^ k) & mask;
+                (l, r) = (r, l ^ f);
+            }
+            x = (l << self.half_bits) | r;
+            // Cycle walking: the domain is 4^half_bits >= n, re-encrypt until inside.
+            if x < self.n {
+                return x;
+            }
+        }
+    }
+
+    /// The size of the domain.
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    /// Whether the domain is empty.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// The rows a run trains on, before ordering.
+#[derive(Debug, Clone)]
+pub enum Universe {
+    /// Contiguous source ranges, each possibly capped to a seeded subset.
+    Ranges {
+        /// (first row, rows in the source, rows kept, subset permutation when capped)
+        sources: Vec<(u64, u64, u64, Option<Permutation>)>,
+        /// Prefix sums of rows kept, for O(log sources) lookup.
+        starts: Vec<u64>,
+    },
+    /// An explicit list of rows (used when rows must be filtered out).
+    Rows(Vec<u32>),
+}
+
+impl Universe {
+    /// Every row of `0..n`.
+    pub fn all(n: u64) -> Universe {
+        Universe::ranges(&[n], None, 0)
+    }
+
+    /// Sources of the given sizes, laid out one after another; with `cap`, each source larger
+    /// than it keeps a random subset of `cap` rows keyed by (seed, source).
+    pub fn ranges(source_sizes: &[u64], cap: Option<u64>, seed: u64) -> Universe {
+        let mut sources = Vec::with_capacity(source_sizes.len());
+        let mut starts = Vec::with_capacity(source_sizes.len());
+        let (mut first, mut kept) = (0u64, 0u64);
+        for (s, &n) in source_sizes.iter().enumerate() {
+            let take = cap.map_or(n, |c| c.min(n));
+            let perm = (take < n).then(|| Permutation::new(n, &[seed, s as u64, 0x5ca1ab1e]));
+            starts.push(kept);
+            sources.push((first, n, take, perm));
+            first += n;
+            kept += take;
+        }
+        Universe::Ranges { sources, starts }
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> u64 {
+        match self {
+            Universe::Ranges { sources, .. } => sources.iter().map(|s| s.2).sum(),
+            Universe::Rows(r) => r.len() as u64,
+        }
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The row at index `j` (< len).
+    #[inline]
+    pub fn row(&self, j: u64) -> u64 {
+        match self {
+            Universe::Ranges { sources, starts } => {
+                let s = starts.partition_point(|&st| st <= j) - 1;
+                let (first, _, _, perm) = &sources[s];
+                let k = j - starts[s];
+                first + perm.as_ref().map_or(k, |p| p.apply(k))
+            }
+            Universe::Rows(r) => r[j as usize] as u64,
+        }
+    }
+
+    /// Keep only the rows for which `keep` holds (materializes the list).
+    pub fn filter(&self, mut keep: impl FnMut(u64) -> Result<bool>) -> Result<Universe> {
+        let mut rows = Vec::new();
+        for j in 0..self.len() {
+            let r = self.row(j);
+            if keep(r)? {
+                rows.push(
+                    u32::try_from(r).map_err(|_| Error::Config("more than 2^32 rows".into()))?,
+                );
+            }
+        }
+        Ok(Universe::Rows(rows))
+    }
+}
+
+/// Distributed sharding of an epoch, as torch's `DistributedSampler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank.
+    pub rank: u64,
+    /// Number of ranks.
+    pub world_size: u64,
+    /// Drop the tail so every rank gets the same number of rows (torch `drop_last=True`);
+    /// otherwise pad by repeating rows from the start of the epoch order.
+    pub drop_last: bool,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            rank: 0,
+            world_size: 1,
+            drop_last: false,
+        }
+    }
+}
+
+impl Shard {
+    /// Check rank < world_size.
+    pub fn check(&self) -> Result<()> {
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return Err(Error::Config(format!(
+                "rank {} must be below world_size {}",
+                self.rank, self.world_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows per rank per epoch for a universe of `n` rows.
+    pub fn samples_per_rank(&self, n: u64) -> u64 {
+        if self.drop_last {
+            n / self.world_size
+        } else {
+            n.div_ceil(self.world_size)
+        }
+    }
+}
+
+/// The order of one epoch for one rank.
+#[derive(Debug, Clone)]
+pub struct EpochOrder<'u> {
+    universe: &'u Universe,
+    perm: Permutation,
+    shard: Shard,
+    shuffle: bool,
+}
+
+impl<'u> EpochOrder<'u> {
+    /// The order of `epoch` (shuffled with `seed` unless `shuffle` is false).
+    pub fn new(universe: &'u Universe, seed: u64, epoch: u64, shard: Shard, shuffle: bool) -> Self {
+        EpochOrder {
+            universe,
+            perm: Permutation::new(universe.len(), &[seed, epoch, 0xe90c4]),
+            shard,
+            shuffle,
+        }
+    }
+
+    /// Number of rows this rank sees in the epoch.
+    pub fn len(&self) -> u64 {
+        self.shard.samples_per_rank(self.universe.len())
+    }
+
+    /// Whether this rank sees no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The row at position `i` (< len) of this rank's order.
+    #[inline]
+    pub fn row(&self, i: u64) -> u64 {
+        let n = self.universe.len();
+        let global = self.shard.rank + i * self.shard.world_size;
+        let p = global % n; // padding repeats from the start of the order
+        let j = if self.shuffle { self.perm.apply(p) } else { p };
+        self.universe.row(j)
+    }
+}
+
+/// One group: the row, its positive index, its negative indices (G-1 of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Row of groups.arrow.
+    pub row: u64,
+    /// Index into the row's `pos`.
+    pub pos: u32,
+    /// Indices into the row's `neg`, in draw order.
+    pub neg: Vec<u32>,
+}
+
+/// Draw a group for a row with `n_pos` positives and `n_neg` negatives, keyed by
+/// (seed, epoch, row). Needs `n_pos >= 1`, and `n_neg >= 1` when `group_size >= 2`.
+pub fn sample_group(
+    seed: u64,
+    epoch: u64,
+    row: u64,
+    n_pos: usize,
+    n_neg: usize,
+    group_size: usize,
+    out_neg: &mut Vec<u32>,
+) -> Result<u32> {
+    if n_pos == 0 {
+        return Err(Error::Config(format!("row {row} has no positive")));
+    }
+    let k = group_size.saturating_sub(1);
+    out_neg.clear();
+    if k > 0 && n_neg == 0 {
+        return Err(Error::Config(format!(
+            "row {row} has no negatives but group_size is {group_size}"
+        )));
+    }
+    let mut rng = KeyedRng::new(&[seed, epoch, row, 0x6e6567]);
+    let pos = rng.below(n_pos as u64) as u32;
+    if k == 0 {
+        return Ok(pos);
+    }
+    if n_neg >= k {
+        if 2 * k <= n_neg {
+            // Rejection: uniform over ordered k-tuples of distinct indices, like random.sample.
+            while out_neg.len() < k {
+                let c = rng.below(n_neg as u64) as u32;
+                if !out_neg.contains(&c) {
+                    out_neg.push(c);
+                }
+            }
+        } else {
+            partial_shuffle(&mut rng, n_neg, k, 1, out_neg);
+        }
+    } else {
+        // The pool is range(n_neg) repeated ceil(k / n_neg) times; draw k without replacement.
+        partial_shuffle(&mut rng, n_neg, k, k.div_ceil(n_neg), out_neg);
+    }
+    Ok(pos)
+}
+
+/// The first `k` of a uniformly shuffled pool `0..n` repeated `reps` times, mapped back to
+/// `0..n`.
+fn partial_shuffle(rng: &mut KeyedRng, n: usize, k: usize, reps: usize, out: &mut Vec<u32>) {
+    let mut pool: Vec<u32> = (0..reps).flat_map(|_| 0..n as u32).collect();
+    for i in 0..k {
+        let j = i + rng.below((pool.len() - i) as u64) as usize;
+        pool.swap(i, j);
+        out.push(pool[i]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_bijections() {
+        for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
+            let p = Permutation::new(n, &[1, 2]);
+            let mut seen = vec![false; n as usize];
+            for i in 0..n {
+                let j = p.apply(i) as usize;
+                assert!(!seen[j]);
+                seen[j] = true;
+            }
+        }
+        let a = Permutation::new(1000, &[1, 2]);
+        let b = Permutation::new(1000, &[1, 3]);
+        assert!((0..1000).filter(|&i| a.apply(i) != b.apply(i)).count() > 900);
+    }
+
+    #[test]
+    fn caps_keep_a_subset_of_each_source() {
+        let u = Universe::ranges(&[10, 3, 20], Some(5), 9);
+        assert_eq!(u.len(), 5 + 3 + 5);
+        let rows: Vec<u64> = (0..u.len()).map(|j| u.row(j)).collect();
+        assert!(rows[..5].iter().all(|&r| r < 10));
+        assert_eq!(&rows[5..8], &[10, 11, 12]);
+        assert!(rows[8..].iter().all(|&r| (13..33).contains(&r)));
+        let mut sorted = rows.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), rows.len());
+    }
+
+    #[test]
+    fn shards_cover_the_epoch() {
+        let u = Universe::all(10);
+        for (drop_last, per_rank) in [(false, 4), (true, 3)] {
+            let mut seen = Vec::new();
+            for rank in 0..3 {
+                let o = EpochOrder::new(
+                    &u,
+                    1,
+                    0,
+                    Shard {
+                        rank,
+                        world_size: 3,
+                        drop_last,
+                    },
+                    true,
+                );
+                assert_eq!(o.len(), per_rank);
+                seen.extend((0..o.len()).map(|i| o.row(i)));
+            }
+            let mut distinct = seen.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), if drop_last { 9 } else { 10 });
+            assert_eq!(seen.len(), if drop_last { 9 } else { 12 });
+        }
+    }
+
+    #[test]
+    fn groups_follow_the_reference_rules() {
+        let mut neg = Vec::new();
+        for row in 0..200 {
+            let p = sample_group(3, 1, row, 2, 20, 8, &mut neg).unwrap();
+            assert!(p < 2);
+            assert_eq!(neg.len(), 7);
+            let mut d = neg.clone();
+            d.sort();
+            d.dedup();
+            assert_eq!(d.len(), 7, "distinct when enough negatives");
+            // Fewer negatives than G-1: each index at most ceil(k/n) times.
+            sample_group(3, 1, row, 1, 3, 8, &mut neg).unwrap();
+            assert_eq!(neg.len(), 7);
+            for i in 0..3 {
+                assert!(neg.iter().filter(|&&x| x == i).count() <= 3);
+            }
+        }
+        assert!(sample_group(0, 0, 0, 1, 0, 2, &mut neg).is_err());
+        assert_eq!(sample_group(0, 0, 0, 1, 0, 1, &mut neg).unwrap(), 0);
+    }
+}

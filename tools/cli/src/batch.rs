@@ -1,0 +1,382 @@
+//! `rankfeed show`, `rankfeed collate` and `rankfeed bench`: what the model sees, and how fast.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rankfeed::collate::{CollateOptions, Collator, IdType, Mode, Side};
+use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
+use rankfeed::sample::{sample_group, Selection, Shard};
+use rankfeed::tokenizer::TextTokenizer;
+use rankfeed::Dataset;
+
+use crate::npy;
+
+#[derive(clap::Args, Clone)]
+pub struct CollateArgs {
+    /// Pair layout: encoder (cross-encoders), llm (decoder rerankers), matryoshka.
+    #[arg(long, default_value = "encoder")]
+    mode: Mode,
+    /// query_max_len.
+    #[arg(long, default_value_t = 32)]
+    query_max_len: usize,
+    /// passage_max_len.
+    #[arg(long, default_value_t = 128)]
+    passage_max_len: usize,
+    /// train_group_size: one positive and G-1 negatives per query.
+    #[arg(long, default_value_t = 8)]
+    group_size: usize,
+    /// Round the padded length up to a multiple of this.
+    #[arg(long)]
+    pad_to_multiple_of: Option<usize>,
+    /// left or right (default: the tokenizer's for encoder, left for llm, right for matryoshka).
+    #[arg(long)]
+    padding_side: Option<Side>,
+    /// Pad id (default: the tokenizer's pad, else unk, else eos).
+    #[arg(long)]
+    pad_id: Option<i32>,
+    /// int32 arrays instead of int64.
+    #[arg(long)]
+    int32: bool,
+    /// Leave out attention_mask.
+    #[arg(long)]
+    no_attention_mask: bool,
+    /// Gather teacher scores (knowledge distillation).
+    #[arg(long)]
+    knowledge_distillation: bool,
+}
+
+impl CollateArgs {
+    pub fn options(&self) -> CollateOptions {
+        CollateOptions {
+            mode: self.mode,
+            query_max_len: self.query_max_len,
+            passage_max_len: self.passage_max_len,
+            group_size: self.group_size,
+            pad_to_multiple_of: self.pad_to_multiple_of,
+            padding_side: self.padding_side,
+            pad_id: self.pad_id,
+            id_type: if self.int32 { IdType::I32 } else { IdType::I64 },
+            attention_mask: !self.no_attention_mask,
+            knowledge_distillation: self.knowledge_distillation,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Row (query) to show.
+    #[arg(long)]
+    row: u64,
+    /// Index of the positive (default: drawn by the sampler, as training would).
+    #[arg(long)]
+    pos: Option<u32>,
+    /// Comma-separated negative indices (default: drawn by the sampler).
+    #[arg(long, value_delimiter = ',')]
+    neg: Option<Vec<u32>>,
+    /// Seed of the sampler draw.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Epoch of the sampler draw.
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// tokenizer.json to decode the ids to text.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    collate: CollateArgs,
+}
+
+pub fn run_show(a: ShowArgs) -> Result<()> {
+    let ds = Dataset::open(&a.dir)?;
+    let opts = a.collate.options();
+    let collator = Collator::new(&ds, opts.clone())?;
+    let group = ds.group(a.row as usize)?;
+    let sel = match (a.pos, &a.neg) {
+        (Some(pos), Some(neg)) => Selection {
+            row: a.row,
+            pos,
+            neg: neg.clone(),
+        },
+        (pos, neg) => {
+            let mut drawn = Vec::new();
+            let p = sample_group(
+                a.seed,
+                a.epoch,
+                a.row,
+                group.pos.len(),
+                group.neg.len(),
+                opts.group_size,
+                &mut drawn,
+            )?;
+            Selection {
+                row: a.row,
+                pos: pos.unwrap_or(p),
+                neg: neg.clone().unwrap_or(drawn),
+            }
+        }
+    };
+    let tok = a
+        .tokenizer
+        .as_ref()
+        .map(TextTokenizer::from_file)
+        .transpose()?;
+    let pairs = collator.pairs(&ds, &sel)?;
+    let scores = if group.pos_scores.is_some() && (sel.neg.is_empty() || group.neg_scores.is_some())
+    {
+        Some(collator.scores(&ds, &sel)?)
+    } else {
+        None
+    };
+    let mut items = Vec::new();
+    for (k, pair) in pairs.iter().enumerate() {
+        let (role, index, passage) = if k == 0 {
+            ("pos", sel.pos, group.pos[sel.pos as usize])
+        } else {
+            ("neg", sel.neg[k - 1], group.neg[sel.neg[k - 1] as usize])
+        };
+        let ids = pair.ids();
+        let mut v = serde_json::json!({
+            "role": role,
+            "index": index,
+            "passage_id": passage,
+            "length": ids.len(),
+            "overlong": pair.overlong,
+            "input_ids": ids,
+        });
+        if collator.has_token_type_ids() {
+            v["token_type_ids"] = pair.type_ids().into();
+        }
+        if opts.mode == Mode::Matryoshka {
+            v["query_length"] = pair.query_length.into();
+            v["prompt_length"] = pair.prompt_length.into();
+        }
+        if let Some(s) = &scores {
+            v["teacher_score"] = s[k].into();
+        }
+        if let Some(t) = &tok {
+            v["text"] = t.decode(&ids)?.into();
+        }
+        items.push(v);
+    }
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({
+            "row": sel.row,
+            "mode": format!("{:?}", opts.mode).to_lowercase(),
+            "pad_id": collator.pad_id(),
+            "padding_side": format!("{:?}", collator.side()).to_lowercase(),
+            "pairs": items,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "row {} ({:?} mode, q {} / p {}): {} positives, {} negatives, prompt {:?}, source {}",
+        sel.row,
+        opts.mode,
+        opts.query_max_len,
+        opts.passage_max_len,
+        group.pos.len(),
+        group.neg.len(),
+        group.prompt,
+        group.source
+    )?;
+    for v in &items {
+        writeln!(
+            out,
+            "\n{} {} (passage {}): {} ids{}{}",
+            v["role"].as_str().unwrap_or(""),
+            v["index"],
+            v["passage_id"],
+            v["length"],
+            if v["overlong"].as_bool() == Some(true) {
+                ", OVER LENGTH: the query alone exceeds the budget"
+            } else {
+                ""
+            },
+            v.get("teacher_score")
+                .map_or(String::new(), |s| format!(", teacher score {s}"))
+        )?;
+        writeln!(out, "  ids: {}", v["input_ids"])?;
+        if let Some(t) = v.get("token_type_ids") {
+            writeln!(out, "  token_type_ids: {t}")?;
+        }
+        if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
+            writeln!(out, "  text: {t:?}")?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CollateCmdArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// JSON file: a list of batches, each a list of {"row", "pos", "neg": [...]}.
+    #[arg(long)]
+    selections: PathBuf,
+    /// Output directory: one folder per batch (0, 1, ...) of .npy arrays.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    collate: CollateArgs,
+}
+
+pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
+    let ds = Dataset::open(&a.dir)?;
+    let collator = Collator::new(&ds, a.collate.options())?;
+    let text = std::fs::read(&a.selections)
+        .with_context(|| format!("reading {}", a.selections.display()))?;
+    let batches: Vec<Vec<serde_json::Value>> =
+        serde_json::from_slice(&text).context("selections: expected a list of lists")?;
+    for (k, batch) in batches.iter().enumerate() {
+        let sels = batch
+            .iter()
+            .map(|s| {
+                let row = s["row"].as_u64().context("selection without row")?;
+                let pos = s["pos"].as_u64().context("selection without pos")? as u32;
+                let neg = s["neg"]
+                    .as_array()
+                    .context("selection without neg")?
+                    .iter()
+                    .map(|n| n.as_u64().map(|n| n as u32).context("bad neg index"))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Selection { row, pos, neg })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let b = collator.collate(&ds, sels)?;
+        let dir = a.output.join(k.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let shape = [b.rows, b.len];
+        npy::write_ids(&dir.join("input_ids.npy"), &b.input_ids, &shape)?;
+        if let Some(m) = &b.attention_mask {
+            npy::write_ids(&dir.join("attention_mask.npy"), m, &shape)?;
+        }
+        if let Some(t) = &b.token_type_ids {
+            npy::write_ids(&dir.join("token_type_ids.npy"), t, &shape)?;
+        }
+        if let Some(s) = &b.teacher_scores {
+            npy::write_f32(&dir.join("teacher_scores.npy"), s)?;
+        }
+        if let Some(q) = &b.query_lengths {
+            npy::write_ids(&dir.join("query_lengths.npy"), q, &[b.rows])?;
+        }
+        if let Some(p) = &b.prompt_lengths {
+            npy::write_ids(&dir.join("prompt_lengths.npy"), p, &[b.rows])?;
+        }
+        std::fs::write(dir.join("overlong.txt"), b.overlong.to_string())?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Queries per batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Batches to time (they wrap into following epochs).
+    #[arg(long, default_value_t = 20000)]
+    batches: u64,
+    /// Prefetch threads (0: everything on the calling thread, i.e. one core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    rank: u64,
+    #[arg(long, default_value_t = 1)]
+    world_size: u64,
+    /// Leave out rows with no negatives.
+    #[arg(long)]
+    skip_empty_neg: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    collate: CollateArgs,
+}
+
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    let t_open = Instant::now();
+    let ds = Arc::new(Dataset::open(&a.dir)?);
+    let mut loader = Loader::new(
+        ds,
+        LoaderOptions {
+            batch_size: a.batch_size,
+            seed: a.seed,
+            shard: Shard {
+                rank: a.rank,
+                world_size: a.world_size,
+                drop_last: false,
+            },
+            skip_rows_without_negatives: a.skip_empty_neg,
+            prefetch_threads: a.threads,
+            collate: a.collate.options(),
+            ..LoaderOptions::default()
+        },
+    )?;
+    let first = loader.next().context("empty dataset")??;
+    let open_first = t_open.elapsed();
+    if loader.steps_per_epoch() == 0 {
+        bail!("no batches");
+    }
+    loader.set_state(LoaderState { epoch: 0, step: 0 });
+    let (mut n, mut real, mut cells, mut bytes, mut overlong) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let t = Instant::now();
+    while n < a.batches {
+        let b = match loader.next() {
+            Some(b) => b?,
+            None => continue, // next epoch
+        };
+        n += 1;
+        real += b.real_tokens;
+        cells += (b.rows * b.len) as u64;
+        bytes += b.nbytes() as u64;
+        overlong += b.overlong as u64;
+        std::hint::black_box(&b);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let v = serde_json::json!({
+        "batches": n,
+        "seconds": secs,
+        "batches_per_second": n as f64 / secs,
+        "real_tokens_per_second": real as f64 / secs,
+        "padding_efficiency": real as f64 / cells.max(1) as f64,
+        "output_gb_per_second": bytes as f64 / secs / 1e9,
+        "bytes_per_batch": bytes as f64 / n.max(1) as f64,
+        "overlong_pairs": overlong,
+        "open_plus_first_batch_ms": open_first.as_secs_f64() * 1e3,
+        "first_batch_shape": [first.rows, first.len],
+        "threads": a.threads,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(
+            out,
+            "{n} batches of {} x {} in {secs:.3} s: {:.0} batches/s, {:.2} M real tokens/s, padding efficiency {:.1}%, output {:.2} GB/s ({:.0} KB/batch), {} over-length pairs; open + first batch {:.2} ms",
+            a.batch_size,
+            a.collate.group_size,
+            n as f64 / secs,
+            real as f64 / secs / 1e6,
+            100.0 * real as f64 / cells.max(1) as f64,
+            bytes as f64 / secs / 1e9,
+            bytes as f64 / n.max(1) as f64 / 1e3,
+            overlong,
+            open_first.as_secs_f64() * 1e3
+        )?;
+    }
+    Ok(())
+}
