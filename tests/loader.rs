@@ -1,0 +1,598 @@
+//! Sampler, collator and loader properties, against naive reference implementations.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rankfeed::collate::{CollateOptions, Collator, IdType, Ids, Mode, Side};
+use rankfeed::format::{TemplatePiece, TextSettings, TokenizerFacts};
+use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
+use rankfeed::sample::{sample_group, Selection, Shard};
+use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use rankfeed::Dataset;
+
+fn bert_like() -> TokenizerFacts {
+    let special = |id, type_id| TemplatePiece::Special {
+        ids: vec![id],
+        type_id,
+    };
+    let seq = |id: &str, type_id| TemplatePiece::Sequence {
+        id: id.into(),
+        type_id,
+    };
+    TokenizerFacts {
+        fingerprint: "test".into(),
+        model: "WordPiece".into(),
+        vocab_size: 1000,
+        single_template: vec![special(101, 0), seq("A", 0), special(102, 0)],
+        pair_template: vec![
+            special(101, 0),
+            seq("A", 0),
+            special(102, 0),
+            seq("B", 1),
+            special(102, 1),
+        ],
+        has_token_type_ids: true,
+        bos_id: None,
+        eos_id: None,
+        pad_id: Some(0),
+        unk_id: Some(100),
+        padding_side: "right".into(),
+        notes: vec![],
+    }
+}
+
+fn llama_like() -> TokenizerFacts {
+    TokenizerFacts {
+        pair_template: vec![],
+        single_template: vec![],
+        has_token_type_ids: false,
+        bos_id: Some(1),
+        eos_id: Some(2),
+        pad_id: None,
+        unk_id: Some(0),
+        ..bert_like()
+    }
+}
+
+/// Groups: query of length `q`, passages given by length; ids are recognisable (row*1000+i).
+struct Spec {
+    queries: Vec<Vec<i32>>,
+    passages: Vec<Vec<i32>>,
+    groups: Vec<(usize, Vec<i32>, Vec<i32>, bool)>, // (query, pos ids, neg ids, has scores)
+    prompts: Vec<Vec<i32>>,                         // row prompts (ids 2..)
+}
+
+fn write(
+    dir: &Path,
+    facts: TokenizerFacts,
+    spec: &Spec,
+    sources: &[u64],
+    empty_neg: u64,
+) -> Arc<Dataset> {
+    let mut w = DatasetWriter::create(
+        dir,
+        WriterOptions {
+            rows_per_batch: 7,
+            overwrite: true,
+        },
+    )
+    .unwrap();
+    w.add_prompt(&[900, 901, 902, 903, 904]).unwrap(); // llm default
+    w.add_prompt(&[910, 911]).unwrap(); // matryoshka default
+    for p in &spec.prompts {
+        w.add_prompt(p).unwrap();
+    }
+    for p in &spec.passages {
+        w.add_passage(p).unwrap();
+    }
+    let mut src = 0u32;
+    let mut left = sources[0];
+    for (i, (q, pos, neg, scores)) in spec.groups.iter().enumerate() {
+        while left == 0 {
+            src += 1;
+            left = sources[src as usize];
+        }
+        left -= 1;
+        let ps: Vec<f32> = pos.iter().map(|&p| p as f32 + 0.5).collect();
+        let ns: Vec<f32> = neg.iter().map(|&p| -(p as f32) - 0.25).collect();
+        w.add_group(&GroupRecord {
+            query: &spec.queries[*q],
+            pos,
+            neg,
+            pos_scores: scores.then_some(&ps[..]),
+            neg_scores: scores.then_some(&ns[..]),
+            prompt: (i % 3 == 1 && !spec.prompts.is_empty())
+                .then(|| 2 + (i % spec.prompts.len()) as u32),
+            source: src,
+        })
+        .unwrap();
+    }
+    let stats = sources
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| rankfeed::format::SourceStats {
+            id: i as u32,
+            rows_read: n,
+            rows_accepted: n,
+            rows_empty_neg: if i == 0 { empty_neg } else { 0 },
+            ..Default::default()
+        })
+        .collect();
+    w.finish(ManifestInfo {
+        tokenizer: Some(facts),
+        text: TextSettings {
+            sep_ids: vec![13, 14],
+            ..TextSettings::default()
+        },
+        sources: stats,
+    })
+    .unwrap();
+    Arc::new(Dataset::open(dir).unwrap())
+}
+
+/// The spec, as plain list operations (shared/reference/flagembedding.md).
+#[allow(clippy::too_many_arguments)]
+fn naive_pair(
+    mode: Mode,
+    q: &[i32],
+    p: &[i32],
+    prompt: &[i32],
+    sep: &[i32],
+    qm: usize,
+    pm: usize,
+) -> (Vec<i32>, Vec<i32>, bool) {
+    let mut q: Vec<i32> = q.to_vec();
+    let mut p: Vec<i32> = p.to_vec();
+    p.truncate(pm + qm / 2);
+    match mode {
+        Mode::Encoder => {
+            q.truncate(qm + pm / 4);
+            let ns = 3;
+            let mut overlong = false;
+            if q.len() + p.len() + ns > qm + pm {
+                let r = q.len() + p.len() + ns - (qm + pm);
+                if p.len() > r {
+                    p.truncate(p.len() - r);
+                } else {
+                    overlong = true;
+                }
+            }
+            let mut ids = vec![101];
+            ids.extend(&q);
+            ids.push(102);
+            let first = ids.len();
+            ids.extend(&p);
+            ids.push(102);
+            let types = (0..ids.len()).map(|i| i32::from(i >= first)).collect();
+            (ids, types, overlong)
+        }
+        Mode::Llm | Mode::Matryoshka => {
+            q.truncate(if mode == Mode::Matryoshka {
+                qm
+            } else {
+                qm + pm / 4
+            });
+            let mut a = vec![1];
+            a.extend(&q);
+            let mut b: Vec<i32> = sep.to_vec();
+            b.extend(&p);
+            let max = (qm + pm) as i64 - prompt.len() as i64 - sep.len() as i64;
+            let mut overlong = false;
+            if (a.len() + b.len()) as i64 > max {
+                let r = ((a.len() + b.len()) as i64 - max) as usize;
+                if b.len() > r {
+                    b.truncate(b.len() - r);
+                } else {
+                    overlong = true;
+                }
+            }
+            let mut ids = a;
+            ids.extend(&b);
+            ids.extend(sep);
+            ids.extend(prompt);
+            (ids, vec![], overlong)
+        }
+    }
+}
+
+fn ids_vec(ids: &Ids) -> Vec<i64> {
+    (0..ids.len()).map(|i| ids.get(i)).collect()
+}
+
+#[test]
+fn pairs_match_the_spec_at_every_length_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let passages: Vec<Vec<i32>> = (0..14).map(|n| (0..n).map(|i| 500 + i).collect()).collect();
+    let queries: Vec<Vec<i32>> = (0..14).map(|n| (0..n).map(|i| 300 + i).collect()).collect();
+    let spec = Spec {
+        groups: (0..14)
+            .map(|q| (q, vec![q as i32], (0..14).collect(), false))
+            .collect(),
+        queries,
+        passages,
+        prompts: vec![],
+    };
+    for (facts, modes) in [
+        (bert_like(), vec![Mode::Encoder]),
+        (llama_like(), vec![Mode::Llm, Mode::Matryoshka]),
+    ] {
+        let ds = write(
+            &dir.path().join(format!("{:?}", modes[0])),
+            facts.clone(),
+            &spec,
+            &[14],
+            0,
+        );
+        for mode in modes {
+            for (qm, pm) in [(2, 2), (4, 3), (6, 8), (3, 12), (9, 1), (1, 5)] {
+                for side in [Side::Left, Side::Right] {
+                    let c = Collator::new(
+                        &ds,
+                        CollateOptions {
+                            mode,
+                            query_max_len: qm,
+                            passage_max_len: pm,
+                            group_size: 14,
+                            padding_side: Some(side),
+                            pad_to_multiple_of: Some(4),
+                            ..CollateOptions::default()
+                        },
+                    )
+                    .unwrap();
+                    let sels: Vec<Selection> = (0..14)
+                        .map(|r| Selection {
+                            row: r,
+                            pos: 0,
+                            neg: (0..13).collect(),
+                        })
+                        .collect();
+                    let b = c.collate(&ds, sels.clone()).unwrap();
+                    assert_eq!(b.len % 4, 0);
+                    let ids = ids_vec(&b.input_ids);
+                    let mask = ids_vec(b.attention_mask.as_ref().unwrap());
+                    let prompt = if mode == Mode::Matryoshka {
+                        vec![910, 911]
+                    } else {
+                        vec![900, 901, 902, 903, 904]
+                    };
+                    let mut k = 0;
+                    let mut overlong = 0;
+                    for sel in &sels {
+                        let q = &spec.queries[sel.row as usize];
+                        for pid in
+                            std::iter::once(sel.row as i32).chain(sel.neg.iter().map(|&j| j as i32))
+                        {
+                            let (want, types, long) = naive_pair(
+                                mode,
+                                q,
+                                &spec.passages[pid as usize],
+                                &prompt,
+                                &[13, 14],
+                                qm,
+                                pm,
+                            );
+                            overlong += long as u32;
+                            let row = &ids[k * b.len..(k + 1) * b.len];
+                            let m = &mask[k * b.len..(k + 1) * b.len];
+                            let pad = b.len - want.len();
+                            let (lo, hi) = match side {
+                                Side::Right => (0, want.len()),
+                                Side::Left => (pad, b.len),
+                            };
+                            let got: Vec<i32> = row[lo..hi].iter().map(|&v| v as i32).collect();
+                            assert_eq!(got, want, "{mode:?} qm {qm} pm {pm} q {} p {pid}", q.len());
+                            let pad_id = 0; // BERT pad, and unk for the llama-like tokenizer without a pad
+                            assert!(row[..lo].iter().chain(&row[hi..]).all(|&v| v == pad_id));
+                            assert!(
+                                m[lo..hi].iter().all(|&v| v == 1)
+                                    && m[..lo].iter().chain(&m[hi..]).all(|&v| v == 0)
+                            );
+                            if mode == Mode::Encoder {
+                                let tt = ids_vec(b.token_type_ids.as_ref().unwrap());
+                                let got: Vec<i32> = tt[k * b.len + lo..k * b.len + hi]
+                                    .iter()
+                                    .map(|&v| v as i32)
+                                    .collect();
+                                assert_eq!(got, types);
+                            }
+                            if mode == Mode::Matryoshka {
+                                assert_eq!(
+                                    b.query_lengths.as_ref().unwrap().get(k),
+                                    (1 + q.len().min(qm) + 2) as i64
+                                );
+                                assert_eq!(b.prompt_lengths.as_ref().unwrap().get(k), 4);
+                            }
+                            k += 1;
+                        }
+                    }
+                    assert_eq!(b.overlong, overlong);
+                }
+            }
+        }
+    }
+}
+
+fn small_spec(groups: usize, empty_every: Option<usize>) -> Spec {
+    let passages: Vec<Vec<i32>> = (0..50).map(|n| vec![n; 1 + n as usize % 7]).collect();
+    let queries: Vec<Vec<i32>> = (0..groups).map(|n| vec![n as i32; 1 + n % 5]).collect();
+    Spec {
+        groups: (0..groups)
+            .map(|g| {
+                let n_neg = if empty_every.is_some_and(|e| g % e == 0) {
+                    0
+                } else {
+                    1 + g % 20
+                };
+                (
+                    g,
+                    vec![(g % 50) as i32, ((g + 1) % 50) as i32],
+                    (0..n_neg as i32).map(|j| (j * 7 + g as i32) % 50).collect(),
+                    true,
+                )
+            })
+            .collect(),
+        queries,
+        passages,
+        prompts: vec![vec![777], vec![778, 779]],
+    }
+}
+
+fn loader(ds: &Arc<Dataset>, f: impl FnOnce(&mut LoaderOptions)) -> Loader {
+    let mut o = LoaderOptions {
+        batch_size: 3,
+        seed: 5,
+        prefetch_threads: 0,
+        collate: CollateOptions {
+            group_size: 4,
+            knowledge_distillation: true,
+            ..CollateOptions::default()
+        },
+        ..LoaderOptions::default()
+    };
+    f(&mut o);
+    Loader::new(ds.clone(), o).unwrap()
+}
+
+#[test]
+fn every_row_once_per_epoch_across_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
+    for world in 1..=5u64 {
+        for drop_last in [false, true] {
+            for epoch in [0u64, 3] {
+                let mut seen: HashMap<u64, u32> = HashMap::new();
+                for rank in 0..world {
+                    let mut l = loader(&ds, |o| {
+                        o.shard = Shard {
+                            rank,
+                            world_size: world,
+                            drop_last,
+                        }
+                    });
+                    l.set_epoch(epoch);
+                    for b in &mut l {
+                        for s in b.unwrap().selections {
+                            *seen.entry(s.row).or_default() += 1;
+                        }
+                    }
+                    assert_eq!(
+                        l.state(),
+                        LoaderState {
+                            epoch: epoch + 1,
+                            step: 0
+                        }
+                    );
+                }
+                let total: u32 = seen.values().sum();
+                if drop_last {
+                    assert_eq!(total as u64, 103 / world * world);
+                    assert!(seen.values().all(|&c| c == 1));
+                } else {
+                    assert_eq!(total as u64, 103u64.div_ceil(world) * world);
+                    assert_eq!(seen.len(), 103, "every row visited");
+                    let twice = seen.values().filter(|&&c| c == 2).count() as u64;
+                    assert_eq!(
+                        twice,
+                        103u64.div_ceil(world) * world - 103,
+                        "padding repeats the start"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn resume_and_thread_count_do_not_change_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
+    let reference: Vec<_> = loader(&ds, |_| {}).map(|b| b.unwrap()).collect();
+    assert_eq!(reference.len(), 35);
+    for threads in [1, 3] {
+        let got: Vec<_> = loader(&ds, |o| {
+            o.prefetch_threads = threads;
+            o.prefetch_depth = 4;
+        })
+        .map(|b| b.unwrap())
+        .collect();
+        assert_eq!(got, reference, "{threads} threads");
+    }
+    for step in [0u64, 1, 17, 34] {
+        let mut l = loader(&ds, |o| o.prefetch_threads = 2);
+        l.set_state(LoaderState { epoch: 0, step });
+        let rest: Vec<_> = (&mut l).map(|b| b.unwrap()).collect();
+        assert_eq!(rest, reference[step as usize..], "resume at step {step}");
+    }
+    // Epochs differ, and the same epoch is the same in a new loader.
+    let mut l = loader(&ds, |_| {});
+    l.set_epoch(1);
+    let e1: Vec<_> = (&mut l).map(|b| b.unwrap().selections).collect();
+    assert_ne!(
+        e1,
+        reference
+            .iter()
+            .map(|b| b.selections.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(loader(&ds, |_| {}).batch(1, 5).unwrap().selections, e1[5]);
+    // Mid-epoch state save/restore while iterating with prefetch.
+    let mut l = loader(&ds, |o| o.prefetch_threads = 2);
+    let first: Vec<_> = (&mut l).take(10).map(|b| b.unwrap()).collect();
+    assert_eq!(first, reference[..10]);
+    let saved = l.state();
+    let mut l2 = loader(&ds, |o| o.prefetch_threads = 1);
+    l2.set_state(saved);
+    assert_eq!(l2.next().unwrap().unwrap(), reference[10]);
+}
+
+#[test]
+fn teacher_scores_follow_the_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_spec(40, None);
+    let ds = write(dir.path(), bert_like(), &spec, &[40], 0);
+    let l = loader(&ds, |_| {});
+    for step in 0..l.steps_per_epoch() {
+        let b = l.batch(0, step).unwrap();
+        let scores = b.teacher_scores.as_ref().unwrap();
+        assert_eq!(scores.len(), b.rows);
+        for (k, s) in b.selections.iter().enumerate() {
+            let (_, pos, neg, _) = &spec.groups[s.row as usize];
+            assert_eq!(scores[k * 4], pos[s.pos as usize] as f32 + 0.5);
+            for (g, &j) in s.neg.iter().enumerate() {
+                assert_eq!(scores[k * 4 + 1 + g], -(neg[j as usize] as f32) - 0.25);
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_without_negatives_are_an_error_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(30, Some(4)), &[30], 8);
+    let err = Loader::new(ds.clone(), LoaderOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("8 rows have no negatives"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("skip_rows_without_negatives"),
+        "{err}"
+    );
+    let l = loader(&ds, |o| o.skip_rows_without_negatives = true);
+    assert_eq!(l.rows_per_epoch(), 22);
+    let rows: Vec<u64> = (0..l.steps_per_epoch())
+        .flat_map(|s| l.batch(0, s).unwrap().selections)
+        .map(|s| s.row)
+        .collect();
+    assert!(rows.iter().all(|r| r % 4 != 0));
+    // Group size 1 needs no negatives.
+    let l = loader(&ds, |o| {
+        o.collate.group_size = 1;
+    });
+    assert_eq!(l.rows_per_epoch(), 30);
+}
+
+#[test]
+fn caps_per_source_keep_a_fixed_subset() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(
+        dir.path(),
+        bert_like(),
+        &small_spec(60, None),
+        &[40, 5, 15],
+        0,
+    );
+    let rows = |epoch| {
+        let mut l = loader(&ds, |o| o.max_example_num_per_dataset = Some(10));
+        l.set_epoch(epoch);
+        let mut r: Vec<u64> = (&mut l)
+            .flat_map(|b| b.unwrap().selections)
+            .map(|s| s.row)
+            .collect();
+        r.sort();
+        r
+    };
+    let e0 = rows(0);
+    assert_eq!(e0.len(), 10 + 5 + 10);
+    assert_eq!(e0.iter().filter(|&&r| r < 40).count(), 10);
+    assert_eq!(e0.iter().filter(|&&r| (40..45).contains(&r)).count(), 5);
+    assert_eq!(
+        e0,
+        rows(1),
+        "the subset is drawn once, like FlagEmbedding's"
+    );
+}
+
+#[test]
+fn int32_output_and_no_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(20, None), &[20], 0);
+    let a = loader(&ds, |_| {}).batch(0, 0).unwrap();
+    let b = loader(&ds, |o| {
+        o.collate.id_type = IdType::I32;
+        o.collate.attention_mask = false;
+    })
+    .batch(0, 0)
+    .unwrap();
+    assert!(matches!(b.input_ids, Ids::I32(_)));
+    assert!(b.attention_mask.is_none());
+    assert_eq!(ids_vec(&a.input_ids), ids_vec(&b.input_ids));
+    assert_eq!(b.input_ids.nbytes() * 2, a.input_ids.nbytes());
+}
+
+/// Pearson's chi-square statistic of observed counts against expected probabilities.
+fn chi_square(observed: &[u64], expected_p: &[f64]) -> f64 {
+    let n: u64 = observed.iter().sum();
+    observed
+        .iter()
+        .zip(expected_p)
+        .map(|(&o, &p)| {
+            let e = p * n as f64;
+            (o as f64 - e).powi(2) / e
+        })
+        .sum()
+}
+
+fn binomial(n: u64, k: u64) -> f64 {
+    (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
+}
+
+#[test]
+fn negative_selection_frequencies_match_the_reference_distribution() {
+    // Enough negatives (20, G-1 = 7): every position of the draw is uniform over the 20.
+    let mut first = vec![0u64; 20];
+    let mut last = vec![0u64; 20];
+    let mut neg = Vec::new();
+    let trials = 40_000u64;
+    for row in 0..trials {
+        sample_group(1234, 0, row, 1, 20, 8, &mut neg).unwrap();
+        first[neg[0] as usize] += 1;
+        last[neg[6] as usize] += 1;
+    }
+    let uniform = vec![1.0 / 20.0; 20];
+    // Critical value of chi-square with 19 degrees of freedom at p = 0.001: 43.82.
+    assert!(chi_square(&first, &uniform) < 43.82, "{first:?}");
+    assert!(chi_square(&last, &uniform) < 43.82, "{last:?}");
+
+    // Fewer negatives (3, G-1 = 7): 7 draws without replacement from [0,1,2] * 3. The number
+    // of copies of index 0 is hypergeometric: P(c) = C(3,c) C(6,7-c) / C(9,7), c = 1..3.
+    let mut copies = vec![0u64; 4];
+    for row in 0..trials {
+        sample_group(99, 2, row, 1, 3, 8, &mut neg).unwrap();
+        copies[neg.iter().filter(|&&j| j == 0).count()] += 1;
+    }
+    assert_eq!(copies[0], 0);
+    let p: Vec<f64> = (1..=3)
+        .map(|c| binomial(3, c) * binomial(6, 7 - c) / binomial(9, 7))
+        .collect();
+    // 2 degrees of freedom at p = 0.001: 13.82.
+    assert!(chi_square(&copies[1..], &p) < 13.82, "{copies:?} vs {p:?}");
+
+    // Positives: uniform over the list.
+    let mut pos = vec![0u64; 3];
+    for row in 0..30_000 {
+        pos[sample_group(7, 0, row, 3, 5, 2, &mut neg).unwrap() as usize] += 1;
+    }
+    assert!(chi_square(&pos, &[1.0 / 3.0; 3]) < 13.82, "{pos:?}");
+}
