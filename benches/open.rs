@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use std::sync::Arc;
+
+use rankfeed::collate::CollateOptions;
+use rankfeed::loader::{Loader, LoaderOptions};
 use rankfeed::Dataset;
 
 const GROUPS: usize = 5_000_000;
@@ -53,7 +57,7 @@ fn build(out: &Path) {
         pos.clear();
         pos.push(rng.below(PASSAGES as u64) as i32);
         neg.clear();
-        neg.extend((0..rng.below(16)).map(|_| rng.below(PASSAGES as u64) as i32));
+        neg.extend((0..1 + rng.below(15)).map(|_| rng.below(PASSAGES as u64) as i32));
         ps.clear();
         ps.push(1.0f32);
         ns.clear();
@@ -96,7 +100,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/open-5m");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/open-5m-v2");
     let reusable = Dataset::open(&dir).is_ok_and(|d| d.len() == GROUPS);
     if !reusable {
         build(&dir);
@@ -139,6 +143,32 @@ fn main() {
         })
         .collect();
 
+    // Open, create a loader (B=4, G=16, q32/p192), collate the first batch.
+    let open_loader_batch: Vec<Duration> = (0..20)
+        .map(|_| {
+            let t = Instant::now();
+            let ds = Arc::new(Dataset::open(&dir).unwrap());
+            let mut loader = Loader::new(
+                ds,
+                LoaderOptions {
+                    batch_size: 4,
+                    prefetch_threads: 0,
+                    collate: CollateOptions {
+                        group_size: 16,
+                        query_max_len: 32,
+                        passage_max_len: 192,
+                        pad_id: Some(0),
+                        ..CollateOptions::default()
+                    },
+                    ..LoaderOptions::default()
+                },
+            )
+            .unwrap();
+            std::hint::black_box(loader.next().unwrap().unwrap());
+            t.elapsed()
+        })
+        .collect();
+
     let ds = Dataset::open(&dir).unwrap();
     let mut rng = Rng(99);
     let n = 1_000_000;
@@ -177,6 +207,10 @@ fn main() {
     println!(
         "  open + first group with its passages (median of 20): {:.3} ms",
         median(open_first).as_secs_f64() * 1e3
+    );
+    println!(
+        "  open + loader + first collated batch (B=4, G=16; median of 20): {:.3} ms (target < 10 ms)",
+        median(open_loader_batch).as_secs_f64() * 1e3
     );
     println!(
         "  random group + all its passages (checked, zero-copy): {} ns",

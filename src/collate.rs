@@ -471,17 +471,16 @@ impl Collator {
         sel: &Selection,
         out: &mut Vec<Pair<'a>>,
     ) -> Result<()> {
-        let group = ds.group(sel.row as usize)?;
+        let group = ds.group_ids(sel.row as usize)?;
         let prompt = self.prompt_of(ds, group.prompt)?;
-        out.push(self.pair(
-            group.query,
-            ds.passage(pick(group.pos, sel.pos, sel.row, "positive")?)?,
-            prompt,
-        ));
+        // Resolve every passage of the group first, in a tight loop of independent loads (the
+        // processor overlaps their cache misses), then build the pairs.
+        let mut passages: Vec<&[i32]> = Vec::with_capacity(1 + sel.neg.len());
+        passages.push(ds.passage(pick(group.pos, sel.pos, sel.row, "positive")?)?);
         for &j in &sel.neg {
-            let id = pick(group.neg, j, sel.row, "negative")?;
-            out.push(self.pair(group.query, ds.passage(id)?, prompt));
+            passages.push(ds.passage(pick(group.neg, j, sel.row, "negative")?)?);
         }
+        out.extend(passages.iter().map(|p| self.pair(group.query, p, prompt)));
         Ok(())
     }
 
@@ -530,6 +529,7 @@ impl Collator {
                 out.extend(self.scores(ds, sel)?);
             }
         }
+        touch(&pairs);
         let longest = pairs.iter().map(Pair::len).max().unwrap_or(0);
         let len = match self.options.pad_to_multiple_of {
             Some(m) => longest.div_ceil(m) * m,
@@ -537,17 +537,22 @@ impl Collator {
         };
         let matryoshka = self.options.mode == Mode::Matryoshka;
         let lengths = |f: fn(&Pair<'_>) -> usize| self.ids_from(pairs.iter().map(|p| f(p) as i64));
+        let (input_ids, attention_mask, token_type_ids) = match self.options.id_type {
+            IdType::I64 => {
+                let (i, m, t) = self.grids::<i64>(&pairs, len);
+                (Ids::I64(i), m.map(Ids::I64), t.map(Ids::I64))
+            }
+            IdType::I32 => {
+                let (i, m, t) = self.grids::<i32>(&pairs, len);
+                (Ids::I32(i), m.map(Ids::I32), t.map(Ids::I32))
+            }
+        };
         Ok(Batch {
             rows,
             len,
-            input_ids: self.grid(&pairs, len, self.pad, Fill::Ids),
-            attention_mask: self
-                .options
-                .attention_mask
-                .then(|| self.grid(&pairs, len, 0, Fill::Ones)),
-            token_type_ids: self
-                .token_type_ids
-                .then(|| self.grid(&pairs, len, 0, Fill::TypeIds)),
+            input_ids,
+            attention_mask,
+            token_type_ids,
             teacher_scores: scores,
             query_lengths: matryoshka.then(|| lengths(|p| p.query_length)),
             prompt_lengths: matryoshka.then(|| lengths(|p| p.prompt_length)),
@@ -564,24 +569,71 @@ impl Collator {
         }
     }
 
-    /// A `[rows, len]` array: `pad` everywhere, then what `fill` says on each pair's tokens.
-    fn grid(&self, pairs: &[Pair<'_>], len: usize, pad: i32, fill: Fill) -> Ids {
-        match self.options.id_type {
-            IdType::I64 => Ids::I64(fill_grid::<i64>(pairs, len, pad, self.side, fill)),
-            IdType::I32 => Ids::I32(fill_grid::<i32>(pairs, len, pad, self.side, fill)),
+    /// input_ids, attention_mask and token_type_ids (as asked), `[rows, len]` each, in one
+    /// pass over the pairs; every element is written exactly once.
+    #[allow(clippy::type_complexity)]
+    fn grids<T: IdElem>(
+        &self,
+        pairs: &[Pair<'_>],
+        len: usize,
+    ) -> (Vec<T>, Option<Vec<T>>, Option<Vec<T>>) {
+        let cells = pairs.len() * len;
+        let mut ids: Vec<T> = Vec::with_capacity(cells);
+        let mut mask: Option<Vec<T>> = self
+            .options
+            .attention_mask
+            .then(|| Vec::with_capacity(cells));
+        let mut types: Option<Vec<T>> = self.token_type_ids.then(|| Vec::with_capacity(cells));
+        let (pad, zero, one) = (T::from_i32(self.pad), T::from_i32(0), T::from_i32(1));
+        let pad_to =
+            |ids: &mut Vec<T>, mask: &mut Option<Vec<T>>, types: &mut Option<Vec<T>>, n: usize| {
+                ids.resize(ids.len() + n, pad);
+                if let Some(m) = mask.as_mut() {
+                    m.resize(m.len() + n, zero);
+                }
+                if let Some(t) = types.as_mut() {
+                    t.resize(t.len() + n, zero);
+                }
+            };
+        for pair in pairs {
+            let padding = len - pair.len;
+            if self.side == Side::Left {
+                pad_to(&mut ids, &mut mask, &mut types, padding);
+            }
+            for &(seg, type_id) in &pair.segments[..pair.count] {
+                ids.extend(seg.iter().map(|&v| T::from_i32(v)));
+                if let Some(m) = mask.as_mut() {
+                    m.resize(m.len() + seg.len(), one);
+                }
+                if let Some(t) = types.as_mut() {
+                    t.resize(t.len() + seg.len(), T::from_i32(type_id as i32));
+                }
+            }
+            if self.side == Side::Right {
+                pad_to(&mut ids, &mut mask, &mut types, padding);
+            }
         }
+        (ids, mask, types)
     }
 }
 
-/// What a grid holds on token positions.
-#[derive(Debug, Clone, Copy)]
-enum Fill {
-    /// The token ids.
-    Ids,
-    /// 1 (attention_mask).
-    Ones,
-    /// The segment's token type id.
-    TypeIds,
+/// Read one value per cache line of every segment before copying: these loads are independent,
+/// so the processor overlaps their cache misses (passages are scattered across the map), where
+/// the copy loop would meet them one at a time.
+fn touch(pairs: &[Pair<'_>]) {
+    const PER_LINE: usize = 64 / std::mem::size_of::<i32>();
+    let mut acc = 0i32;
+    for pair in pairs {
+        for &(seg, _) in &pair.segments[..pair.count] {
+            for v in seg.iter().step_by(PER_LINE) {
+                acc ^= *v;
+            }
+            if let Some(v) = seg.last() {
+                acc ^= *v;
+            }
+        }
+    }
+    std::hint::black_box(acc);
 }
 
 /// `list[i]`, or an error naming the row.
@@ -592,37 +644,4 @@ fn pick(list: &[i32], i: u32, row: u64, what: &str) -> Result<i32> {
             list.len()
         ))
     })
-}
-
-/// Fill a grid of `T`: pad, then every segment of every pair at its place on its row.
-fn fill_grid<T: IdElem>(
-    pairs: &[Pair<'_>],
-    len: usize,
-    pad: i32,
-    side: Side,
-    fill: Fill,
-) -> Vec<T> {
-    let mut out = vec![T::from_i32(pad); pairs.len() * len];
-    for (row, pair) in pairs.iter().enumerate() {
-        let start = match side {
-            Side::Right => 0,
-            Side::Left => len - pair.len,
-        };
-        let row_out = &mut out[row * len + start..row * len + start + pair.len];
-        let mut at = 0;
-        for &(ids, type_id) in &pair.segments[..pair.count] {
-            let dst = &mut row_out[at..at + ids.len()];
-            match fill {
-                Fill::Ids => {
-                    for (o, &v) in dst.iter_mut().zip(ids) {
-                        *o = T::from_i32(v);
-                    }
-                }
-                Fill::Ones => dst.fill(T::from_i32(1)),
-                Fill::TypeIds => dst.fill(T::from_i32(type_id as i32)),
-            }
-            at += ids.len();
-        }
-    }
-    out
 }

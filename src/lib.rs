@@ -34,6 +34,6 @@ pub mod storage;
 pub mod tokenizer;
 pub mod writer;
 
-pub use dataset::{Dataset, Group};
+pub use dataset::{Dataset, Group, GroupIds};
 pub use error::{Error, InputPosition, RejectReason, Result, RowError};
 pub use format::Manifest;

@@ -97,7 +97,7 @@ impl Plan {
         (lo..hi)
             .map(|i| {
                 let row = order.row(i);
-                let group = self.ds.group(row as usize)?;
+                let group = self.ds.group_ids(row as usize)?;
                 let mut neg = Vec::with_capacity(g.saturating_sub(1));
                 let pos = sample_group(
                     o.seed,
@@ -179,7 +179,7 @@ impl Loader {
             && (empty_neg > 0 || accepted.iter().sum::<u64>() != ds.len() as u64)
         {
             if options.skip_rows_without_negatives {
-                universe.filter(|r| Ok(!ds.group(r as usize)?.neg.is_empty()))?
+                universe.filter(|r| Ok(!ds.group_ids(r as usize)?.neg.is_empty()))?
             } else if empty_neg > 0 {
                 return Err(Error::Config(format!(
                     "{empty_neg} rows have no negatives, but group_size {} needs {} per group; \

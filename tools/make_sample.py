@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--rows", type=int, default=3000, help="0 = every usable synset")
     ap.add_argument("--max-neg", type=int, default=15)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--paragraphs", action="store_true",
+                    help="passages of paragraph length: a synset's gloss followed by the glosses of "
+                         "its hypernym chain (up to ~120 words), as long as retrieval corpora's passages")
     ap.add_argument("--out", required=True, help=".jsonl or .jsonl.gz")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -73,14 +76,32 @@ def main():
         if sibs:
             usable.append((off, sibs))
     rng.shuffle(usable)
+
+    def passage(off):
+        gloss = synsets[off][2]
+        if not a.paragraphs:
+            return gloss
+        words = len(gloss.split())
+        parts = [gloss]
+        up = synsets[off][1]
+        while up and up[0] in synsets:
+            g = synsets[up[0]][2]
+            if words + len(g.split()) > 120:
+                break
+            parts.append(g)
+            words += len(g.split())
+            up = synsets[up[0]][1]
+        return ". ".join(parts)
+
     if a.rows:
         usable = usable[: a.rows]
     opener = gzip.open if a.out.endswith(".gz") else open
     n = 0
     with opener(a.out, "wt", encoding="utf-8") as out:
         for off, sibs in usable:
-            words, _, gloss = synsets[off]
-            negs = [synsets[s][2] for s in rng.sample(sibs, min(len(sibs), a.max_neg))]
+            words, _, _ = synsets[off]
+            gloss = passage(off)
+            negs = [passage(s) for s in rng.sample(sibs, min(len(sibs), a.max_neg))]
             negs = [g for g in negs if g != gloss]
             if not negs:
                 continue

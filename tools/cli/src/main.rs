@@ -3,6 +3,11 @@
 mod batch;
 mod npy;
 
+/// glibc malloc returns freed batch buffers (hundreds of KB) to the kernel and page-faults them
+/// back in on the next batch; mimalloc keeps them, which is worth ~1.5-2x on large batches.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""rankfeed's loader against the Python reference loop, same rows, same settings, one run.
+
+    python3 tools/bench_vs_reference.py [--rows N] [--seconds S]
+
+Data: WordNet noun groups (tools/make_sample.py; all 76k when Debian's wordnet-base is
+installed, else the bundled 3k sample), twice: with passages that are single glosses (~15
+tokens) and with paragraph-length passages (a gloss and its hypernyms' glosses, ~130 tokens,
+the length of retrieval corpora's passages). Settings: B=4, G=16, query_max_len 32,
+passage_max_len 192. Encoder mode with the BERT tokenizer, llm mode with the Mistral tokenizer
+(tools/fetch_assets.sh). Both sides run on one core: the reference in this process
+(tokenize, prepare_for_model, pad, exactly as tests/python/reference.py), rankfeed through
+`rankfeed bench --threads 0` (sampling + collation on the calling thread).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from reference import Reference, load_tokenizer  # noqa: E402
+
+ASSETS = pathlib.Path(os.environ.get("RANKFEED_ASSETS", pathlib.Path.home() / ".cache/rankfeed/assets"))
+BIN = ROOT / "target" / "release" / "rankfeed"
+B, G, QM, PM = 4, 16, 32, 192
+
+
+def data_file(work, paragraphs):
+    wordnet = pathlib.Path("/usr/share/wordnet/data.noun")
+    if not wordnet.exists():
+        return None if paragraphs else ROOT / "data/sample/wordnet-nouns.jsonl.gz"
+    out = work / ("wordnet-paragraphs.jsonl" if paragraphs else "wordnet-all.jsonl")
+    if not out.exists():
+        extra = ["--paragraphs"] if paragraphs else []
+        subprocess.run([sys.executable, ROOT / "tools/make_sample.py", "--rows", "0", *extra, "--out", out],
+                       check=True)
+    return out
+
+
+def read_rows(path):
+    import gzip
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def reference_rate(tok_kind, tok_path, mode, rows, seconds):
+    ref = Reference(load_tokenizer(tok_kind, tok_path), mode, QM, PM, {},
+                    padding_side="right" if mode == "encoder" else "left")
+    rng = random.Random(0)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n, i, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sels = []
+        for _ in range(B):
+            r = rows[order[i % len(order)]]
+            i += 1
+            k = G - 1
+            negs = rng.sample(range(len(r["neg"])), k) if len(r["neg"]) >= k else \
+                rng.sample(list(range(len(r["neg"]))) * -(-k // len(r["neg"])), k)
+            sels.append({"row": order[(i - 1) % len(order)], "pos": rng.randrange(len(r["pos"])), "neg": negs})
+        ref.batch(rows, sels)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=10.0, help="time for each reference run")
+    ap.add_argument("--batches", type=int, default=100000, help="batches for each rankfeed run")
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "rankfeed-cli"], cwd=ROOT, check=True)
+    work = ROOT / "target" / "bench-data"
+    work.mkdir(parents=True, exist_ok=True)
+    for name, paragraphs in (("glosses", False), ("paragraphs", True)):
+        data = data_file(work, paragraphs)
+        if data is None:
+            print(f"{name}: needs Debian's wordnet-base; skipped")
+            continue
+        rows = read_rows(data)
+        print(f"data: {name}, {data} ({len(rows)} groups); B={B} G={G} q{QM}/p{PM}; one core each side")
+        for tok_kind, mode in (("bert", "encoder"), ("mistral", "llm")):
+            tok_path = ASSETS / tok_kind / "tokenizer.json"
+            if tok_kind == "bert" and not tok_path.exists():
+                tok_path = ROOT / "data/sample/bert/tokenizer.json"
+            if not tok_path.exists():
+                print(f"  {mode}: {tok_path} missing (run tools/fetch_assets.sh); skipped")
+                continue
+            ds = work / f"vs-ref-{name}-{tok_kind}"
+            subprocess.run([BIN, "convert", data, "--tokenizer", tok_path, "-o", ds, "--overwrite"],
+                           check=True, stdout=subprocess.DEVNULL)
+            ref = reference_rate(tok_kind, tok_path, mode, rows, a.seconds)
+            out = subprocess.run([BIN, "bench", ds, "--mode", mode, "--batch-size", str(B), "--group-size", str(G),
+                                  "--query-max-len", str(QM), "--passage-max-len", str(PM), "--threads", "0",
+                                  "--batches", str(a.batches), "--json"], check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout)
+            print(f"  {mode:8s} ({tok_kind}): reference {ref:7.1f} batches/s | rankfeed {r['batches_per_second']:7.0f} "
+                  f"batches/s, {r['output_gb_per_second']:.2f} GB/s out, {r['bytes_per_batch'] / 1e3:.0f} KB/batch, "
+                  f"padding efficiency {100 * r['padding_efficiency']:.0f}% | ratio "
+                  f"{r['batches_per_second'] / ref:5.0f}x (target >= 1000x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
