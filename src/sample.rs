@@ -189,6 +189,20 @@ impl Universe {
     }
 }
 
+/// What to do with the rows that do not divide evenly among the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tail {
+    /// Pad by repeating rows from the start of the epoch order, so every rank gets the same
+    /// count (torch `DistributedSampler(drop_last=False)`, the default).
+    #[default]
+    Pad,
+    /// Drop the tail so every rank gets the same count (torch `drop_last=True`).
+    Drop,
+    /// Neither: the first `n % world_size` ranks get one row more. Every row exactly once per
+    /// epoch; for splitting work among DataLoader workers, not for DDP ranks.
+    Uneven,
+}
+
 /// Distributed sharding of an epoch, as torch's `DistributedSampler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -196,9 +210,8 @@ pub struct Shard {
     pub rank: u64,
     /// Number of ranks.
     pub world_size: u64,
-    /// Drop the tail so every rank gets the same number of rows (torch `drop_last=True`);
-    /// otherwise pad by repeating rows from the start of the epoch order.
-    pub drop_last: bool,
+    /// The rows that do not divide evenly.
+    pub tail: Tail,
 }
 
 impl Default for Shard {
@@ -206,7 +219,7 @@ impl Default for Shard {
         Shard {
             rank: 0,
             world_size: 1,
-            drop_last: false,
+            tail: Tail::Pad,
         }
     }
 }
@@ -225,10 +238,10 @@ impl Shard {
 
     /// Rows per rank per epoch for a universe of `n` rows.
     pub fn samples_per_rank(&self, n: u64) -> u64 {
-        if self.drop_last {
-            n / self.world_size
-        } else {
-            n.div_ceil(self.world_size)
+        match self.tail {
+            Tail::Pad => n.div_ceil(self.world_size),
+            Tail::Drop => n / self.world_size,
+            Tail::Uneven => n.saturating_sub(self.rank).div_ceil(self.world_size),
         }
     }
 }
@@ -378,7 +391,11 @@ mod tests {
     #[test]
     fn shards_cover_the_epoch() {
         let u = Universe::all(10);
-        for (drop_last, per_rank) in [(false, 4), (true, 3)] {
+        for (tail, per_rank) in [
+            (Tail::Pad, [4, 4, 4]),
+            (Tail::Drop, [3, 3, 3]),
+            (Tail::Uneven, [4, 3, 3]),
+        ] {
             let mut seen = Vec::new();
             for rank in 0..3 {
                 let o = EpochOrder::new(
@@ -388,18 +405,23 @@ mod tests {
                     Shard {
                         rank,
                         world_size: 3,
-                        drop_last,
+                        tail,
                     },
                     true,
                 );
-                assert_eq!(o.len(), per_rank);
+                assert_eq!(o.len(), per_rank[rank as usize]);
                 seen.extend((0..o.len()).map(|i| o.row(i)));
             }
             let mut distinct = seen.clone();
             distinct.sort();
             distinct.dedup();
-            assert_eq!(distinct.len(), if drop_last { 9 } else { 10 });
-            assert_eq!(seen.len(), if drop_last { 9 } else { 12 });
+            let (want_distinct, want_seen) = match tail {
+                Tail::Pad => (10, 12),
+                Tail::Drop => (9, 9),
+                Tail::Uneven => (10, 10),
+            };
+            assert_eq!(distinct.len(), want_distinct);
+            assert_eq!(seen.len(), want_seen);
         }
     }
 

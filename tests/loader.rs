@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rankfeed::collate::{CollateOptions, Collator, IdType, Ids, Mode, Side};
 use rankfeed::format::{TemplatePiece, TextSettings, TokenizerFacts};
 use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
-use rankfeed::sample::{sample_group, Selection, Shard};
+use rankfeed::sample::{sample_group, Selection, Shard, Tail};
 use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 use rankfeed::Dataset;
 
@@ -359,7 +359,7 @@ fn every_row_once_per_epoch_across_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
     for world in 1..=5u64 {
-        for drop_last in [false, true] {
+        for tail in [Tail::Pad, Tail::Drop, Tail::Uneven] {
             for epoch in [0u64, 3] {
                 let mut seen: HashMap<u64, u32> = HashMap::new();
                 for rank in 0..world {
@@ -367,7 +367,7 @@ fn every_row_once_per_epoch_across_ranks() {
                         o.shard = Shard {
                             rank,
                             world_size: world,
-                            drop_last,
+                            tail,
                         }
                     });
                     l.set_epoch(epoch);
@@ -385,18 +385,25 @@ fn every_row_once_per_epoch_across_ranks() {
                     );
                 }
                 let total: u32 = seen.values().sum();
-                if drop_last {
-                    assert_eq!(total as u64, 103 / world * world);
-                    assert!(seen.values().all(|&c| c == 1));
-                } else {
-                    assert_eq!(total as u64, 103u64.div_ceil(world) * world);
-                    assert_eq!(seen.len(), 103, "every row visited");
-                    let twice = seen.values().filter(|&&c| c == 2).count() as u64;
-                    assert_eq!(
-                        twice,
-                        103u64.div_ceil(world) * world - 103,
-                        "padding repeats the start"
-                    );
+                match tail {
+                    Tail::Drop => {
+                        assert_eq!(total as u64, 103 / world * world);
+                        assert!(seen.values().all(|&c| c == 1));
+                    }
+                    Tail::Uneven => {
+                        assert_eq!(total, 103);
+                        assert_eq!(seen.len(), 103, "every row exactly once");
+                    }
+                    Tail::Pad => {
+                        assert_eq!(total as u64, 103u64.div_ceil(world) * world);
+                        assert_eq!(seen.len(), 103, "every row visited");
+                        let twice = seen.values().filter(|&&c| c == 2).count() as u64;
+                        assert_eq!(
+                            twice,
+                            103u64.div_ceil(world) * world - 103,
+                            "padding repeats the start"
+                        );
+                    }
                 }
             }
         }

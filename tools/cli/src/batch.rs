@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rankfeed::collate::{CollateOptions, Collator, IdType, Mode, Side};
 use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
-use rankfeed::sample::{sample_group, Selection, Shard};
+use rankfeed::sample::{sample_group, Selection, Shard, Tail};
 use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::Dataset;
 
@@ -318,7 +318,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             shard: Shard {
                 rank: a.rank,
                 world_size: a.world_size,
-                drop_last: false,
+                tail: Tail::Pad,
             },
             skip_rows_without_negatives: a.skip_empty_neg,
             prefetch_threads: a.threads,
