@@ -132,6 +132,15 @@ pub struct ConvertReport {
     pub tokenize_time: Duration,
 }
 
+/// Size rayon's global pool, which the tokenizer uses. Only the first configuration in a process
+/// takes effect; later calls return an error saying so.
+pub fn configure_threads(n: usize) -> std::result::Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| e.to_string())
+}
+
 /// Identity hasher for keys that are already hashes.
 #[derive(Default)]
 struct PreHashed(u64);

@@ -144,10 +144,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
     if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("configuring threads")?;
+        rankfeed::convert::configure_threads(n)
+            .map_err(|e| anyhow::anyhow!("configuring {n} threads: {e}"))?;
     }
     let tokenizer = TextTokenizer::from_file(&a.tokenizer)?;
     let options = ConvertOptions {

@@ -1,0 +1,100 @@
+"""rankfeed: pre-tokenized, memory-mapped reranker training data, with batches that are
+bit-identical to FlagEmbedding's, as numpy arrays torch takes without a copy.
+
+    import rankfeed
+    rankfeed.convert(["train.jsonl"], "tokenizer.json", "data/train")
+    ds = rankfeed.Dataset("data/train")
+    for batch in ds.loader(batch_size=4, group_size=16, mode="encoder"):
+        batch["input_ids"]        # numpy int64 [B*G, L]; row b*G+g, g = 0 the positive
+"""
+
+import sys
+import time
+
+from ._rankfeed import CorruptDatasetError, Loader, __version__
+from ._rankfeed import Dataset as _Dataset
+from ._rankfeed import convert as _convert
+
+__all__ = ["convert", "Dataset", "Loader", "CorruptDatasetError", "__version__"]
+
+
+class _Progress:
+    """A one-line progress report on stderr (only when stderr is a terminal)."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, bytes_read, bytes_total, rows, rejected, tokens, seconds):
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        pct = 100.0 * bytes_read / bytes_total if bytes_total else 100.0
+        rate = rows / seconds if seconds else 0.0
+        tps = tokens / seconds / 1e6 if seconds else 0.0
+        sys.stderr.write(f"\rrankfeed convert: {pct:5.1f}%  {rows} rows ({rate:,.0f}/s)  "
+                         f"{tps:.2f}M tokens/s  {rejected} rejected ")
+        sys.stderr.flush()
+
+
+def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}",
+            passage_instruction=None, passage_instruction_format="{}{}", sep_token="\n",
+            default_prompt=None, on_error="fail", overwrite=False, threads=None,
+            rows_per_batch=None, progress=None):
+    """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
+    dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
+
+    Text is formatted as FlagEmbedding does (`query_instruction_format.format(prompt, query)`
+    when `query_instruction` is set; likewise for passages). `on_error="fail"` stops at the
+    first bad row (ValueError naming file, line, field and reason) and writes nothing;
+    `"skip"` records rejected rows in `out/rejects.jsonl` and the manifest. `progress`: None
+    shows a progress line when stderr is a terminal; True/False force it; a callable receives
+    (bytes_read, bytes_total, rows, rejected, tokens, seconds)."""
+    if isinstance(inputs, (str, bytes)) or hasattr(inputs, "__fspath__"):
+        inputs = [inputs]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    callback = _Progress() if progress is True else (progress or None)
+    try:
+        return _convert([str(i) for i in inputs], str(tokenizer), str(out),
+                        query_instruction=query_instruction,
+                        query_instruction_format=query_instruction_format,
+                        passage_instruction=passage_instruction,
+                        passage_instruction_format=passage_instruction_format, sep_token=sep_token,
+                        default_prompt=default_prompt, on_error=on_error, overwrite=overwrite,
+                        threads=threads, rows_per_batch=rows_per_batch, progress=callback)
+    finally:
+        if isinstance(callback, _Progress) and callback.last:
+            sys.stderr.write("\n")
+
+
+class Dataset(_Dataset):
+    """A converted dataset, memory-mapped. `len(ds)` groups; `ds.group(i)`, `ds.passage(id)`,
+    `ds.prompt(id)` return int32 numpy arrays; `ds.manifest`, `ds.stats()`, `ds.validate()`.
+
+    `ds.loader(...)` returns a `Loader` of batches:
+
+    - batch_size, group_size (1 positive + group_size-1 negatives per query), mode
+      ("encoder", "llm" or "matryoshka"), query_max_len, passage_max_len
+    - seed, epoch, rank, world_size, shard_tail ("pad" like DistributedSampler, "drop", or
+      "uneven": every row exactly once), shuffle, drop_last (the last short batch)
+    - pad_to_multiple_of, padding_side ("left"/"right"; default the tokenizer's for encoder,
+      left for llm, right for matryoshka), pad_id, int32 (default int64), attention_mask
+    - knowledge_distillation (adds "teacher_scores"), max_example_num_per_dataset,
+      skip_rows_without_negatives
+    - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
+      prefetch_depth
+
+    Batches are dicts of numpy arrays: input_ids, attention_mask, token_type_ids (tokenizers
+    that have them, encoder mode), teacher_scores, query_lengths and prompt_lengths
+    (matryoshka), plus rows [B], pos [B], neg [B, G-1]: the groups it holds."""
+
+    def __reduce__(self):
+        return (Dataset, (self.path,))
+
+
+def __getattr__(name):
+    if name == "torch":
+        import importlib
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(name)

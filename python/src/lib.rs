@@ -1,0 +1,624 @@
+//! Python bindings: `rankfeed._rankfeed`, wrapped by the pure-Python package `rankfeed`.
+//!
+//! - Batches are numpy arrays that own the Rust buffers they were written into (no copy);
+//!   `torch.from_numpy` takes them without a copy either.
+//! - The GIL is released while sampling, collating and converting; prefetch runs in Rust threads
+//!   that restart after a fork.
+//! - Errors become Python exceptions carrying the Rust context; a panic is caught at the
+//!   boundary and becomes a RuntimeError, never a crash.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use numpy::ndarray::{Array1, Array2};
+use numpy::{PyArray1, PyArray2};
+use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use rankfeed::collate::{Batch, CollateOptions, IdType, Ids, Mode, Side};
+use rankfeed::convert::{ConvertOptions, OnError, TextOptions};
+use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
+use rankfeed::sample::{Selection, Shard, Tail};
+use rankfeed::writer::WriterOptions;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+pyo3::create_exception!(
+    _rankfeed,
+    CorruptDatasetError,
+    PyOSError,
+    "A dataset file is corrupt, truncated, inconsistent or of an unsupported version."
+);
+
+/// A rankfeed error as the matching Python exception.
+fn to_py(e: rankfeed::Error) -> PyErr {
+    use rankfeed::Error as E;
+    let msg = error_chain(&e);
+    match e {
+        E::Io { .. } | E::Arrow(_) => PyOSError::new_err(msg),
+        E::Corrupt { .. } | E::UnsupportedVersion { .. } => CorruptDatasetError::new_err(msg),
+        E::OutOfRange { .. } => PyIndexError::new_err(msg),
+        E::Row(_) | E::Tokenizer { .. } | E::Config(_) => PyValueError::new_err(msg),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Run `f`, turning a panic into a RuntimeError: no panic crosses into Python.
+fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!(
+                "rankfeed internal error (please report it): {what}"
+            )))
+        }
+    }
+}
+
+/// Rust errors inside `py.detach` closures: carried out as `rankfeed::Error` and converted
+/// after the GIL is back.
+fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> rankfeed::Result<T> + Send,
+) -> PyResult<T> {
+    guard(|| py.detach(f).map_err(to_py))
+}
+
+fn json_to_py<'py>(py: Python<'py>, v: &impl serde::Serialize) -> PyResult<Bound<'py, PyAny>> {
+    let s = serde_json::to_string(v).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (s,))
+}
+
+fn ids_2d<'py>(py: Python<'py>, ids: Ids, rows: usize, len: usize) -> PyResult<Bound<'py, PyAny>> {
+    let shape_err = |e: numpy::ndarray::ShapeError| PyRuntimeError::new_err(e.to_string());
+    Ok(match ids {
+        Ids::I64(v) => PyArray2::from_owned_array(
+            py,
+            Array2::from_shape_vec((rows, len), v).map_err(shape_err)?,
+        )
+        .into_any(),
+        Ids::I32(v) => PyArray2::from_owned_array(
+            py,
+            Array2::from_shape_vec((rows, len), v).map_err(shape_err)?,
+        )
+        .into_any(),
+    })
+}
+
+fn ids_1d<'py>(py: Python<'py>, ids: Ids) -> Bound<'py, PyAny> {
+    match ids {
+        Ids::I64(v) => PyArray1::from_owned_array(py, Array1::from_vec(v)).into_any(),
+        Ids::I32(v) => PyArray1::from_owned_array(py, Array1::from_vec(v)).into_any(),
+    }
+}
+
+/// A batch as a dict of numpy arrays that own the Rust buffers (no copy).
+fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let (rows, len) = (b.rows, b.len);
+    d.set_item("input_ids", ids_2d(py, b.input_ids, rows, len)?)?;
+    if let Some(m) = b.attention_mask {
+        d.set_item("attention_mask", ids_2d(py, m, rows, len)?)?;
+    }
+    if let Some(t) = b.token_type_ids {
+        d.set_item("token_type_ids", ids_2d(py, t, rows, len)?)?;
+    }
+    if let Some(s) = b.teacher_scores {
+        d.set_item(
+            "teacher_scores",
+            PyArray1::from_owned_array(py, Array1::from_vec(s)),
+        )?;
+    }
+    if let Some(q) = b.query_lengths {
+        d.set_item("query_lengths", ids_1d(py, q))?;
+    }
+    if let Some(p) = b.prompt_lengths {
+        d.set_item("prompt_lengths", ids_1d(py, p))?;
+    }
+    let n = b.selections.len();
+    let negs = group_size.saturating_sub(1);
+    let row_ids: Vec<i64> = b.selections.iter().map(|s| s.row as i64).collect();
+    let pos: Vec<i32> = b.selections.iter().map(|s| s.pos as i32).collect();
+    let neg: Vec<i32> = b
+        .selections
+        .iter()
+        .flat_map(|s| s.neg.iter().map(|&j| j as i32))
+        .collect();
+    d.set_item(
+        "rows",
+        PyArray1::from_owned_array(py, Array1::from_vec(row_ids)),
+    )?;
+    d.set_item("pos", PyArray1::from_owned_array(py, Array1::from_vec(pos)))?;
+    let neg = Array2::from_shape_vec((n, negs), neg)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    d.set_item("neg", PyArray2::from_owned_array(py, neg))?;
+    d.set_item("overlong", b.overlong)?;
+    Ok(d)
+}
+
+fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
+    s.parse().map_err(to_py)
+}
+
+/// Convert JSON/JSONL inputs into a dataset directory. See `rankfeed.convert`.
+#[pyfunction]
+#[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}".to_string(),
+    passage_instruction=None, passage_instruction_format="{}{}".to_string(), sep_token="\n".to_string(),
+    default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn convert<'py>(
+    py: Python<'py>,
+    inputs: Vec<PathBuf>,
+    tokenizer: PathBuf,
+    out: PathBuf,
+    query_instruction: Option<String>,
+    query_instruction_format: String,
+    passage_instruction: Option<String>,
+    passage_instruction_format: String,
+    sep_token: String,
+    default_prompt: Option<String>,
+    on_error: &str,
+    overwrite: bool,
+    threads: Option<usize>,
+    rows_per_batch: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let on_error = match on_error {
+        "fail" => OnError::Fail,
+        "skip" => OnError::Skip,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "on_error {other:?}: expected 'fail' or 'skip'"
+            )))
+        }
+    };
+    if let Some(n) = threads {
+        // Only the first configuration of the global pool takes effect.
+        let _ = rankfeed::convert::configure_threads(n);
+    }
+    let options = ConvertOptions {
+        text: TextOptions {
+            query_instruction,
+            query_instruction_format,
+            passage_instruction,
+            passage_instruction_format,
+            sep_token,
+            default_prompt,
+        },
+        on_error,
+        writer: WriterOptions {
+            rows_per_batch: rows_per_batch.unwrap_or(rankfeed::format::DEFAULT_ROWS_PER_BATCH),
+            overwrite,
+        },
+        ..ConvertOptions::default()
+    };
+    let tok = detached(py, || {
+        rankfeed::tokenizer::TextTokenizer::from_file(&tokenizer)
+    })?;
+    let report = detached(py, || {
+        rankfeed::convert::convert(&inputs, &tok, &out, &options, &mut |p| {
+            if let Some(cb) = &progress {
+                Python::attach(|py| {
+                    let _ = cb.call1(
+                        py,
+                        (
+                            p.bytes_read,
+                            p.bytes_total,
+                            p.rows,
+                            p.rejected,
+                            p.tokens,
+                            p.elapsed.as_secs_f64(),
+                        ),
+                    );
+                });
+            }
+        })
+    })?;
+    let summary = serde_json::json!({
+        "output": out,
+        "seconds": report.elapsed.as_secs_f64(),
+        "texts_tokenized": report.texts_tokenized,
+        "tokens_tokenized": report.tokens_tokenized,
+        "dedup_ratio": report.manifest.counts.dedup_ratio(),
+        "counts": report.manifest.counts,
+        "sources": report.manifest.sources,
+    });
+    json_to_py(py, &summary)
+}
+
+/// A converted dataset, memory-mapped.
+#[pyclass(name = "Dataset", module = "rankfeed._rankfeed", frozen, subclass)]
+struct PyDataset {
+    inner: Arc<rankfeed::Dataset>,
+}
+
+#[pymethods]
+impl PyDataset {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, || rankfeed::Dataset::open(&path))?;
+        Ok(PyDataset {
+            inner: Arc::new(inner),
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "rankfeed.Dataset({:?}, groups={}, passages={})",
+            self.inner.dir().display().to_string(),
+            self.inner.len(),
+            self.inner.num_passages()
+        )
+    }
+
+    /// The dataset directory.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.dir().display().to_string()
+    }
+
+    /// Number of unique passages.
+    #[getter]
+    fn num_passages(&self) -> usize {
+        self.inner.num_passages()
+    }
+
+    /// Number of stored prompts.
+    #[getter]
+    fn num_prompts(&self) -> usize {
+        self.inner.num_prompts()
+    }
+
+    /// The manifest, as a dict.
+    #[getter]
+    fn manifest<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        json_to_py(py, self.inner.manifest())
+    }
+
+    /// One group: query ids, positive/negative passage ids, scores, prompt id, source id.
+    fn group<'py>(&self, py: Python<'py>, row: usize) -> PyResult<Bound<'py, PyDict>> {
+        guard(|| {
+            let g = self.inner.group(row).map_err(to_py)?;
+            let d = PyDict::new(py);
+            d.set_item("query", PyArray1::from_slice(py, g.query))?;
+            d.set_item("pos", PyArray1::from_slice(py, g.pos))?;
+            d.set_item("neg", PyArray1::from_slice(py, g.neg))?;
+            d.set_item(
+                "pos_scores",
+                g.pos_scores.map(|s| PyArray1::from_slice(py, s)),
+            )?;
+            d.set_item(
+                "neg_scores",
+                g.neg_scores.map(|s| PyArray1::from_slice(py, s)),
+            )?;
+            d.set_item("prompt", g.prompt)?;
+            d.set_item("source", g.source)?;
+            Ok(d)
+        })
+    }
+
+    /// Token ids of a passage (int32).
+    fn passage<'py>(&self, py: Python<'py>, id: i32) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        guard(|| {
+            Ok(PyArray1::from_slice(
+                py,
+                self.inner.passage(id).map_err(to_py)?,
+            ))
+        })
+    }
+
+    /// Token ids of a prompt (int32).
+    fn prompt<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        guard(|| {
+            Ok(PyArray1::from_slice(
+                py,
+                self.inner.prompt_tokens(id).map_err(to_py)?,
+            ))
+        })
+    }
+
+    /// Length distributions (one pass over the data).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let ds = self.inner.clone();
+        let s = detached(py, move || rankfeed::stats::dataset_stats(&ds))?;
+        json_to_py(py, &s)
+    }
+
+    /// Check every row, id and checksum (linear in the data); raises CorruptDatasetError.
+    fn validate(&self, py: Python<'_>) -> PyResult<()> {
+        let ds = self.inner.clone();
+        detached(py, move || ds.validate())
+    }
+
+    /// A batch loader; see `rankfeed.Dataset.loader` for the arguments.
+    #[pyo3(signature = (batch_size=4, group_size=8, mode="encoder", query_max_len=32, passage_max_len=128,
+        seed=42, epoch=0, rank=0, world_size=1, shard_tail="pad", shuffle=true, drop_last=false,
+        pad_to_multiple_of=None, padding_side=None, pad_id=None, int32=false, attention_mask=true,
+        knowledge_distillation=false, max_example_num_per_dataset=None, skip_rows_without_negatives=false,
+        prefetch_threads=1, prefetch_depth=8))]
+    #[allow(clippy::too_many_arguments)]
+    fn loader(
+        &self,
+        py: Python<'_>,
+        batch_size: usize,
+        group_size: usize,
+        mode: &str,
+        query_max_len: usize,
+        passage_max_len: usize,
+        seed: u64,
+        epoch: u64,
+        rank: u64,
+        world_size: u64,
+        shard_tail: &str,
+        shuffle: bool,
+        drop_last: bool,
+        pad_to_multiple_of: Option<usize>,
+        padding_side: Option<&str>,
+        pad_id: Option<i32>,
+        int32: bool,
+        attention_mask: bool,
+        knowledge_distillation: bool,
+        max_example_num_per_dataset: Option<u64>,
+        skip_rows_without_negatives: bool,
+        prefetch_threads: usize,
+        prefetch_depth: usize,
+    ) -> PyResult<PyLoader> {
+        let tail = match shard_tail {
+            "pad" => Tail::Pad,
+            "drop" => Tail::Drop,
+            "uneven" => Tail::Uneven,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "shard_tail {other:?}: expected 'pad', 'drop' or 'uneven'"
+                )))
+            }
+        };
+        let options = LoaderOptions {
+            batch_size,
+            seed,
+            shard: Shard {
+                rank,
+                world_size,
+                tail,
+            },
+            shuffle,
+            drop_last,
+            max_example_num_per_dataset,
+            skip_rows_without_negatives,
+            prefetch_threads,
+            prefetch_depth,
+            collate: CollateOptions {
+                mode: parse::<Mode>(mode)?,
+                query_max_len,
+                passage_max_len,
+                group_size,
+                pad_to_multiple_of,
+                padding_side: padding_side.map(parse::<Side>).transpose()?,
+                pad_id,
+                id_type: if int32 { IdType::I32 } else { IdType::I64 },
+                attention_mask,
+                knowledge_distillation,
+            },
+        };
+        let ds = self.inner.clone();
+        let mut loader = detached(py, move || Loader::new(ds, options))?;
+        loader.set_epoch(epoch);
+        Ok(PyLoader {
+            inner: Mutex::new(loader),
+        })
+    }
+}
+
+/// An iterator of batches (dicts of numpy arrays); one pass is one epoch.
+#[pyclass(name = "Loader", module = "rankfeed._rankfeed")]
+struct PyLoader {
+    inner: Mutex<Loader>,
+}
+
+impl PyLoader {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Loader>> {
+        self.inner.lock().map_err(|_| {
+            PyRuntimeError::new_err("the loader was poisoned by an earlier internal error")
+        })
+    }
+}
+
+#[pymethods]
+impl PyLoader {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let mut loader = self.lock()?;
+        let g = loader.options().collate.group_size;
+        let l: &mut Loader = &mut loader;
+        let next = guard(|| Ok(py.detach(|| l.next())))?;
+        match next {
+            None => Ok(None),
+            Some(b) => Ok(Some(batch_to_py(py, b.map_err(to_py)?, g)?)),
+        }
+    }
+
+    /// Benchmark helper: compute the next `n` batches in Rust without making Python objects
+    /// (wrapping into following epochs); returns the seconds taken. The Rust-native baseline
+    /// that the Python iterator's overhead is measured against.
+    fn _drain(&self, py: Python<'_>, n: u64) -> PyResult<f64> {
+        let mut loader = self.lock()?;
+        let l: &mut Loader = &mut loader;
+        detached(py, move || {
+            let t = std::time::Instant::now();
+            let mut done = 0;
+            while done < n {
+                match l.next() {
+                    Some(b) => {
+                        std::hint::black_box(b?);
+                        done += 1;
+                    }
+                    None if l.steps_per_epoch() == 0 => break,
+                    None => {}
+                }
+            }
+            Ok(t.elapsed().as_secs_f64())
+        })
+    }
+
+    /// Batches per epoch for this rank.
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.lock()?.steps_per_epoch() as usize)
+    }
+
+    /// Rows trained on per epoch, all ranks together, before padding.
+    #[getter]
+    fn rows_per_epoch(&self) -> PyResult<u64> {
+        Ok(self.lock()?.rows_per_epoch())
+    }
+
+    /// The current epoch.
+    #[getter]
+    fn epoch(&self) -> PyResult<u64> {
+        Ok(self.lock()?.state().epoch)
+    }
+
+    /// Batches of the current epoch already yielded.
+    #[getter]
+    fn step(&self) -> PyResult<u64> {
+        Ok(self.lock()?.state().step)
+    }
+
+    /// Start `epoch` from its first batch.
+    fn set_epoch(&self, epoch: u64) -> PyResult<()> {
+        self.lock()?.set_epoch(epoch);
+        Ok(())
+    }
+
+    /// The state to checkpoint: epoch, step, and the settings it is valid for.
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let l = self.lock()?;
+        let o = l.options();
+        let d = PyDict::new(py);
+        d.set_item("epoch", l.state().epoch)?;
+        d.set_item("step", l.state().step)?;
+        d.set_item("seed", o.seed)?;
+        d.set_item("batch_size", o.batch_size)?;
+        d.set_item("group_size", o.collate.group_size)?;
+        d.set_item("rank", o.shard.rank)?;
+        d.set_item("world_size", o.shard.world_size)?;
+        d.set_item("rows_per_epoch", l.rows_per_epoch())?;
+        Ok(d)
+    }
+
+    /// Resume from `state_dict()`; the settings it was taken with must match.
+    fn load_state_dict(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut l = self.lock()?;
+        let o = l.options().clone();
+        let get = |k: &str| -> PyResult<u64> {
+            state
+                .get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {k:?}")))?
+                .extract()
+        };
+        for (k, want) in [
+            ("seed", o.seed),
+            ("batch_size", o.batch_size as u64),
+            ("group_size", o.collate.group_size as u64),
+            ("rank", o.shard.rank),
+            ("world_size", o.shard.world_size),
+            ("rows_per_epoch", l.rows_per_epoch()),
+        ] {
+            if state.contains(k)? && get(k)? != want {
+                return Err(PyValueError::new_err(format!(
+                    "state_dict was taken with {k} = {}, this loader has {want}",
+                    get(k)?
+                )));
+            }
+        }
+        let (epoch, step) = (get("epoch")?, get("step")?);
+        if step > l.steps_per_epoch() {
+            return Err(PyValueError::new_err(format!(
+                "step {step} is beyond the {} batches of an epoch",
+                l.steps_per_epoch()
+            )));
+        }
+        l.set_state(LoaderState { epoch, step });
+        Ok(())
+    }
+
+    /// Batch `step` of `epoch`, without moving the loader.
+    fn batch<'py>(&self, py: Python<'py>, epoch: u64, step: u64) -> PyResult<Bound<'py, PyDict>> {
+        let mut guard_ = self.lock()?;
+        let l: &mut Loader = &mut guard_;
+        let g = l.options().collate.group_size;
+        let b = detached(py, move || l.batch(epoch, step))?;
+        batch_to_py(py, b, g)
+    }
+
+    /// Collate your own selections: a list of (row, pos, [neg, ...]) tuples or of dicts with
+    /// keys row, pos, neg. Each needs group_size - 1 negatives.
+    fn collate<'py>(
+        &self,
+        py: Python<'py>,
+        selections: &Bound<'py, PyList>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mut sels = Vec::with_capacity(selections.len());
+        for item in selections.iter() {
+            let (row, pos, neg): (u64, u32, Vec<u32>) = if let Ok(d) = item.cast::<PyDict>() {
+                let get = |k: &str| {
+                    d.get_item(k)?
+                        .ok_or_else(|| PyValueError::new_err(format!("selection without {k:?}")))
+                };
+                (
+                    get("row")?.extract()?,
+                    get("pos")?.extract()?,
+                    get("neg")?.extract()?,
+                )
+            } else if let Ok(t) = item.cast::<PyTuple>() {
+                t.extract()?
+            } else {
+                return Err(PyValueError::new_err(
+                    "a selection is a (row, pos, negs) tuple or a dict",
+                ));
+            };
+            sels.push(Selection { row, pos, neg });
+        }
+        let mut guard_ = self.lock()?;
+        let l: &mut Loader = &mut guard_;
+        let g = l.options().collate.group_size;
+        let b = detached(py, move || l.collate(sels))?;
+        batch_to_py(py, b, g)
+    }
+}
+
+#[pymodule]
+fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDataset>()?;
+    m.add_class::<PyLoader>()?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add(
+        "CorruptDatasetError",
+        m.py().get_type::<CorruptDatasetError>(),
+    )?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
