@@ -76,19 +76,20 @@ impl fmt::Display for RejectReason {
 pub struct InputPosition {
     /// The input file.
     pub path: PathBuf,
-    /// 1-based line number of the row (JSON lines), or of the start of the array element.
+    /// 1-based line number of the row (JSON lines), or of the start of the array element;
+    /// 0 for Parquet rows.
     pub line: u64,
-    /// 0-based index of the element when the file is one JSON array.
+    /// 0-based index of the element when the file is one JSON array, or of the Parquet row.
     pub element: Option<u64>,
 }
 
 impl fmt::Display for InputPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.path.display(), self.line)?;
-        if let Some(e) = self.element {
-            write!(f, " (array element {e})")?;
+        match (self.line, self.element) {
+            (0, Some(row)) => write!(f, "{} row {row}", self.path.display()),
+            (line, Some(e)) => write!(f, "{}:{line} (array element {e})", self.path.display()),
+            (line, None) => write!(f, "{}:{line}", self.path.display()),
         }
-        Ok(())
     }
 }
 

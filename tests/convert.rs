@@ -314,7 +314,7 @@ fn missing_empty_and_bad_inputs_are_clear_errors() {
         &ConvertOptions::default(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("no .json or .jsonl"), "{err}");
+    assert!(err.to_string().contains("directory has no .json"), "{err}");
     let bad_tok = write(dir.path(), "tokenizer.json", "{\"not\": \"a tokenizer\"}");
     let err = TextTokenizer::from_file(&bad_tok).unwrap_err();
     assert!(err.to_string().contains("tokenizer.json"), "{err}");

@@ -15,6 +15,7 @@
 //! the data. Passage ids are assigned in first-appearance order, so the output does not depend
 //! on the number of threads.
 
+pub mod parquet_rows;
 pub mod row;
 pub mod source;
 pub mod text;
@@ -87,6 +88,10 @@ pub struct ConvertOptions {
     pub writer: WriterOptions,
     /// Rows per processing chunk (tokenized as one parallel batch).
     pub chunk_rows: usize,
+    /// `(k, n)`: convert only the k-th of n contiguous blocks of the input files (after
+    /// directory expansion), so n tasks can convert a corpus in parallel and `merge` joins
+    /// their outputs in input order.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl Default for ConvertOptions {
@@ -96,6 +101,7 @@ impl Default for ConvertOptions {
             on_error: OnError::Fail,
             writer: WriterOptions::default(),
             chunk_rows: 1024,
+            shard: None,
         }
     }
 }
@@ -222,7 +228,14 @@ pub fn convert(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ConvertReport> {
     let start = Instant::now();
-    let sources = source::discover(inputs)?;
+    let mut sources = source::discover(inputs)?;
+    if let Some((k, n)) = options.shard {
+        if n == 0 || k >= n {
+            return Err(Error::Config(format!("shard {k}/{n}: need 0 <= k < n")));
+        }
+        let f = sources.len();
+        sources = sources[k * f / n..(k + 1) * f / n].to_vec();
+    }
     let t = &options.text;
     let mut text = TextSettings {
         query_instruction: t.query_instruction.clone(),
@@ -309,7 +322,7 @@ pub fn convert(
 
     let mut stats = Vec::with_capacity(sources.len());
     for (i, (src, rs)) in sources.iter().zip(read_stats).enumerate() {
-        if rs.rows_read == 0 {
+        if rs.rows_read == 0 && options.shard.is_none() {
             return Err(Error::Config(format!(
                 "{}: no rows (empty input)",
                 src.path.display()
@@ -386,39 +399,27 @@ impl Preparer {
         let mut stop = false;
         for (id, src) in sources.iter().enumerate() {
             let st = &mut all[id];
-            source::read_records(src, bytes_read.clone(), &mut |rec| {
-                let bytes_and_pos = match rec {
-                    Record::Blank => {
-                        st.blank_lines += 1;
-                        return true;
-                    }
-                    Record::Row(bytes, pos) => Ok((bytes, pos)),
-                    Record::Broken(e) => Err(e),
-                };
-                st.rows_read += 1;
-                let row = bytes_and_pos
-                    .and_then(|(bytes, pos)| parse_row(bytes, &pos, &mut st.unknown_fields));
-                match row {
-                    Ok(row) => self.add_row(&mut job, id as u32, row),
-                    Err(e) => {
-                        *st.rejected.entry(e.reason).or_default() += 1;
-                        match self.policy {
-                            OnError::Skip => job.rejects.push(e),
-                            OnError::Fail => {
-                                job.fail = Some(e);
-                                stop = true;
-                            }
+            let id = id as u32;
+            if src.layout == source::Layout::Parquet {
+                let mut unknown = std::mem::take(&mut st.unknown_fields);
+                parquet_rows::read_parquet_rows(&src.path, &mut unknown, &mut |row| {
+                    self.take(&mut job, st, id, row, &tx, &mut stop)
+                })?;
+                st.unknown_fields = unknown;
+                bytes_read.fetch_add(src.bytes, Ordering::Relaxed);
+            } else {
+                source::read_records(src, bytes_read.clone(), &mut |rec| {
+                    let row = match rec {
+                        Record::Blank => {
+                            st.blank_lines += 1;
+                            return true;
                         }
-                    }
-                }
-                if job.rows() >= self.chunk_rows || stop {
-                    let full = std::mem::take(&mut job).assemble();
-                    if tx.send(full).is_err() {
-                        stop = true;
-                    }
-                }
-                !stop
-            })?;
+                        Record::Row(bytes, pos) => parse_row(bytes, &pos, &mut st.unknown_fields),
+                        Record::Broken(e) => Err(e),
+                    };
+                    self.take(&mut job, st, id, row, &tx, &mut stop)
+                })?;
+            }
             if stop {
                 break;
             }
@@ -427,6 +428,39 @@ impl Preparer {
             let _ = tx.send(job.assemble());
         }
         Ok(all)
+    }
+
+    /// Add one row (or its rejection) to `job`; send the job when full. Returns whether to go
+    /// on (false after a failure under the fail policy, or when the consumer is gone).
+    fn take(
+        &mut self,
+        job: &mut Job,
+        st: &mut ReadStats,
+        source: u32,
+        row: std::result::Result<InputRow<'_>, RowError>,
+        tx: &SyncSender<Job>,
+        stop: &mut bool,
+    ) -> bool {
+        st.rows_read += 1;
+        match row {
+            Ok(row) => self.add_row(job, source, row),
+            Err(e) => {
+                *st.rejected.entry(e.reason).or_default() += 1;
+                match self.policy {
+                    OnError::Skip => job.rejects.push(e),
+                    OnError::Fail => {
+                        job.fail = Some(e);
+                        *stop = true;
+                    }
+                }
+            }
+        }
+        if (job.rows() >= self.chunk_rows || *stop)
+            && tx.send(std::mem::take(job).assemble()).is_err()
+        {
+            *stop = true;
+        }
+        !*stop
     }
 
     fn add_row(&mut self, job: &mut Job, source: u32, row: InputRow<'_>) {

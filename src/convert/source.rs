@@ -34,6 +34,8 @@ pub enum Layout {
     JsonLines,
     /// `.json`: JSON lines, or one array (decided from the content).
     Json,
+    /// `.parquet` with text columns.
+    Parquet,
 }
 
 /// One input file.
@@ -59,7 +61,9 @@ fn classify(path: &Path) -> Option<(Layout, Compression)> {
     } else {
         (name.as_str(), Compression::None)
     };
-    if stem.ends_with(".jsonl") {
+    if stem.ends_with(".parquet") && compression == Compression::None {
+        Some((Layout::Parquet, compression))
+    } else if stem.ends_with(".jsonl") {
         Some((Layout::JsonLines, compression))
     } else if stem.ends_with(".json") {
         Some((Layout::Json, compression))
@@ -86,7 +90,7 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
             files.sort();
             if files.is_empty() {
                 return Err(Error::Config(format!(
-                    "{}: directory has no .json or .jsonl files (optionally .gz/.zst)",
+                    "{}: directory has no .json, .jsonl (optionally .gz/.zst) or .parquet files",
                     input.display()
                 )));
             }
@@ -103,7 +107,7 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
 fn source_file(path: &Path) -> Result<SourceFile> {
     let (layout, compression) = classify(path).ok_or_else(|| {
         Error::Config(format!(
-            "{}: not an input file (expected .json or .jsonl, optionally .gz or .zst)",
+            "{}: not an input file (expected .json or .jsonl, optionally .gz or .zst, or .parquet)",
             path.display()
         ))
     })?;

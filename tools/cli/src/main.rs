@@ -45,6 +45,56 @@ enum Command {
     Collate(batch::CollateCmdArgs),
     /// Measure the loader: batches/s, real tokens/s, padding efficiency, output GB/s.
     Bench(batch::BenchArgs),
+    /// Export a dataset to Parquet (flat: one row per query with tokens; tables: passages/groups/prompts).
+    Export(ExportArgs),
+    /// Import pre-tokenized flat Parquet (rankfeed's export, or ids made elsewhere) without tokenizing.
+    Import(ImportArgs),
+    /// Merge datasets (e.g. shards converted with --shard K/N) into one, without tokenizing again.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Output directory of part-NNNNN.parquet files.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// flat or tables.
+    #[arg(long, default_value = "flat")]
+    layout: String,
+    /// Rows per Parquet file.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows_per_file: usize,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Parquet files or directories of them.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output dataset directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Dataset directories, in order.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// Output dataset directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,9 +146,25 @@ struct ConvertArgs {
     /// Rows per Arrow record batch.
     #[arg(long, default_value_t = rankfeed::format::DEFAULT_ROWS_PER_BATCH)]
     rows_per_batch: usize,
+    /// Convert only the K-th of N contiguous blocks of the input files (K/N, from 0), for
+    /// sharded conversion; join the shards with `rankfeed merge`.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (k, n) = s.split_once('/').ok_or("expected K/N")?;
+    let (k, n) = (
+        k.parse::<usize>().map_err(|e| e.to_string())?,
+        n.parse::<usize>().map_err(|e| e.to_string())?,
+    );
+    if k >= n {
+        return Err(format!("need K < N, got {k}/{n}"));
+    }
+    Ok((k, n))
 }
 
 #[derive(clap::Args)]
@@ -121,6 +187,9 @@ fn main() -> ExitCode {
         Command::Show(a) => batch::run_show(a),
         Command::Collate(a) => batch::run_collate(a),
         Command::Bench(a) => batch::run_bench(a),
+        Command::Export(a) => run_export(a),
+        Command::Import(a) => run_import(a),
+        Command::Merge(a) => run_merge(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +234,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             rows_per_batch: a.rows_per_batch,
             overwrite: a.overwrite,
         },
+        shard: a.shard,
         ..ConvertOptions::default()
     };
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
@@ -259,6 +329,69 @@ fn write_summary(out: &mut impl Write, m: &Manifest) -> Result<()> {
             writeln!(out, "      rejected {reason}: {n}")?;
         }
     }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let ds = Dataset::open(&a.dir)?;
+    let options = rankfeed::export::ExportOptions {
+        layout: a.layout.parse()?,
+        rows_per_file: a.rows_per_file,
+        overwrite: a.overwrite,
+        ..Default::default()
+    };
+    let r = rankfeed::export::export(&ds, &a.output, &options)?;
+    let secs = r.elapsed.as_secs_f64();
+    let input: u64 = ds.manifest().files.values().map(|f| f.bytes).sum();
+    println!(
+        "exported {} rows into {} files under {} ({:.1} MB Parquet) in {:.2} s: {:.0} MB/s of dataset read",
+        r.rows,
+        r.files.len(),
+        a.output.display(),
+        r.bytes as f64 / 1e6,
+        secs,
+        input as f64 / 1e6 / secs
+    );
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> Result<()> {
+    let r = rankfeed::import::import(
+        &a.inputs,
+        &a.output,
+        WriterOptions {
+            overwrite: a.overwrite,
+            ..WriterOptions::default()
+        },
+    )?;
+    let secs = r.elapsed.as_secs_f64();
+    println!(
+        "imported {} rows from {} Parquet files ({:.1} MB) in {:.2} s: {:.0} MB/s",
+        r.rows,
+        r.files,
+        r.bytes as f64 / 1e6,
+        secs,
+        r.bytes as f64 / 1e6 / secs
+    );
+    write_summary(&mut std::io::stdout().lock(), &r.manifest)?;
+    Ok(())
+}
+
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let m = rankfeed::merge::merge(
+        &a.shards,
+        &a.output,
+        WriterOptions {
+            overwrite: a.overwrite,
+            ..WriterOptions::default()
+        },
+    )?;
+    println!(
+        "merged {} shards into {}",
+        a.shards.len(),
+        a.output.display()
+    );
+    write_summary(&mut std::io::stdout().lock(), &m)?;
     Ok(())
 }
 

@@ -1,0 +1,258 @@
+//! Text rows from Parquet, as Spark or Polars write them: `query: string`,
+//! `pos`/`neg: list<string>`, optional `pos_scores`/`neg_scores: list<float|double|int>`,
+//! `prompt`/`query_prompt`/`passage_prompt: string`. `list` or `large_list`, `string`,
+//! `large_string` or `string_view`. Each row becomes an [`InputRow`] or a [`RowError`] with the
+//! file and row number, under the same reasons as JSON rows.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::row::{InputRow, KNOWN_FIELDS};
+use crate::error::{Error, InputPosition, RejectReason, Result, RowError};
+use crate::import::list_at;
+
+/// A string at row `i` (None when null); Err when the column is not a string type.
+fn string_at(a: &dyn Array, i: usize) -> std::result::Result<Option<String>, String> {
+    if a.is_null(i) {
+        return Ok(None);
+    }
+    match a.data_type() {
+        DataType::Utf8 => Ok(Some(a.as_string::<i32>().value(i).to_string())),
+        DataType::LargeUtf8 => Ok(Some(a.as_string::<i64>().value(i).to_string())),
+        DataType::Utf8View => Ok(Some(a.as_string_view().value(i).to_string())),
+        t => Err(format!("expected a string, found {t}")),
+    }
+}
+
+fn strings_at(
+    a: &dyn Array,
+    i: usize,
+) -> std::result::Result<Option<Vec<String>>, (String, RejectReason)> {
+    if a.is_null(i) {
+        return Ok(None);
+    }
+    let items = list_at(a, i).ok_or_else(|| {
+        (
+            format!("expected a list of strings, found {}", a.data_type()),
+            RejectReason::WrongType,
+        )
+    })?;
+    (0..items.len())
+        .map(|j| match string_at(items.as_ref(), j) {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err((format!("element {j} is null"), RejectReason::WrongType)),
+            Err(m) => Err((m, RejectReason::WrongType)),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn scores_at(
+    a: &dyn Array,
+    i: usize,
+) -> std::result::Result<Option<Vec<f32>>, (String, RejectReason)> {
+    let Some(items) = list_at(a, i) else {
+        return if a.is_null(i) {
+            Ok(None)
+        } else {
+            Err((
+                format!("expected a list of numbers, found {}", a.data_type()),
+                RejectReason::WrongType,
+            ))
+        };
+    };
+    if items.null_count() > 0 {
+        return Err(("null score".into(), RejectReason::NonNumericScore));
+    }
+    let cast = arrow_cast_f64(items.as_ref()).ok_or_else(|| {
+        (
+            format!("expected numbers, found {}", items.data_type()),
+            RejectReason::NonNumericScore,
+        )
+    })?;
+    cast.into_iter()
+        .map(|x| {
+            let y = x as f32;
+            if y.is_finite() {
+                Ok(y)
+            } else {
+                Err((
+                    format!("{x} is not a finite float32"),
+                    RejectReason::NonFiniteScore,
+                ))
+            }
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn arrow_cast_f64(a: &dyn Array) -> Option<Vec<f64>> {
+    use arrow_array::types::*;
+    Some(match a.data_type() {
+        DataType::Float32 => a
+            .as_primitive::<Float32Type>()
+            .values()
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        DataType::Float64 => a.as_primitive::<Float64Type>().values().to_vec(),
+        DataType::Int32 => a
+            .as_primitive::<Int32Type>()
+            .values()
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        DataType::Int64 => a
+            .as_primitive::<Int64Type>()
+            .values()
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        DataType::Boolean => return None,
+        _ => return None,
+    })
+}
+
+/// Read the rows of a Parquet file; `f` gets each row (or its error) and returns whether to go
+/// on. Unknown columns are counted once per row in `unknown`.
+pub fn read_parquet_rows(
+    path: &Path,
+    unknown: &mut std::collections::BTreeMap<String, u64>,
+    f: &mut dyn FnMut(std::result::Result<InputRow<'static>, RowError>) -> bool,
+) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| {
+            Error::Config(format!(
+                "{}: not a readable Parquet file: {e}",
+                path.display()
+            ))
+        })?
+        .with_batch_size(1024)
+        .build()
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let mut row_index = 0u64;
+    for batch in reader {
+        let batch: RecordBatch =
+            batch.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let names: Vec<String> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let extra: Vec<&String> = names
+            .iter()
+            .filter(|n| !KNOWN_FIELDS.contains(&n.as_str()))
+            .collect();
+        let col = |name: &str| -> Option<ArrayRef> { batch.column_by_name(name).cloned() };
+        let cols: Vec<Option<ArrayRef>> = KNOWN_FIELDS.iter().map(|n| col(n)).collect();
+        for i in 0..batch.num_rows() {
+            for e in &extra {
+                *unknown.entry((*e).clone()).or_default() += 1;
+            }
+            let position = InputPosition {
+                path: path.to_path_buf(),
+                line: 0,
+                element: Some(row_index),
+            };
+            row_index += 1;
+            let row = build_row(&cols, i, &position);
+            if !f(row) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build_row(
+    cols: &[Option<ArrayRef>],
+    i: usize,
+    position: &InputPosition,
+) -> std::result::Result<InputRow<'static>, RowError> {
+    let err = |field: &str, reason, message: String| RowError {
+        position: position.clone(),
+        field: Some(field.to_string()),
+        reason,
+        message,
+    };
+    let get = |k: usize| cols[k].as_deref();
+    // KNOWN_FIELDS order: query, pos, neg, pos_scores, neg_scores, prompt, query_prompt, passage_prompt.
+    let query = match get(0).map(|a| string_at(a, i)) {
+        None | Some(Ok(None)) => {
+            return Err(err("query", RejectReason::MissingField, "missing".into()))
+        }
+        Some(Err(m)) => return Err(err("query", RejectReason::WrongType, m)),
+        Some(Ok(Some(s))) => s,
+    };
+    let mut lists = Vec::with_capacity(2);
+    for (k, name) in [(1, "pos"), (2, "neg")] {
+        match get(k).map(|a| strings_at(a, i)) {
+            None | Some(Ok(None)) => {
+                return Err(err(
+                    name,
+                    RejectReason::MissingField,
+                    "missing or null".into(),
+                ))
+            }
+            Some(Err((m, r))) => return Err(err(name, r, m)),
+            Some(Ok(Some(v))) => lists.push(v),
+        }
+    }
+    let neg = lists.pop().expect("two lists");
+    let pos = lists.pop().expect("two lists");
+    if pos.is_empty() {
+        return Err(err(
+            "pos",
+            RejectReason::EmptyPos,
+            "empty list: a group needs at least one positive".into(),
+        ));
+    }
+    let mut scores = Vec::with_capacity(2);
+    for (k, name, want) in [(3, "pos_scores", pos.len()), (4, "neg_scores", neg.len())] {
+        let s = match get(k).map(|a| scores_at(a, i)) {
+            None => None,
+            Some(Err((m, r))) => return Err(err(name, r, m)),
+            Some(Ok(s)) => s,
+        };
+        if let Some(s) = &s {
+            if s.len() != want {
+                return Err(err(
+                    name,
+                    RejectReason::ScoreLengthMismatch,
+                    format!("has {} scores for {want} passages", s.len()),
+                ));
+            }
+        }
+        scores.push(s);
+    }
+    let neg_scores = scores.pop().expect("two");
+    let pos_scores = scores.pop().expect("two");
+    let mut texts = Vec::with_capacity(3);
+    for (k, name) in [(5, "prompt"), (6, "query_prompt"), (7, "passage_prompt")] {
+        match get(k).map(|a| string_at(a, i)) {
+            None => texts.push(None),
+            Some(Err(m)) => return Err(err(name, RejectReason::WrongType, m)),
+            Some(Ok(s)) => texts.push(s.map(Cow::Owned)),
+        }
+    }
+    let passage_prompt = texts.pop().expect("three");
+    let query_prompt = texts.pop().expect("three");
+    let prompt = texts.pop().expect("three");
+    Ok(InputRow {
+        query: Cow::Owned(query),
+        pos: pos.into_iter().map(Cow::Owned).collect(),
+        neg: neg.into_iter().map(Cow::Owned).collect(),
+        pos_scores,
+        neg_scores,
+        prompt,
+        query_prompt,
+        passage_prompt,
+    })
+}
