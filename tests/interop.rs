@@ -159,7 +159,7 @@ fn parquet_text_input_converts_like_json() {
     text_parquet(&pq, &rows);
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     run(&[json], &a, ConvertOptions::default());
-    run(&[pq.clone()], &b, ConvertOptions::default());
+    run(std::slice::from_ref(&pq), &b, ConvertOptions::default());
     same_columns(&a, &b);
     // A bad row in Parquet: position is the file and row.
     let mut bad = rows.clone();
@@ -167,7 +167,7 @@ fn parquet_text_input_converts_like_json() {
     let bad_pq = dir.path().join("bad.parquet");
     text_parquet(&bad_pq, &bad);
     let err = convert(
-        &[bad_pq.clone()],
+        std::slice::from_ref(&bad_pq),
         &tokenizer(),
         &dir.path().join("c"),
         &ConvertOptions::default(),
@@ -200,13 +200,17 @@ fn shards_merge_into_the_single_conversion() {
         std::fs::write(input.join(format!("part-{k:02}.jsonl")), chunk.join("\n")).unwrap();
     }
     let whole = dir.path().join("whole");
-    let m = run(&[input.clone()], &whole, ConvertOptions::default());
+    let m = run(
+        std::slice::from_ref(&input),
+        &whole,
+        ConvertOptions::default(),
+    );
     assert_eq!(m.sources.len(), 5);
     let mut shards = Vec::new();
     for k in 0..3 {
         let out = dir.path().join(format!("shard-{k}"));
         run(
-            &[input.clone()],
+            std::slice::from_ref(&input),
             &out,
             ConvertOptions {
                 shard: Some((k, 3)),
