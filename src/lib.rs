@@ -4,9 +4,12 @@
 //! The pipeline, one module per layer (arrows point down only):
 //!
 //! ```text
-//!   convert  (JSON/JSONL sources -> check rows -> format -> dedup -> tokenize -> writer)
+//!   convert  (JSON/JSONL/Parquet sources -> check rows -> format -> dedup -> tokenize)
+//!   import / merge / export (Parquet in and out; shards joined)
 //!      |
 //!   writer   (token ids -> Arrow IPC files + manifest, published atomically)
+//!      |
+//!   loader (prefetch, resumable state) -> collate (pure compute) <- sample (pure functions)
 //!      |
 //!   dataset  (open + validate; typed zero-copy views of groups, passages, prompts)
 //!      |
@@ -18,6 +21,8 @@
 //! - [`Dataset::open`] maps it in time independent of its size and hands out `&[i32]` views.
 //! - [`tokenizer::TextTokenizer`] loads a `tokenizer.json` and reads the special-token facts
 //!   that pair building needs.
+//! - [`loader::Loader`] yields [`collate::Batch`]es, bit-identical to FlagEmbedding's.
+//! - [`export::export`], [`import::import`], [`merge::merge`]: Parquet and shards.
 
 #![deny(missing_docs)]
 

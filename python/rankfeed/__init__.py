@@ -14,8 +14,35 @@ import time
 from ._rankfeed import CorruptDatasetError, Loader, __version__
 from ._rankfeed import Dataset as _Dataset
 from ._rankfeed import convert as _convert
+from ._rankfeed import export as _export
+from ._rankfeed import import_parquet as _import_parquet
+from ._rankfeed import merge as _merge
 
-__all__ = ["convert", "Dataset", "Loader", "CorruptDatasetError", "__version__"]
+__all__ = ["convert", "export", "import_parquet", "merge", "Dataset", "Loader", "CorruptDatasetError",
+           "__version__"]
+
+
+def _paths(p):
+    if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__"):
+        return [str(p)]
+    return [str(x) for x in p]
+
+
+def export(dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=False):
+    """Export a dataset directory to Parquet under `out`: layout "flat" (one row per query with
+    token lists) or "tables" (passages/, groups/, prompts/). Spark and Polars read it as is."""
+    return _export(str(dataset), str(out), layout=layout, rows_per_file=rows_per_file, overwrite=overwrite)
+
+
+def import_parquet(inputs, out, *, overwrite=False):
+    """Import flat pre-tokenized Parquet (files or directories; list or large_list, int32 or
+    int64 ids) into a dataset at `out`, without tokenizing."""
+    return _import_parquet(_paths(inputs), str(out), overwrite=overwrite)
+
+
+def merge(shards, out, *, overwrite=False):
+    """Merge dataset directories (e.g. shards from `convert(..., shard=(k, n))`) into one."""
+    return _merge(_paths(shards), str(out), overwrite=overwrite)
 
 
 class _Progress:
@@ -40,7 +67,7 @@ class _Progress:
 def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}",
             passage_instruction=None, passage_instruction_format="{}{}", sep_token="\n",
             default_prompt=None, on_error="fail", overwrite=False, threads=None,
-            rows_per_batch=None, progress=None):
+            rows_per_batch=None, progress=None, shard=None):
     """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
     dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
 
@@ -49,20 +76,21 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
     first bad row (ValueError naming file, line, field and reason) and writes nothing;
     `"skip"` records rejected rows in `out/rejects.jsonl` and the manifest. `progress`: None
     shows a progress line when stderr is a terminal; True/False force it; a callable receives
-    (bytes_read, bytes_total, rows, rejected, tokens, seconds)."""
-    if isinstance(inputs, (str, bytes)) or hasattr(inputs, "__fspath__"):
-        inputs = [inputs]
+    (bytes_read, bytes_total, rows, rejected, tokens, seconds). `shard=(k, n)` converts only
+    the k-th of n contiguous blocks of the input files; join the shards with `merge`."""
+    inputs = _paths(inputs)
     if progress is None:
         progress = sys.stderr.isatty()
     callback = _Progress() if progress is True else (progress or None)
     try:
-        return _convert([str(i) for i in inputs], str(tokenizer), str(out),
+        return _convert(inputs, str(tokenizer), str(out),
                         query_instruction=query_instruction,
                         query_instruction_format=query_instruction_format,
                         passage_instruction=passage_instruction,
                         passage_instruction_format=passage_instruction_format, sep_token=sep_token,
                         default_prompt=default_prompt, on_error=on_error, overwrite=overwrite,
-                        threads=threads, rows_per_batch=rows_per_batch, progress=callback)
+                        threads=threads, rows_per_batch=rows_per_batch, progress=callback,
+                        shard=tuple(shard) if shard is not None else None)
     finally:
         if isinstance(callback, _Progress) and callback.last:
             sys.stderr.write("\n")

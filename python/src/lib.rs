@@ -161,7 +161,8 @@ fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
 #[pyfunction]
 #[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}".to_string(),
     passage_instruction=None, passage_instruction_format="{}{}".to_string(), sep_token="\n".to_string(),
-    default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None))]
+    default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None,
+    shard=None))]
 #[allow(clippy::too_many_arguments)]
 fn convert<'py>(
     py: Python<'py>,
@@ -179,6 +180,7 @@ fn convert<'py>(
     threads: Option<usize>,
     rows_per_batch: Option<usize>,
     progress: Option<Py<PyAny>>,
+    shard: Option<(usize, usize)>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let on_error = match on_error {
         "fail" => OnError::Fail,
@@ -207,6 +209,7 @@ fn convert<'py>(
             rows_per_batch: rows_per_batch.unwrap_or(rankfeed::format::DEFAULT_ROWS_PER_BATCH),
             overwrite,
         },
+        shard,
         ..ConvertOptions::default()
     };
     let tok = detached(py, || {
@@ -241,6 +244,91 @@ fn convert<'py>(
         "sources": report.manifest.sources,
     });
     json_to_py(py, &summary)
+}
+
+/// Export a dataset to Parquet (`layout` "flat" or "tables"); returns a summary dict.
+#[pyfunction]
+#[pyo3(signature = (dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=false))]
+fn export<'py>(
+    py: Python<'py>,
+    dataset: PathBuf,
+    out: PathBuf,
+    layout: &str,
+    rows_per_file: usize,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let options = rankfeed::export::ExportOptions {
+        layout: parse(layout)?,
+        rows_per_file,
+        overwrite,
+        ..Default::default()
+    };
+    let r = detached(py, move || {
+        let ds = rankfeed::Dataset::open(&dataset)?;
+        rankfeed::export::export(&ds, &out, &options)
+    })?;
+    json_to_py(
+        py,
+        &serde_json::json!({
+            "files": r.files,
+            "bytes": r.bytes,
+            "rows": r.rows,
+            "seconds": r.elapsed.as_secs_f64(),
+        }),
+    )
+}
+
+/// Import pre-tokenized flat Parquet files or directories into a dataset.
+#[pyfunction]
+#[pyo3(signature = (inputs, out, *, overwrite=false))]
+fn import_parquet<'py>(
+    py: Python<'py>,
+    inputs: Vec<PathBuf>,
+    out: PathBuf,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let r = detached(py, move || {
+        rankfeed::import::import(
+            &inputs,
+            &out,
+            WriterOptions {
+                overwrite,
+                ..WriterOptions::default()
+            },
+        )
+    })?;
+    json_to_py(
+        py,
+        &serde_json::json!({
+            "rows": r.rows,
+            "files": r.files,
+            "bytes": r.bytes,
+            "seconds": r.elapsed.as_secs_f64(),
+            "counts": r.manifest.counts,
+        }),
+    )
+}
+
+/// Merge datasets (shards) into one, in order, without tokenizing again.
+#[pyfunction]
+#[pyo3(signature = (shards, out, *, overwrite=false))]
+fn merge<'py>(
+    py: Python<'py>,
+    shards: Vec<PathBuf>,
+    out: PathBuf,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let m = detached(py, move || {
+        rankfeed::merge::merge(
+            &shards,
+            &out,
+            WriterOptions {
+                overwrite,
+                ..WriterOptions::default()
+            },
+        )
+    })?;
+    json_to_py(py, &m.counts)
 }
 
 /// A converted dataset, memory-mapped.
@@ -615,6 +703,9 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDataset>()?;
     m.add_class::<PyLoader>()?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(export, m)?)?;
+    m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add(
         "CorruptDatasetError",
         m.py().get_type::<CorruptDatasetError>(),

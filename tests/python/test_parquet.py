@@ -1,0 +1,197 @@
+"""Parquet interop: what rankfeed exports, pyarrow, Polars and Spark read with the documented
+schema and the dataset's values; what Polars and Spark write, rankfeed imports; sharded
+conversion run as Spark tasks, then merged."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import rankfeed
+from conftest import ROOT, run_rankfeed
+
+SAMPLE = ROOT / "data" / "sample" / "wordnet-nouns.jsonl.gz"
+BERT = ROOT / "data" / "sample" / "bert" / "tokenizer.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "roundtrip.jsonl"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pq") / "ds"
+    rankfeed.convert(FIXTURE, BERT, out, progress=False)
+    return out
+
+
+def expected_flat(ds):
+    rows = []
+    for i in range(len(ds)):
+        g = ds.group(i)
+        rows.append({
+            "row": i,
+            "query": g["query"].tolist(),
+            "pos": [ds.passage(int(p)).tolist() for p in g["pos"]],
+            "neg": [ds.passage(int(p)).tolist() for p in g["neg"]],
+            "pos_scores": None if g["pos_scores"] is None else g["pos_scores"].tolist(),
+            "neg_scores": None if g["neg_scores"] is None else g["neg_scores"].tolist(),
+            "prompt": None if g["prompt"] is None else ds.prompt(g["prompt"]).tolist(),
+            "source": g["source"],
+        })
+    return rows
+
+
+def test_pyarrow_and_polars_read_the_flat_export(tmp_path, dataset):
+    out = tmp_path / "flat"
+    summary = rankfeed.export(dataset, out, rows_per_file=100)
+    assert len(summary["files"]) == 2
+    table = pq.read_table(out)
+    element = lambda t: pa.list_(pa.field("element", t))  # noqa: E731
+    assert table.schema.field("query").type == element(pa.int32())
+    assert table.schema.field("pos").type == element(element(pa.int32()))
+    assert table.schema.field("pos_scores").type == element(pa.float32())
+    assert table.schema.field("prompt").type == element(pa.int32())
+    assert table.schema.field("source").type == pa.int32() and table.schema.field("row").type == pa.int64()
+    ds = rankfeed.Dataset(dataset)
+    got = sorted(table.to_pylist(), key=lambda r: r["row"])
+    assert got == expected_flat(ds)
+    df = pl.read_parquet(out / "*.parquet")
+    assert df.schema["pos"] == pl.List(pl.List(pl.Int32))
+    assert df.sort("row")["query"].to_list() == [r["query"] for r in got]
+    # The documented Polars analysis: passages per query, query lengths.
+    stats = pl.scan_parquet(out / "*.parquet").select(
+        pl.col("neg").list.len().alias("negs"), pl.col("query").list.len().alias("qlen")).collect()
+    assert stats.height == len(ds)
+
+
+def test_tables_export_and_polars_scan_ipc(tmp_path, dataset):
+    out = tmp_path / "tables"
+    rankfeed.export(dataset, out, layout="tables")
+    ds = rankfeed.Dataset(dataset)
+    passages = pl.read_parquet(out / "passages" / "*.parquet")
+    groups = pl.read_parquet(out / "groups" / "*.parquet")
+    assert passages.height == ds.num_passages and groups.height == len(ds)
+    assert passages.schema == {"id": pl.Int32, "tokens": pl.List(pl.Int32)}
+    for i in (0, 17, len(ds) - 1):
+        assert passages["tokens"][i].to_list() == ds.passage(i).tolist()
+        assert groups["neg"][i].to_list() == ds.group(i)["neg"].tolist()
+    # Analysis straight on the .arrow files, as the README documents.
+    lazy = pl.scan_ipc(dataset / "groups.arrow").select(pl.col("neg").list.len().mean()).collect()
+    assert lazy.item() == pytest.approx(np.mean([len(ds.group(i)["neg"]) for i in range(len(ds))]))
+
+
+def test_import_what_polars_writes_large_list_int64(tmp_path, dataset):
+    ds = rankfeed.Dataset(dataset)
+    rows = expected_flat(ds)
+    df = pl.DataFrame({
+        "query": [r["query"] for r in rows],
+        "pos": [r["pos"] for r in rows],
+        "neg": [r["neg"] for r in rows],
+        "pos_scores": [r["pos_scores"] for r in rows],
+    }, schema={"query": pl.List(pl.Int64), "pos": pl.List(pl.List(pl.Int64)), "neg": pl.List(pl.List(pl.Int64)),
+               "pos_scores": pl.List(pl.Float64)})
+    path = tmp_path / "polars.parquet"
+    df.write_parquet(path)
+    schema = pq.read_schema(path)
+    assert schema.field("query").type == pa.large_list(pa.field("item", pa.int64())) or \
+        pa.types.is_large_list(schema.field("query").type), schema
+    out = tmp_path / "imported"
+    summary = rankfeed.import_parquet(path, out)
+    assert summary["rows"] == len(ds)
+    back = rankfeed.Dataset(out)
+    for i in range(0, len(ds), 7):
+        a, b = ds.group(i), back.group(i)
+        assert a["query"].tolist() == b["query"].tolist()
+        assert [ds.passage(int(p)).tolist() for p in a["neg"]] == [back.passage(int(p)).tolist() for p in b["neg"]]
+        if a["pos_scores"] is not None:
+            assert a["pos_scores"].tolist() == b["pos_scores"].tolist()
+
+
+def test_export_import_round_trip_is_identical(tmp_path, dataset, rankfeed_bin):
+    run_rankfeed(rankfeed_bin, "export", dataset, "-o", tmp_path / "flat")
+    run_rankfeed(rankfeed_bin, "import", tmp_path / "flat", "-o", tmp_path / "back")
+    for name in ("groups.arrow", "passages.arrow", "prompts.arrow"):
+        assert (tmp_path / "back" / name).read_bytes() == (dataset / name).read_bytes(), name
+
+
+# ---- Spark -------------------------------------------------------------------------------
+
+def spark_session():
+    pyspark = pytest.importorskip("pyspark", reason="pyspark is not installed")
+    if shutil.which("java") is None:
+        pytest.skip("no Java runtime for Spark")
+    from pyspark.sql import SparkSession
+    return (SparkSession.builder.master("local[2]").appName("rankfeed-tests")
+            .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+            .config("spark.driver.memory", "1g").getOrCreate()), pyspark
+
+
+@pytest.fixture(scope="module")
+def spark():
+    session, _ = spark_session()
+    yield session
+    session.stop()
+
+
+def test_spark_reads_the_export(tmp_path, dataset, spark):
+    out = tmp_path / "flat"
+    rankfeed.export(dataset, out, rows_per_file=60)
+    df = spark.read.parquet(str(out))
+    ds = rankfeed.Dataset(dataset)
+    assert df.count() == len(ds)
+    types = dict(df.dtypes)
+    assert types["query"] == "array<int>" and types["pos"] == "array<array<int>>"
+    assert types["pos_scores"] == "array<float>" and types["row"] == "bigint"
+    rows = {r["row"]: r for r in df.collect()}
+    for i in (0, 5, len(ds) - 1):
+        g = ds.group(i)
+        assert list(rows[i]["query"]) == g["query"].tolist()
+        assert [list(p) for p in rows[i]["neg"]] == [ds.passage(int(p)).tolist() for p in g["neg"]]
+    total = df.selectExpr("sum(size(neg)) as n").collect()[0]["n"]
+    assert total == sum(len(ds.group(i)["neg"]) for i in range(len(ds)))
+
+
+def test_import_what_spark_writes(tmp_path, dataset, spark):
+    from pyspark.sql.types import ArrayType, FloatType, IntegerType, LongType, StructField, StructType
+
+    ds = rankfeed.Dataset(dataset)
+    rows = expected_flat(ds)
+    schema = StructType([
+        StructField("query", ArrayType(IntegerType())),
+        StructField("pos", ArrayType(ArrayType(LongType()))),
+        StructField("neg", ArrayType(ArrayType(IntegerType()))),
+        StructField("pos_scores", ArrayType(FloatType())),
+        StructField("neg_scores", ArrayType(FloatType())),
+    ])
+    data = [(r["query"], r["pos"], r["neg"], r["pos_scores"], r["neg_scores"]) for r in rows]
+    out = tmp_path / "spark-written"
+    spark.createDataFrame(data, schema).coalesce(1).write.parquet(str(out))
+    imported = tmp_path / "imported"
+    rankfeed.import_parquet(out, imported)
+    back = rankfeed.Dataset(imported)
+    assert len(back) == len(ds)
+    for i in range(0, len(ds), 5):
+        assert back.group(i)["query"].tolist() == rows[i]["query"]
+        assert [back.passage(int(p)).tolist() for p in back.group(i)["pos"]] == rows[i]["pos"]
+
+
+def test_sharded_conversion_as_spark_tasks(tmp_path, spark):
+    from rankfeed.spark import convert_sharded
+
+    # Input: the fixture split into several files, as a Spark job would write them.
+    src = tmp_path / "input"
+    src.mkdir()
+    lines = FIXTURE.read_text().splitlines()
+    for k in range(6):
+        (src / f"part-{k:05d}.jsonl").write_text("\n".join(lines[k * 29:(k + 1) * 29]))
+    whole = tmp_path / "whole"
+    rankfeed.convert(src, BERT, whole, progress=False)
+    merged = tmp_path / "merged"
+    counts = convert_sharded(spark, [src], BERT, merged, num_shards=4)
+    assert counts["groups"] == len(lines)
+    for name in ("groups.arrow", "passages.arrow", "prompts.arrow"):
+        assert (merged / name).read_bytes() == (whole / name).read_bytes(), name
+    assert not (tmp_path / "merged.shards").exists()
