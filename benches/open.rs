@@ -14,28 +14,15 @@ use std::sync::Arc;
 
 use rankfeed::collate::CollateOptions;
 use rankfeed::loader::{Loader, LoaderOptions};
+use rankfeed::sample::KeyedRng;
 use rankfeed::Dataset;
 
 const GROUPS: usize = 5_000_000;
 const PASSAGES: usize = 1_000_000;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn build(out: &Path) {
     let t = Instant::now();
-    let mut rng = Rng(1);
+    let mut rng = KeyedRng::new(&[1]);
     let mut w = DatasetWriter::create(
         out,
         WriterOptions {
@@ -170,7 +157,7 @@ fn main() {
         .collect();
 
     let ds = Dataset::open(&dir).unwrap();
-    let mut rng = Rng(99);
+    let mut rng = KeyedRng::new(&[99]);
     let n = 1_000_000;
     let t = Instant::now();
     let mut tokens = 0usize;

@@ -2,23 +2,9 @@
 
 use std::path::Path;
 
+use rankfeed::sample::KeyedRng;
 use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 use rankfeed::{Dataset, Error};
-
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// query, pos, neg, pos_scores, neg_scores, prompt, source
 type GroupRow = (
@@ -43,7 +29,7 @@ fn write_random(
     passages: usize,
     rows_per_batch: usize,
 ) -> Expected {
-    let mut rng = Rng(seed);
+    let mut rng = KeyedRng::new(&[seed]);
     let mut w = DatasetWriter::create(
         out,
         WriterOptions {
@@ -207,7 +193,7 @@ fn flipped_bytes_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
     write_random(&good, 9, 200, 80, 16);
-    let mut rng = Rng(12345);
+    let mut rng = KeyedRng::new(&[12345]);
     let mut errors = 0;
     for name in ["groups.arrow", "passages.arrow", "prompts.arrow"] {
         let bytes = std::fs::read(good.join(name)).unwrap();
@@ -242,7 +228,7 @@ fn flipped_bytes_with_a_matching_checksum_never_panic() {
     write_random(&good, 11, 200, 80, 16);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
-    let mut rng = Rng(777);
+    let mut rng = KeyedRng::new(&[777]);
     let (mut ok, mut failed) = (0, 0);
     for name in ["groups.arrow", "passages.arrow", "prompts.arrow"] {
         let bytes = std::fs::read(good.join(name)).unwrap();

@@ -195,3 +195,24 @@ def test_sharded_conversion_as_spark_tasks(tmp_path, spark):
     for name in ("groups.arrow", "passages.arrow", "prompts.arrow"):
         assert (merged / name).read_bytes() == (whole / name).read_bytes(), name
     assert not (tmp_path / "merged.shards").exists()
+
+
+def test_convert_reads_text_parquet_as_polars_writes_it(tmp_path, dataset):
+    import json
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    df = pl.DataFrame({
+        "query": [r["query"] for r in rows],
+        "pos": [r["pos"] for r in rows],
+        "neg": [r["neg"] for r in rows],
+        "pos_scores": [r.get("pos_scores") for r in rows],
+        "neg_scores": [r.get("neg_scores") for r in rows],
+        "prompt": [r.get("prompt") for r in rows],
+        "query_prompt": [r.get("query_prompt") for r in rows],
+        "passage_prompt": [r.get("passage_prompt") for r in rows],
+    })
+    path = tmp_path / "texts.parquet"
+    df.write_parquet(path)
+    out = tmp_path / "from-parquet"
+    rankfeed.convert(path, BERT, out, progress=False)
+    for name in ("groups.arrow", "passages.arrow", "prompts.arrow"):
+        assert (out / name).read_bytes() == (dataset / name).read_bytes(), name
