@@ -261,7 +261,7 @@ impl Loader {
         self.set_state(LoaderState { epoch, step: 0 });
     }
 
-    fn start_prefetch(&mut self) {
+    fn start_prefetch(&mut self) -> Result<()> {
         let o = &self.plan.options;
         let threads = o.prefetch_threads;
         let per_thread = o.prefetch_depth.div_ceil(threads).max(1);
@@ -282,7 +282,7 @@ impl Loader {
                         step += threads as u64;
                     }
                 })
-                .expect("spawning a prefetch thread");
+                .map_err(|e| Error::io("<prefetch thread>", e))?;
             receivers.push(rx);
         }
         self.prefetch = Some(Prefetch {
@@ -292,6 +292,7 @@ impl Loader {
             next: first,
             first,
         });
+        Ok(())
     }
 }
 
@@ -322,7 +323,9 @@ impl Iterator for Loader {
                         std::mem::forget(p.receivers);
                     }
                 }
-                self.start_prefetch();
+                if let Err(e) = self.start_prefetch() {
+                    return Some(Err(e));
+                }
             }
             let p = self.prefetch.as_mut().expect("started above");
             let t = ((p.next - p.first) % p.receivers.len() as u64) as usize;
