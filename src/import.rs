@@ -219,7 +219,7 @@ pub fn import(
                             Error::Config(at(&format!("{name}[{j}] is not a list of ids")))
                         })?;
                         let tokens = ids(inner.as_ref(), &|| at(&format!("{name}[{j}]")))?;
-                        let key = xxhash_rust::xxh3::xxh3_128(bytemuck_bytes(&tokens));
+                        let key = xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(&tokens));
                         let id = match passages.get(&key) {
                             Some(&id) => id,
                             None => {
@@ -323,8 +323,4 @@ pub fn import(
         elapsed: start.elapsed(),
         manifest,
     })
-}
-
-fn bytemuck_bytes(v: &[i32]) -> &[u8] {
-    bytemuck::cast_slice(v)
 }
