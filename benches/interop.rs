@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use rankfeed::export::{export, ExportOptions, Layout};
-use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use rankfeed::writer::WriterOptions;
+
+mod common;
 use rankfeed::Dataset;
 
 const GROUPS: usize = 300_000;
@@ -20,49 +22,17 @@ fn main() {
     let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data/interop");
     let dir = base.join("ds");
     if Dataset::open(&dir).map(|d| d.len()).unwrap_or(0) != GROUPS {
-        let mut state = 7u64;
-        let mut next = move |n: u64| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
-        let mut w = DatasetWriter::create(
+        common::write_synthetic(
             &dir,
-            WriterOptions {
-                overwrite: true,
-                ..Default::default()
+            &common::Synthetic {
+                groups: GROUPS,
+                passages: PASSAGES,
+                passage_len: (24, 96),
+                query_len: (4, 28),
+                negatives: (16, 0),
+                seed: 7,
             },
-        )
-        .unwrap();
-        for _ in 0..2 {
-            w.add_prompt(&[1, 2, 3]).unwrap();
-        }
-        for _ in 0..PASSAGES {
-            let t: Vec<i32> = (0..24 + next(96)).map(|_| next(30000) as i32).collect();
-            w.add_passage(&t).unwrap();
-        }
-        for _ in 0..GROUPS {
-            let q: Vec<i32> = (0..4 + next(28)).map(|_| next(30000) as i32).collect();
-            let pos = [next(PASSAGES as u64) as i32];
-            let neg: Vec<i32> = (0..16).map(|_| next(PASSAGES as u64) as i32).collect();
-            let ns: Vec<f32> = neg.iter().map(|_| next(1000) as f32 / 1000.0).collect();
-            w.add_group(&GroupRecord {
-                query: &q,
-                pos: &pos,
-                neg: &neg,
-                pos_scores: Some(&[1.0]),
-                neg_scores: Some(&ns),
-                prompt: None,
-                source: 0,
-            })
-            .unwrap();
-        }
-        w.finish(ManifestInfo {
-            sources: vec![Default::default()],
-            ..Default::default()
-        })
-        .unwrap();
+        );
     }
     let ds = Dataset::open(&dir).unwrap();
     let arrow_bytes: u64 = ds.manifest().files.values().map(|f| f.bytes).sum();

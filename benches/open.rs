@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 use std::sync::Arc;
+
+mod common;
 
 use rankfeed::collate::CollateOptions;
 use rankfeed::loader::{Loader, LoaderOptions};
@@ -22,49 +23,17 @@ const PASSAGES: usize = 1_000_000;
 
 fn build(out: &Path) {
     let t = Instant::now();
-    let mut rng = KeyedRng::new(&[1]);
-    let mut w = DatasetWriter::create(
+    common::write_synthetic(
         out,
-        WriterOptions {
-            overwrite: true,
-            ..WriterOptions::default()
+        &common::Synthetic {
+            groups: GROUPS,
+            passages: PASSAGES,
+            passage_len: (16, 96),
+            query_len: (4, 28),
+            negatives: (1, 15),
+            seed: 1,
         },
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    for _ in 0..PASSAGES {
-        buf.clear();
-        buf.extend((0..16 + rng.below(96)).map(|_| rng.below(30522) as i32));
-        w.add_passage(&buf).unwrap();
-    }
-    let (mut q, mut pos, mut neg, mut ps, mut ns) = (vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..GROUPS {
-        q.clear();
-        q.extend((0..4 + rng.below(28)).map(|_| rng.below(30522) as i32));
-        pos.clear();
-        pos.push(rng.below(PASSAGES as u64) as i32);
-        neg.clear();
-        neg.extend((0..1 + rng.below(15)).map(|_| rng.below(PASSAGES as u64) as i32));
-        ps.clear();
-        ps.push(1.0f32);
-        ns.clear();
-        ns.extend(neg.iter().map(|_| (rng.below(1000) as f32) / 1000.0));
-        w.add_group(&GroupRecord {
-            query: &q,
-            pos: &pos,
-            neg: &neg,
-            pos_scores: Some(&ps),
-            neg_scores: Some(&ns),
-            prompt: None,
-            source: 0,
-        })
-        .unwrap();
-    }
-    w.finish(ManifestInfo {
-        sources: vec![Default::default()],
-        ..Default::default()
-    })
-    .unwrap();
+    );
     eprintln!(
         "wrote {} in {:.1} s",
         out.display(),
