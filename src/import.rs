@@ -45,18 +45,9 @@ pub fn discover_parquet(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
         if meta.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| Error::io(input, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.is_file()
-                        && p.extension().is_some_and(|e| e == "parquet")
-                        && !p
-                            .file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with(['.', '_']))
-                })
-                .collect();
-            files.sort();
+            let files = crate::convert::source::list_dir(input, |p| {
+                p.extension().is_some_and(|e| e == "parquet")
+            })?;
             if files.is_empty() {
                 return Err(Error::Config(format!(
                     "{}: no .parquet files",

@@ -72,6 +72,24 @@ fn classify(path: &Path) -> Option<(Layout, Compression)> {
     }
 }
 
+/// The files of directory `dir` for which `keep` holds, sorted (not recursive). Hidden files
+/// and Spark's `_SUCCESS`-style markers (names starting with `.` or `_`) are skipped.
+pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<_>>()?;
+    files.retain(|p| {
+        p.is_file()
+            && !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(['.', '_']))
+            && keep(p)
+    });
+    files.sort();
+    Ok(files)
+}
+
 /// Expand the given paths into input files, in order. Errors: a missing path, a file that is
 /// not `.json`/`.jsonl` (optionally `.gz`/`.zst`), a directory without such files.
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
@@ -82,12 +100,7 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
         if meta.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| Error::io(input, e))?
-                .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(input, e)))
-                .collect::<Result<_>>()?;
-            files.retain(|p| p.is_file() && classify(p).is_some());
-            files.sort();
+            let files = list_dir(input, |p| classify(p).is_some())?;
             if files.is_empty() {
                 return Err(Error::Config(format!(
                     "{}: directory has no .json, .jsonl (optionally .gz/.zst) or .parquet files",
