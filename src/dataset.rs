@@ -37,6 +37,9 @@ struct Table {
     layout: FileLayout,
     rows: usize,
     rows_per_batch: usize,
+    /// log2(rows_per_batch) when it is a power of two (the default): a shift instead of a
+    /// division on every access.
+    shift: Option<u32>,
 }
 
 impl Table {
@@ -96,6 +99,9 @@ impl Table {
             layout,
             rows,
             rows_per_batch,
+            shift: rows_per_batch
+                .is_power_of_two()
+                .then(|| rows_per_batch.trailing_zeros()),
         })
     }
 
@@ -113,12 +119,15 @@ impl Table {
                 len: self.rows as u64,
             });
         }
-        let batch = row / self.rows_per_batch;
+        let (batch, index) = match self.shift {
+            Some(s) => (row >> s, row & (self.rows_per_batch - 1)),
+            None => (row / self.rows_per_batch, row % self.rows_per_batch),
+        };
         let loc = Loc {
             batch,
             layout: &self.layout.batches[batch],
         };
-        Ok((loc, row % self.rows_per_batch))
+        Ok((loc, index))
     }
 
     fn corrupt(&self, row_in_batch: usize, b: Loc<'_>, msg: &str) -> Error {

@@ -4,9 +4,9 @@
     python3 tools/bench_vs_reference.py [--rows N] [--seconds S]
 
 Data: WordNet noun groups (tools/make_sample.py; all 76k when Debian's wordnet-base is
-installed, else the bundled 3k sample), twice: with passages that are single glosses (~15
-tokens) and with paragraph-length passages (a gloss and its hypernyms' glosses, ~130 tokens,
-the length of retrieval corpora's passages). Settings: B=4, G=16, query_max_len 32,
+installed, else the bundled 3k sample), three times: passages that are single glosses (~15
+tokens), short paragraphs (a gloss and its hypernyms' glosses up to 45 words, ~50 tokens, like
+MS MARCO passages) and paragraphs (up to 120 words, ~130 tokens, like Wikipedia chunks). Settings: B=4, G=16, query_max_len 32,
 passage_max_len 192. Encoder mode with the BERT tokenizer, llm mode with the Mistral tokenizer
 (tools/fetch_assets.sh). Both sides run on one core: the reference in this process
 (tokenize, prepare_for_model, pad, exactly as tests/python/reference.py), rankfeed through
@@ -31,13 +31,15 @@ BIN = ROOT / "target" / "release" / "rankfeed"
 B, G, QM, PM = 4, 16, 32, 192
 
 
-def data_file(work, paragraphs):
+def data_file(work, words):
+    """words: None for single glosses, else the word budget of paragraph passages."""
     wordnet = pathlib.Path("/usr/share/wordnet/data.noun")
     if not wordnet.exists():
-        return None if paragraphs else ROOT / "data/sample/wordnet-nouns.jsonl.gz"
-    out = work / ("wordnet-paragraphs.jsonl" if paragraphs else "wordnet-all.jsonl")
+        return None if words else ROOT / "data/sample/wordnet-nouns.jsonl.gz"
+    name = f"wordnet-paragraphs-{words}.jsonl" if words else "wordnet-all.jsonl"
+    out = work / name
     if not out.exists():
-        extra = ["--paragraphs"] if paragraphs else []
+        extra = ["--paragraphs", "--paragraph-words", str(words)] if words else []
         subprocess.run([sys.executable, ROOT / "tools/make_sample.py", "--rows", "0", *extra, "--out", out],
                        check=True)
     return out
@@ -79,8 +81,8 @@ def main():
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "rankfeed-cli"], cwd=ROOT, check=True)
     work = ROOT / "target" / "bench-data"
     work.mkdir(parents=True, exist_ok=True)
-    for name, paragraphs in (("glosses", False), ("paragraphs", True)):
-        data = data_file(work, paragraphs)
+    for name, words in (("glosses", None), ("short-paragraphs", 45), ("paragraphs", 120)):
+        data = data_file(work, words)
         if data is None:
             print(f"{name}: needs Debian's wordnet-base; skipped")
             continue

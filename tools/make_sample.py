@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--paragraphs", action="store_true",
                     help="passages of paragraph length: a synset's gloss followed by the glosses of "
                          "its hypernym chain (up to ~120 words), as long as retrieval corpora's passages")
+    ap.add_argument("--paragraph-words", type=int, default=120, help="word budget of a paragraph passage")
     ap.add_argument("--out", required=True, help=".jsonl or .jsonl.gz")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -86,7 +87,7 @@ def main():
         up = synsets[off][1]
         while up and up[0] in synsets:
             g = synsets[up[0]][2]
-            if words + len(g.split()) > 120:
+            if words + len(g.split()) > a.paragraph_words:
                 break
             parts.append(g)
             words += len(g.split())
