@@ -317,8 +317,8 @@ impl Dataset {
     /// The group at `row`, O(1), zero-copy.
     pub fn group(&self, row: usize) -> Result<Group<'_>> {
         let t = &self.groups;
-        let ids = self.group_ids(row)?;
         let (b, i) = t.locate(row, "row")?;
+        let ids = self.ids_at(b, i)?;
         let pos_scores: Option<&[f32]> =
             t.list(b, groups_col::POS_SCORES.0, groups_col::POS_SCORES.1, i)?;
         let neg_scores: Option<&[f32]> =
@@ -349,8 +349,14 @@ impl Dataset {
     /// fewer cache misses than [`Dataset::group`] on the hot path.
     #[inline]
     pub fn group_ids(&self, row: usize) -> Result<GroupIds<'_>> {
+        let (b, i) = self.groups.locate(row, "row")?;
+        self.ids_at(b, i)
+    }
+
+    /// [`GroupIds`] of row `i` of record batch `b` of groups.arrow.
+    #[inline]
+    fn ids_at(&self, b: Loc<'_>, i: usize) -> Result<GroupIds<'_>> {
         let t = &self.groups;
-        let (b, i) = t.locate(row, "row")?;
         let ids = |(node, buf): (usize, usize), what: &str| -> Result<&[i32]> {
             t.list(b, node, buf, i)?
                 .ok_or_else(|| t.corrupt(i, b, &format!("{what} is null")))

@@ -425,29 +425,30 @@ fn write_groups(ds: &Dataset, w: &mut PartWriter, rows_per_batch: usize, flat: b
             source.append_value(g.source as i32);
         }
         let rows = Int64Array::from_iter_values((lo..hi).map(|r| r as i64));
-        let columns: Vec<ArrayRef> = if flat {
-            vec![
-                Arc::new(rows),
-                Arc::new(query.finish()),
+        // The layouts differ in how passages and prompts are given: tokens, or ids.
+        let (pos, neg, prompt): (ArrayRef, ArrayRef, ArrayRef) = if flat {
+            (
                 Arc::new(pos_tok.finish()),
                 Arc::new(neg_tok.finish()),
-                Arc::new(ps.finish()),
-                Arc::new(ns.finish()),
                 Arc::new(prompt_tok.finish()),
-                Arc::new(source.finish()),
-            ]
+            )
         } else {
-            vec![
-                Arc::new(rows),
-                Arc::new(query.finish()),
+            (
                 Arc::new(pos_ids.finish()),
                 Arc::new(neg_ids.finish()),
-                Arc::new(ps.finish()),
-                Arc::new(ns.finish()),
                 Arc::new(prompt_id.finish()),
-                Arc::new(source.finish()),
-            ]
+            )
         };
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(rows),
+            Arc::new(query.finish()),
+            pos,
+            neg,
+            Arc::new(ps.finish()),
+            Arc::new(ns.finish()),
+            prompt,
+            Arc::new(source.finish()),
+        ];
         w.write(&RecordBatch::try_new(groups_schema(flat), columns)?)?;
     }
     Ok(())
