@@ -16,10 +16,11 @@
 //! Rows of a batch are `b * G + g`: g = 0 the positive, then the negatives in drawn order. The
 //! batch is padded to its longest row, rounded up to `pad_to_multiple_of`.
 
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, Group, GroupIds};
 use crate::error::{Error, Result};
 use crate::format::{self, TemplatePiece};
 use crate::sample::Selection;
+use crate::storage;
 
 /// Which pair layout to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,14 +201,30 @@ impl Batch {
     }
 }
 
-/// Up to this many segments make one pair (template pieces or bos/Q/S/P/S/R).
-const MAX_SEGMENTS: usize = 8;
+/// One piece of the pair layout: the encoder's pair template, or bos/Q/S/P/S/R.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Fixed ids (special tokens, bos, the closing sep) and their type id.
+    Fixed(Vec<i32>, u8),
+    /// The query (cut), with its type id.
+    Query(u8),
+    /// The passage (cut), with its type id.
+    Passage(u8),
+    /// What truncation left of the sep before the passage (LLM modes).
+    SepKept,
+    /// The prompt (LLM modes).
+    Prompt,
+}
 
-/// One pair as slices to concatenate, with their token type ids.
+/// One pair as the model sees it before padding: the pieces of the layout, cut.
 #[derive(Debug, Clone, Copy)]
 pub struct Pair<'a> {
-    segments: [(&'a [i32], u8); MAX_SEGMENTS],
-    count: usize,
+    layout: &'a [Piece],
+    sep: &'a [i32],
+    query: &'a [i32],
+    passage: &'a [i32],
+    prompt: &'a [i32],
+    sep_kept: usize,
     len: usize,
     /// Matryoshka bookkeeping.
     pub query_length: usize,
@@ -218,21 +235,18 @@ pub struct Pair<'a> {
 }
 
 impl<'a> Pair<'a> {
-    fn new() -> Self {
-        Pair {
-            segments: [(&[], 0); MAX_SEGMENTS],
-            count: 0,
-            len: 0,
-            query_length: 0,
-            prompt_length: 0,
-            overlong: false,
+    /// Call `f` with each segment (ids, token type id) in order.
+    #[inline]
+    fn for_each_segment(&self, mut f: impl FnMut(&'a [i32], u8)) {
+        for piece in self.layout {
+            match piece {
+                Piece::Fixed(ids, t) => f(ids, *t),
+                Piece::Query(t) => f(self.query, *t),
+                Piece::Passage(t) => f(self.passage, *t),
+                Piece::SepKept => f(&self.sep[..self.sep_kept], 0),
+                Piece::Prompt => f(self.prompt, 0),
+            }
         }
-    }
-
-    fn push(&mut self, ids: &'a [i32], type_id: u8) {
-        self.segments[self.count] = (ids, type_id);
-        self.count += 1;
-        self.len += ids.len();
     }
 
     /// Number of ids.
@@ -247,18 +261,16 @@ impl<'a> Pair<'a> {
 
     /// The ids, concatenated.
     pub fn ids(&self) -> Vec<i32> {
-        self.segments[..self.count]
-            .iter()
-            .flat_map(|s| s.0.iter().copied())
-            .collect()
+        let mut out = Vec::with_capacity(self.len);
+        self.for_each_segment(|s, _| out.extend_from_slice(s));
+        out
     }
 
     /// The token type ids, concatenated.
     pub fn type_ids(&self) -> Vec<u8> {
-        self.segments[..self.count]
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(s.1, s.0.len()))
-            .collect()
+        let mut out = Vec::with_capacity(self.len);
+        self.for_each_segment(|s, t| out.resize(out.len() + s.len(), t));
+        out
     }
 }
 
@@ -287,21 +299,17 @@ pub struct Collator {
     options: CollateOptions,
     side: Side,
     pad: i32,
-    /// bos, when the LLM layout prepends one.
-    bos: Option<[i32; 1]>,
-    /// (special ids or sequence A/B, type id) of the encoder pair template.
-    template: Vec<(TemplateSlot, u8)>,
+    /// Whether the LLM layout starts with a bos.
+    bos: bool,
+    /// The pieces of a pair, in order.
+    layout: Vec<Piece>,
+    /// Ids of the fixed pieces.
+    fixed_len: usize,
+    /// Special tokens of the pair template (encoder truncation budget).
     num_special: usize,
     token_type_ids: bool,
     sep: Vec<i32>,
     default_prompt: u32,
-}
-
-#[derive(Debug, Clone)]
-enum TemplateSlot {
-    Special(Vec<i32>),
-    A,
-    B,
 }
 
 impl Collator {
@@ -328,31 +336,49 @@ impl Collator {
         });
         let bos = facts
             .and_then(|f| f.bos_id)
-            .filter(|&b| Some(b) != tokenizer_pad)
-            .map(|b| [b]);
-        let template: Vec<(TemplateSlot, u8)> = facts
-            .map(|f| f.pair_template.as_slice())
-            .unwrap_or(&[])
+            .filter(|&b| Some(b) != tokenizer_pad);
+        let text = &ds.manifest().text;
+        let layout: Vec<Piece> = match options.mode {
+            Mode::Encoder => {
+                let template = facts.map_or(&[][..], |f| f.pair_template.as_slice());
+                if template.is_empty() {
+                    vec![Piece::Query(0), Piece::Passage(0)]
+                } else {
+                    template
+                        .iter()
+                        .map(|p| match p {
+                            TemplatePiece::Special { ids, type_id } => {
+                                Piece::Fixed(ids.clone(), *type_id as u8)
+                            }
+                            TemplatePiece::Sequence { id, type_id } if id == "A" => {
+                                Piece::Query(*type_id as u8)
+                            }
+                            TemplatePiece::Sequence { type_id, .. } => {
+                                Piece::Passage(*type_id as u8)
+                            }
+                        })
+                        .collect()
+                }
+            }
+            Mode::Llm | Mode::Matryoshka => {
+                let mut l: Vec<Piece> = bos.map(|b| Piece::Fixed(vec![b], 0)).into_iter().collect();
+                l.extend([
+                    Piece::Query(0),
+                    Piece::SepKept,
+                    Piece::Passage(0),
+                    Piece::Fixed(text.sep_ids.clone(), 0),
+                    Piece::Prompt,
+                ]);
+                l
+            }
+        };
+        let fixed_len = layout
             .iter()
             .map(|p| match p {
-                TemplatePiece::Special { ids, type_id } => {
-                    (TemplateSlot::Special(ids.clone()), *type_id as u8)
-                }
-                TemplatePiece::Sequence { id, type_id } if id == "A" => {
-                    (TemplateSlot::A, *type_id as u8)
-                }
-                TemplatePiece::Sequence { type_id, .. } => (TemplateSlot::B, *type_id as u8),
+                Piece::Fixed(ids, _) => ids.len(),
+                _ => 0,
             })
-            .collect();
-        if options.mode == Mode::Encoder && template.len() > MAX_SEGMENTS {
-            return Err(Error::Config("pair template has too many pieces".into()));
-        }
-        let template = if template.is_empty() {
-            vec![(TemplateSlot::A, 0), (TemplateSlot::B, 0)]
-        } else {
-            template
-        };
-        let text = &ds.manifest().text;
+            .sum();
         Ok(Collator {
             num_special: facts.map_or(0, |f| f.num_special_pair()),
             token_type_ids: options.mode == Mode::Encoder
@@ -365,8 +391,9 @@ impl Collator {
             options,
             side,
             pad,
-            bos,
-            template,
+            bos: bos.is_some(),
+            layout,
+            fixed_len,
         })
     }
 
@@ -393,12 +420,22 @@ impl Collator {
     /// The pair of `query` (with `prompt`, LLM modes) and `passage`, as the model sees it.
     pub fn pair<'a>(&'a self, query: &'a [i32], passage: &'a [i32], prompt: &'a [i32]) -> Pair<'a> {
         let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
-        let mut pair = Pair::new();
-        let p_cap = pm + qm / 2;
-        let mut p = &passage[..passage.len().min(p_cap)];
+        let q = &query[..query.len().min(self.query_cap())];
+        let mut p = &passage[..passage.len().min(self.passage_cap())];
+        let mut pair = Pair {
+            layout: &self.layout,
+            sep: &self.sep,
+            query: q,
+            passage: p,
+            prompt: &[],
+            sep_kept: 0,
+            len: 0,
+            query_length: 0,
+            prompt_length: 0,
+            overlong: false,
+        };
         match self.options.mode {
             Mode::Encoder => {
-                let q = &query[..query.len().min(qm + pm / 4)];
                 let total = q.len() + p.len() + self.num_special;
                 if total > qm + pm {
                     let r = total - (qm + pm);
@@ -408,26 +445,14 @@ impl Collator {
                         pair.overlong = true;
                     }
                 }
-                for (slot, type_id) in &self.template {
-                    match slot {
-                        TemplateSlot::Special(ids) => pair.push(ids, *type_id),
-                        TemplateSlot::A => pair.push(q, *type_id),
-                        TemplateSlot::B => pair.push(p, *type_id),
-                    }
-                }
+                pair.passage = p;
+                pair.len = self.fixed_len + q.len() + p.len();
             }
             Mode::Llm | Mode::Matryoshka => {
-                let q_cap = if self.options.mode == Mode::Matryoshka {
-                    qm
-                } else {
-                    qm + pm / 4
-                };
-                let q = &query[..query.len().min(q_cap)];
-                let s = self.sep.as_slice();
-                let bos: &[i32] = self.bos.as_ref().map_or(&[], |b| b.as_slice());
-                let a_len = bos.len() + q.len();
-                let b_len = s.len() + p.len();
-                let budget = (qm + pm) as i64 - prompt.len() as i64 - s.len() as i64;
+                let s = self.sep.len();
+                let a_len = self.bos as usize + q.len();
+                let b_len = s + p.len();
+                let budget = (qm + pm) as i64 - prompt.len() as i64 - s as i64;
                 let mut keep_b = b_len;
                 if (a_len + b_len) as i64 > budget {
                     let r = ((a_len + b_len) as i64 - budget) as usize;
@@ -437,14 +462,12 @@ impl Collator {
                         pair.overlong = true;
                     }
                 }
-                pair.push(bos, 0);
-                pair.push(q, 0);
-                pair.push(&s[..keep_b.min(s.len())], 0);
-                pair.push(&p[..keep_b.saturating_sub(s.len())], 0);
-                pair.push(s, 0);
-                pair.push(prompt, 0);
-                pair.query_length = a_len + s.len();
-                pair.prompt_length = s.len() + prompt.len();
+                pair.sep_kept = keep_b.min(s);
+                pair.passage = &p[..keep_b.saturating_sub(s)];
+                pair.prompt = prompt;
+                pair.len = a_len + keep_b + s + prompt.len();
+                pair.query_length = a_len + s;
+                pair.prompt_length = s + prompt.len();
             }
         }
         pair
@@ -460,76 +483,117 @@ impl Collator {
 
     /// The pairs of one selection (positive first), as the model sees them before padding.
     pub fn pairs<'a>(&'a self, ds: &'a Dataset, sel: &Selection) -> Result<Vec<Pair<'a>>> {
-        let mut out = Vec::with_capacity(1 + sel.neg.len());
-        self.push_pairs(ds, sel, &mut out)?;
-        Ok(out)
-    }
-
-    fn push_pairs<'a>(
-        &'a self,
-        ds: &'a Dataset,
-        sel: &Selection,
-        out: &mut Vec<Pair<'a>>,
-    ) -> Result<()> {
-        let group = ds.group_ids(sel.row as usize)?;
-        let prompt = self.prompt_of(ds, group.prompt)?;
-        // Resolve every passage of the group first, in a tight loop of independent loads (the
-        // processor overlaps their cache misses), then build the pairs.
-        let mut passages: Vec<&[i32]> = Vec::with_capacity(1 + sel.neg.len());
-        passages.push(ds.passage(pick(group.pos, sel.pos, sel.row, "positive")?)?);
-        for &j in &sel.neg {
-            passages.push(ds.passage(pick(group.neg, j, sel.row, "negative")?)?);
-        }
-        out.extend(passages.iter().map(|p| self.pair(group.query, p, prompt)));
-        Ok(())
+        let r = self.resolve(ds, std::slice::from_ref(sel), false)?;
+        Ok(self.build_pairs(&r, std::slice::from_ref(sel)))
     }
 
     /// Teacher scores of one selection: `[pos_scores[p]] + [neg_scores[j] for j in negs]`.
     pub fn scores(&self, ds: &Dataset, sel: &Selection) -> Result<Vec<f32>> {
-        let group = ds.group(sel.row as usize)?;
-        let missing = |what: &str| {
-            Error::Config(format!(
-                "row {}: knowledge distillation needs {what}, the row has none",
-                sel.row
-            ))
-        };
-        let ps = group.pos_scores.ok_or_else(|| missing("pos_scores"))?;
-        pick(group.pos, sel.pos, sel.row, "positive")?;
-        let mut out = vec![ps[sel.pos as usize]];
-        if !sel.neg.is_empty() {
-            let ns = group.neg_scores.ok_or_else(|| missing("neg_scores"))?;
+        let mut out = Vec::with_capacity(1 + sel.neg.len());
+        push_scores(&ds.group(sel.row as usize)?, sel, &mut out)?;
+        Ok(out)
+    }
+
+    /// Longest passage prefix a pair can use.
+    fn passage_cap(&self) -> usize {
+        self.options.passage_max_len + self.options.query_max_len / 2
+    }
+
+    /// Longest query prefix a pair can use (the rest is cut in every mode).
+    fn query_cap(&self) -> usize {
+        let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
+        match self.options.mode {
+            Mode::Matryoshka => qm,
+            _ => qm + pm / 4,
+        }
+    }
+
+    /// Everything the pairs of `selections` read, located in two stages of independent loads
+    /// with prefetching in between, so the cache misses of a batch's scattered reads overlap:
+    /// 1. each group (its passage ids, query, prompt, and scores when `scores`), prefetching
+    ///    the list offsets of every passage it selects and the query tokens;
+    /// 2. each passage's tokens (offsets now cached), prefetching the tokens a pair can use.
+    fn resolve<'d>(
+        &self,
+        ds: &'d Dataset,
+        selections: &[Selection],
+        scores: bool,
+    ) -> Result<Resolved<'d>> {
+        let n: usize = selections.iter().map(|s| 1 + s.neg.len()).sum();
+        let mut ids = Vec::with_capacity(n);
+        let mut queries = Vec::with_capacity(selections.len());
+        let mut out_scores = scores.then(|| Vec::with_capacity(n));
+        let q_cap = self.query_cap();
+        for sel in selections {
+            let row = sel.row as usize;
+            let group = match out_scores.as_mut() {
+                Some(out) => {
+                    let g = ds.group(row)?;
+                    push_scores(&g, sel, out)?;
+                    GroupIds {
+                        query: g.query,
+                        pos: g.pos,
+                        neg: g.neg,
+                        prompt: g.prompt,
+                    }
+                }
+                None => ds.group_ids(row)?,
+            };
+            let first = ids.len();
+            ids.push(pick(group.pos, sel.pos, sel.row, "positive")?);
             for &j in &sel.neg {
-                pick(group.neg, j, sel.row, "negative")?;
-                out.push(ns[j as usize]);
+                ids.push(pick(group.neg, j, sel.row, "negative")?);
+            }
+            for &id in &ids[first..] {
+                ds.prefetch_passage(id);
+            }
+            let query = &group.query[..group.query.len().min(q_cap)];
+            storage::prefetch(query);
+            queries.push((query, self.prompt_of(ds, group.prompt)?));
+        }
+        let p_cap = self.passage_cap();
+        let passages = ids
+            .iter()
+            .map(|&id| {
+                let p = ds.passage(id)?;
+                let p = &p[..p.len().min(p_cap)];
+                storage::prefetch(p);
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Resolved {
+            queries,
+            passages,
+            scores: out_scores,
+        })
+    }
+
+    /// The pairs of resolved `selections`, in batch order.
+    fn build_pairs<'a>(&'a self, r: &Resolved<'a>, selections: &[Selection]) -> Vec<Pair<'a>> {
+        let mut pairs = Vec::with_capacity(r.passages.len());
+        let mut passages = r.passages.iter();
+        for (sel, &(query, prompt)) in selections.iter().zip(&r.queries) {
+            for p in passages.by_ref().take(1 + sel.neg.len()) {
+                pairs.push(self.pair(query, p, prompt));
             }
         }
-        Ok(out)
+        pairs
     }
 
     /// Collate `selections` (each with exactly group_size - 1 negatives) from `ds`.
     pub fn collate(&self, ds: &Dataset, selections: Vec<Selection>) -> Result<Batch> {
         let g = self.options.group_size;
         let rows = selections.len() * g;
-        let mut pairs: Vec<Pair<'_>> = Vec::with_capacity(rows);
-        let mut scores = self
-            .options
-            .knowledge_distillation
-            .then(|| Vec::with_capacity(rows));
-        for sel in &selections {
-            if sel.neg.len() + 1 != g {
-                return Err(Error::Config(format!(
-                    "row {}: a selection needs {} negatives, got {}",
-                    sel.row,
-                    g - 1,
-                    sel.neg.len()
-                )));
-            }
-            self.push_pairs(ds, sel, &mut pairs)?;
-            if let Some(out) = scores.as_mut() {
-                out.extend(self.scores(ds, sel)?);
-            }
+        if let Some(sel) = selections.iter().find(|s| s.neg.len() + 1 != g) {
+            return Err(Error::Config(format!(
+                "row {}: a selection needs {} negatives, got {}",
+                sel.row,
+                g - 1,
+                sel.neg.len()
+            )));
         }
-        touch(&pairs);
+        let resolved = self.resolve(ds, &selections, self.options.knowledge_distillation)?;
+        let pairs = self.build_pairs(&resolved, &selections);
         let longest = pairs.iter().map(Pair::len).max().unwrap_or(0);
         let len = match self.options.pad_to_multiple_of {
             Some(m) => longest.div_ceil(m) * m,
@@ -547,13 +611,14 @@ impl Collator {
                 (Ids::I32(i), m.map(Ids::I32), t.map(Ids::I32))
             }
         };
+        debug_assert_eq!(pairs.len(), rows);
         Ok(Batch {
             rows,
             len,
             input_ids,
             attention_mask,
             token_type_ids,
-            teacher_scores: scores,
+            teacher_scores: resolved.scores,
             query_lengths: matryoshka.then(|| lengths(|p| p.query_length)),
             prompt_lengths: matryoshka.then(|| lengths(|p| p.prompt_length)),
             real_tokens: pairs.iter().map(|p| p.len as u64).sum(),
@@ -570,7 +635,8 @@ impl Collator {
     }
 
     /// input_ids, attention_mask and token_type_ids (as asked), `[rows, len]` each, in one
-    /// pass over the pairs; every element is written exactly once.
+    /// pass over the pairs; every element is written exactly once, each array row by row as
+    /// runs (padding, segments; the mask and type ids as runs of one value).
     #[allow(clippy::type_complexity)]
     fn grids<T: IdElem>(
         &self,
@@ -584,58 +650,82 @@ impl Collator {
             .attention_mask
             .then(|| Vec::with_capacity(cells));
         let mut types: Option<Vec<T>> = self.token_type_ids.then(|| Vec::with_capacity(cells));
-        let (pad, zero, one) = (T::from_i32(self.pad), T::from_i32(0), T::from_i32(1));
-        let pad_to =
-            |ids: &mut Vec<T>, mask: &mut Option<Vec<T>>, types: &mut Option<Vec<T>>, n: usize| {
-                ids.resize(ids.len() + n, pad);
-                if let Some(m) = mask.as_mut() {
-                    m.resize(m.len() + n, zero);
-                }
-                if let Some(t) = types.as_mut() {
-                    t.resize(t.len() + n, zero);
-                }
-            };
+        // Rows are written as runs copied from these (a copy is a memcpy, where
+        // `Vec::resize` writes one element at a time): `pads`, and `len` zeros then `len` ones,
+        // whose windows are the mask rows and the type id runs.
+        let pads = vec![T::from_i32(self.pad); len];
+        let zeros_ones: Vec<T> = std::iter::repeat_n(T::from_i32(0), len)
+            .chain(std::iter::repeat_n(T::from_i32(1), len))
+            .collect();
+        let zeros = &zeros_ones[..len];
+        let ones_zeros: Vec<T> = zeros_ones[len..].iter().chain(zeros).copied().collect();
+        let run = |v: &mut Vec<T>, n: usize, value: u8| match value {
+            0 => v.extend_from_slice(&zeros[..n]),
+            1 => v.extend_from_slice(&zeros_ones[len..len + n]),
+            _ => v.resize(v.len() + n, T::from_i32(value as i32)),
+        };
+        let left = self.side == Side::Left;
         for pair in pairs {
             let padding = len - pair.len;
-            if self.side == Side::Left {
-                pad_to(&mut ids, &mut mask, &mut types, padding);
+            let (before, after) = if left { (padding, 0) } else { (0, padding) };
+            ids.extend_from_slice(&pads[..before]);
+            pair.for_each_segment(|seg, _| ids.extend(seg.iter().map(|&v| T::from_i32(v))));
+            ids.extend_from_slice(&pads[..after]);
+            if let Some(m) = mask.as_mut() {
+                m.extend_from_slice(if left {
+                    &zeros_ones[pair.len..pair.len + len]
+                } else {
+                    &ones_zeros[padding..padding + len]
+                });
             }
-            for &(seg, type_id) in &pair.segments[..pair.count] {
-                ids.extend(seg.iter().map(|&v| T::from_i32(v)));
-                if let Some(m) = mask.as_mut() {
-                    m.resize(m.len() + seg.len(), one);
-                }
-                if let Some(t) = types.as_mut() {
-                    t.resize(t.len() + seg.len(), T::from_i32(type_id as i32));
-                }
-            }
-            if self.side == Side::Right {
-                pad_to(&mut ids, &mut mask, &mut types, padding);
+            if let Some(t) = types.as_mut() {
+                t.extend_from_slice(&zeros[..before]);
+                let mut current = (0usize, 0u8);
+                pair.for_each_segment(|seg, type_id| {
+                    if type_id != current.1 {
+                        run(t, current.0, current.1);
+                        current = (0, type_id);
+                    }
+                    current.0 += seg.len();
+                });
+                run(t, current.0, current.1);
+                t.extend_from_slice(&zeros[..after]);
             }
         }
         (ids, mask, types)
     }
 }
 
-/// Read one value per cache line of every segment before copying: these loads are independent,
-/// so the processor overlaps their cache misses (passages are scattered across the map), where
-/// the copy loop would meet them one at a time.
-fn touch(pairs: &[Pair<'_>]) {
-    const PER_LINE: usize = 64 / std::mem::size_of::<i32>();
-    let mut acc = 0i32;
-    for pair in pairs {
-        for &(seg, _) in &pair.segments[..pair.count] {
-            for v in seg.iter().step_by(PER_LINE) {
-                acc ^= *v;
-            }
-            if let Some(v) = seg.last() {
-                acc ^= *v;
-            }
-        }
-    }
-    std::hint::black_box(acc);
+/// What the pairs of some selections read, located (see [`Collator::resolve`]).
+struct Resolved<'d> {
+    /// Per selection: the query (cut to the longest prefix a pair uses) and the prompt.
+    queries: Vec<(&'d [i32], &'d [i32])>,
+    /// Per pair, in batch order: the passage (cut likewise).
+    passages: Vec<&'d [i32]>,
+    /// Per pair: the teacher score, when asked.
+    scores: Option<Vec<f32>>,
 }
 
+/// Append the teacher scores of `sel` from its `group`.
+fn push_scores(group: &Group<'_>, sel: &Selection, out: &mut Vec<f32>) -> Result<()> {
+    let missing = |what: &str| {
+        Error::Config(format!(
+            "row {}: knowledge distillation needs {what}, the row has none",
+            sel.row
+        ))
+    };
+    let ps = group.pos_scores.ok_or_else(|| missing("pos_scores"))?;
+    pick(group.pos, sel.pos, sel.row, "positive")?;
+    out.push(ps[sel.pos as usize]);
+    if !sel.neg.is_empty() {
+        let ns = group.neg_scores.ok_or_else(|| missing("neg_scores"))?;
+        for &j in &sel.neg {
+            pick(group.neg, j, sel.row, "negative")?;
+            out.push(ns[j as usize]);
+        }
+    }
+    Ok(())
+}
 /// `list[i]`, or an error naming the row.
 fn pick(list: &[i32], i: u32, row: u64, what: &str) -> Result<i32> {
     list.get(i as usize).copied().ok_or_else(|| {

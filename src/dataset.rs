@@ -21,7 +21,7 @@ use bytemuck::Pod;
 use crate::error::{Error, Result};
 use crate::format::{self, Manifest};
 use crate::ipc::{read_layout, BatchLayout, FileLayout};
-use crate::storage::MappedFile;
+use crate::storage::{self, MappedFile};
 
 /// A record batch and its index.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +110,7 @@ impl Table {
     }
 
     /// The batch holding `row` and the row's index inside it: O(1).
-    #[inline]
+    #[inline(always)]
     fn locate(&self, row: usize, what: &'static str) -> Result<(Loc<'_>, usize)> {
         if row >= self.rows {
             return Err(Error::OutOfRange {
@@ -130,6 +130,8 @@ impl Table {
         Ok((loc, index))
     }
 
+    #[cold]
+    #[inline(never)]
     fn corrupt(&self, row_in_batch: usize, b: Loc<'_>, msg: &str) -> Error {
         Error::corrupt(
             self.path(),
@@ -141,7 +143,7 @@ impl Table {
     }
 
     /// The buffer `buf` of batch `b` as a slice of `T` (alignment checked).
-    #[inline]
+    #[inline(always)]
     fn buffer<T: Pod>(&self, b: Loc<'_>, buf: usize, i: usize) -> Result<&[T]> {
         let bytes = &self.file.bytes()[b.layout.buffers[buf].clone()];
         let whole = bytes.len() / std::mem::size_of::<T>() * std::mem::size_of::<T>();
@@ -150,7 +152,7 @@ impl Table {
     }
 
     /// Whether entry `i` of node `node` (validity in buffer `buf`) is null.
-    #[inline]
+    #[inline(always)]
     fn is_null(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<bool> {
         if b.layout.nodes[node].null_count == 0 {
             return Ok(false);
@@ -163,7 +165,7 @@ impl Table {
     }
 
     /// The list at row `i` of the list column starting at node `node`, buffer `buf`.
-    #[inline]
+    #[inline(always)]
     fn list<T: Pod>(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<Option<&[T]>> {
         if self.is_null(b, node, buf, i)? {
             return Ok(None);
@@ -179,8 +181,19 @@ impl Table {
         }
     }
 
-    /// The value at row `i` of the primitive column at node `node`, buffer `buf`.
+    /// Prefetch (see [`storage::prefetch`]) the `width`-byte entries `i` and `i + 1` of buffer
+    /// `buf` of batch `b`: list offsets (`buf` the list's offsets buffer) or a value. A hint:
+    /// an entry outside the buffer is ignored; the read that follows does the checks.
     #[inline]
+    fn prefetch_entry(&self, b: Loc<'_>, buf: usize, i: usize, width: usize) {
+        let bytes = &self.file.bytes()[b.layout.buffers[buf].clone()];
+        if let Some(entry) = bytes.get(i * width..(i + 2) * width) {
+            storage::prefetch(entry);
+        }
+    }
+
+    /// The value at row `i` of the primitive column at node `node`, buffer `buf`.
+    #[inline(always)]
     fn value<T: Pod>(&self, b: Loc<'_>, node: usize, buf: usize, i: usize) -> Result<Option<T>> {
         if self.is_null(b, node, buf, i)? {
             return Ok(None);
@@ -375,6 +388,33 @@ impl Dataset {
         })
     }
 
+    /// Start loading what [`Dataset::group_ids`] of `row` reads (list offsets of query, pos and
+    /// neg, the prompt id) without waiting for it. A hint: no value changes, no error (a row
+    /// out of range is ignored and fails at the read).
+    #[inline]
+    pub fn prefetch_group(&self, row: usize) {
+        let t = &self.groups;
+        if let Ok((b, i)) = t.locate(row, "row") {
+            for (_, buf) in [groups_col::QUERY, groups_col::POS, groups_col::NEG] {
+                t.prefetch_entry(b, buf + 1, i, 8);
+            }
+            t.prefetch_entry(b, groups_col::PROMPT.1 + 1, i, 4);
+        }
+    }
+
+    /// Start loading the list offsets of passage `id` without waiting (a hint, as
+    /// [`Dataset::prefetch_group`]).
+    #[inline]
+    pub fn prefetch_passage(&self, id: i32) {
+        let t = &self.passages;
+        if let Ok((b, i)) = usize::try_from(id)
+            .map_err(|_| ())
+            .and_then(|r| t.locate(r, "passage id").map_err(|_| ()))
+        {
+            t.prefetch_entry(b, 1, i, 8);
+        }
+    }
+
     /// Token ids of passage `id`, O(1), zero-copy. Ids come from [`Group::pos`] / [`Group::neg`];
     /// an id outside the table is an [`Error::OutOfRange`].
     #[inline]
@@ -452,7 +492,7 @@ impl Dataset {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn tokens_row<'a>(t: &'a Table, id: i32, what: &'static str) -> Result<&'a [i32]> {
     let row = usize::try_from(id).map_err(|_| Error::OutOfRange {
         what,

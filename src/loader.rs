@@ -88,15 +88,27 @@ impl Plan {
         }
     }
 
+    /// Rows `[lo, hi)` of batch `step` of `epoch` in `order`.
+    fn span(&self, order: &EpochOrder, step: u64) -> std::ops::Range<u64> {
+        let b = self.options.batch_size as u64;
+        (step * b).min(order.len())..((step + 1) * b).min(order.len())
+    }
+
+    fn order(&self, epoch: u64) -> EpochOrder<'_> {
+        let o = &self.options;
+        EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle)
+    }
+
     fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
         let o = &self.options;
-        let order = EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle);
-        let b = o.batch_size as u64;
-        let (lo, hi) = (step * b, ((step + 1) * b).min(order.len()));
+        let order = self.order(epoch);
+        let rows: Vec<u64> = self.span(&order, step).map(|i| order.row(i)).collect();
+        for &row in &rows {
+            self.ds.prefetch_group(row as usize);
+        }
         let g = o.collate.group_size;
-        (lo..hi)
-            .map(|i| {
-                let row = order.row(i);
+        rows.into_iter()
+            .map(|row| {
                 let group = self.ds.group_ids(row as usize)?;
                 let mut neg = Vec::with_capacity(g.saturating_sub(1));
                 let pos = sample_group(
@@ -113,7 +125,9 @@ impl Plan {
             .collect()
     }
 
-    fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
+    /// Batch `step` of `epoch`. `next` is the step this thread computes after it: its groups
+    /// are prefetched before this batch is collated, so their cache misses overlap the copy.
+    fn batch(&self, epoch: u64, step: u64, next: Option<u64>) -> Result<Batch> {
         let steps = self.steps();
         if step >= steps {
             return Err(Error::OutOfRange {
@@ -122,8 +136,14 @@ impl Plan {
                 len: steps,
             });
         }
-        self.collator
-            .collate(&self.ds, self.selections(epoch, step)?)
+        let selections = self.selections(epoch, step)?;
+        if let Some(next) = next.filter(|&n| n < steps) {
+            let order = self.order(epoch);
+            for i in self.span(&order, next) {
+                self.ds.prefetch_group(order.row(i) as usize);
+            }
+        }
+        self.collator.collate(&self.ds, selections)
     }
 }
 
@@ -237,7 +257,7 @@ impl Loader {
 
     /// Batch `step` of `epoch` (pure; does not move the loader).
     pub fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
-        self.plan.batch(epoch, step)
+        self.plan.batch(epoch, step, None)
     }
 
     /// Collate user-chosen selections with this loader's settings.
@@ -276,7 +296,8 @@ impl Loader {
                 .spawn(move || {
                     let mut step = first + t;
                     while step < steps {
-                        if tx.send(plan.batch(epoch, step)).is_err() {
+                        let batch = plan.batch(epoch, step, Some(step + threads as u64));
+                        if tx.send(batch).is_err() {
                             return;
                         }
                         step += threads as u64;
@@ -308,7 +329,8 @@ impl Iterator for Loader {
             return None;
         }
         let batch = if self.plan.options.prefetch_threads == 0 {
-            self.plan.batch(self.state.epoch, self.state.step)
+            let (epoch, step) = (self.state.epoch, self.state.step);
+            self.plan.batch(epoch, step, Some(step + 1))
         } else {
             let stale = self.prefetch.as_ref().is_none_or(|p| {
                 p.pid != std::process::id()
