@@ -236,7 +236,7 @@ pub struct Pair<'a> {
 
 impl<'a> Pair<'a> {
     /// Call `f` with each segment (ids, token type id) in order.
-    #[inline]
+    #[inline(always)]
     fn for_each_segment(&self, mut f: impl FnMut(&'a [i32], u8)) {
         for piece in self.layout {
             match piece {
@@ -512,7 +512,8 @@ impl Collator {
     /// with prefetching in between, so the cache misses of a batch's scattered reads overlap:
     /// 1. each group (its passage ids, query, prompt, and scores when `scores`), prefetching
     ///    the list offsets of every passage it selects and the query tokens;
-    /// 2. each passage's tokens (offsets now cached), prefetching the tokens a pair can use.
+    /// 2. each passage's token slice (its offsets now cached; the tokens themselves are
+    ///    prefetched a few pairs ahead of the copy, in `grids`).
     fn resolve<'d>(
         &self,
         ds: &'d Dataset,
@@ -540,10 +541,7 @@ impl Collator {
                 None => ds.group_ids(row)?,
             };
             let first = ids.len();
-            ids.push(pick(group.pos, sel.pos, sel.row, "positive")?);
-            for &j in &sel.neg {
-                ids.push(pick(group.neg, j, sel.row, "negative")?);
-            }
+            push_ids(&group, sel, &mut ids)?;
             for &id in &ids[first..] {
                 ds.prefetch_passage(id);
             }
@@ -556,9 +554,7 @@ impl Collator {
             .iter()
             .map(|&id| {
                 let p = ds.passage(id)?;
-                let p = &p[..p.len().min(p_cap)];
-                storage::prefetch(p);
-                Ok(p)
+                Ok(&p[..p.len().min(p_cap)])
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Resolved {
@@ -660,17 +656,29 @@ impl Collator {
         let zeros = &zeros_ones[..len];
         let ones_zeros: Vec<T> = zeros_ones[len..].iter().chain(zeros).copied().collect();
         let run = |v: &mut Vec<T>, n: usize, value: u8| match value {
-            0 => v.extend_from_slice(&zeros[..n]),
-            1 => v.extend_from_slice(&zeros_ones[len..len + n]),
+            0 => append(v, &zeros[..n]),
+            1 => append(v, &zeros_ones[len..len + n]),
             _ => v.resize(v.len() + n, T::from_i32(value as i32)),
         };
         let left = self.side == Side::Left;
-        for pair in pairs {
+        // The passages' tokens are the batch's scattered reads: prefetch them a few pairs
+        // ahead of the copy, so their misses overlap copying (a burst of prefetches up front
+        // would stall on the processor's miss buffers instead).
+        // Measured on short paragraphs (~4 lines each): 4 pairs ahead beat 0 by ~35% and a
+        // burst of all 64 by ~10%; 2 to 8 were within noise.
+        let distance = 4;
+        for pair in &pairs[..pairs.len().min(distance)] {
+            storage::prefetch(pair.passage);
+        }
+        for (r, pair) in pairs.iter().enumerate() {
+            if let Some(ahead) = pairs.get(r + distance) {
+                storage::prefetch(ahead.passage);
+            }
             let padding = len - pair.len;
             let (before, after) = if left { (padding, 0) } else { (0, padding) };
-            ids.extend_from_slice(&pads[..before]);
+            append(&mut ids, &pads[..before]);
             pair.for_each_segment(|seg, _| ids.extend(seg.iter().map(|&v| T::from_i32(v))));
-            ids.extend_from_slice(&pads[..after]);
+            append(&mut ids, &pads[..after]);
             if let Some(m) = mask.as_mut() {
                 m.extend_from_slice(if left {
                     &zeros_ones[pair.len..pair.len + len]
@@ -679,7 +687,7 @@ impl Collator {
                 });
             }
             if let Some(t) = types.as_mut() {
-                t.extend_from_slice(&zeros[..before]);
+                append(t, &zeros[..before]);
                 let mut current = (0usize, 0u8);
                 pair.for_each_segment(|seg, type_id| {
                     if type_id != current.1 {
@@ -689,10 +697,18 @@ impl Collator {
                     current.0 += seg.len();
                 });
                 run(t, current.0, current.1);
-                t.extend_from_slice(&zeros[..after]);
+                append(t, &zeros[..after]);
             }
         }
         (ids, mask, types)
+    }
+}
+
+/// `v.extend_from_slice(run)`, skipping the call for the empty runs (most padding runs).
+#[inline(always)]
+fn append<T: Copy>(v: &mut Vec<T>, run: &[T]) {
+    if !run.is_empty() {
+        v.extend_from_slice(run);
     }
 }
 
@@ -704,6 +720,16 @@ struct Resolved<'d> {
     passages: Vec<&'d [i32]>,
     /// Per pair: the teacher score, when asked.
     scores: Option<Vec<f32>>,
+}
+
+/// Append the passage ids `sel` picks from its `group`, positive first.
+#[inline]
+fn push_ids(group: &GroupIds<'_>, sel: &Selection, ids: &mut Vec<i32>) -> Result<()> {
+    ids.push(pick(group.pos, sel.pos, sel.row, "positive")?);
+    for &j in &sel.neg {
+        ids.push(pick(group.neg, j, sel.row, "negative")?);
+    }
+    Ok(())
 }
 
 /// Append the teacher scores of `sel` from its `group`.

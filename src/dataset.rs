@@ -181,6 +181,22 @@ impl Table {
         }
     }
 
+    /// [`Table::list`], a null being corrupt (`what` names the column).
+    #[inline(always)]
+    fn non_null_list<T: Pod>(
+        &self,
+        b: Loc<'_>,
+        node: usize,
+        buf: usize,
+        i: usize,
+        what: &str,
+    ) -> Result<&[T]> {
+        match self.list(b, node, buf, i)? {
+            Some(list) => Ok(list),
+            None => Err(self.corrupt(i, b, &format!("{what} is null"))),
+        }
+    }
+
     /// Prefetch (see [`storage::prefetch`]) the `width`-byte entries `i` and `i + 1` of buffer
     /// `buf` of batch `b`: list offsets (`buf` the list's offsets buffer) or a value. A hint:
     /// an entry outside the buffer is ignored; the read that follows does the checks.
@@ -370,10 +386,7 @@ impl Dataset {
     #[inline]
     fn ids_at(&self, b: Loc<'_>, i: usize) -> Result<GroupIds<'_>> {
         let t = &self.groups;
-        let ids = |(node, buf): (usize, usize), what: &str| -> Result<&[i32]> {
-            t.list(b, node, buf, i)?
-                .ok_or_else(|| t.corrupt(i, b, &format!("{what} is null")))
-        };
+        let ids = |(node, buf), what| t.non_null_list(b, node, buf, i, what);
         let prompt: Option<i32> = t.value(b, groups_col::PROMPT.0, groups_col::PROMPT.1, i)?;
         let prompt = match prompt {
             None => None,
@@ -500,8 +513,7 @@ fn tokens_row<'a>(t: &'a Table, id: i32, what: &'static str) -> Result<&'a [i32]
         len: t.rows as u64,
     })?;
     let (b, i) = t.locate(row, what)?;
-    t.list(b, 0, 0, i)?
-        .ok_or_else(|| t.corrupt(i, b, "tokens are null"))
+    t.non_null_list(b, 0, 0, i, "tokens")
 }
 
 /// Read and check `dir/manifest.json`.

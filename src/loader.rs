@@ -16,6 +16,7 @@ use crate::collate::{Batch, CollateOptions, Collator};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Universe};
+use crate::storage;
 
 /// Loader settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +111,9 @@ impl Plan {
         rows.into_iter()
             .map(|row| {
                 let group = self.ds.group_ids(row as usize)?;
+                // The collator reads the drawn entries of these lists next.
+                storage::prefetch(&group.pos[..group.pos.len().min(64)]);
+                storage::prefetch(&group.neg[..group.neg.len().min(64)]);
                 let mut neg = Vec::with_capacity(g.saturating_sub(1));
                 let pos = sample_group(
                     o.seed,

@@ -47,17 +47,20 @@ impl KeyedRng {
         mix64(self.state)
     }
 
-    /// Uniform in `0..n` (n > 0), unbiased (Lemire's multiply-and-reject).
+    /// Uniform in `0..n` (n > 0), unbiased (Lemire's multiply-and-reject). The rejection
+    /// threshold `2^64 mod n` is below `n`, so it is computed (a division) only when the low
+    /// half falls below `n`: rarely, and with the same draws and results as always computing it.
     #[inline]
     pub fn below(&mut self, n: u64) -> u64 {
         debug_assert!(n > 0);
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = (self.next_u64() as u128) * (n as u128);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
+        let mut m = (self.next_u64() as u128) * (n as u128);
+        if (m as u64) < n {
+            let threshold = n.wrapping_neg() % n;
+            while (m as u64) < threshold {
+                m = (self.next_u64() as u128) * (n as u128);
             }
         }
+        (m >> 64) as u64
     }
 }
 
@@ -357,6 +360,25 @@ fn partial_shuffle(rng: &mut KeyedRng, n: usize, k: usize, reps: usize, out: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn below_draws_as_the_always_dividing_form() {
+        fn reference(rng: &mut KeyedRng, n: u64) -> u64 {
+            let threshold = n.wrapping_neg() % n;
+            loop {
+                let m = (rng.next_u64() as u128) * (n as u128);
+                if (m as u64) >= threshold {
+                    return (m >> 64) as u64;
+                }
+            }
+        }
+        for n in [1u64, 2, 3, 7, 10, 1000, (1 << 63) + 1, u64::MAX] {
+            let (mut a, mut b) = (KeyedRng::new(&[n]), KeyedRng::new(&[n]));
+            for _ in 0..2000 {
+                assert_eq!(a.below(n), reference(&mut b, n));
+            }
+        }
+    }
 
     #[test]
     fn permutations_are_bijections() {
