@@ -13,7 +13,7 @@
 //!      |
 //!   dataset  (open + validate; typed zero-copy views of groups, passages, prompts)
 //!      |
-//!   format   (the on-disk layout and manifest; no I/O)      storage (the only mmap/unsafe)
+//!   format   (the on-disk layout and manifest; no I/O)      storage (mmap, prefetch; the only unsafe)
 //!   ipc      (Arrow IPC file layout parsed with every offset checked)
 //! ```
 //!

@@ -1,4 +1,4 @@
-//! Read-only memory maps: the only `unsafe` in rankfeed.
+//! Read-only memory maps and prefetch hints: the only `unsafe` in rankfeed.
 //!
 //! Dataset files are written once into a temporary directory and renamed into place when
 //! complete; rankfeed never modifies a published file. A file truncated underneath a live map
@@ -90,5 +90,20 @@ fn prefetch_line(addr: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = addr;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefetch;
+
+    #[test]
+    fn prefetch_is_a_no_op_on_values() {
+        let v: Vec<i32> = (0..10_000).collect();
+        prefetch::<i32>(&[]);
+        prefetch(&v[..1]);
+        prefetch(&v[3..4000]);
+        prefetch(&v);
+        assert_eq!(v, (0..10_000).collect::<Vec<i32>>());
     }
 }
