@@ -303,10 +303,9 @@ pub struct Collator {
     bos: bool,
     /// The pieces of a pair, in order.
     layout: Vec<Piece>,
-    /// Ids of the fixed pieces.
+    /// Ids of the fixed pieces: in encoder mode the pair template's special tokens
+    /// (`num_special_tokens_to_add(pair=True)`, the truncation budget's share).
     fixed_len: usize,
-    /// Special tokens of the pair template (encoder truncation budget).
-    num_special: usize,
     token_type_ids: bool,
     sep: Vec<i32>,
     default_prompt: u32,
@@ -380,7 +379,6 @@ impl Collator {
             })
             .sum();
         Ok(Collator {
-            num_special: facts.map_or(0, |f| f.num_special_pair()),
             token_type_ids: options.mode == Mode::Encoder
                 && facts.is_some_and(|f| f.has_token_type_ids),
             sep: text.sep_ids.clone(),
@@ -436,7 +434,7 @@ impl Collator {
         };
         match self.options.mode {
             Mode::Encoder => {
-                let total = q.len() + p.len() + self.num_special;
+                let total = q.len() + p.len() + self.fixed_len;
                 if total > qm + pm {
                     let r = total - (qm + pm);
                     if p.len() > r {
@@ -549,13 +547,9 @@ impl Collator {
             storage::prefetch(query);
             queries.push((query, self.prompt_of(ds, group.prompt)?));
         }
-        let p_cap = self.passage_cap();
         let passages = ids
             .iter()
-            .map(|&id| {
-                let p = ds.passage(id)?;
-                Ok(&p[..p.len().min(p_cap)])
-            })
+            .map(|&id| ds.passage(id))
             .collect::<Result<Vec<_>>>()?;
         Ok(Resolved {
             queries,
@@ -716,7 +710,7 @@ fn append<T: Copy>(v: &mut Vec<T>, run: &[T]) {
 struct Resolved<'d> {
     /// Per selection: the query (cut to the longest prefix a pair uses) and the prompt.
     queries: Vec<(&'d [i32], &'d [i32])>,
-    /// Per pair, in batch order: the passage (cut likewise).
+    /// Per pair, in batch order: the passage (whole; [`Collator::pair`] cuts it).
     passages: Vec<&'d [i32]>,
     /// Per pair: the teacher score, when asked.
     scores: Option<Vec<f32>>,

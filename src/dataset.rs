@@ -142,10 +142,16 @@ impl Table {
         )
     }
 
+    /// The bytes of buffer `buf` of batch `b` (ranges checked against the file at open).
+    #[inline(always)]
+    fn bytes(&self, b: Loc<'_>, buf: usize) -> &[u8] {
+        &self.file.bytes()[b.layout.buffers[buf].clone()]
+    }
+
     /// The buffer `buf` of batch `b` as a slice of `T` (alignment checked).
     #[inline(always)]
     fn buffer<T: Pod>(&self, b: Loc<'_>, buf: usize, i: usize) -> Result<&[T]> {
-        let bytes = &self.file.bytes()[b.layout.buffers[buf].clone()];
+        let bytes = self.bytes(b, buf);
         let whole = bytes.len() / std::mem::size_of::<T>() * std::mem::size_of::<T>();
         bytemuck::try_cast_slice(&bytes[..whole])
             .map_err(|e| self.corrupt(i, b, &format!("buffer {buf}: {e:?}")))
@@ -157,7 +163,7 @@ impl Table {
         if b.layout.nodes[node].null_count == 0 {
             return Ok(false);
         }
-        let bits = &self.file.bytes()[b.layout.buffers[buf].clone()];
+        let bits = self.bytes(b, buf);
         match bits.get(i / 8) {
             Some(byte) => Ok(byte & (1 << (i % 8)) == 0),
             None => Err(self.corrupt(i, b, "validity bitmap too short")),
@@ -202,8 +208,7 @@ impl Table {
     /// an entry outside the buffer is ignored; the read that follows does the checks.
     #[inline]
     fn prefetch_entry(&self, b: Loc<'_>, buf: usize, i: usize, width: usize) {
-        let bytes = &self.file.bytes()[b.layout.buffers[buf].clone()];
-        if let Some(entry) = bytes.get(i * width..(i + 2) * width) {
+        if let Some(entry) = self.bytes(b, buf).get(i * width..(i + 2) * width) {
             storage::prefetch(entry);
         }
     }
@@ -420,9 +425,9 @@ impl Dataset {
     #[inline]
     pub fn prefetch_passage(&self, id: i32) {
         let t = &self.passages;
-        if let Ok((b, i)) = usize::try_from(id)
-            .map_err(|_| ())
-            .and_then(|r| t.locate(r, "passage id").map_err(|_| ()))
+        if let Some((b, i)) = usize::try_from(id)
+            .ok()
+            .and_then(|r| t.locate(r, "passage id").ok())
         {
             t.prefetch_entry(b, 1, i, 8);
         }
