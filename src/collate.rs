@@ -40,9 +40,10 @@ impl std::str::FromStr for Mode {
             "encoder" => Ok(Mode::Encoder),
             "llm" => Ok(Mode::Llm),
             "matryoshka" => Ok(Mode::Matryoshka),
-            _ => Err(Error::Config(format!(
-                "mode {s:?}: expected encoder, llm or matryoshka"
-            ))),
+            _ => Err(Error::argument(
+                "mode",
+                format!("{s:?}: expected encoder, llm or matryoshka"),
+            )),
         }
     }
 }
@@ -62,9 +63,10 @@ impl std::str::FromStr for Side {
         match s {
             "right" => Ok(Side::Right),
             "left" => Ok(Side::Left),
-            _ => Err(Error::Config(format!(
-                "padding side {s:?}: expected left or right"
-            ))),
+            _ => Err(Error::argument(
+                "padding_side",
+                format!("{s:?}: expected left or right"),
+            )),
         }
     }
 }
@@ -316,14 +318,17 @@ impl Collator {
     pub fn new(ds: &Dataset, options: CollateOptions) -> Result<Collator> {
         let facts = ds.manifest().tokenizer.as_ref();
         if options.group_size == 0 {
-            return Err(Error::Config("group_size must be at least 1".into()));
+            return Err(Error::argument("group_size", "must be at least 1"));
         }
         if options.pad_to_multiple_of == Some(0) {
-            return Err(Error::Config("pad_to_multiple_of must be positive".into()));
+            return Err(Error::argument("pad_to_multiple_of", "must be positive"));
         }
         let tokenizer_pad = facts.and_then(|f| f.pad_id.or(f.unk_id).or(f.eos_id));
         let pad = options.pad_id.or(tokenizer_pad).ok_or_else(|| {
-            Error::Config("the tokenizer has no pad, unk or eos token: give a pad id".into())
+            Error::argument(
+                "pad_id",
+                "the tokenizer has no pad, unk or eos token: give a pad id",
+            )
         })?;
         let side = options.padding_side.unwrap_or(match options.mode {
             Mode::Encoder => match facts.map(|f| f.padding_side.as_str()) {
@@ -549,7 +554,7 @@ impl Collator {
         }
         let passages = ids
             .iter()
-            .map(|&id| ds.passage(id))
+            .map(|&id| ds.referenced_passage(id))
             .collect::<Result<Vec<_>>>()?;
         Ok(Resolved {
             queries,
@@ -575,12 +580,15 @@ impl Collator {
         let g = self.options.group_size;
         let rows = selections.len() * g;
         if let Some(sel) = selections.iter().find(|s| s.neg.len() + 1 != g) {
-            return Err(Error::Config(format!(
-                "row {}: a selection needs {} negatives, got {}",
-                sel.row,
-                g - 1,
-                sel.neg.len()
-            )));
+            return Err(Error::argument(
+                "selections",
+                format!(
+                    "row {}: a selection needs {} negatives, got {}",
+                    sel.row,
+                    g - 1,
+                    sel.neg.len()
+                ),
+            ));
         }
         let resolved = self.resolve(ds, &selections, self.options.knowledge_distillation)?;
         let pairs = self.build_pairs(&resolved, &selections);
@@ -729,10 +737,10 @@ fn push_ids(group: &GroupIds<'_>, sel: &Selection, ids: &mut Vec<i32>) -> Result
 /// Append the teacher scores of `sel` from its `group`.
 fn push_scores(group: &Group<'_>, sel: &Selection, out: &mut Vec<f32>) -> Result<()> {
     let missing = |what: &str| {
-        Error::Config(format!(
-            "row {}: knowledge distillation needs {what}, the row has none",
-            sel.row
-        ))
+        Error::argument(
+            "knowledge_distillation",
+            format!("row {}: needs {what}, the row has none", sel.row),
+        )
     };
     let ps = group.pos_scores.ok_or_else(|| missing("pos_scores"))?;
     pick(group.pos, sel.pos, sel.row, "positive")?;
@@ -749,9 +757,12 @@ fn push_scores(group: &Group<'_>, sel: &Selection, out: &mut Vec<f32>) -> Result
 /// `list[i]`, or an error naming the row.
 fn pick(list: &[i32], i: u32, row: u64, what: &str) -> Result<i32> {
     list.get(i as usize).copied().ok_or_else(|| {
-        Error::Config(format!(
-            "row {row}: {what} index {i} out of range (the row has {})",
-            list.len()
-        ))
+        Error::argument(
+            "selections",
+            format!(
+                "row {row}: {what} index {i} out of range (the row has {})",
+                list.len()
+            ),
+        )
     })
 }

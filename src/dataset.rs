@@ -1,8 +1,11 @@
 //! Opening a dataset directory and reading it zero-copy.
 //!
 //! [`Dataset::open`] maps the files and checks, in time independent of the number of rows:
-//! - the manifest parses, names this format and a supported version;
-//! - each file's size equals the manifest's (a truncated or replaced file fails here);
+//! - the manifest is a regular file below [`format::MAX_MANIFEST_BYTES`], its seal holds (any
+//!   changed byte fails here), it parses, names this format and a supported version;
+//! - it lists exactly the files present (the three `.arrow` files, `rejects.jsonl` when
+//!   present), each a regular file whose size equals the manifest's (a truncated or replaced
+//!   file fails here);
 //! - each Arrow file's footer, schema and every record batch's metadata are well formed, every
 //!   buffer lies inside the file and is aligned, batch row counts follow `rows_per_batch` and
 //!   add up to the manifest's counts (O(number of batches): ~80 batches per 5M rows).
@@ -11,7 +14,9 @@
 //! offsets in bounds and ordered, null bits, passage and prompt ids below their table sizes,
 //! score lists as long as their passage lists. A corrupt row is an `Err` when it is read, never
 //! a panic and never undefined behaviour. [`Dataset::validate`] runs all of them over every row
-//! plus the file checksums, for those who want to know up front (`rankfeed inspect --verify`).
+//! plus the checksum of every file and every token id against the tokenizer's vocabulary, for
+//! those who want to know up front (`rankfeed inspect --verify`): a dataset that passes it
+//! holds exactly the bytes that were written.
 
 use std::path::{Path, PathBuf};
 
@@ -51,18 +56,19 @@ impl Table {
         expected_rows: u64,
     ) -> Result<Table> {
         let path = dir.join(name);
+        let entry = manifest.files.get(name).ok_or_else(|| {
+            Error::corrupt(&path, "the manifest records no size and checksum for it")
+        })?;
         let file = MappedFile::open(&path)?;
-        if let Some(entry) = manifest.files.get(name) {
-            if entry.bytes != file.bytes().len() as u64 {
-                return Err(Error::corrupt(
-                    &path,
-                    format!(
-                        "size is {} bytes, the manifest says {} (truncated or replaced?)",
-                        file.bytes().len(),
-                        entry.bytes
-                    ),
-                ));
-            }
+        if entry.bytes != file.bytes().len() as u64 {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "size is {} bytes, the manifest says {} (truncated or replaced?)",
+                    file.bytes().len(),
+                    entry.bytes
+                ),
+            ));
         }
         let layout = read_layout(&path, file.bytes(), schema)?;
         let rows_per_batch = usize::try_from(manifest.rows_per_batch)
@@ -287,6 +293,7 @@ impl Dataset {
     pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
         let dir = dir.as_ref();
         let manifest = read_manifest(dir)?;
+        check_file_list(dir, &manifest)?;
         let c = &manifest.counts;
         let groups = Table::open(
             dir,
@@ -440,6 +447,22 @@ impl Dataset {
         tokens_row(&self.passages, id, "passage id")
     }
 
+    /// Token ids of passage `id` as stored in a group's `pos`/`neg`: an id outside the table
+    /// is corruption of groups.arrow ([`Error::Corrupt`]), not a caller's bad index.
+    #[inline]
+    pub fn referenced_passage(&self, id: i32) -> Result<&[i32]> {
+        self.passage(id).map_err(|e| match e {
+            Error::OutOfRange { index, len, .. } => Error::corrupt(
+                self.groups.path(),
+                format!(
+                    "a group references passage id {} (the dataset has {len})",
+                    index as i64
+                ),
+            ),
+            e => e,
+        })
+    }
+
     /// Token ids of prompt `id`.
     pub fn prompt_tokens(&self, id: u32) -> Result<&[i32]> {
         tokens_row(&self.prompts, id as i32, "prompt id")
@@ -454,35 +477,63 @@ impl Dataset {
         })
     }
 
-    /// Check every row of every file, every id, and the file checksums: linear in the data.
+    /// Check every row of every file, every id, every token id against the vocabulary, the
+    /// tokenizer facts against themselves, and the checksum of every file: linear in the data.
     pub fn validate(&self) -> Result<()> {
         for (name, table) in [
             (format::GROUPS_FILE, &self.groups),
             (format::PASSAGES_FILE, &self.passages),
             (format::PROMPTS_FILE, &self.prompts),
         ] {
-            if let Some(entry) = self.manifest.files.get(name) {
-                let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(table.file.bytes()));
-                if sum != entry.xxh3_64 {
-                    return Err(Error::corrupt(
-                        table.path(),
-                        format!(
-                            "checksum {sum} differs from the manifest's {}",
-                            entry.xxh3_64
-                        ),
-                    ));
-                }
-            }
+            check_sum(table.path(), table.file.bytes(), &self.manifest.files[name])?;
         }
+        if let Some(entry) = self.manifest.files.get(format::REJECTS_FILE) {
+            let path = self.dir.join(format::REJECTS_FILE);
+            let rejects = MappedFile::open(&path)?;
+            check_sum(&path, rejects.bytes(), entry)?;
+        }
+        let manifest_path = self.dir.join(format::MANIFEST_FILE);
+        let vocab = match &self.manifest.tokenizer {
+            Some(facts) => {
+                facts
+                    .check()
+                    .map_err(|m| Error::corrupt(&manifest_path, format!("tokenizer facts: {m}")))?;
+                facts.vocab_size as i64
+            }
+            None => i32::MAX as i64 + 1,
+        };
+        let bad_token = |path: &Path, what: String, ids: &[i32]| -> Result<()> {
+            match ids.iter().find(|&&t| !(0..vocab).contains(&(t as i64))) {
+                None => Ok(()),
+                Some(t) => Err(Error::corrupt(
+                    path,
+                    format!("{what}: token id {t} is outside the vocabulary of {vocab}"),
+                )),
+            }
+        };
+        bad_token(
+            &manifest_path,
+            "text.sep_ids".into(),
+            &self.manifest.text.sep_ids,
+        )?;
         for id in 0..self.passages.rows {
-            self.passage(id as i32)?;
+            bad_token(
+                self.passages.path(),
+                format!("row {id}"),
+                self.passage(id as i32)?,
+            )?;
         }
         for id in 0..self.prompts.rows {
-            self.prompt_tokens(id as u32)?;
+            bad_token(
+                self.prompts.path(),
+                format!("row {id}"),
+                self.prompt_tokens(id as u32)?,
+            )?;
         }
         let n = self.passages.rows;
         for row in 0..self.groups.rows {
             let g = self.group(row)?;
+            bad_token(self.groups.path(), format!("row {row} query"), g.query)?;
             for &id in g.pos.iter().chain(g.neg) {
                 if id < 0 || id as usize >= n {
                     return Err(Error::corrupt(
@@ -521,10 +572,88 @@ fn tokens_row<'a>(t: &'a Table, id: i32, what: &'static str) -> Result<&'a [i32]
     t.non_null_list(b, 0, 0, i, "tokens")
 }
 
-/// Read and check `dir/manifest.json`.
+fn check_sum(path: &Path, bytes: &[u8], entry: &format::FileEntry) -> Result<()> {
+    let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes));
+    if sum != entry.xxh3_64 || bytes.len() as u64 != entry.bytes {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "checksum {sum} ({} bytes) differs from the manifest's {} ({} bytes)",
+                bytes.len(),
+                entry.xxh3_64,
+                entry.bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The manifest's `files` lists exactly the data files: the three tables, and rejects.jsonl
+/// exactly when it exists (a regular file of the recorded size).
+fn check_file_list(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let manifest_path = dir.join(format::MANIFEST_FILE);
+    for name in manifest.files.keys() {
+        if ![
+            format::GROUPS_FILE,
+            format::PASSAGES_FILE,
+            format::PROMPTS_FILE,
+            format::REJECTS_FILE,
+        ]
+        .contains(&name.as_str())
+        {
+            return Err(Error::corrupt(
+                &manifest_path,
+                format!("lists an unknown file {name:?}"),
+            ));
+        }
+    }
+    let rejects = dir.join(format::REJECTS_FILE);
+    match (
+        manifest.files.get(format::REJECTS_FILE),
+        rejects.symlink_metadata().is_ok(),
+    ) {
+        (Some(_), false) => Err(Error::corrupt(
+            &rejects,
+            "missing (the manifest records it)",
+        )),
+        (None, true) => Err(Error::corrupt(
+            &rejects,
+            "the manifest records no size and checksum for it",
+        )),
+        (Some(entry), true) => {
+            let file = storage::open_dataset_file(&rejects)?;
+            let len = file.metadata().map_err(|e| Error::io(&rejects, e))?.len();
+            if len != entry.bytes {
+                return Err(Error::corrupt(
+                    &rejects,
+                    format!("size is {len} bytes, the manifest says {}", entry.bytes),
+                ));
+            }
+            Ok(())
+        }
+        (None, false) => Ok(()),
+    }
+}
+
+/// Read and check `dir/manifest.json`: a regular file, at most
+/// [`format::MAX_MANIFEST_BYTES`], sealed (see [`format`]), of a supported version.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    use std::io::Read;
     let path = dir.join(format::MANIFEST_FILE);
-    let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let file = storage::open_dataset_file(&path)?;
+    let mut text = Vec::new();
+    file.take(format::MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(&path, e))?;
+    if text.len() as u64 > format::MAX_MANIFEST_BYTES {
+        return Err(Error::corrupt(
+            &path,
+            format!(
+                "larger than {} bytes: not a manifest",
+                format::MAX_MANIFEST_BYTES
+            ),
+        ));
+    }
     let value: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::corrupt(&path, format!("not valid JSON: {e}")))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(format::FORMAT_NAME) {
@@ -547,6 +676,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             supported: format::SUPPORTED_VERSIONS,
         });
     }
-    serde_json::from_value(value)
-        .map_err(|e| Error::corrupt(&path, format!("invalid manifest: {e}")))
+    let manifest: Manifest = serde_json::from_value(value)
+        .map_err(|e| Error::corrupt(&path, format!("invalid manifest: {e}")))?;
+    Manifest::check_seal(&text, &manifest.checksum).map_err(|m| Error::corrupt(&path, m))?;
+    Ok(manifest)
 }

@@ -31,11 +31,13 @@ pub enum RejectReason {
     BooleanScore,
     /// A score is NaN, infinite, or does not fit in a float32.
     NonFiniteScore,
+    /// The line (or array element) is longer than `max_line_bytes`; it was not held in memory.
+    LineTooLong,
 }
 
 impl RejectReason {
     /// All reasons, in a stable order.
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::InvalidJson,
         RejectReason::InvalidUtf8,
         RejectReason::NotAnObject,
@@ -46,6 +48,7 @@ impl RejectReason {
         RejectReason::NonNumericScore,
         RejectReason::BooleanScore,
         RejectReason::NonFiniteScore,
+        RejectReason::LineTooLong,
     ];
 
     /// The stable snake_case name.
@@ -61,6 +64,7 @@ impl RejectReason {
             RejectReason::NonNumericScore => "non_numeric_score",
             RejectReason::BooleanScore => "boolean_score",
             RejectReason::NonFiniteScore => "non_finite_score",
+            RejectReason::LineTooLong => "line_too_long",
         }
     }
 }
@@ -116,8 +120,10 @@ impl fmt::Display for RowError {
     }
 }
 
-/// Every error rankfeed returns.
+/// Every error rankfeed returns. Each variant says what happened and where; lower-level
+/// errors are kept as `source`s so the whole chain can be printed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O error on a named path.
     #[error("{}: {source}", path.display())]
@@ -131,6 +137,28 @@ pub enum Error {
     /// A bad input row under the `fail` policy.
     #[error("bad input row at {0}")]
     Row(Box<RowError>),
+    /// Input that is not usable as a whole, or a bad row of a pre-tokenized input (import):
+    /// an empty file, a path that is not a regular file, a Parquet column of the wrong type.
+    #[error("{}{}{}: {message}", path.display(), at_row(*row), at_field(field.as_deref()))]
+    Input {
+        /// The input file or directory.
+        path: PathBuf,
+        /// The 0-based row (Parquet) or 1-based line (JSON) concerned, when one is.
+        row: Option<u64>,
+        /// The field (column) concerned, when one is.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A Parquet file could not be read or written.
+    #[error("parquet {}: {source}", path.display())]
+    Parquet {
+        /// The Parquet file (or output directory).
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
     /// The tokenizer file could not be loaded or used.
     #[error("tokenizer {}: {message}", path.display())]
     Tokenizer {
@@ -139,7 +167,7 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
-    /// A dataset file is corrupt, truncated or inconsistent.
+    /// A dataset file is corrupt, truncated, replaced or inconsistent with the manifest.
     #[error("corrupt dataset file {}: {message}", path.display())]
     Corrupt {
         /// The file that failed validation.
@@ -157,7 +185,7 @@ pub enum Error {
         /// Versions this build reads.
         supported: &'static [u32],
     },
-    /// An index (row, passage id, prompt id) outside its table.
+    /// An index asked for by the caller (row, passage id, prompt id) outside its table.
     #[error("{what} {index} is out of range (the dataset has {len})")]
     OutOfRange {
         /// What kind of index.
@@ -167,12 +195,34 @@ pub enum Error {
         /// The table size.
         len: u64,
     },
-    /// A bad argument or setting.
-    #[error("{0}")]
-    Config(String),
+    /// A bad argument or setting, named.
+    #[error("{name}: {message}")]
+    Argument {
+        /// The argument (option) name, as the library spells it.
+        name: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The output path exists and overwriting was not asked for.
+    #[error("{} already exists (use overwrite to replace it)", path.display())]
+    Exists {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// A broken internal invariant or a panicked worker thread: a bug in rankfeed.
+    #[error("internal error (a bug in rankfeed, please report it): {0}")]
+    Internal(String),
     /// An error from the Arrow writer.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),
+}
+
+fn at_row(row: Option<u64>) -> String {
+    row.map(|r| format!(" row {r}")).unwrap_or_default()
+}
+
+fn at_field(field: Option<&str>) -> String {
+    field.map(|f| format!(" field `{f}`")).unwrap_or_default()
 }
 
 impl Error {
@@ -182,6 +232,41 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// A bad-argument error.
+    pub fn argument(name: &'static str, message: impl Into<String>) -> Self {
+        Error::Argument {
+            name,
+            message: message.into(),
+        }
+    }
+
+    /// An input error on `path` as a whole.
+    pub fn input(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Input {
+            path: path.into(),
+            row: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// A Parquet error on `path`.
+    pub fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
+        Error::Parquet {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether the error says that stored data is corrupt (as opposed to a bad argument or
+    /// an I/O failure): Python raises `CorruptDatasetError` for exactly these.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            Error::Corrupt { .. } | Error::UnsupportedVersion { .. }
+        )
     }
 
     /// A corrupt-file error on `path`.

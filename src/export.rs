@@ -33,6 +33,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::publish::Staging;
 
 /// Key of the key-value metadata entry holding the manifest.
 pub const MANIFEST_KEY: &str = "rankfeed.manifest";
@@ -52,9 +53,10 @@ impl std::str::FromStr for Layout {
         match s {
             "flat" => Ok(Layout::Flat),
             "tables" => Ok(Layout::Tables),
-            _ => Err(Error::Config(format!(
-                "layout {s:?}: expected flat or tables"
-            ))),
+            _ => Err(Error::argument(
+                "layout",
+                format!("{s:?}: expected flat or tables"),
+            )),
         }
     }
 }
@@ -94,6 +96,8 @@ pub struct ExportReport {
     pub rows: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Stale staging directories of dead processes removed before publishing.
+    pub cleaned: Vec<PathBuf>,
 }
 
 /// A list field with Parquet's child name.
@@ -217,7 +221,7 @@ impl PartWriter {
                 let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
                 self.current = Some(
                     ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
-                        .map_err(pq)?,
+                        .map_err(|e| Error::parquet(&path, e))?,
                 );
                 self.report.files.push(path);
                 self.rows_in_file = 0;
@@ -228,7 +232,7 @@ impl PartWriter {
                 .as_mut()
                 .expect("opened above")
                 .write(&part)
-                .map_err(pq)?;
+                .map_err(|e| Error::parquet(&self.dir, e))?;
             self.rows_in_file += take;
             self.report.rows += take as u64;
             offset += take;
@@ -238,7 +242,7 @@ impl PartWriter {
 
     fn close_file(&mut self) -> Result<()> {
         if let Some(w) = self.current.take() {
-            w.close().map_err(pq)?;
+            w.close().map_err(|e| Error::parquet(&self.dir, e))?;
         }
         Ok(())
     }
@@ -250,9 +254,9 @@ impl PartWriter {
             let path = self.dir.join("part-00000.parquet");
             let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
             ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
-                .map_err(pq)?
+                .map_err(|e| Error::parquet(&self.dir, e))?
                 .close()
-                .map_err(pq)?;
+                .map_err(|e| Error::parquet(&self.dir, e))?;
             self.report.files.push(path);
         }
         for f in &self.report.files {
@@ -260,10 +264,6 @@ impl PartWriter {
         }
         Ok(self.report)
     }
-}
-
-pub(crate) fn pq(e: parquet::errors::ParquetError) -> Error {
-    Error::Config(format!("parquet: {e}"))
 }
 
 /// The manifest parts that `import` restores, as JSON.
@@ -290,15 +290,8 @@ fn manifest_json(ds: &Dataset) -> Result<String> {
 /// Export `ds` to Parquet under `out` (a directory).
 pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<ExportReport> {
     let start = Instant::now();
-    if out.exists() {
-        if !options.overwrite {
-            return Err(Error::Config(format!(
-                "{} already exists (use overwrite to replace it)",
-                out.display()
-            )));
-        }
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
+    let staging = Staging::new(out, options.overwrite)?;
+    let stage = staging.path();
     let meta = manifest_json(ds)?;
     let c = &ds.manifest().counts;
     let mut report = match options.layout {
@@ -307,7 +300,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
             let rows_per_group =
                 (options.row_group_bytes as u64 / per_row.max(1)).clamp(1024, 1 << 20) as usize;
             let mut w = PartWriter::new(
-                out.to_path_buf(),
+                stage.to_path_buf(),
                 groups_schema(true),
                 &meta,
                 rows_per_group,
@@ -326,7 +319,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
                 let rows_per_group =
                     (options.row_group_bytes as u64 / per_row).clamp(1024, 1 << 20) as usize;
                 let mut w = PartWriter::new(
-                    out.join(name),
+                    stage.join(name),
                     tokens_schema(),
                     &meta,
                     rows_per_group,
@@ -355,7 +348,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
             }
             let rows_per_group = 1 << 16;
             let mut w = PartWriter::new(
-                out.join("groups"),
+                stage.join("groups"),
                 groups_schema(false),
                 &meta,
                 rows_per_group,
@@ -366,6 +359,12 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
             total
         }
     };
+    for f in &mut report.files {
+        if let Ok(rel) = f.strip_prefix(stage) {
+            *f = out.join(rel);
+        }
+    }
+    report.cleaned = staging.commit()?;
     report.elapsed = start.elapsed();
     Ok(report)
 }
@@ -394,7 +393,9 @@ fn write_groups(ds: &Dataset, w: &mut PartWriter, rows_per_batch: usize, flat: b
             if flat {
                 for (ids, out) in [(g.pos, &mut pos_tok), (g.neg, &mut neg_tok)] {
                     for &id in ids {
-                        out.values().values().append_slice(ds.passage(id)?);
+                        out.values()
+                            .values()
+                            .append_slice(ds.referenced_passage(id)?);
                         out.values().append(true);
                     }
                     out.append(true);

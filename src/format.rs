@@ -28,6 +28,19 @@
 //! (large_list), so a file may hold more than 2^31 tokens; they restart in every batch.
 //!
 //! Token ids are int32: vocabularies are below 2^31 and Spark has no unsigned types.
+//!
+//! ## Integrity (format version 2)
+//! - `manifest.json` is sealed: its last field, `checksum`, is `xxh3-64` (16 lower-case hex
+//!   digits) of the file's own bytes with those 16 digits replaced by `0`s. Any change to any
+//!   byte of the manifest (an id in the pair template, a flag, a count, a checksum of another
+//!   file, even whitespace) breaks the seal, and the seal is checked at every open.
+//! - `files` lists **every** data file with its size and `xxh3-64`: the three `.arrow` files
+//!   always, `rejects.jsonl` exactly when it exists. A missing entry, an unknown entry, a
+//!   missing or extra file is corruption. Sizes are checked at open (O(1)); checksums, every
+//!   row, and every token id against the tokenizer's vocabulary by `verify`.
+//! - Version 1 datasets carried no seal and optional checksums; they are refused (re-convert).
+//!
+//! xxh3 detects accidental corruption and edits, not a forger who recomputes the sums.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,9 +49,11 @@ use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The format versions this build reads.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+/// Largest `manifest.json` read (a manifest holds per-source stats: ~1 KB per input file).
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "rankfeed-dataset";
 
@@ -170,6 +185,62 @@ pub struct TokenizerFacts {
 }
 
 impl TokenizerFacts {
+    /// Check the facts against themselves: every special id within the vocabulary, template
+    /// type ids 0 or 1, the pair template holding sequences A and B once each, the single
+    /// template A once. `Err` names the first fact that fails.
+    pub fn check(&self) -> Result<(), String> {
+        let vocab = self.vocab_size as i64;
+        let in_vocab = |what: &str, id: i32| {
+            if (0..vocab).contains(&(id as i64)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} id {id} is outside the vocabulary of {vocab}"
+                ))
+            }
+        };
+        for (what, id) in [
+            ("bos", self.bos_id),
+            ("eos", self.eos_id),
+            ("pad", self.pad_id),
+            ("unk", self.unk_id),
+        ] {
+            if let Some(id) = id {
+                in_vocab(what, id)?;
+            }
+        }
+        for (name, template, want) in [
+            ("single_template", &self.single_template, &["A"][..]),
+            ("pair_template", &self.pair_template, &["A", "B"][..]),
+        ] {
+            let mut seqs = Vec::new();
+            for piece in template {
+                let type_id = match piece {
+                    TemplatePiece::Special { ids, type_id } => {
+                        for &id in ids {
+                            in_vocab(name, id)?;
+                        }
+                        *type_id
+                    }
+                    TemplatePiece::Sequence { id, type_id } => {
+                        seqs.push(id.as_str());
+                        *type_id
+                    }
+                };
+                if type_id > 1 {
+                    return Err(format!("{name}: type id {type_id} (expected 0 or 1)"));
+                }
+            }
+            if !template.is_empty() && seqs != want {
+                return Err(format!("{name}: sequences {seqs:?}, expected {want:?}"));
+            }
+        }
+        if !matches!(self.padding_side.as_str(), "left" | "right") {
+            return Err(format!("padding_side {:?}", self.padding_side));
+        }
+        Ok(())
+    }
+
     /// Number of special ids the pair template adds (BERT 3, XLM-R 4).
     pub fn num_special_pair(&self) -> usize {
         self.pair_template
@@ -303,4 +374,61 @@ pub struct Manifest {
     pub sources: Vec<SourceStats>,
     /// Size and checksum of each .arrow file (and rejects.jsonl when present).
     pub files: BTreeMap<String, FileEntry>,
+    /// The seal: xxh3-64 of the manifest's bytes with this value zeroed (see the module docs).
+    /// Always the last field.
+    #[serde(default)]
+    pub checksum: String,
+}
+
+const SEAL_KEY: &[u8] = b"\"checksum\": \"";
+const SEAL_ZERO: &str = "0000000000000000";
+
+/// Where the 16 seal digits sit in a manifest's bytes (the last `"checksum": "`).
+fn seal_range(bytes: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = bytes.windows(SEAL_KEY.len()).rposition(|w| w == SEAL_KEY)? + SEAL_KEY.len();
+    let end = start + SEAL_ZERO.len();
+    (bytes.get(end) == Some(&b'"')).then_some(start..end)
+}
+
+fn seal_of(bytes: &[u8], range: std::ops::Range<usize>) -> String {
+    let mut zeroed = bytes.to_vec();
+    zeroed[range].copy_from_slice(SEAL_ZERO.as_bytes());
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&zeroed))
+}
+
+/// Recompute the seal of pretty-printed manifest bytes in place; returns it. rankfeed never
+/// edits a written manifest: this is for tests and tools that do so on purpose.
+pub fn reseal(bytes: &mut [u8]) -> Result<String, String> {
+    let range = seal_range(bytes).ok_or("no \"checksum\": \"<16 hex digits>\" field")?;
+    let sum = seal_of(bytes, range.clone());
+    bytes[range].copy_from_slice(sum.as_bytes());
+    Ok(sum)
+}
+
+impl Manifest {
+    /// The manifest file's bytes, sealed, and the manifest with its `checksum` set.
+    pub fn seal(mut self) -> Result<(Vec<u8>, Manifest), serde_json::Error> {
+        self.checksum = SEAL_ZERO.into();
+        let mut bytes = serde_json::to_vec_pretty(&self)?;
+        self.checksum = reseal(&mut bytes).map_err(serde::ser::Error::custom)?;
+        Ok((bytes, self))
+    }
+
+    /// Check the seal of manifest bytes whose parsed `checksum` is `parsed`: `Err` says why
+    /// it does not hold.
+    pub fn check_seal(bytes: &[u8], parsed: &str) -> Result<(), String> {
+        let range = seal_range(bytes).ok_or("no \"checksum\" (the manifest is not sealed)")?;
+        let stored = std::str::from_utf8(&bytes[range.clone()]).unwrap_or("");
+        if stored != parsed {
+            return Err("the \"checksum\" field is not the manifest's last".into());
+        }
+        let sum = seal_of(bytes, range);
+        if sum != stored {
+            return Err(format!(
+                "checksum {sum} of the manifest differs from the one it records, {stored} \
+                 (the manifest was changed after it was written)"
+            ));
+        }
+        Ok(())
+    }
 }

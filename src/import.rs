@@ -19,7 +19,7 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
-use crate::export::{pq, MANIFEST_KEY};
+use crate::export::MANIFEST_KEY;
 use crate::format::{SourceStats, TextSettings, TokenizerFacts};
 use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 
@@ -49,10 +49,7 @@ pub fn discover_parquet(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 p.extension().is_some_and(|e| e == "parquet")
             })?;
             if files.is_empty() {
-                return Err(Error::Config(format!(
-                    "{}: no .parquet files",
-                    input.display()
-                )));
+                return Err(Error::input(input, "directory has no .parquet files"));
             }
             out.extend(files);
         } else {
@@ -74,10 +71,13 @@ pub(crate) fn list_at(a: &dyn Array, i: usize) -> Option<ArrayRef> {
     }
 }
 
+/// Makes the error of one field of the row being read.
+type Bad<'a> = &'a dyn Fn(String) -> Error;
+
 /// Integer ids as i32 (int32 or int64 in range, no nulls).
-fn ids(a: &dyn Array, what: &dyn Fn() -> String) -> Result<Vec<i32>> {
+fn ids(a: &dyn Array, bad: Bad<'_>) -> Result<Vec<i32>> {
     if a.null_count() > 0 {
-        return Err(Error::Config(format!("{}: null id", what())));
+        return Err(bad("null id".into()));
     }
     match a.data_type() {
         DataType::Int32 => Ok(a
@@ -88,20 +88,14 @@ fn ids(a: &dyn Array, what: &dyn Fn() -> String) -> Result<Vec<i32>> {
             .as_primitive::<arrow_array::types::Int64Type>()
             .values()
             .iter()
-            .map(|&v| {
-                i32::try_from(v)
-                    .map_err(|_| Error::Config(format!("{}: id {v} does not fit int32", what())))
-            })
+            .map(|&v| i32::try_from(v).map_err(|_| bad(format!("id {v} does not fit int32"))))
             .collect(),
-        t => Err(Error::Config(format!(
-            "{}: ids must be int32 or int64, found {t}",
-            what()
-        ))),
+        t => Err(bad(format!("ids must be int32 or int64, found {t}"))),
     }
 }
 
 /// Scores as f32 (float or double, finite).
-fn scores(a: &dyn Array, what: &dyn Fn() -> String) -> Result<Vec<f32>> {
+fn scores(a: &dyn Array, bad: Bad<'_>) -> Result<Vec<f32>> {
     let v: Vec<f32> = match a.data_type() {
         DataType::Float32 => a
             .as_primitive::<arrow_array::types::Float32Type>()
@@ -113,18 +107,10 @@ fn scores(a: &dyn Array, what: &dyn Fn() -> String) -> Result<Vec<f32>> {
             .iter()
             .map(|&x| x as f32)
             .collect(),
-        t => {
-            return Err(Error::Config(format!(
-                "{}: scores must be float or double, found {t}",
-                what()
-            )))
-        }
+        t => return Err(bad(format!("scores must be float or double, found {t}"))),
     };
     if a.null_count() > 0 || v.iter().any(|x| !x.is_finite()) {
-        return Err(Error::Config(format!(
-            "{}: null or non-finite score",
-            what()
-        )));
+        return Err(bad("null or non-finite score".into()));
     }
     Ok(v)
 }
@@ -153,10 +139,10 @@ pub fn import(
     let (mut rows, mut bytes) = (0u64, 0u64);
     let mut last_source = 0u32;
     for (file_index, path) in files.iter().enumerate() {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::storage::open_regular(path)?;
         bytes += file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| Error::corrupt(path, e.to_string()))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
         if carried.is_none() {
             let kv = builder.metadata().file_metadata().key_value_metadata();
             let json = kv
@@ -176,16 +162,19 @@ pub fn import(
             }
             carried = Some(c);
         }
-        let reader = builder.with_batch_size(4096).build().map_err(pq)?;
+        let reader = builder
+            .with_batch_size(4096)
+            .build()
+            .map_err(|e| Error::parquet(path, e))?;
         for batch in reader {
-            let batch: RecordBatch = batch.map_err(|e| Error::corrupt(path, e.to_string()))?;
+            let batch: RecordBatch = batch.map_err(|e| Error::parquet(path, e.into()))?;
             let col = |name: &str| batch.column_by_name(name).cloned();
             let need = |name: &str| {
-                col(name).ok_or_else(|| {
-                    Error::Config(format!(
-                        "{}: no column {name:?} (need query, pos, neg)",
-                        path.display()
-                    ))
+                col(name).ok_or_else(|| Error::Input {
+                    path: path.clone(),
+                    row: None,
+                    field: Some(name.into()),
+                    message: "no such column (need query, pos, neg)".into(),
                 })
             };
             let (query, pos, neg) = (need("query")?, need("pos")?, need("neg")?);
@@ -196,20 +185,24 @@ pub fn import(
                 col("source"),
             );
             for i in 0..batch.num_rows() {
-                let at = |field: &str| format!("{} row {}: {field}", path.display(), rows + 1);
+                let at = |field: &str, message: String| Error::Input {
+                    path: path.clone(),
+                    row: Some(rows),
+                    field: Some(field.into()),
+                    message,
+                };
                 let q = list_at(query.as_ref(), i)
-                    .ok_or_else(|| Error::Config(at("query is null or not a list")))?;
-                let q = ids(q.as_ref(), &|| at("query"))?;
+                    .ok_or_else(|| at("query", "null or not a list".into()))?;
+                let q = ids(q.as_ref(), &|m| at("query", m))?;
                 let mut refs = [Vec::new(), Vec::new()];
                 for (k, (name, column)) in [("pos", &pos), ("neg", &neg)].into_iter().enumerate() {
-                    let outer = list_at(column.as_ref(), i).ok_or_else(|| {
-                        Error::Config(at(&format!("{name} is null or not a list")))
-                    })?;
+                    let outer = list_at(column.as_ref(), i)
+                        .ok_or_else(|| at(name, "null or not a list".into()))?;
                     for j in 0..outer.len() {
-                        let inner = list_at(outer.as_ref(), j).ok_or_else(|| {
-                            Error::Config(at(&format!("{name}[{j}] is not a list of ids")))
-                        })?;
-                        let tokens = ids(inner.as_ref(), &|| at(&format!("{name}[{j}]")))?;
+                        let field = format!("{name}[{j}]");
+                        let inner = list_at(outer.as_ref(), j)
+                            .ok_or_else(|| at(&field, "not a list of ids".into()))?;
+                        let tokens = ids(inner.as_ref(), &|m| at(&field, m))?;
                         let key = xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(&tokens));
                         let id = match passages.get(&key) {
                             Some(&id) => id,
@@ -223,11 +216,11 @@ pub fn import(
                     }
                 }
                 if refs[0].is_empty() {
-                    return Err(Error::Config(at("pos is empty")));
+                    return Err(at("pos", "empty: a group needs a positive".into()));
                 }
                 let score = |column: &Option<ArrayRef>, name: &str| -> Result<Option<Vec<f32>>> {
                     match column.as_ref().and_then(|c| list_at(c.as_ref(), i)) {
-                        Some(s) => Ok(Some(scores(s.as_ref(), &|| at(name))?)),
+                        Some(s) => Ok(Some(scores(s.as_ref(), &|m| at(name, m))?)),
                         None => Ok(None),
                     }
                 };
@@ -235,7 +228,7 @@ pub fn import(
                     (score(&ps, "pos_scores")?, score(&ns, "neg_scores")?);
                 let prompt_id = match prompt.as_ref().and_then(|c| list_at(c.as_ref(), i)) {
                     Some(p) => {
-                        let tokens = ids(p.as_ref(), &|| at("prompt"))?;
+                        let tokens = ids(p.as_ref(), &|m| at("prompt", m))?;
                         Some(match prompts.get(&tokens) {
                             Some(&id) => id,
                             None => {
@@ -249,15 +242,16 @@ pub fn import(
                 };
                 let src = match source.as_ref() {
                     Some(s) if !s.is_null(i) => {
-                        let v = ids(&s.slice(i, 1), &|| at("source"))?[0];
-                        u32::try_from(v).map_err(|_| Error::Config(at("negative source")))?
+                        let v = ids(&s.slice(i, 1), &|m| at("source", m))?[0];
+                        u32::try_from(v).map_err(|_| at("source", format!("negative: {v}")))?
                     }
                     _ => file_index as u32,
                 };
                 if src < last_source {
-                    return Err(Error::Config(at(&format!(
-                        "source {src} after source {last_source}: rows must be grouped by source in ascending order"
-                    ))));
+                    return Err(at(
+                        "source",
+                        format!("{src} after {last_source}: rows must be grouped by source in ascending order"),
+                    ));
                 }
                 last_source = src;
                 if per_source.len() <= src as usize {
@@ -279,7 +273,7 @@ pub fn import(
         }
     }
     if rows == 0 {
-        return Err(Error::Config("no rows in the Parquet inputs".into()));
+        return Err(Error::argument("inputs", "no rows in the Parquet inputs"));
     }
     let carried = carried.unwrap_or_default();
     let known = carried.sources.unwrap_or_default();

@@ -7,7 +7,8 @@
 //!   convert  (JSON/JSONL/Parquet sources -> check rows -> format -> dedup -> tokenize)
 //!   import / merge / export (Parquet in and out; shards joined)
 //!      |
-//!   writer   (token ids -> Arrow IPC files + manifest, published atomically)
+//!   writer   (token ids -> Arrow IPC files + sealed manifest)
+//!   publish  (staging directory -> output path: atomic swap, fsync, stale cleanup)
 //!      |
 //!   loader (prefetch, resumable state) -> collate (pure compute) <- sample (pure functions)
 //!      |
@@ -36,6 +37,7 @@ pub mod import;
 mod ipc;
 pub mod loader;
 pub mod merge;
+pub mod publish;
 pub mod sample;
 pub mod stats;
 pub mod storage;

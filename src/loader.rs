@@ -182,7 +182,7 @@ impl Loader {
     /// how to skip them, unless `skip_rows_without_negatives`.
     pub fn new(ds: Arc<Dataset>, options: LoaderOptions) -> Result<Loader> {
         if options.batch_size == 0 {
-            return Err(Error::Config("batch_size must be at least 1".into()));
+            return Err(Error::argument("batch_size", "must be at least 1"));
         }
         options.shard.check()?;
         let collator = Collator::new(&ds, options.collate.clone())?;
@@ -191,8 +191,9 @@ impl Loader {
         let universe = if accepted.iter().sum::<u64>() == ds.len() as u64 && !accepted.is_empty() {
             Universe::ranges(&accepted, options.max_example_num_per_dataset, options.seed)
         } else if options.max_example_num_per_dataset.is_some() {
-            return Err(Error::Config(
-                "max_example_num_per_dataset needs per-source row counts, which this dataset's manifest lacks".into(),
+            return Err(Error::argument(
+                "max_example_num_per_dataset",
+                "needs per-source row counts, which this dataset's manifest lacks",
             ));
         } else {
             Universe::all(ds.len() as u64)
@@ -205,12 +206,15 @@ impl Loader {
             if options.skip_rows_without_negatives {
                 universe.filter(|r| Ok(!ds.group_ids(r as usize)?.neg.is_empty()))?
             } else if empty_neg > 0 {
-                return Err(Error::Config(format!(
-                    "{empty_neg} rows have no negatives, but group_size {} needs {} per group; \
-                     skip them with skip_rows_without_negatives (CLI: --skip-empty-neg) or use group_size 1",
-                    options.collate.group_size,
-                    options.collate.group_size - 1
-                )));
+                return Err(Error::argument(
+                    "group_size",
+                    format!(
+                        "{empty_neg} rows have no negatives, but group_size {} needs {} per group; \
+                         skip them with skip_rows_without_negatives (CLI: --skip-empty-neg) or use group_size 1",
+                        options.collate.group_size,
+                        options.collate.group_size - 1
+                    ),
+                ));
             } else {
                 universe
             }
@@ -218,8 +222,9 @@ impl Loader {
             universe
         };
         if options.collate.knowledge_distillation && !ds.all_rows_have_scores() {
-            return Err(Error::Config(
-                "knowledge distillation needs pos_scores and neg_scores on every row; some rows have none".into(),
+            return Err(Error::argument(
+                "knowledge_distillation",
+                "needs pos_scores and neg_scores on every row; some rows have none",
             ));
         }
         Ok(Loader {
@@ -358,7 +363,7 @@ impl Iterator for Loader {
             p.next += 1;
             p.receivers[t]
                 .recv()
-                .unwrap_or_else(|_| Err(Error::Config("a prefetch thread stopped".into())))
+                .unwrap_or_else(|_| Err(Error::Internal("a prefetch thread stopped".into())))
         };
         self.state.step += 1;
         Some(batch)

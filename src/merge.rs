@@ -14,7 +14,7 @@ use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 /// Merge the datasets at `shards` into `out`.
 pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<crate::Manifest> {
     if shards.is_empty() {
-        return Err(Error::Config("no shards to merge".into()));
+        return Err(Error::argument("shards", "no shards to merge"));
     }
     let opened = shards
         .iter()
@@ -25,11 +25,13 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
         let m = ds.manifest();
         let fp = |m: &crate::Manifest| m.tokenizer.as_ref().map(|t| t.fingerprint.clone());
         if fp(m) != fp(first) || m.text != first.text {
-            return Err(Error::Config(format!(
-                "{}: tokenizer or text settings differ from {}'s; shards must be converted alike",
-                path.display(),
-                shards[0].display()
-            )));
+            return Err(Error::input(
+                path,
+                format!(
+                    "tokenizer or text settings differ from {}'s; shards must be converted alike",
+                    shards[0].display()
+                ),
+            ));
         }
     }
     let mut w = DatasetWriter::create(out, options)?;
@@ -60,7 +62,7 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
                         len: ds.num_passages() as u64,
                     })?;
                     if *slot < 0 {
-                        let tokens = ds.passage(id)?;
+                        let tokens = ds.referenced_passage(id)?;
                         let key = xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(tokens));
                         *slot = match passages.get(&key) {
                             Some(&m) => m as i32,

@@ -184,7 +184,8 @@ impl Universe {
             let r = self.row(j);
             if keep(r)? {
                 rows.push(
-                    u32::try_from(r).map_err(|_| Error::Config("more than 2^32 rows".into()))?,
+                    u32::try_from(r)
+                        .map_err(|_| Error::Internal("more than 2^32 rows in a row list".into()))?,
                 );
             }
         }
@@ -231,10 +232,13 @@ impl Shard {
     /// Check rank < world_size.
     pub fn check(&self) -> Result<()> {
         if self.world_size == 0 || self.rank >= self.world_size {
-            return Err(Error::Config(format!(
-                "rank {} must be below world_size {}",
-                self.rank, self.world_size
-            )));
+            return Err(Error::argument(
+                "rank",
+                format!(
+                    "rank {} must be below world_size {}",
+                    self.rank, self.world_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -313,14 +317,18 @@ pub fn sample_group(
     out_neg: &mut Vec<u32>,
 ) -> Result<u32> {
     if n_pos == 0 {
-        return Err(Error::Config(format!("row {row} has no positive")));
+        return Err(Error::corrupt(
+            crate::format::GROUPS_FILE,
+            format!("row {row} has no positive"),
+        ));
     }
     let k = group_size.saturating_sub(1);
     out_neg.clear();
     if k > 0 && n_neg == 0 {
-        return Err(Error::Config(format!(
-            "row {row} has no negatives but group_size is {group_size}"
-        )));
+        return Err(Error::argument(
+            "group_size",
+            format!("row {row} has no negatives but group_size is {group_size}"),
+        ));
     }
     let mut rng = KeyedRng::new(&[seed, epoch, row, 0x6e6567]);
     let pos = rng.below(n_pos as u64) as u32;

@@ -12,6 +12,58 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 
+/// Open `path` for reading only if it is a regular file (after following symlinks): a FIFO,
+/// device or socket is refused before any read, so it can neither hang the caller (a FIFO
+/// with no writer) nor feed it without end (`/dev/zero`). The open itself does not block:
+/// `O_NONBLOCK` is set for it (it has no effect on regular files).
+pub fn open_regular(path: &Path) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let kind = file.metadata().map_err(|e| Error::io(path, e))?.file_type();
+    if !kind.is_file() {
+        return Err(Error::input(
+            path,
+            format!("not a regular file ({})", describe(kind)),
+        ));
+    }
+    Ok(file)
+}
+
+/// [`open_regular`] for a file of a dataset, where anything but a regular file is corruption.
+pub fn open_dataset_file(path: &Path) -> Result<File> {
+    open_regular(path).map_err(|e| match e {
+        Error::Input { path, message, .. } => Error::Corrupt { path, message },
+        e => e,
+    })
+}
+
+fn describe(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    }
+}
+
 /// A whole file mapped read-only.
 #[derive(Debug)]
 pub struct MappedFile {
@@ -23,7 +75,7 @@ pub struct MappedFile {
 impl MappedFile {
     /// Map `path` read-only.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_dataset_file(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let map = if len == 0 {
             None

@@ -1,8 +1,10 @@
 //! Writing a dataset directory from token ids: streaming, bounded memory, atomic publish.
 //!
-//! Files are written into a temporary directory beside the output and renamed into place by
-//! [`DatasetWriter::finish`]; dropping an unfinished writer removes the temporary directory, so
-//! an interrupted or failed run never leaves a partial dataset under the output name.
+//! Files are written into a staging directory beside the output and published by
+//! [`DatasetWriter::finish`] with [`crate::publish`]: the output path names the old dataset or
+//! the complete new one at every instant, never a partial one and never nothing. Dropping an
+//! unfinished writer removes the staging directory; one left by a killed process is removed by
+//! the next run that writes to the same output.
 //! Memory: one record batch per file is buffered (`rows_per_batch` rows), plus one `u32` per
 //! passage for statistics.
 
@@ -21,6 +23,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{Error, Result, RowError};
 use crate::format::{self, Counts, FileEntry, Manifest, SourceStats, TextSettings, TokenizerFacts};
+use crate::publish::Staging;
 
 /// A `Write` that hashes and counts what passes through.
 struct HashingWriter<W: Write> {
@@ -73,11 +76,10 @@ fn finish_ipc(mut w: IpcOut, path: &Path) -> Result<FileEntry> {
     let mut out = w.into_inner()?;
     out.flush().map_err(|e| Error::io(path, e))?;
     let entry = out.entry();
-    let file = out
-        .inner
+    // fsync happens for the whole directory when it is published.
+    out.inner
         .into_inner()
         .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
     Ok(entry)
 }
 
@@ -306,54 +308,35 @@ struct OpenFiles {
 
 /// Writes a dataset directory; see the module docs.
 pub struct DatasetWriter {
-    out_dir: PathBuf,
-    tmp_dir: PathBuf,
+    staging: Staging,
     options: WriterOptions,
     /// The open files; `None` only inside `finish`, which consumes the writer.
     files: Option<OpenFiles>,
     rejects: Option<HashingWriter<BufWriter<File>>>,
     passage_lens: Vec<u32>,
     counts: Counts,
-    finished: bool,
 }
 
 impl DatasetWriter {
     /// Start writing a dataset that will appear at `out_dir` when [`finish`](Self::finish)ed.
     pub fn create(out_dir: impl AsRef<Path>, options: WriterOptions) -> Result<Self> {
-        let out_dir = out_dir.as_ref().to_path_buf();
         if options.rows_per_batch == 0 {
-            return Err(Error::Config("rows_per_batch must be positive".into()));
+            return Err(Error::argument("rows_per_batch", "must be positive"));
         }
-        if out_dir.exists() && !options.overwrite {
-            return Err(Error::Config(format!(
-                "{} already exists (use overwrite to replace it)",
-                out_dir.display()
-            )));
-        }
-        let tmp_dir = sibling(&out_dir, "tmp")?;
-        if tmp_dir.exists() {
-            std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
-        }
-        std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
-        let make = || -> Result<_> {
-            Ok(OpenFiles {
-                passages: TokensFile::create(tmp_dir.join(format::PASSAGES_FILE))?,
-                prompts: TokensFile::create(tmp_dir.join(format::PROMPTS_FILE))?,
-                groups: GroupsFile::create(tmp_dir.join(format::GROUPS_FILE))?,
-            })
+        let staging = Staging::new(out_dir.as_ref(), options.overwrite)?;
+        let tmp = staging.path();
+        let files = OpenFiles {
+            passages: TokensFile::create(tmp.join(format::PASSAGES_FILE))?,
+            prompts: TokensFile::create(tmp.join(format::PROMPTS_FILE))?,
+            groups: GroupsFile::create(tmp.join(format::GROUPS_FILE))?,
         };
-        let files = make().inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&tmp_dir);
-        })?;
         Ok(DatasetWriter {
-            out_dir,
-            tmp_dir,
+            staging,
             options,
             files: Some(files),
             rejects: None,
             passage_lens: Vec::new(),
             counts: Counts::default(),
-            finished: false,
         })
     }
 
@@ -364,7 +347,7 @@ impl DatasetWriter {
         let id = u32::try_from(id)
             .ok()
             .filter(|&i| i <= i32::MAX as u32)
-            .ok_or_else(|| Error::Config("more than 2^31 unique passages".into()))?;
+            .ok_or_else(|| Error::argument("inputs", "more than 2^31 unique passages"))?;
         self.passage_lens.push(tokens.len() as u32);
         self.counts.passages += 1;
         self.counts.passage_tokens += tokens.len() as u64;
@@ -376,7 +359,7 @@ impl DatasetWriter {
         let rows_per_batch = self.options.rows_per_batch;
         let id = self.files().prompts.push(tokens, rows_per_batch)?;
         self.counts.prompts += 1;
-        u32::try_from(id).map_err(|_| Error::Config("too many prompts".into()))
+        u32::try_from(id).map_err(|_| Error::argument("inputs", "more than 2^32 prompts"))
     }
 
     /// Number of passages added so far.
@@ -395,7 +378,7 @@ impl DatasetWriter {
             {
                 Some(&len) => ref_tokens += len as u64,
                 None => {
-                    return Err(Error::Config(format!(
+                    return Err(Error::Internal(format!(
                         "group {}: passage id {id} was not added (have {n})",
                         self.counts.groups
                     )));
@@ -403,7 +386,7 @@ impl DatasetWriter {
             }
         }
         if g.prompt.is_some_and(|p| p as u64 >= self.counts.prompts) {
-            return Err(Error::Config(format!(
+            return Err(Error::Internal(format!(
                 "prompt id {:?} was not added",
                 g.prompt
             )));
@@ -411,7 +394,7 @@ impl DatasetWriter {
         if g.pos_scores.is_some_and(|s| s.len() != g.pos.len())
             || g.neg_scores.is_some_and(|s| s.len() != g.neg.len())
         {
-            return Err(Error::Config(format!(
+            return Err(Error::Internal(format!(
                 "group {}: score list length differs from its passage list",
                 self.counts.groups
             )));
@@ -431,7 +414,7 @@ impl DatasetWriter {
 
     /// Record a rejected input row in rejects.jsonl.
     pub fn add_reject(&mut self, e: &RowError) -> Result<()> {
-        let path = self.tmp_dir.join(format::REJECTS_FILE);
+        let path = self.staging.path().join(format::REJECTS_FILE);
         if self.rejects.is_none() {
             let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
             self.rejects = Some(HashingWriter::new(BufWriter::new(f)));
@@ -444,13 +427,23 @@ impl DatasetWriter {
             "reason": e.reason.as_str(),
             "message": e.message,
         });
-        let w = self.rejects.as_mut().expect("created above");
+        let Some(w) = self.rejects.as_mut() else {
+            unreachable!("created above")
+        };
         serde_json::to_writer(&mut *w, &line).map_err(|e| Error::io(&path, e.into()))?;
         w.write_all(b"\n").map_err(|e| Error::io(&path, e))
     }
 
     fn files(&mut self) -> &mut OpenFiles {
-        self.files.as_mut().expect("present until finish")
+        match self.files.as_mut() {
+            Some(f) => f,
+            None => unreachable!("present until finish, which consumes the writer"),
+        }
+    }
+
+    /// Stale staging directories of dead processes removed when this writer was created.
+    pub fn cleaned(&self) -> &[PathBuf] {
+        self.staging.cleaned()
     }
 
     /// Counts so far.
@@ -461,12 +454,14 @@ impl DatasetWriter {
     /// Flush everything, write the manifest and publish the directory at the output path.
     pub fn finish(mut self, info: ManifestInfo) -> Result<Manifest> {
         let mut files = BTreeMap::new();
-        let open = self.files.take().expect("present until finish");
+        let Some(open) = self.files.take() else {
+            unreachable!("present until finish, which consumes the writer")
+        };
         files.insert(format::PASSAGES_FILE.to_string(), open.passages.finish()?);
         files.insert(format::PROMPTS_FILE.to_string(), open.prompts.finish()?);
         files.insert(format::GROUPS_FILE.to_string(), open.groups.finish()?);
         if let Some(mut r) = self.rejects.take() {
-            let path = self.tmp_dir.join(format::REJECTS_FILE);
+            let path = self.staging.path().join(format::REJECTS_FILE);
             r.flush().map_err(|e| Error::io(&path, e))?;
             files.insert(format::REJECTS_FILE.to_string(), r.entry());
         }
@@ -480,52 +475,14 @@ impl DatasetWriter {
             text: info.text,
             sources: info.sources,
             files,
+            checksum: String::new(),
         };
-        let path = self.tmp_dir.join(format::MANIFEST_FILE);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::io(&path, e.into()))?;
+        let path = self.staging.path().join(format::MANIFEST_FILE);
+        let (json, manifest) = manifest
+            .seal()
+            .map_err(|e| Error::Internal(format!("serializing the manifest: {e}")))?;
         std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
-        self.publish()?;
-        self.finished = true;
+        self.staging.commit()?;
         Ok(manifest)
     }
-
-    fn publish(&self) -> Result<()> {
-        let out = &self.out_dir;
-        if out.exists() {
-            if !self.options.overwrite {
-                return Err(Error::Config(format!("{} already exists", out.display())));
-            }
-            let old = sibling(out, "old")?;
-            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-            std::fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        } else {
-            std::fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for DatasetWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_dir_all(&self.tmp_dir);
-        }
-    }
-}
-
-/// `parent/.name.rankfeed-<tag>-<pid>`: a sibling on the same file system, so rename is atomic.
-fn sibling(out: &Path, tag: &str) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::Config(format!("{} is not a directory name", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok(parent.join(format!(
-        ".{}.rankfeed-{tag}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
 }

@@ -243,7 +243,7 @@ fn flipped_bytes_with_a_matching_checksum_never_panic() {
             std::fs::write(bad.join(name), &b).unwrap();
             let mut m = manifest.clone();
             m["files"][name]["xxh3_64"] = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)).into();
-            std::fs::write(bad.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+            write_resealed(&bad, &m);
             match std::panic::catch_unwind(|| open_and_read_all(&bad)) {
                 Ok(Ok(())) => ok += 1,
                 Ok(Err(_)) => failed += 1,
@@ -253,6 +253,13 @@ fn flipped_bytes_with_a_matching_checksum_never_panic() {
         }
     }
     assert!(failed > 0 && ok + failed == 900, "ok {ok} failed {failed}");
+}
+
+/// Write `m` as the manifest of `dir` with a valid seal (what a forger would do).
+fn write_resealed(dir: &Path, m: &serde_json::Value) {
+    let mut bytes = serde_json::to_vec_pretty(m).unwrap();
+    rankfeed::format::reseal(&mut bytes).unwrap();
+    std::fs::write(dir.join("manifest.json"), bytes).unwrap();
 }
 
 #[test]
@@ -295,7 +302,16 @@ fn manifest_problems_are_errors() {
         copy_dir(&good, &bad);
         let mut m = manifest.clone();
         edit(&mut m);
-        std::fs::write(bad.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        // Edited as is: the seal catches it.
+        std::fs::write(
+            bad.join("manifest.json"),
+            serde_json::to_vec_pretty(&m).unwrap(),
+        )
+        .unwrap();
+        let err = Dataset::open(&bad).unwrap_err();
+        assert!(err.is_corrupt(), "{name}: {err}");
+        // Edited and resealed: the check behind the seal catches it too.
+        write_resealed(&bad, &m);
         let err = Dataset::open(&bad).unwrap_err();
         assert!(err.to_string().contains(expect), "{name}: {err}");
     }

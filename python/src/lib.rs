@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use numpy::ndarray::{Array1, Array2};
 use numpy::{PyArray1, PyArray2};
-use pyo3::exceptions::{PyIndexError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileExistsError, PyIndexError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use rankfeed::collate::{Batch, CollateOptions, IdType, Ids, Mode, Side};
@@ -36,11 +36,16 @@ pyo3::create_exception!(
 fn to_py(e: rankfeed::Error) -> PyErr {
     use rankfeed::Error as E;
     let msg = error_chain(&e);
+    if e.is_corrupt() {
+        return CorruptDatasetError::new_err(msg);
+    }
     match e {
-        E::Io { .. } | E::Arrow(_) => PyOSError::new_err(msg),
-        E::Corrupt { .. } | E::UnsupportedVersion { .. } => CorruptDatasetError::new_err(msg),
+        E::Io { .. } | E::Arrow(_) | E::Parquet { .. } => PyOSError::new_err(msg),
+        E::Exists { .. } => PyFileExistsError::new_err(msg),
         E::OutOfRange { .. } => PyIndexError::new_err(msg),
-        E::Row(_) | E::Tokenizer { .. } | E::Config(_) => PyValueError::new_err(msg),
+        E::Internal(_) => PyRuntimeError::new_err(msg),
+        // Row, Input, Tokenizer, Argument, and variants added later.
+        _ => PyValueError::new_err(msg),
     }
 }
 

@@ -92,6 +92,9 @@ pub struct ConvertOptions {
     /// directory expansion), so n tasks can convert a corpus in parallel and `merge` joins
     /// their outputs in input order.
     pub shard: Option<(usize, usize)>,
+    /// Longest line (JSON lines) or array element (JSON array) read; a longer one is a
+    /// `line_too_long` row error under the policy, and memory stays bounded by this.
+    pub max_line_bytes: usize,
 }
 
 impl Default for ConvertOptions {
@@ -102,6 +105,7 @@ impl Default for ConvertOptions {
             writer: WriterOptions::default(),
             chunk_rows: 1024,
             shard: None,
+            max_line_bytes: source::DEFAULT_MAX_LINE_BYTES,
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct ConvertReport {
     pub tokens_tokenized: u64,
     /// Time spent inside the tokenizer.
     pub tokenize_time: Duration,
+    /// Stale staging directories of dead processes removed before writing.
+    pub cleaned: Vec<PathBuf>,
 }
 
 /// Size rayon's global pool, which the tokenizer uses. Only the first configuration in a process
@@ -231,7 +237,10 @@ pub fn convert(
     let mut sources = source::discover(inputs)?;
     if let Some((k, n)) = options.shard {
         if n == 0 || k >= n {
-            return Err(Error::Config(format!("shard {k}/{n}: need 0 <= k < n")));
+            return Err(Error::argument(
+                "shard",
+                format!("{k}/{n}: need 0 <= k < n"),
+            ));
         }
         let f = sources.len();
         sources = sources[k * f / n..(k + 1) * f / n].to_vec();
@@ -264,6 +273,7 @@ pub fn convert(
         next_passage: 0,
         policy: options.on_error,
         chunk_rows: options.chunk_rows.max(1),
+        max_line_bytes: options.max_line_bytes,
     };
     let mut writer = DatasetWriter::create(out, options.writer.clone())?;
     let defaults =
@@ -292,7 +302,7 @@ pub fn convert(
     let (done_tx, done_rx) = sync_channel::<Tokenized>(2);
     let (read_result, write_result) = std::thread::scope(|scope| {
         let prepare = scope.spawn(|| preparer.run(&sources, bytes_read.clone(), job_tx));
-        scope.spawn(move || {
+        let tokenize = scope.spawn(move || {
             for job in job_rx {
                 let t0 = Instant::now();
                 let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
@@ -312,10 +322,9 @@ pub fn convert(
                 elapsed: start.elapsed(),
             })
         });
-        (
-            prepare.join().expect("prepare thread does not panic"),
-            write_result,
-        )
+        let tokenized = tokenize.join().map_err(|p| panicked("tokenize", p));
+        let prepared = prepare.join().map_err(|p| panicked("prepare", p));
+        (prepared.and_then(|r| r), tokenized.and(write_result))
     });
     write_result?;
     let read_stats = read_result?;
@@ -323,15 +332,12 @@ pub fn convert(
     let mut stats = Vec::with_capacity(sources.len());
     for (i, (src, rs)) in sources.iter().zip(read_stats).enumerate() {
         if rs.rows_read == 0 && options.shard.is_none() {
-            return Err(Error::Config(format!(
-                "{}: no rows (empty input)",
-                src.path.display()
-            )));
+            return Err(Error::input(&src.path, "no rows (empty input)"));
         }
         let rows_rejected: u64 = rs.rejected.values().sum();
         if rs.rows_read != sink.accepted[i] + rows_rejected {
-            return Err(Error::Config(format!(
-                "{}: internal count mismatch: read {} rows, accepted {} + rejected {}",
+            return Err(Error::Internal(format!(
+                "{}: count mismatch: read {} rows, accepted {} + rejected {}",
                 src.path.display(),
                 rs.rows_read,
                 sink.accepted[i],
@@ -361,6 +367,7 @@ pub fn convert(
         sink.tokenize_time,
     );
     drop(sink);
+    let cleaned = writer.cleaned().to_vec();
     let manifest = writer.finish(ManifestInfo {
         tokenizer: Some(tokenizer.facts().clone()),
         text,
@@ -372,7 +379,18 @@ pub fn convert(
         texts_tokenized,
         tokens_tokenized,
         tokenize_time,
+        cleaned,
     })
+}
+
+/// The error for a pipeline thread that panicked (a bug: input never makes rankfeed panic).
+fn panicked(stage: &str, payload: Box<dyn std::any::Any + Send>) -> Error {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    Error::Internal(format!("the {stage} thread of convert panicked: {what}"))
 }
 
 /// The prepare stage: parse, check, format, deduplicate.
@@ -384,6 +402,7 @@ struct Preparer {
     next_passage: u32,
     policy: OnError,
     chunk_rows: usize,
+    max_line_bytes: usize,
 }
 
 impl Preparer {
@@ -408,7 +427,8 @@ impl Preparer {
                 st.unknown_fields = unknown;
                 bytes_read.fetch_add(src.bytes, Ordering::Relaxed);
             } else {
-                source::read_records(src, bytes_read.clone(), &mut |rec| {
+                let max = self.max_line_bytes;
+                source::read_records(src, bytes_read.clone(), max, &mut |rec| {
                     let row = match rec {
                         Record::Blank => {
                             st.blank_lines += 1;
@@ -416,6 +436,7 @@ impl Preparer {
                         }
                         Record::Row(bytes, pos) => parse_row(bytes, &pos, &mut st.unknown_fields),
                         Record::Broken(e) => Err(e),
+                        Record::TooLong(pos, len) => Err(Record::too_long(pos, len, max)),
                     };
                     self.take(&mut job, st, id, row, &tx, &mut stop)
                 })?;

@@ -125,21 +125,15 @@ pub fn read_parquet_rows(
     unknown: &mut std::collections::BTreeMap<String, u64>,
     f: &mut dyn FnMut(std::result::Result<InputRow<'static>, RowError>) -> bool,
 ) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::storage::open_regular(path)?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| {
-            Error::Config(format!(
-                "{}: not a readable Parquet file: {e}",
-                path.display()
-            ))
-        })?
+        .map_err(|e| Error::parquet(path, e))?
         .with_batch_size(1024)
         .build()
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::parquet(path, e))?;
     let mut row_index = 0u64;
     for batch in reader {
-        let batch: RecordBatch =
-            batch.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let batch: RecordBatch = batch.map_err(|e| Error::parquet(path, e.into()))?;
         let names: Vec<String> = batch
             .schema()
             .fields()

@@ -43,10 +43,15 @@ pub struct InputRow<'a> {
     pub passage_prompt: Option<Cow<'a, str>>,
 }
 
-/// Sentinel standing for a bare NaN/Infinity literal (which Python's json module writes).
+/// Sentinel standing for a bare NaN/Infinity literal (which Python's json module writes), or a
+/// number literal too large for a double (`1e400`: Python reads it as inf).
 const NONFINITE: &str = "\u{0}rankfeed-nonfinite";
 
-/// Parse and check one row. `unknown` counts unknown top-level field names.
+/// The UTF-8 byte order mark, which Windows tools put at the start of a file.
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Parse and check one row. `unknown` counts unknown top-level field names. A leading UTF-8
+/// byte order mark is skipped (files made on Windows, and files concatenated from them).
 ///
 /// A fast path deserializes straight into borrowed strings; any row it does not accept as is
 /// (wrong types, NaN, duplicate keys, ...) goes through the slow path, which builds a JSON
@@ -57,6 +62,7 @@ pub fn parse_row<'a>(
     position: &InputPosition,
     unknown: &mut BTreeMap<String, u64>,
 ) -> Result<InputRow<'a>, RowError> {
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
     if let Ok(FastRow(row, fields)) = serde_json::from_slice::<FastRow<'a>>(bytes) {
         if row.is_valid() {
             for f in fields {
@@ -235,9 +241,11 @@ fn scores(
                         ))
                     }
                 }
-                Value::String(s) if s == NONFINITE => {
-                    Err((at(), RejectReason::NonFiniteScore, "NaN or Infinity".into()))
-                }
+                Value::String(s) if s == NONFINITE => Err((
+                    at(),
+                    RejectReason::NonFiniteScore,
+                    "NaN, Infinity, or beyond the range of a double".into(),
+                )),
                 Value::Bool(b) => Err((
                     at(),
                     RejectReason::BooleanScore,
@@ -396,19 +404,22 @@ fn kind(v: &Value) -> &'static str {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
-        Value::String(s) if s == NONFINITE => "NaN/Infinity",
+        Value::String(s) if s == NONFINITE => "NaN/Infinity/an out-of-range number",
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
     }
 }
 
-/// Replace bare `NaN`, `Infinity` and `-Infinity` literals outside strings with a sentinel
-/// string, so a row Python's json module wrote gets "non-finite score" rather than "invalid
-/// JSON". `None` when there is none.
+/// Replace bare `NaN`, `Infinity` and `-Infinity` literals outside strings, and number
+/// literals beyond the range of a double (`1e400`, an integer of a million digits), with a
+/// sentinel string, so a row Python's json module reads (as nan/inf) gets "non-finite score"
+/// rather than "invalid JSON". `None` when there is none. Works on bytes: the text outside
+/// strings may hold any UTF-8 (it is then invalid JSON, reported by the parser).
 fn replace_nonfinite_literals(text: &str) -> Option<String> {
+    const SENTINEL: &[u8] = b"\"\\u0000rankfeed-nonfinite\"";
     let b = text.as_bytes();
-    let mut out = String::with_capacity(text.len() + 32);
+    let mut out: Vec<u8> = Vec::with_capacity(b.len() + 32);
     let (mut i, mut last, mut in_str, mut found) = (0, 0, false, false);
     while i < b.len() {
         let c = b[i];
@@ -426,28 +437,64 @@ fn replace_nonfinite_literals(text: &str) -> Option<String> {
             i += 1;
             continue;
         }
-        let rest = &text[i..];
+        let rest = &b[i..];
         let len = ["-Infinity", "Infinity", "NaN"]
             .iter()
-            .find(|lit| rest.starts_with(*lit))
-            .map(|lit| lit.len());
-        if let Some(len) = len {
-            out.push_str(&text[last..i]);
-            out.push('"');
-            out.push_str("\\u0000rankfeed-nonfinite");
-            out.push('"');
-            i += len;
-            last = i;
-            found = true;
-        } else {
-            i += 1;
+            .find(|lit| rest.starts_with(lit.as_bytes()))
+            .map(|lit| lit.len())
+            .or_else(|| huge_number(rest));
+        match len {
+            Some(len) => {
+                out.extend_from_slice(&b[last..i]);
+                out.extend_from_slice(SENTINEL);
+                i += len;
+                last = i;
+                found = true;
+            }
+            None => i += number_len(rest).max(1),
         }
     }
     if !found {
         return None;
     }
-    out.push_str(&text[last..]);
-    Some(out)
+    out.extend_from_slice(&b[last..]);
+    // Only ASCII was spliced in, at ASCII positions, into valid UTF-8.
+    String::from_utf8(out).ok()
+}
+
+/// Length of the JSON number literal at the start of `b` (`-?digits(.digits)?([eE][+-]?digits)?`),
+/// 0 when there is none.
+fn number_len(b: &[u8]) -> usize {
+    let digits = |from: usize| {
+        b[from.min(b.len())..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    };
+    let mut n = usize::from(b.first() == Some(&b'-'));
+    let int = digits(n);
+    if int == 0 {
+        return 0;
+    }
+    n += int;
+    if b.get(n) == Some(&b'.') && digits(n + 1) > 0 {
+        n += 1 + digits(n + 1);
+    }
+    if matches!(b.get(n), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(b.get(n + 1), Some(b'+' | b'-')));
+        let exp = digits(n + 1 + sign);
+        if exp > 0 {
+            n += 1 + sign + exp;
+        }
+    }
+    n
+}
+
+/// Length of the number literal at the start of `b` when it overflows a double.
+fn huge_number(b: &[u8]) -> Option<usize> {
+    let n = number_len(b);
+    let text = std::str::from_utf8(&b[..n]).ok()?;
+    (n > 0 && text.parse::<f64>().is_ok_and(|x| x.is_infinite())).then_some(n)
 }
 
 #[cfg(test)]
@@ -552,6 +599,51 @@ mod tests {
             reason(r#"{"query":"q","pos":["a"],"neg":[],"prompt":3}"#).0,
             WrongType
         );
+    }
+
+    /// Regression (issue 9, observation 1): non-ASCII bytes outside strings made the
+    /// NaN/Infinity pre-pass slice a `str` inside a character, a panic that killed the whole
+    /// conversion even under the skip policy.
+    #[test]
+    fn non_ascii_outside_strings_is_invalid_json_not_a_panic() {
+        for row in [
+            r#"{"query": café, "pos": ["a"], "neg": []}"#,
+            "{\u{201c}query\u{201d}: \u{201c}q\u{201d}, \"pos\": [\"a\"], \"neg\": []}",
+            "{\"query\": \"q\", \"pos\": [\"a\"], \"neg\": [], \"pos_scores\": [NaN\u{e9}]}",
+            "\u{feff}\u{feff}{\"query\": \"q\", \"pos\": [\"a\"], \"neg\": []}",
+            "{\"query\": \"q\", \u{feff}\"pos\": [\"a\"], \"neg\": []}",
+        ] {
+            assert_eq!(reason(row).0, RejectReason::InvalidJson, "{row}");
+        }
+    }
+
+    /// A byte order mark before the row (Windows files) is skipped.
+    #[test]
+    fn leading_bom_is_skipped() {
+        let r = parse("\u{feff}{\"query\": \"q\", \"pos\": [\"a\"], \"neg\": []}").unwrap();
+        assert_eq!(r.query, "q");
+    }
+
+    /// Regression (issue 9, observation 8): numbers beyond a double are scores Python reads as
+    /// inf, so they are `non_finite_score`, not `invalid_json`.
+    #[test]
+    fn numbers_beyond_a_double_are_non_finite_scores() {
+        let million = "9".repeat(1_000_000);
+        for score in ["1e400", "-1e400", "1E+999", million.as_str()] {
+            let row = format!(r#"{{"query":"q","pos":["a"],"neg":[],"pos_scores":[{score}]}}"#);
+            assert_eq!(
+                reason(&row),
+                (RejectReason::NonFiniteScore, Some("pos_scores[0]".into())),
+                "{}",
+                &score[..score.len().min(10)]
+            );
+        }
+        // Elsewhere they are ignored like any unknown field's value, as Python would.
+        let r = parse(r#"{"query":"q","pos":["a"],"neg":[],"extra":1e400}"#).unwrap();
+        assert_eq!(r.query, "q");
+        assert_eq!(number_len(b"-12.5e-3,"), 8);
+        assert_eq!(number_len(b"1.e5"), 1);
+        assert_eq!(number_len(b"-x"), 0);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //!
 //! Positions: JSON lines report the 1-based line; array elements report the line where the
 //! element starts and the element index. Blank lines are not rows (they are counted).
+//!
+//! Bounded: only regular files are read (a FIFO, device or socket is an error before any
+//! read); a line or array element longer than `max_line_bytes` is not held in memory but
+//! skipped to its end and reported as a `line_too_long` row. A UTF-8 byte order mark at the
+//! start of a file is skipped.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -94,7 +99,7 @@ pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>
 /// not `.json`/`.jsonl` (optionally `.gz`/`.zst`), a directory without such files.
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
     if inputs.is_empty() {
-        return Err(Error::Config("no input paths given".into()));
+        return Err(Error::argument("inputs", "no input paths given"));
     }
     let mut out = Vec::new();
     for input in inputs {
@@ -102,10 +107,10 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
         if meta.is_dir() {
             let files = list_dir(input, |p| classify(p).is_some())?;
             if files.is_empty() {
-                return Err(Error::Config(format!(
-                    "{}: directory has no .json, .jsonl (optionally .gz/.zst) or .parquet files",
-                    input.display()
-                )));
+                return Err(Error::input(
+                    input,
+                    "directory has no .json, .jsonl (optionally .gz/.zst) or .parquet files",
+                ));
             }
             for f in files {
                 out.push(source_file(&f)?);
@@ -117,14 +122,20 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
     Ok(out)
 }
 
+/// Default `max_line_bytes`: far above any real row (a group of 16 long passages is < 1 MB),
+/// below what tokenizing one line could cost in memory (~40x its size for a single text).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+
 fn source_file(path: &Path) -> Result<SourceFile> {
     let (layout, compression) = classify(path).ok_or_else(|| {
-        Error::Config(format!(
-            "{}: not an input file (expected .json or .jsonl, optionally .gz or .zst, or .parquet)",
-            path.display()
-        ))
+        Error::input(
+            path,
+            "not an input file (expected .json or .jsonl, optionally .gz or .zst, or .parquet)",
+        )
     })?;
-    let bytes = std::fs::metadata(path)
+    // Checks the kind of file without reading (or blocking on) it.
+    let bytes = crate::storage::open_regular(path)?
+        .metadata()
         .map_err(|e| Error::io(path, e))?
         .len();
     Ok(SourceFile {
@@ -150,7 +161,7 @@ impl<R: Read> Read for Counting<R> {
 }
 
 fn open(src: &SourceFile, counter: Arc<AtomicU64>) -> Result<Box<dyn BufRead + Send>> {
-    let file = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
+    let file: File = crate::storage::open_regular(&src.path)?;
     let raw = Counting {
         inner: file,
         counter,
@@ -178,17 +189,40 @@ pub enum Record<'a> {
     Blank,
     /// A structural error; the rest of the file is unreadable.
     Broken(RowError),
+    /// A line (array element) longer than the limit, skipped: its position and length.
+    TooLong(InputPosition, u64),
+}
+
+impl Record<'_> {
+    /// The row error of a [`Record::TooLong`].
+    pub fn too_long(position: InputPosition, len: u64, max: usize) -> RowError {
+        RowError {
+            position,
+            field: None,
+            reason: RejectReason::LineTooLong,
+            message: format!("{len} bytes, longer than max_line_bytes ({max}); not read"),
+        }
+    }
 }
 
 /// Stream the records of `src` into `f`, stopping early when `f` returns `false`.
-/// `counter` is advanced by the raw bytes read.
+/// `counter` is advanced by the raw bytes read; no record longer than `max_line_bytes` is
+/// held in memory.
 pub fn read_records(
     src: &SourceFile,
     counter: Arc<AtomicU64>,
+    max_line_bytes: usize,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> Result<()> {
     let mut reader = open(src, counter)?;
     let io = |e: std::io::Error| Error::io(&src.path, e);
+    if reader
+        .fill_buf()
+        .map_err(io)?
+        .starts_with(crate::convert::row::BOM)
+    {
+        reader.consume(crate::convert::row::BOM.len());
+    }
     // Leading whitespace: counted as blank lines, so line numbers stay right either way.
     let mut skipped_newlines = 0u64;
     let first = loop {
@@ -210,27 +244,59 @@ pub fn read_records(
         }
     };
     if src.layout == Layout::Json && first == Some(b'[') {
-        return read_array(&mut *reader, src, 1 + skipped_newlines, f).map_err(io);
+        return read_array(&mut *reader, src, 1 + skipped_newlines, max_line_bytes, f).map_err(io);
     }
     for _ in 0..skipped_newlines {
         if !f(Record::Blank) {
             return Ok(());
         }
     }
-    read_lines(&mut *reader, src, skipped_newlines, f).map_err(io)
+    read_lines(&mut *reader, src, skipped_newlines, max_line_bytes, f).map_err(io)
+}
+
+/// Read up to and including the next `\n` into `line`, keeping at most `max` bytes: returns
+/// the line's full length (0 at the end of input); when it is above `max`, `line` is empty.
+fn read_line_bounded(
+    reader: &mut dyn BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<u64> {
+    line.clear();
+    let mut total = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let (n, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        total += n as u64;
+        if total <= max as u64 + 2 {
+            line.extend_from_slice(&buf[..n]);
+        } else if !line.is_empty() {
+            *line = Vec::new();
+        }
+        reader.consume(n);
+        if done {
+            return Ok(total);
+        }
+    }
 }
 
 fn read_lines(
     reader: &mut dyn BufRead,
     src: &SourceFile,
     first_line: u64,
+    max_line_bytes: usize,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(1 << 16);
     let mut number = first_line;
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        let len = read_line_bounded(reader, &mut line, max_line_bytes)?;
+        if len == 0 {
             return Ok(());
         }
         number += 1;
@@ -239,15 +305,17 @@ fn read_lines(
             end -= 1;
         }
         let row = &line[..end];
-        let keep_going = if row.iter().all(|b| b.is_ascii_whitespace()) {
+        let pos = || InputPosition {
+            path: src.path.clone(),
+            line: number,
+            element: None,
+        };
+        let keep_going = if row.len() > max_line_bytes || len > max_line_bytes as u64 + 2 {
+            f(Record::TooLong(pos(), len))
+        } else if row.iter().all(|b| b.is_ascii_whitespace()) {
             f(Record::Blank)
         } else {
-            let pos = InputPosition {
-                path: src.path.clone(),
-                line: number,
-                element: None,
-            };
-            f(Record::Row(row, pos))
+            f(Record::Row(row, pos()))
         };
         if !keep_going {
             return Ok(());
@@ -262,6 +330,7 @@ fn read_array(
     reader: &mut dyn BufRead,
     src: &SourceFile,
     first_line: u64,
+    max_line_bytes: usize,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> std::io::Result<()> {
     #[derive(PartialEq)]
@@ -275,6 +344,8 @@ fn read_array(
     let (mut line, mut start_line, mut element) = (first_line, first_line, 0u64);
     let (mut depth, mut in_str, mut escaped) = (0i64, false, false);
     let mut cur: Vec<u8> = Vec::new();
+    // Length of the current element; above the limit, `cur` stops growing.
+    let mut cur_len = 0u64;
     let broken = |line: u64, element: Option<u64>, msg: String| {
         Record::Broken(RowError {
             position: InputPosition {
@@ -326,6 +397,7 @@ fn read_array(
                         start_line = line;
                         cur.clear();
                         cur.push(c);
+                        cur_len = 1;
                         depth = i64::from(c == b'{' || c == b'[');
                         in_str = c == b'"';
                         escaped = false;
@@ -342,7 +414,12 @@ fn read_array(
                         while cur.last().is_some_and(|b| b.is_ascii_whitespace()) {
                             cur.pop();
                         }
-                        if !f(Record::Row(&cur, pos)) {
+                        let record = if cur_len > max_line_bytes as u64 {
+                            Record::TooLong(pos, cur_len)
+                        } else {
+                            Record::Row(&cur, pos)
+                        };
+                        if !f(record) {
                             return Ok(());
                         }
                         element += 1;
@@ -354,7 +431,12 @@ fn read_array(
                         };
                         continue;
                     }
-                    cur.push(c);
+                    cur_len += 1;
+                    if cur_len <= max_line_bytes as u64 {
+                        cur.push(c);
+                    } else if !cur.is_empty() {
+                        cur = Vec::new();
+                    }
                     if in_str {
                         if escaped {
                             escaped = false;

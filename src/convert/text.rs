@@ -22,7 +22,7 @@ enum Piece {
 impl PyFormat {
     /// Parse `fmt`, which may refer to arguments 0 and 1 only.
     pub fn parse(fmt: &str) -> Result<PyFormat> {
-        let bad = |m: &str| Error::Config(format!("format {fmt:?}: {m}"));
+        let bad = |m: &str| Error::argument("instruction_format", format!("{fmt:?}: {m}"));
         let mut pieces = Vec::new();
         let mut lit = String::new();
         let mut auto = 0usize;
