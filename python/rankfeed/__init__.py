@@ -67,7 +67,7 @@ class _Progress:
 def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}",
             passage_instruction=None, passage_instruction_format="{}{}", sep_token="\n",
             default_prompt=None, on_error="fail", overwrite=False, threads=None,
-            rows_per_batch=None, progress=None, shard=None):
+            rows_per_batch=None, progress=None, shard=None, max_line_bytes=None):
     """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
     dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
 
@@ -77,7 +77,9 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
     `"skip"` records rejected rows in `out/rejects.jsonl` and the manifest. `progress`: None
     shows a progress line when stderr is a terminal; True/False force it; a callable receives
     (bytes_read, bytes_total, rows, rejected, tokens, seconds). `shard=(k, n)` converts only
-    the k-th of n contiguous blocks of the input files; join the shards with `merge`."""
+    the k-th of n contiguous blocks of the input files; join the shards with `merge`.
+    `max_line_bytes` (default 64 MiB): a longer line is a `line_too_long` row under `on_error`.
+    The summary's `cleaned` lists staging directories of interrupted runs that were removed."""
     inputs = _paths(inputs)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -90,7 +92,8 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
                         passage_instruction_format=passage_instruction_format, sep_token=sep_token,
                         default_prompt=default_prompt, on_error=on_error, overwrite=overwrite,
                         threads=threads, rows_per_batch=rows_per_batch, progress=callback,
-                        shard=tuple(shard) if shard is not None else None)
+                        shard=tuple(shard) if shard is not None else None,
+                        max_line_bytes=max_line_bytes)
     finally:
         if isinstance(callback, _Progress) and callback.last:
             sys.stderr.write("\n")

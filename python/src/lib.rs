@@ -167,7 +167,7 @@ fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
 #[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}".to_string(),
     passage_instruction=None, passage_instruction_format="{}{}".to_string(), sep_token="\n".to_string(),
     default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None,
-    shard=None))]
+    shard=None, max_line_bytes=None))]
 #[allow(clippy::too_many_arguments)]
 fn convert<'py>(
     py: Python<'py>,
@@ -186,6 +186,7 @@ fn convert<'py>(
     rows_per_batch: Option<usize>,
     progress: Option<Py<PyAny>>,
     shard: Option<(usize, usize)>,
+    max_line_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let on_error = match on_error {
         "fail" => OnError::Fail,
@@ -215,6 +216,7 @@ fn convert<'py>(
             overwrite,
         },
         shard,
+        max_line_bytes: max_line_bytes.unwrap_or(rankfeed::convert::source::DEFAULT_MAX_LINE_BYTES),
         ..ConvertOptions::default()
     };
     let tok = detached(py, || {
@@ -247,6 +249,7 @@ fn convert<'py>(
         "dedup_ratio": report.manifest.counts.dedup_ratio(),
         "counts": report.manifest.counts,
         "sources": report.manifest.sources,
+        "cleaned": report.cleaned,
     });
     json_to_py(py, &summary)
 }

@@ -63,7 +63,12 @@ pub fn parse_row<'a>(
     unknown: &mut BTreeMap<String, u64>,
 ) -> Result<InputRow<'a>, RowError> {
     let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
-    if let Ok(FastRow(row, fields)) = serde_json::from_slice::<FastRow<'a>>(bytes) {
+    // The whole row must be UTF-8, as Python's json requires: serde_json does not check the
+    // strings it skips (unknown fields), so check here, once, before the fast path.
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return parse_row_slow(bytes, position, unknown);
+    };
+    if let Ok(FastRow(row, fields)) = serde_json::from_str::<FastRow<'a>>(text) {
         if row.is_valid() {
             for f in fields {
                 *unknown.entry(f).or_default() += 1;
@@ -72,6 +77,16 @@ pub fn parse_row<'a>(
         }
     }
     parse_row_slow(bytes, position, unknown)
+}
+
+/// The reference path alone: what [`parse_row`] must agree with on every row it accepts
+/// (the fuzzer checks this). Slower: it builds a JSON value.
+pub fn parse_row_reference<'a>(
+    bytes: &[u8],
+    position: &InputPosition,
+    unknown: &mut BTreeMap<String, u64>,
+) -> Result<InputRow<'a>, RowError> {
+    parse_row_slow(bytes.strip_prefix(BOM).unwrap_or(bytes), position, unknown)
 }
 
 fn parse_row_slow<'a>(
@@ -615,6 +630,21 @@ mod tests {
         ] {
             assert_eq!(reason(row).0, RejectReason::InvalidJson, "{row}");
         }
+    }
+
+    /// Regression (found by tests/fuzz_rows.rs): invalid UTF-8 inside an unknown field's
+    /// string was accepted by the fast path (serde_json skips ignored strings unchecked) while
+    /// the reference path rejected the row.
+    #[test]
+    fn invalid_utf8_in_an_ignored_field_is_rejected() {
+        let row = b"{\"query\":\"q\",\"pos\":[\"a\"],\"neg\":[],\"extra\":\"\xe9t\xe9\"}";
+        let pos = InputPosition {
+            path: "t.jsonl".into(),
+            line: 3,
+            element: None,
+        };
+        let e = parse_row(row, &pos, &mut BTreeMap::new()).unwrap_err();
+        assert_eq!((e.reason, e.position.line), (RejectReason::InvalidUtf8, 3));
     }
 
     /// A byte order mark before the row (Windows files) is skipped.

@@ -150,6 +150,10 @@ struct ConvertArgs {
     /// sharded conversion; join the shards with `rankfeed merge`.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
+    /// Longest line (or JSON array element) read, in bytes; a longer one is a `line_too_long`
+    /// row under --on-error, and never held in memory.
+    #[arg(long, default_value_t = rankfeed::convert::source::DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -235,6 +239,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             overwrite: a.overwrite,
         },
         shard: a.shard,
+        max_line_bytes: a.max_line_bytes,
         ..ConvertOptions::default()
     };
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
@@ -258,6 +263,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     });
     bar.finish_and_clear();
     let report = report.with_context(|| format!("converting into {}", a.output.display()))?;
+    report_cleaned(&report.cleaned);
     let m = &report.manifest;
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -286,6 +292,16 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     )?;
     write_summary(&mut out, m)?;
     Ok(())
+}
+
+/// Say which stale staging directories (left by killed runs) were removed.
+fn report_cleaned(cleaned: &[PathBuf]) {
+    for p in cleaned {
+        eprintln!(
+            "removed {}: the staging directory of an interrupted run",
+            p.display()
+        );
+    }
 }
 
 fn write_summary(out: &mut impl Write, m: &Manifest) -> Result<()> {
@@ -341,6 +357,7 @@ fn run_export(a: ExportArgs) -> Result<()> {
         ..Default::default()
     };
     let r = rankfeed::export::export(&ds, &a.output, &options)?;
+    report_cleaned(&r.cleaned);
     let secs = r.elapsed.as_secs_f64();
     let input: u64 = ds.manifest().files.values().map(|f| f.bytes).sum();
     println!(
