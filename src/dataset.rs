@@ -641,11 +641,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     use std::io::Read;
     let path = dir.join(format::MANIFEST_FILE);
     let file = storage::open_dataset_file(&path)?;
+    let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
     let mut text = Vec::new();
-    file.take(format::MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Error::io(&path, e))?;
-    if text.len() as u64 > format::MAX_MANIFEST_BYTES {
+    if len <= format::MAX_MANIFEST_BYTES {
+        // `take` holds the bound even if the file grows after the size was read.
+        file.take(format::MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| Error::io(&path, e))?;
+    }
+    if len.max(text.len() as u64) > format::MAX_MANIFEST_BYTES {
         return Err(Error::corrupt(
             &path,
             format!(

@@ -72,6 +72,8 @@ impl Staging {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        // The output's parent may not exist yet (e.g. a directory of shards).
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         Ok(Staging {
             out: out.to_path_buf(),
@@ -262,5 +264,52 @@ fn crash_point(step: &str) {
     if std::env::var_os("RANKFEED_CRASH_AT").is_some_and(|v| v == step) {
         eprintln!("RANKFEED_CRASH_AT={step}: aborting");
         std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage_with(out: &Path, overwrite: bool, content: &str) -> Result<Vec<PathBuf>> {
+        let s = Staging::new(out, overwrite)?;
+        std::fs::write(s.path().join("f"), content).unwrap();
+        s.commit()
+    }
+
+    #[test]
+    fn publishes_new_replaces_old_and_refuses_without_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        // The parent is created when missing (a directory of shards).
+        let out = dir.path().join("a/b/out");
+        stage_with(&out, false, "one").unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "one");
+        let err = stage_with(&out, false, "two").unwrap_err();
+        assert!(matches!(err, Error::Exists { .. }), "{err}");
+        stage_with(&out, true, "two").unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "two");
+        let names: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out")]);
+    }
+
+    #[test]
+    fn a_directory_that_appears_meanwhile_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let s = Staging::new(&out, false).unwrap();
+        std::fs::create_dir(&out).unwrap(); // an empty dir: plain rename(2) would replace it
+        assert!(matches!(s.commit().unwrap_err(), Error::Exists { .. }));
+        assert!(out.is_dir());
+    }
+
+    #[test]
+    fn dropped_staging_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        drop(Staging::new(&out, false).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -212,7 +212,13 @@ fn mutated_files_convert_under_skip_with_every_row_accounted_for() {
             ..ConvertOptions::default()
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
-            convert(&[input.clone()], &tok, &out, &options, &mut |_| {})
+            convert(
+                std::slice::from_ref(&input),
+                &tok,
+                &out,
+                &options,
+                &mut |_| {},
+            )
         }));
         match result {
             Err(_) => panic!(

@@ -184,7 +184,13 @@ fn kill_9_at_random_moments_leaves_old_or_new() {
     for trial in 0..20 {
         // The old dataset is the small one (put back by the previous trial's rerun).
         let before = state(&out).unwrap();
-        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 11 / 10 + 1));
+        // Even trials anywhere in the run; odd ones around its end, where publishing happens.
+        let us = full.as_micros() as u64;
+        let delay = Duration::from_micros(if trial % 2 == 0 {
+            rng.below(us * 11 / 10 + 1)
+        } else {
+            us * 8 / 10 + rng.below(us * 3 / 10 + 1)
+        });
         let mut child = {
             let mut c = bin();
             c.arg("convert")
