@@ -36,6 +36,8 @@ pub struct ImportReport {
     pub elapsed: Duration,
     /// The manifest written.
     pub manifest: crate::Manifest,
+    /// Stale staging directories of dead processes removed before writing.
+    pub cleaned: Vec<PathBuf>,
 }
 
 /// Expand files and directories into `.parquet` files (directories: sorted, not recursive;
@@ -296,6 +298,7 @@ pub fn import(
             s
         })
         .collect();
+    let cleaned = writer.cleaned().to_vec();
     let manifest = writer.finish(ManifestInfo {
         tokenizer: carried.tokenizer,
         text: carried.text.unwrap_or_default(),
@@ -307,5 +310,6 @@ pub fn import(
         files: files.len(),
         elapsed: start.elapsed(),
         manifest,
+        cleaned,
     })
 }

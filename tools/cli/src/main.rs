@@ -381,6 +381,7 @@ fn run_import(a: ImportArgs) -> Result<()> {
             ..WriterOptions::default()
         },
     )?;
+    report_cleaned(&r.cleaned);
     let secs = r.elapsed.as_secs_f64();
     println!(
         "imported {} rows from {} Parquet files ({:.1} MB) in {:.2} s: {:.0} MB/s",
