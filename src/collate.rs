@@ -107,6 +107,21 @@ pub struct CollateOptions {
     pub knowledge_distillation: bool,
 }
 
+impl CollateOptions {
+    /// Check the numeric settings against [`crate::loader::limits`] (before anything is
+    /// allocated): an [`Error::Argument`] names the first one outside its range.
+    pub fn check(&self) -> Result<()> {
+        use crate::loader::{limits, range};
+        range("group_size", self.group_size, 1, limits::GROUP_SIZE)?;
+        range("query_max_len", self.query_max_len, 0, limits::MAX_LEN)?;
+        range("passage_max_len", self.passage_max_len, 0, limits::MAX_LEN)?;
+        if let Some(m) = self.pad_to_multiple_of {
+            range("pad_to_multiple_of", m, 1, limits::PAD_TO_MULTIPLE_OF)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for CollateOptions {
     fn default() -> Self {
         CollateOptions {
@@ -317,12 +332,7 @@ impl Collator {
     /// A collator for `ds` with `options`; checks the options against the dataset.
     pub fn new(ds: &Dataset, options: CollateOptions) -> Result<Collator> {
         let facts = ds.manifest().tokenizer.as_ref();
-        if options.group_size == 0 {
-            return Err(Error::argument("group_size", "must be at least 1"));
-        }
-        if options.pad_to_multiple_of == Some(0) {
-            return Err(Error::argument("pad_to_multiple_of", "must be positive"));
-        }
+        options.check()?;
         let tokenizer_pad = facts.and_then(|f| f.pad_id.or(f.unk_id).or(f.eos_id));
         let pad = options.pad_id.or(tokenizer_pad).ok_or_else(|| {
             Error::argument(

@@ -209,6 +209,9 @@ pub enum Error {
         /// The output path.
         path: PathBuf,
     },
+    /// The caller asked the operation to stop (a cancel flag, an exception in a callback).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// A broken internal invariant or a panicked worker thread: a bug in rankfeed.
     #[error("internal error (a bug in rankfeed, please report it): {0}")]
     Internal(String),

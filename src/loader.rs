@@ -60,6 +60,90 @@ impl Default for LoaderOptions {
     }
 }
 
+/// Upper bounds on the loader's numeric settings, checked by [`LoaderOptions::check`] before
+/// anything is allocated: a setting beyond them is an [`Error::Argument`] naming it, never an
+/// allocation that aborts the process.
+pub mod limits {
+    /// Largest `batch_size`.
+    pub const BATCH_SIZE: usize = 1 << 20;
+    /// Largest `group_size`.
+    pub const GROUP_SIZE: usize = 1 << 16;
+    /// Largest `query_max_len` and `passage_max_len`.
+    pub const MAX_LEN: usize = 1 << 20;
+    /// Largest `pad_to_multiple_of`.
+    pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
+    /// Largest `prefetch_threads`.
+    pub const PREFETCH_THREADS: usize = 256;
+    /// Largest `prefetch_depth`.
+    pub const PREFETCH_DEPTH: usize = 4096;
+    /// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.
+    pub const BATCH_BYTES: u64 = 8 << 30;
+    /// Largest size of the batches computed ahead (`prefetch_depth` batches), in bytes.
+    pub const PREFETCH_BYTES: u64 = 32 << 30;
+}
+
+impl LoaderOptions {
+    /// Check every numeric setting against [`limits`], and the estimated size of a batch and
+    /// of the prefetched batches, before anything is allocated.
+    pub fn check(&self) -> Result<()> {
+        let c = &self.collate;
+        c.check()?;
+        range("batch_size", self.batch_size, 1, limits::BATCH_SIZE)?;
+        range(
+            "prefetch_threads",
+            self.prefetch_threads,
+            0,
+            limits::PREFETCH_THREADS,
+        )?;
+        range(
+            "prefetch_depth",
+            self.prefetch_depth,
+            0,
+            limits::PREFETCH_DEPTH,
+        )?;
+        // A pair is at most its capped query and passage, the special tokens, sep and prompt
+        // (bounded generously), padded; each of input_ids, attention_mask, token_type_ids
+        // takes 8 bytes an element.
+        let (qm, pm) = (c.query_max_len as u64, c.passage_max_len as u64);
+        let len = qm + pm / 4 + pm + qm / 2 + 4096;
+        let m = c.pad_to_multiple_of.unwrap_or(1) as u64;
+        let padded = len.div_ceil(m) * m;
+        let bytes = (self.batch_size as u64) * (c.group_size as u64) * padded * 8 * 3;
+        if bytes > limits::BATCH_BYTES {
+            return Err(Error::argument(
+                "batch_size",
+                format!(
+                    "batches of up to {bytes} bytes (batch_size {} x group_size {} x length {padded}) \
+                     exceed the limit of {} bytes",
+                    self.batch_size,
+                    c.group_size,
+                    limits::BATCH_BYTES
+                ),
+            ));
+        }
+        if bytes * self.prefetch_depth as u64 > limits::PREFETCH_BYTES {
+            return Err(Error::argument(
+                "prefetch_depth",
+                format!(
+                    "{} batches of up to {bytes} bytes ahead exceed the limit of {} bytes",
+                    self.prefetch_depth,
+                    limits::PREFETCH_BYTES
+                ),
+            ));
+        }
+        self.shard.check()
+    }
+}
+
+/// `Ok` when `lo <= v <= hi`, else an [`Error::Argument`] naming the setting.
+pub(crate) fn range(name: &'static str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if v < lo || v > hi {
+        Err(Error::argument(name, format!("{v} is outside {lo}..={hi}")))
+    } else {
+        Ok(())
+    }
+}
+
 /// Where a loader is: the next batch is `step` of `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoaderState {
@@ -181,10 +265,7 @@ impl Loader {
     /// group: with group_size >= 2, rows without negatives are an error naming how many and
     /// how to skip them, unless `skip_rows_without_negatives`.
     pub fn new(ds: Arc<Dataset>, options: LoaderOptions) -> Result<Loader> {
-        if options.batch_size == 0 {
-            return Err(Error::argument("batch_size", "must be at least 1"));
-        }
-        options.shard.check()?;
+        options.check()?;
         let collator = Collator::new(&ds, options.collate.clone())?;
         let m = ds.manifest();
         let accepted: Vec<u64> = m.sources.iter().map(|s| s.rows_accepted).collect();
@@ -254,7 +335,12 @@ impl Loader {
         &self.plan.collator
     }
 
-    /// The options.
+    /// The dataset batches are drawn from.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.plan.ds
+    }
+
+    /// The settings.
     pub fn options(&self) -> &LoaderOptions {
         &self.plan.options
     }

@@ -411,3 +411,27 @@ fn tokenizer_facts_come_from_the_files() {
     assert_eq!(t.encode(&long).unwrap().len(), 300);
     assert_eq!(t.encode("hi").unwrap().len(), 1);
 }
+
+/// The cancel flag (set by Python when a progress callback raises, or on Ctrl-C) stops a
+/// conversion with `Error::Interrupted`, and nothing is left at the output path.
+#[test]
+fn a_cancelled_conversion_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(dir.path(), "in.jsonl", &format!("{GOOD}\n").repeat(5000));
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let options = ConvertOptions {
+        chunk_rows: 64,
+        cancel: Some(cancel.clone()),
+        ..ConvertOptions::default()
+    };
+    let out = dir.path().join("out");
+    let mut calls = 0;
+    let err = convert(&[input], &tokenizer(), &out, &options, &mut |_| {
+        calls += 1;
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap_err();
+    assert!(matches!(err, Error::Interrupted(_)), "{err}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the input is left");
+}

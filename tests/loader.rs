@@ -603,3 +603,40 @@ fn negative_selection_frequencies_match_the_reference_distribution() {
     }
     assert!(chi_square(&pos, &[1.0 / 3.0; 3]) < 13.82, "{pos:?}");
 }
+
+/// Regression (issue 10, observation 4): `pad_to_multiple_of = 2^40` or `prefetch_depth = 2^40`
+/// aborted the process on allocation. Every numeric setting is checked first, by name.
+#[test]
+fn settings_beyond_the_limits_are_argument_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(30, None), &[30], 8);
+    type Edit = fn(&mut LoaderOptions);
+    let cases: [(&str, Edit); 8] = [
+        ("pad_to_multiple_of", |o| o.collate.pad_to_multiple_of = Some(1 << 40)),
+        ("pad_to_multiple_of", |o| o.collate.pad_to_multiple_of = Some(0)),
+        ("prefetch_depth", |o| o.prefetch_depth = 1 << 40),
+        ("prefetch_threads", |o| o.prefetch_threads = 1 << 20),
+        ("batch_size", |o| o.batch_size = 0),
+        ("group_size", |o| o.collate.group_size = 1 << 40),
+        ("passage_max_len", |o| o.collate.passage_max_len = usize::MAX),
+        ("batch_size", |o| {
+            // Each within its own limit, together 500 GB a batch.
+            o.batch_size = 1 << 16;
+            o.collate.group_size = 1 << 10;
+        }),
+    ];
+    for (name, edit) in cases {
+        let mut o = LoaderOptions::default();
+        edit(&mut o);
+        match Loader::new(ds.clone(), o) {
+            Err(rankfeed::Error::Argument { name: got, .. }) => assert_eq!(got, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // The collator alone (CLI show/collate) checks its own settings too.
+    let o = CollateOptions {
+        pad_to_multiple_of: Some(1 << 40),
+        ..CollateOptions::default()
+    };
+    assert!(Collator::new(&ds, o).is_err());
+}

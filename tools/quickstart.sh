@@ -3,7 +3,11 @@
 # dataset, then open it and print its stats.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p rankfeed-cli
+if [ ! -x target/release/rankfeed ]; then
+  echo "Building rankfeed (release). The first build compiles arrow, parquet and tokenizers:" >&2
+  echo "about 5 minutes on 2 cores; later builds take seconds." >&2
+fi
+cargo build --release -p rankfeed-cli   # cargo prints each crate as it compiles
 out=${1:-target/quickstart/wordnet-bert}
 ./target/release/rankfeed convert data/sample/wordnet-nouns.jsonl.gz \
   --tokenizer data/sample/bert/tokenizer.json -o "$out" --overwrite

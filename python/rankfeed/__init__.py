@@ -116,16 +116,23 @@ class Dataset(_Dataset):
     - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
       prefetch_depth
 
-    Batches are dicts of numpy arrays: input_ids, attention_mask, token_type_ids (tokenizers
-    that have them, encoder mode), teacher_scores, query_lengths and prompt_lengths
-    (matryoshka), plus rows [B], pos [B], neg [B, G-1]: the groups it holds."""
+    Batches are dicts of numpy arrays and nothing else: input_ids, attention_mask,
+    token_type_ids (only for tokenizers that have them, encoder mode: XLM-R has none),
+    teacher_scores, query_lengths and prompt_lengths (matryoshka), plus rows [B], pos [B],
+    neg [B, G-1] (the groups it holds) and overlong (a 0-d array: rows longer than the
+    reference's maximum because its truncation could not cut them).
+
+    Numeric arguments are checked before anything is allocated: a negative or non-integer
+    value, or one beyond rankfeed's limits (e.g. pad_to_multiple_of <= 65536, batches of at
+    most 8 GiB), is a ValueError naming the argument. A loader may be used from several
+    threads: each call works or raises, none waits for another while holding the GIL."""
 
     def __reduce__(self):
         return (Dataset, (self.path,))
 
 
 def __getattr__(name):
-    if name == "torch":
+    if name in ("torch", "hf"):
         import importlib
-        return importlib.import_module(".torch", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(name)

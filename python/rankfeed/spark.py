@@ -10,7 +10,7 @@ driver merges the shards in order into one dataset, without tokenizing again.
                     num_shards=64, query_instruction="...")
 
 The shard directories go to `out + ".shards"` (removed after the merge unless keep_shards).
-Every path must be visible to every executor (a shared file system), and each executor needs
+Relative paths are resolved against the driver's working directory. Every path must be visible to every executor (a shared file system), and each executor needs
 `pip install rankfeed`. Inputs are best split into at least `num_shards` files (Spark's own
 `part-*` outputs are): a shard is a block of whole files. pyspark is imported only by the
 caller.
@@ -33,9 +33,11 @@ def convert_sharded(spark, inputs, tokenizer, out, *, num_shards, keep_shards=Fa
                     **convert_kwargs):
     """Convert `inputs` in `num_shards` Spark tasks, then merge into `out`; returns the merge
     summary (counts)."""
-    inputs = [str(i) for i in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    shard_dir = str(out) + ".shards"
-    tasks = [(k, num_shards, inputs, str(tokenizer), shard_dir, convert_kwargs) for k in range(num_shards)]
+    # Executors do not share the driver's working directory: ship absolute paths.
+    inputs = [os.path.abspath(i) for i in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    tokenizer, out = os.path.abspath(tokenizer), os.path.abspath(out)
+    shard_dir = out + ".shards"
+    tasks = [(k, num_shards, inputs, tokenizer, shard_dir, convert_kwargs) for k in range(num_shards)]
     shards = spark.sparkContext.parallelize(tasks, num_shards).map(_convert_one).collect()
     summary = merge(sorted(shards), out, overwrite=overwrite)
     if not keep_shards:

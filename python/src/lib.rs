@@ -9,7 +9,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
 
 use numpy::ndarray::{Array1, Array2};
 use numpy::{PyArray1, PyArray2};
@@ -154,8 +156,41 @@ fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bo
     let neg = Array2::from_shape_vec((n, negs), neg)
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     d.set_item("neg", PyArray2::from_owned_array(py, neg))?;
-    d.set_item("overlong", b.overlong)?;
+    // A 0-d array, so that every value of a batch is a numpy array.
+    d.set_item(
+        "overlong",
+        numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(b.overlong as i64)),
+    )?;
     Ok(d)
+}
+
+/// A non-negative integer argument, or `default` when it is None: a negative value, a value
+/// beyond u64 or a non-integer is a ValueError naming the argument (not an OverflowError).
+fn uint(name: &str, v: Option<&Bound<'_, PyAny>>, default: u64) -> PyResult<u64> {
+    let Some(v) = v else { return Ok(default) };
+    let bad = |why: &str| PyValueError::new_err(format!("{name} must be {why}, got {v}"));
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(bad("an integer"));
+    }
+    let n: i128 = v.extract().map_err(|_| bad("an integer"))?;
+    u64::try_from(n).map_err(|_| {
+        if n < 0 {
+            bad("non-negative")
+        } else {
+            bad("below 2**64")
+        }
+    })
+}
+
+/// [`uint`] for a size (`usize`).
+fn size(name: &str, v: Option<&Bound<'_, PyAny>>, default: usize) -> PyResult<usize> {
+    let n = uint(name, v, default as u64)?;
+    usize::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} {n} is too large")))
+}
+
+/// [`uint`] for an optional size: None stays None.
+fn opt_size(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    v.map(|v| size(name, Some(v), 0)).transpose()
 }
 
 fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
@@ -217,16 +252,22 @@ fn convert<'py>(
         },
         shard,
         max_line_bytes: max_line_bytes.unwrap_or(rankfeed::convert::source::DEFAULT_MAX_LINE_BYTES),
+        cancel: Some(Arc::new(AtomicBool::new(false))),
         ..ConvertOptions::default()
     };
+    let cancel = options.cancel.clone();
+    // The first exception raised by the callback or by a signal handler (Ctrl-C): it stops
+    // the conversion and is raised again once the conversion has cleaned up.
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let tok = detached(py, || {
         rankfeed::tokenizer::TextTokenizer::from_file(&tokenizer)
     })?;
     let report = detached(py, || {
         rankfeed::convert::convert(&inputs, &tok, &out, &options, &mut |p| {
-            if let Some(cb) = &progress {
-                Python::attach(|py| {
-                    let _ = cb.call1(
+            let result = Python::attach(|py| {
+                py.check_signals()?;
+                if let Some(cb) = &progress {
+                    cb.call1(
                         py,
                         (
                             p.bytes_read,
@@ -236,11 +277,24 @@ fn convert<'py>(
                             p.tokens,
                             p.elapsed.as_secs_f64(),
                         ),
-                    );
-                });
+                    )?;
+                }
+                Ok::<(), PyErr>(())
+            });
+            if let Err(e) = result {
+                if let Ok(mut slot) = raised.lock() {
+                    slot.get_or_insert(e);
+                }
+                if let Some(c) = &cancel {
+                    c.store(true, Ordering::Relaxed);
+                }
             }
         })
-    })?;
+    });
+    if let Some(e) = raised.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let report = report?;
     let summary = serde_json::json!({
         "output": out,
         "seconds": report.elapsed.as_secs_f64(),
@@ -447,38 +501,41 @@ impl PyDataset {
         detached(py, move || ds.validate())
     }
 
-    /// A batch loader; see `rankfeed.Dataset.loader` for the arguments.
-    #[pyo3(signature = (batch_size=4, group_size=8, mode="encoder", query_max_len=32, passage_max_len=128,
-        seed=42, epoch=0, rank=0, world_size=1, shard_tail="pad", shuffle=true, drop_last=false,
-        pad_to_multiple_of=None, padding_side=None, pad_id=None, int32=false, attention_mask=true,
-        knowledge_distillation=false, max_example_num_per_dataset=None, skip_rows_without_negatives=false,
-        prefetch_threads=1, prefetch_depth=8))]
+    /// A batch loader; see `rankfeed.Dataset.loader` for the arguments. Numeric arguments
+    /// left as None take the library's defaults (`LoaderOptions::default()`); each is checked
+    /// (ValueError naming it) before anything is allocated.
+    #[pyo3(signature = (batch_size=None, group_size=None, mode="encoder", query_max_len=None,
+        passage_max_len=None, seed=None, epoch=None, rank=None, world_size=None, shard_tail="pad",
+        shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
+        int32=false, attention_mask=true, knowledge_distillation=false,
+        max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
+        prefetch_depth=None))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
         py: Python<'_>,
-        batch_size: usize,
-        group_size: usize,
+        batch_size: Option<Bound<'_, PyAny>>,
+        group_size: Option<Bound<'_, PyAny>>,
         mode: &str,
-        query_max_len: usize,
-        passage_max_len: usize,
-        seed: u64,
-        epoch: u64,
-        rank: u64,
-        world_size: u64,
+        query_max_len: Option<Bound<'_, PyAny>>,
+        passage_max_len: Option<Bound<'_, PyAny>>,
+        seed: Option<Bound<'_, PyAny>>,
+        epoch: Option<Bound<'_, PyAny>>,
+        rank: Option<Bound<'_, PyAny>>,
+        world_size: Option<Bound<'_, PyAny>>,
         shard_tail: &str,
         shuffle: bool,
         drop_last: bool,
-        pad_to_multiple_of: Option<usize>,
+        pad_to_multiple_of: Option<Bound<'_, PyAny>>,
         padding_side: Option<&str>,
-        pad_id: Option<i32>,
+        pad_id: Option<Bound<'_, PyAny>>,
         int32: bool,
         attention_mask: bool,
         knowledge_distillation: bool,
-        max_example_num_per_dataset: Option<u64>,
+        max_example_num_per_dataset: Option<Bound<'_, PyAny>>,
         skip_rows_without_negatives: bool,
-        prefetch_threads: usize,
-        prefetch_depth: usize,
+        prefetch_threads: Option<Bound<'_, PyAny>>,
+        prefetch_depth: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyLoader> {
         let tail = match shard_tail {
             "pad" => Tail::Pad,
@@ -490,26 +547,46 @@ impl PyDataset {
                 )))
             }
         };
+        let d = LoaderOptions::default();
+        let dc = &d.collate;
+        let pad_id = match uint("pad_id", pad_id.as_ref(), 0)? {
+            _ if pad_id.is_none() => None,
+            n => Some(
+                i32::try_from(n)
+                    .map_err(|_| PyValueError::new_err(format!("pad_id {n} is not an int32")))?,
+            ),
+        };
         let options = LoaderOptions {
-            batch_size,
-            seed,
+            batch_size: size("batch_size", batch_size.as_ref(), d.batch_size)?,
+            seed: uint("seed", seed.as_ref(), d.seed)?,
             shard: Shard {
-                rank,
-                world_size,
+                rank: uint("rank", rank.as_ref(), d.shard.rank)?,
+                world_size: uint("world_size", world_size.as_ref(), d.shard.world_size)?,
                 tail,
             },
             shuffle,
             drop_last,
-            max_example_num_per_dataset,
+            max_example_num_per_dataset: max_example_num_per_dataset
+                .as_ref()
+                .map(|v| uint("max_example_num_per_dataset", Some(v), 0))
+                .transpose()?,
             skip_rows_without_negatives,
-            prefetch_threads,
-            prefetch_depth,
+            prefetch_threads: size(
+                "prefetch_threads",
+                prefetch_threads.as_ref(),
+                d.prefetch_threads,
+            )?,
+            prefetch_depth: size("prefetch_depth", prefetch_depth.as_ref(), d.prefetch_depth)?,
             collate: CollateOptions {
                 mode: parse::<Mode>(mode)?,
-                query_max_len,
-                passage_max_len,
-                group_size,
-                pad_to_multiple_of,
+                query_max_len: size("query_max_len", query_max_len.as_ref(), dc.query_max_len)?,
+                passage_max_len: size(
+                    "passage_max_len",
+                    passage_max_len.as_ref(),
+                    dc.passage_max_len,
+                )?,
+                group_size: size("group_size", group_size.as_ref(), dc.group_size)?,
+                pad_to_multiple_of: opt_size("pad_to_multiple_of", pad_to_multiple_of.as_ref())?,
                 padding_side: padding_side.map(parse::<Side>).transpose()?,
                 pad_id,
                 id_type: if int32 { IdType::I32 } else { IdType::I64 },
@@ -517,26 +594,102 @@ impl PyDataset {
                 knowledge_distillation,
             },
         };
+        let epoch = uint("epoch", epoch.as_ref(), 0)?;
         let ds = self.inner.clone();
         let mut loader = detached(py, move || Loader::new(ds, options))?;
         loader.set_epoch(epoch);
-        Ok(PyLoader {
-            inner: Mutex::new(loader),
-        })
+        Ok(PyLoader::new(loader))
     }
 }
 
 /// An iterator of batches (dicts of numpy arrays); one pass is one epoch.
+///
+/// Thread safety: the loader's state sits behind a mutex that is only ever *waited for* with
+/// the GIL released, and a mirror of (epoch, step) plus the fixed settings answer the getters
+/// and `state_dict` without waiting at all. No lock is held while waiting for the GIL, so
+/// calls from several threads each either work or raise, and never deadlock.
 #[pyclass(name = "Loader", module = "rankfeed._rankfeed")]
 struct PyLoader {
     inner: Mutex<Loader>,
+    /// (epoch, step), updated under `inner`; held only for a copy, never across a GIL release.
+    mirror: Mutex<LoaderState>,
+    steps_per_epoch: u64,
+    rows_per_epoch: u64,
+    /// What a checkpoint is valid for (see `state_dict`).
+    settings: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl PyLoader {
-    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Loader>> {
-        self.inner.lock().map_err(|_| {
-            PyRuntimeError::new_err("the loader was poisoned by an earlier internal error")
-        })
+    fn new(loader: Loader) -> PyLoader {
+        let o = loader.options();
+        let c = &o.collate;
+        let settings = vec![
+            (
+                "dataset",
+                loader.dataset().manifest().checksum.clone().into(),
+            ),
+            ("seed", o.seed.into()),
+            ("batch_size", o.batch_size.into()),
+            ("group_size", c.group_size.into()),
+            ("mode", format!("{:?}", c.mode).into()),
+            ("query_max_len", c.query_max_len.into()),
+            ("passage_max_len", c.passage_max_len.into()),
+            ("rank", o.shard.rank.into()),
+            ("world_size", o.shard.world_size.into()),
+            ("shard_tail", format!("{:?}", o.shard.tail).into()),
+            ("shuffle", o.shuffle.into()),
+            ("drop_last", o.drop_last.into()),
+            (
+                "max_example_num_per_dataset",
+                o.max_example_num_per_dataset.into(),
+            ),
+            (
+                "skip_rows_without_negatives",
+                o.skip_rows_without_negatives.into(),
+            ),
+            ("knowledge_distillation", c.knowledge_distillation.into()),
+            ("rows_per_epoch", loader.rows_per_epoch().into()),
+            ("steps_per_epoch", loader.steps_per_epoch().into()),
+        ];
+        PyLoader {
+            mirror: Mutex::new(loader.state()),
+            steps_per_epoch: loader.steps_per_epoch(),
+            rows_per_epoch: loader.rows_per_epoch(),
+            settings,
+            inner: Mutex::new(loader),
+        }
+    }
+
+    /// The loader, waited for with the GIL released (so the thread holding it can take the
+    /// GIL back when it needs it).
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Loader>> {
+        loop {
+            match self.inner.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(TryLockError::Poisoned(_)) => {
+                    return Err(PyRuntimeError::new_err(
+                        "the loader was poisoned by an earlier internal error",
+                    ))
+                }
+                Err(TryLockError::WouldBlock) => {
+                    py.detach(|| std::thread::sleep(Duration::from_micros(50)))
+                }
+            }
+        }
+    }
+
+    fn state(&self) -> LoaderState {
+        match self.mirror.lock() {
+            Ok(s) => *s,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    fn publish(&self, loader: &Loader) {
+        match self.mirror.lock() {
+            Ok(mut s) => *s = loader.state(),
+            Err(p) => *p.into_inner() = loader.state(),
+        }
     }
 }
 
@@ -547,10 +700,12 @@ impl PyLoader {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let mut loader = self.lock()?;
+        let mut loader = self.lock(py)?;
         let g = loader.options().collate.group_size;
         let l: &mut Loader = &mut loader;
         let next = guard(|| Ok(py.detach(|| l.next())))?;
+        self.publish(&loader);
+        drop(loader);
         match next {
             None => Ok(None),
             Some(b) => Ok(Some(batch_to_py(py, b.map_err(to_py)?, g)?)),
@@ -561,9 +716,9 @@ impl PyLoader {
     /// (wrapping into following epochs); returns the seconds taken. The Rust-native baseline
     /// that the Python iterator's overhead is measured against.
     fn _drain(&self, py: Python<'_>, n: u64) -> PyResult<f64> {
-        let mut loader = self.lock()?;
+        let mut loader = self.lock(py)?;
         let l: &mut Loader = &mut loader;
-        detached(py, move || {
+        let r = detached(py, move || {
             let t = std::time::Instant::now();
             let mut done = 0;
             while done < n {
@@ -577,93 +732,102 @@ impl PyLoader {
                 }
             }
             Ok(t.elapsed().as_secs_f64())
-        })
+        });
+        self.publish(&loader);
+        r
     }
 
     /// Batches per epoch for this rank.
-    fn __len__(&self) -> PyResult<usize> {
-        Ok(self.lock()?.steps_per_epoch() as usize)
+    fn __len__(&self) -> usize {
+        self.steps_per_epoch as usize
     }
 
     /// Rows trained on per epoch, all ranks together, before padding.
     #[getter]
-    fn rows_per_epoch(&self) -> PyResult<u64> {
-        Ok(self.lock()?.rows_per_epoch())
+    fn rows_per_epoch(&self) -> u64 {
+        self.rows_per_epoch
     }
 
     /// The current epoch.
     #[getter]
-    fn epoch(&self) -> PyResult<u64> {
-        Ok(self.lock()?.state().epoch)
+    fn epoch(&self) -> u64 {
+        self.state().epoch
     }
 
     /// Batches of the current epoch already yielded.
     #[getter]
-    fn step(&self) -> PyResult<u64> {
-        Ok(self.lock()?.state().step)
+    fn step(&self) -> u64 {
+        self.state().step
     }
 
     /// Start `epoch` from its first batch.
-    fn set_epoch(&self, epoch: u64) -> PyResult<()> {
-        self.lock()?.set_epoch(epoch);
+    fn set_epoch(&self, py: Python<'_>, epoch: &Bound<'_, PyAny>) -> PyResult<()> {
+        let epoch = uint("epoch", Some(epoch), 0)?;
+        let mut l = self.lock(py)?;
+        l.set_epoch(epoch);
+        self.publish(&l);
         Ok(())
     }
 
-    /// The state to checkpoint: epoch, step, and the settings it is valid for.
+    /// The state to checkpoint: `epoch` and `step` (the next batch), and every setting the
+    /// batches depend on (`load_state_dict` refuses a state taken with other settings).
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let l = self.lock()?;
-        let o = l.options();
+        let state = self.state();
         let d = PyDict::new(py);
-        d.set_item("epoch", l.state().epoch)?;
-        d.set_item("step", l.state().step)?;
-        d.set_item("seed", o.seed)?;
-        d.set_item("batch_size", o.batch_size)?;
-        d.set_item("group_size", o.collate.group_size)?;
-        d.set_item("rank", o.shard.rank)?;
-        d.set_item("world_size", o.shard.world_size)?;
-        d.set_item("rows_per_epoch", l.rows_per_epoch())?;
+        d.set_item("epoch", state.epoch)?;
+        d.set_item("step", state.step)?;
+        for (k, v) in &self.settings {
+            d.set_item(*k, json_to_py(py, v)?)?;
+        }
         Ok(d)
     }
 
-    /// Resume from `state_dict()`; the settings it was taken with must match.
-    fn load_state_dict(&self, state: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut l = self.lock()?;
-        let o = l.options().clone();
-        let get = |k: &str| -> PyResult<u64> {
-            state
-                .get_item(k)?
-                .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {k:?}")))?
-                .extract()
-        };
-        for (k, want) in [
-            ("seed", o.seed),
-            ("batch_size", o.batch_size as u64),
-            ("group_size", o.collate.group_size as u64),
-            ("rank", o.shard.rank),
-            ("world_size", o.shard.world_size),
-            ("rows_per_epoch", l.rows_per_epoch()),
-        ] {
-            if state.contains(k)? && get(k)? != want {
+    /// Resume from `state_dict()`. Strict: a missing or unknown key, or a setting that differs
+    /// from this loader's, is a ValueError that names it.
+    fn load_state_dict(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let known: Vec<&str> = ["epoch", "step"]
+            .into_iter()
+            .chain(self.settings.iter().map(|(k, _)| *k))
+            .collect();
+        for k in state.keys() {
+            let k: String = k.extract()?;
+            if !known.contains(&k.as_str()) {
                 return Err(PyValueError::new_err(format!(
-                    "state_dict was taken with {k} = {}, this loader has {want}",
-                    get(k)?
+                    "state_dict has an unknown key {k:?} (expected {known:?})"
                 )));
             }
         }
-        let (epoch, step) = (get("epoch")?, get("step")?);
-        if step > l.steps_per_epoch() {
+        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+            state
+                .get_item(k)?
+                .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {k:?}")))
+        };
+        for (k, want) in &self.settings {
+            let want = json_to_py(py, want)?;
+            let got = get(k)?;
+            if !got.eq(&want)? {
+                return Err(PyValueError::new_err(format!(
+                    "state_dict was taken with {k} = {got}, this loader has {want}"
+                )));
+            }
+        }
+        let epoch = uint("epoch", Some(&get("epoch")?), 0)?;
+        let step = uint("step", Some(&get("step")?), 0)?;
+        if step > self.steps_per_epoch {
             return Err(PyValueError::new_err(format!(
                 "step {step} is beyond the {} batches of an epoch",
-                l.steps_per_epoch()
+                self.steps_per_epoch
             )));
         }
+        let mut l = self.lock(py)?;
         l.set_state(LoaderState { epoch, step });
+        self.publish(&l);
         Ok(())
     }
 
     /// Batch `step` of `epoch`, without moving the loader.
     fn batch<'py>(&self, py: Python<'py>, epoch: u64, step: u64) -> PyResult<Bound<'py, PyDict>> {
-        let mut guard_ = self.lock()?;
+        let mut guard_ = self.lock(py)?;
         let l: &mut Loader = &mut guard_;
         let g = l.options().collate.group_size;
         let b = detached(py, move || l.batch(epoch, step))?;
@@ -698,7 +862,7 @@ impl PyLoader {
             };
             sels.push(Selection { row, pos, neg });
         }
-        let mut guard_ = self.lock()?;
+        let mut guard_ = self.lock(py)?;
         let l: &mut Loader = &mut guard_;
         let g = l.options().collate.group_size;
         let b = detached(py, move || l.collate(sels))?;

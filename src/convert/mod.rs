@@ -23,7 +23,7 @@ pub mod text;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,6 +95,9 @@ pub struct ConvertOptions {
     /// Longest line (JSON lines) or array element (JSON array) read; a longer one is a
     /// `line_too_long` row error under the policy, and memory stays bounded by this.
     pub max_line_bytes: usize,
+    /// Set to `true` (from a progress callback, a signal handler, another thread) to stop the
+    /// conversion: it returns [`Error::Interrupted`] within one chunk, nothing is written.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ConvertOptions {
@@ -106,6 +109,7 @@ impl Default for ConvertOptions {
             chunk_rows: 1024,
             shard: None,
             max_line_bytes: source::DEFAULT_MAX_LINE_BYTES,
+            cancel: None,
         }
     }
 }
@@ -294,6 +298,7 @@ pub fn convert(
         texts_tokenized: defaults.len() as u64,
         tokens_tokenized: defaults.iter().map(|d| d.len() as u64).sum(),
         tokenize_time: Duration::ZERO,
+        cancel: options.cancel.clone(),
     };
 
     let bytes_total: u64 = sources.iter().map(|s| s.bytes).sum();
@@ -533,6 +538,7 @@ struct Sink<'a> {
     texts_tokenized: u64,
     tokens_tokenized: u64,
     tokenize_time: Duration,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Sink<'_> {
@@ -544,9 +550,20 @@ impl Sink<'_> {
                 progress(self);
                 last = Instant::now();
             }
+            self.check_cancel()?;
         }
         progress(self);
-        Ok(())
+        self.check_cancel()
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted(format!(
+                "conversion stopped after {} rows; nothing was written",
+                self.rows
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn write(&mut self, (job, tokens, took): Tokenized) -> Result<()> {

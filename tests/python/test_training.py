@@ -1,0 +1,290 @@
+"""Training integration (issue 10): HF Trainer epochs and exact resume, StatefulDataLoader with
+workers, thread safety, argument validation, callback exceptions, numpy-only batches, batches
+independent of the worker count."""
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rankfeed
+from conftest import ROOT
+
+torch = pytest.importorskip("torch")
+from rankfeed.torch import RankfeedIterable  # noqa: E402
+
+BERT = ROOT / "data" / "sample" / "bert" / "tokenizer.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "roundtrip.jsonl"
+SAMPLE = ROOT / "data" / "sample" / "wordnet-nouns.jsonl.gz"
+KW = dict(batch_size=4, group_size=4, query_max_len=16, passage_max_len=32)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "ds"
+    rankfeed.convert(FIXTURE, BERT, out, progress=False)
+    return out
+
+
+def rows_of(batches):
+    return [(b["rows"].tolist(), b["pos"].tolist(), b["neg"].tolist()) for b in batches]
+
+
+# --- observation 1 and 2: HF Trainer ---------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                     max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def trainer_run(small, out, *, epochs=2, stop_at=None, resume=None, save_steps=None):
+    from rankfeed.hf import RankfeedTrainer
+
+    seen = []
+
+    class Recording(RankfeedTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append((inputs["rows"].tolist(), inputs["pos"].tolist(), inputs["neg"].tolist()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class Stop(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if stop_at is not None and state.global_step >= stop_at:
+                control.should_save = True
+                control.should_training_stop = True
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out), num_train_epochs=epochs, learning_rate=1e-3, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        logging_strategy="no", use_cpu=True, seed=1, dataloader_num_workers=0,
+        disable_tqdm=True)
+    data = RankfeedIterable(small, with_meta=True, **KW)
+    trainer = Recording(model=tiny_bert(), args=args, train_dataset=data,
+                        callbacks=[Stop()])
+    trainer.train(resume_from_checkpoint=resume)
+    return seen, len(data)
+
+
+def test_trainer_epochs_differ_and_have_a_length(small, tmp_path):
+    # Regression: the README recipe replayed epoch 1 in epoch 2, and needed max_steps.
+    seen, steps = trainer_run(small, tmp_path / "run")
+    assert len(seen) == 2 * steps
+    first, second = seen[:steps], seen[steps:]
+    rows = lambda part: [r for b in part for r in b[0]]
+    assert sorted(rows(first)) == sorted(rows(second)) == list(range(len(rankfeed.Dataset(small))))
+    assert rows(first) != rows(second)
+    assert [b[2] for b in first] != [b[2] for b in second]
+
+
+def test_trainer_resume_trains_on_exactly_the_same_batches(small, tmp_path):
+    # Regression: resuming re-iterated (or restarted) the epoch.
+    full, steps = trainer_run(small, tmp_path / "full")
+    for n in (steps // 2, steps + steps // 3):
+        out = tmp_path / f"stop{n}"
+        head, _ = trainer_run(small, out, stop_at=n, save_steps=n)
+        assert head == full[:n]
+        ckpt = out / f"checkpoint-{n}"
+        assert json.loads((ckpt / "rankfeed_state.json").read_text())["next"] == n % steps
+        t = time.perf_counter()
+        tail, _ = trainer_run(small, out, resume=str(ckpt))
+        assert head + tail == full, f"resume at step {n}"
+
+
+def test_group_loss_matches_the_reference_formula():
+    from rankfeed.hf import group_loss
+
+    torch.manual_seed(0)
+    scores, teacher = torch.randn(12), torch.randn(12)
+    g = scores.view(3, 4)
+    ce = torch.nn.functional.cross_entropy(g, torch.zeros(3, dtype=torch.long))
+    kd = -torch.mean(torch.sum(torch.log_softmax(g, -1) * torch.softmax(teacher.view(3, 4), -1), -1))
+    assert torch.allclose(group_loss(scores, 4), ce)
+    assert torch.allclose(group_loss(scores, 4, teacher), ce + kd)
+
+
+# --- observation 2: StatefulDataLoader with workers ----------------------------------------
+
+def _resume_in_new_process(small, state_path, out_path, workers):
+    code = f"""
+import pickle, sys
+sys.path.insert(0, {str(ROOT / 'tests' / 'python')!r})
+from torchdata.stateful_dataloader import StatefulDataLoader
+from rankfeed.torch import RankfeedIterable
+data = RankfeedIterable({str(small)!r}, with_meta=True, **{KW!r})
+dl = StatefulDataLoader(data, batch_size=None, num_workers={workers})
+dl.load_state_dict(pickle.load(open({str(state_path)!r}, "rb")))
+out = [(b["rows"].tolist(), b["pos"].tolist(), b["neg"].tolist()) for b in dl]
+pickle.dump(out, open({str(out_path)!r}, "wb"))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return pickle.load(open(out_path, "rb"))
+
+
+def test_stateful_dataloader_resumes_exactly_with_two_workers(small, tmp_path):
+    sd = pytest.importorskip("torchdata.stateful_dataloader")
+    data = RankfeedIterable(small, with_meta=True, **KW)
+    full = rows_of(sd.StatefulDataLoader(data, batch_size=None, num_workers=2))
+    assert len(full) == len(data)
+    data = RankfeedIterable(small, with_meta=True, **KW)
+    dl = sd.StatefulDataLoader(data, batch_size=None, num_workers=2)
+    it = iter(dl)
+    head = [next(it) for _ in range(7)]
+    state = dl.state_dict()
+    pickle.dump(state, open(tmp_path / "state.pkl", "wb"))
+    del it, dl
+    tail = _resume_in_new_process(small, tmp_path / "state.pkl", tmp_path / "out.pkl", 2)
+    assert rows_of(head) + tail == full
+
+
+def test_state_validation_is_strict(small):
+    data = RankfeedIterable(small, **KW)
+    good = data.state_dict()
+    with pytest.raises(ValueError, match="missing keys \\['settings'\\]"):
+        data.load_state_dict({"epoch": 0, "next": 5})
+    with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
+        data.load_state_dict({**good, "extra": 1})
+    other = RankfeedIterable(small, **{**KW, "batch_size": 8}).state_dict()
+    with pytest.raises(ValueError, match="batch_size = 8"):
+        data.load_state_dict(other)
+    loader = rankfeed.Dataset(small).loader(**KW)
+    with pytest.raises(ValueError, match='state_dict has no "dataset"'):
+        loader.load_state_dict({"epoch": 0, "step": 5})
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match='unknown key "bogus"'):
+        loader.load_state_dict({**state, "bogus": 1})
+    with pytest.raises(ValueError, match="group_size"):
+        loader.load_state_dict({**state, "group_size": 2})
+
+
+# --- observation 7: batches independent of the worker count ---------------------------------
+
+def test_batches_are_the_same_with_any_number_of_workers(small):
+    from torch.utils.data import DataLoader
+
+    data = RankfeedIterable(small, with_meta=True, **KW)
+    inproc = list(DataLoader(data, batch_size=None, num_workers=0))
+    for workers in (1, 2, 3):
+        data = RankfeedIterable(small, with_meta=True, **KW)
+        got = list(DataLoader(data, batch_size=None, num_workers=workers))
+        assert rows_of(got) == rows_of(inproc), workers
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, inproc))
+
+
+def test_ranks_have_equal_batch_counts_and_cover_every_row(small):
+    seen, counts = [], []
+    for rank in range(3):
+        data = RankfeedIterable(small, rank=rank, world_size=3, with_meta=True, **KW)
+        batches = list(data)
+        counts.append(len(batches))
+        assert len(batches) == len(data)
+        seen += [r for b in batches for r in b["rows"].tolist()]
+    assert len(set(counts)) == 1
+    assert set(seen) == set(range(len(rankfeed.Dataset(small))))
+
+
+# --- observation 3: threads -------------------------------------------------------------------
+
+def test_threads_never_deadlock(small):
+    loader = rankfeed.Dataset(small).loader(prefetch_threads=1, **KW)
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                loader.step, loader.epoch, len(loader), loader.rows_per_epoch
+                loader.state_dict()
+                reads[0] += 1
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+    def other_iterator():
+        for _ in range(300):
+            try:
+                next(loader)
+            except StopIteration:
+                pass
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=other_iterator)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    n = 0
+    while n < 10_000:
+        for _ in loader:
+            n += 1
+            if n >= 10_000:
+                break
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive(), "a thread hung"
+    assert time.monotonic() - t0 < 60
+    assert not errors and reads[0] > 0
+
+
+# --- observation 4: arguments -----------------------------------------------------------------
+
+@pytest.mark.parametrize("arg,value,match", [
+    ("pad_to_multiple_of", 2**40, "pad_to_multiple_of"),
+    ("prefetch_depth", 2**40, "prefetch_depth"),
+    ("passage_max_len", -1, "passage_max_len must be non-negative"),
+    ("batch_size", -4, "batch_size must be non-negative"),
+    ("batch_size", 0, "batch_size"),
+    ("group_size", 2**70, "group_size must be below 2\\*\\*64"),
+    ("batch_size", 1.5, "batch_size must be an integer"),
+    ("batch_size", 100_000, "batch_size"),
+    ("seed", -1, "seed must be non-negative"),
+])
+def test_bad_numbers_are_value_errors_naming_the_argument(small, arg, value, match):
+    # Regression: 2**40 aborted the interpreter; -1 was an OverflowError.
+    with pytest.raises(ValueError, match=match):
+        rankfeed.Dataset(small).loader(**{**KW, arg: value})
+
+
+def test_cli_refuses_huge_numbers(small, rankfeed_bin):
+    p = subprocess.run([rankfeed_bin, "bench", small, "--pad-to-multiple-of", "1099511627776"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "pad_to_multiple_of" in p.stderr, p.stderr
+
+
+# --- observation 5: callback exceptions ---------------------------------------------------------
+
+def test_callback_exceptions_stop_the_conversion(tmp_path):
+    calls = []
+
+    def progress(*a):
+        calls.append(a)
+        raise KeyboardInterrupt
+
+    many = tmp_path / "many.jsonl"
+    with open(many, "w") as f:
+        for _ in range(20):
+            f.write(FIXTURE.read_text())
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        rankfeed.convert(many, BERT, tmp_path / "out", progress=progress)
+    assert len(calls) == 1 and time.monotonic() - t < 10
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "rankfeed-tmp" in p.name]
+
+
+# --- observation 6: numpy-only batches ----------------------------------------------------------
+
+def test_batches_hold_only_numpy_arrays(small):
+    batch = next(iter(rankfeed.Dataset(small).loader(**KW)))
+    assert all(isinstance(v, np.ndarray) for v in batch.values()), {k: type(v) for k, v in batch.items()}
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    assert tensors["overlong"].shape == ()
