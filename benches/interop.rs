@@ -81,6 +81,7 @@ fn main() {
     let r = rankfeed::import::import(
         &[flat],
         &base.join("imported"),
+        None,
         WriterOptions {
             overwrite: true,
             ..Default::default()

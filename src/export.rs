@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::publish::Staging;
 
 /// Key of the key-value metadata entry holding the manifest.
-pub const MANIFEST_KEY: &str = "rankfeed.manifest";
+pub const MANIFEST_KEY: &str = crate::format::PARQUET_MANIFEST_KEY;
 
 /// Which layout to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

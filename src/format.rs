@@ -68,6 +68,10 @@ pub const PROMPTS_FILE: &str = "prompts.arrow";
 /// Rejected input rows (skip policy).
 pub const REJECTS_FILE: &str = "rejects.jsonl";
 
+/// The Parquet key-value metadata key under which `export` stores what `import` restores
+/// (tokenizer facts, text settings, default prompts, sources).
+pub const PARQUET_MANIFEST_KEY: &str = "rankfeed.manifest";
+
 /// Rows per record batch unless the writer is told otherwise.
 pub const DEFAULT_ROWS_PER_BATCH: usize = 1 << 16;
 /// Buffer alignment inside the Arrow files.

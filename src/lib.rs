@@ -30,6 +30,7 @@
 pub mod collate;
 pub mod convert;
 pub mod dataset;
+pub mod discover;
 pub mod error;
 pub mod export;
 pub mod format;
@@ -37,6 +38,7 @@ pub mod import;
 mod ipc;
 pub mod loader;
 pub mod merge;
+pub mod parquet_read;
 pub mod publish;
 pub mod sample;
 pub mod stats;

@@ -6,10 +6,17 @@
 //! unfinished writer removes the staging directory; one left by a killed process is removed by
 //! the next run that writes to the same output.
 //! Memory: one record batch per file is buffered (`rows_per_batch` rows), plus one `u32` per
-//! passage for statistics.
+//! passage for statistics and 24 bytes per distinct passage for interning.
+//!
+//! **Interning** is the writer's: [`DatasetWriter::intern_passage`] and
+//! [`DatasetWriter::intern_prompt`] store each distinct token sequence once (keyed by its
+//! xxh3-128) and return its id, in first-appearance order. `convert`, `import` and `merge` all
+//! go through them, so a dataset's passage ids depend only on the sequence of token lists
+//! written: converting in shards and merging gives the same files as converting at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -314,7 +321,34 @@ pub struct DatasetWriter {
     files: Option<OpenFiles>,
     rejects: Option<HashingWriter<BufWriter<File>>>,
     passage_lens: Vec<u32>,
+    passage_ids: InternMap,
+    prompt_ids: InternMap,
     counts: Counts,
+}
+
+/// xxh3-128 of a token list -> its id. The key is already a hash: the map does not hash again.
+type InternMap = HashMap<u128, u32, BuildHasherDefault<PreHashed>>;
+
+/// Identity hasher for keys that are already hashes.
+#[derive(Default)]
+pub(crate) struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+fn token_key(tokens: &[i32]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(tokens))
 }
 
 impl DatasetWriter {
@@ -336,11 +370,36 @@ impl DatasetWriter {
             files: Some(files),
             rejects: None,
             passage_lens: Vec::new(),
+            passage_ids: InternMap::default(),
+            prompt_ids: InternMap::default(),
             counts: Counts::default(),
         })
     }
 
-    /// Append a passage; returns its id.
+    /// The id of passage `tokens`: stored now if no earlier passage had the same tokens.
+    pub fn intern_passage(&mut self, tokens: &[i32]) -> Result<u32> {
+        let key = token_key(tokens);
+        if let Some(&id) = self.passage_ids.get(&key) {
+            return Ok(id);
+        }
+        let id = self.add_passage(tokens)?;
+        self.passage_ids.insert(key, id);
+        Ok(id)
+    }
+
+    /// The id of a row's prompt `tokens`: stored now if no earlier row prompt had the same
+    /// tokens (the default prompts, added with [`DatasetWriter::add_prompt`], are not shared).
+    pub fn intern_prompt(&mut self, tokens: &[i32]) -> Result<u32> {
+        let key = token_key(tokens);
+        if let Some(&id) = self.prompt_ids.get(&key) {
+            return Ok(id);
+        }
+        let id = self.add_prompt(tokens)?;
+        self.prompt_ids.insert(key, id);
+        Ok(id)
+    }
+
+    /// Append a passage as a new row, even if it repeats one; returns its id.
     pub fn add_passage(&mut self, tokens: &[i32]) -> Result<u32> {
         let rows_per_batch = self.options.rows_per_batch;
         let id = self.files().passages.push(tokens, rows_per_batch)?;
@@ -414,11 +473,6 @@ impl DatasetWriter {
 
     /// Record a rejected input row in rejects.jsonl.
     pub fn add_reject(&mut self, e: &RowError) -> Result<()> {
-        let path = self.staging.path().join(format::REJECTS_FILE);
-        if self.rejects.is_none() {
-            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            self.rejects = Some(HashingWriter::new(BufWriter::new(f)));
-        }
         let line = serde_json::json!({
             "file": e.position.path.display().to_string(),
             "line": e.position.line,
@@ -427,11 +481,23 @@ impl DatasetWriter {
             "reason": e.reason.as_str(),
             "message": e.message,
         });
+        let mut bytes = serde_json::to_vec(&line)
+            .map_err(|e| Error::Internal(format!("serializing a reject: {e}")))?;
+        bytes.push(b'\n');
+        self.add_reject_line(&bytes)
+    }
+
+    /// Append one line (with its newline) of another dataset's rejects.jsonl (merge).
+    pub fn add_reject_line(&mut self, line: &[u8]) -> Result<()> {
+        let path = self.staging.path().join(format::REJECTS_FILE);
+        if self.rejects.is_none() {
+            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            self.rejects = Some(HashingWriter::new(BufWriter::new(f)));
+        }
         let Some(w) = self.rejects.as_mut() else {
             unreachable!("created above")
         };
-        serde_json::to_writer(&mut *w, &line).map_err(|e| Error::io(&path, e.into()))?;
-        w.write_all(b"\n").map_err(|e| Error::io(&path, e))
+        w.write_all(line).map_err(|e| Error::io(&path, e))
     }
 
     fn files(&mut self) -> &mut OpenFiles {

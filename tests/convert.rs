@@ -433,5 +433,9 @@ fn a_cancelled_conversion_writes_nothing() {
     .unwrap_err();
     assert!(matches!(err, Error::Interrupted(_)), "{err}");
     assert!(!out.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the input is left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the input is left"
+    );
 }

@@ -68,7 +68,7 @@ fn export_then_import_reproduces_the_columns() {
             );
             let back = dir.path().join("back");
             let imported =
-                rankfeed::import::import(&[out], &back, WriterOptions::default()).unwrap();
+                rankfeed::import::import(&[out], &back, None, WriterOptions::default()).unwrap();
             assert_eq!(imported.rows, ds.len() as u64);
             same_columns(&ds_dir, &back);
             let m = Dataset::open(&back).unwrap();
@@ -250,4 +250,154 @@ fn shards_merge_into_the_single_conversion() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("differ"), "{err}");
+}
+
+/// The manifest's sources and stats, and the files, of a conversion and of the merge of its
+/// shards must be the same: everything but the files' own checksums (equal files give equal
+/// sums anyway) and timestamps, of which there are none.
+fn same_dataset(a: &Path, b: &Path) {
+    same_columns(a, b);
+    let read = |p: &Path| Dataset::open(p).unwrap().manifest().clone();
+    let (ma, mb) = (read(a), read(b));
+    assert_eq!(ma.sources, mb.sources, "sources and stats");
+    assert_eq!(ma.counts, mb.counts);
+    assert_eq!(
+        ma.files, mb.files,
+        "file sizes and checksums (rejects.jsonl included)"
+    );
+}
+
+fn shard_and_merge(inputs: &[PathBuf], dir: &Path, n: usize, skip: bool) -> (PathBuf, PathBuf) {
+    let opts = |shard| ConvertOptions {
+        shard,
+        on_error: if skip { OnError::Skip } else { OnError::Fail },
+        ..ConvertOptions::default()
+    };
+    let whole = dir.join(format!("whole-{n}"));
+    run(inputs, &whole, opts(None));
+    let shards: Vec<PathBuf> = (0..n)
+        .map(|k| {
+            let out = dir.join(format!("shard-{n}-{k}"));
+            run(inputs, &out, opts(Some((k, n))));
+            out
+        })
+        .collect();
+    let merged = dir.join(format!("merged-{n}"));
+    rankfeed::merge::merge(&shards, &merged, WriterOptions::default()).unwrap();
+    (whole, merged)
+}
+
+/// Issue 11, observation 4: sharding was by whole files, so one large file went to the last
+/// shard (the others empty) and the merged sources were wrong. Now one file shards by bytes,
+/// line-aligned, and any N merges into the single conversion, stats and rejects included.
+#[test]
+fn one_jsonl_file_shards_by_bytes_and_merges_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("tests/fixtures/roundtrip.jsonl")).unwrap();
+    let mut big = String::from("\u{feff}");
+    for (i, line) in text.lines().enumerate() {
+        big.push_str(line);
+        big.push('\n');
+        if i % 17 == 0 {
+            big.push_str("\n{not json\n");
+        }
+        if i % 29 == 0 {
+            big.push_str(r#"{"query": "q", "pos": ["a"], "neg": ["b"], "extra": 1}"#);
+            big.push('\n');
+        }
+    }
+    let input = dir.path().join("train.jsonl");
+    std::fs::write(&input, &big).unwrap();
+    for n in [1, 2, 3, 4, 7, 64] {
+        let (whole, merged) = shard_and_merge(std::slice::from_ref(&input), dir.path(), n, true);
+        same_dataset(&whole, &merged);
+        // Every shard did a part of the work.
+        if n == 4 {
+            for k in 0..4 {
+                let m = Dataset::open(dir.path().join(format!("shard-4-{k}"))).unwrap();
+                assert!(m.len() > 20, "shard {k} has {} rows", m.len());
+                assert_eq!(m.manifest().sources.len(), 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn parquet_and_mixed_inputs_shard_and_merge_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(root().join("tests/fixtures/roundtrip.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    // Parquet with several row groups.
+    let pq = dir.path().join("train.parquet");
+    text_parquet_row_groups(&pq, &rows, 16);
+    let (whole, merged) = shard_and_merge(std::slice::from_ref(&pq), dir.path(), 4, false);
+    same_dataset(&whole, &merged);
+    assert!(!Dataset::open(dir.path().join("shard-4-0"))
+        .unwrap()
+        .is_empty());
+    // A directory mixing a large JSON lines file, a gzipped one and a JSON array.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(mixed.join("a.jsonl"), lines[..120].join("\n")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, lines[120..150].join("\n").as_bytes()).unwrap();
+    std::fs::write(mixed.join("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(
+        mixed.join("c.json"),
+        format!("[{}]", lines[150..].join(",\n")),
+    )
+    .unwrap();
+    for n in [2, 5] {
+        let (whole, merged) = shard_and_merge(std::slice::from_ref(&mixed), dir.path(), n, false);
+        same_dataset(&whole, &merged);
+    }
+    // The files that cannot be split are converted whole, with a warning.
+    let tok = tokenizer();
+    let warnings: Vec<String> = (0..2)
+        .flat_map(|k| {
+            let opts = ConvertOptions {
+                shard: Some((k, 2)),
+                ..ConvertOptions::default()
+            };
+            let out = dir.path().join(format!("warn-{k}"));
+            convert(std::slice::from_ref(&mixed), &tok, &out, &opts, &mut |_| {})
+                .unwrap()
+                .warnings
+        })
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("b.jsonl.gz: compressed")));
+    assert!(warnings.iter().any(|w| w.contains("c.json: a JSON array")));
+}
+
+fn text_parquet_row_groups(path: &Path, rows: &[serde_json::Value], per_group: usize) {
+    let tmp = path.with_extension("one.parquet");
+    text_parquet(&tmp, rows);
+    let file = std::fs::File::open(&tmp).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(per_group))
+        .build();
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batches[0].schema(),
+        Some(props),
+    )
+    .unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+    std::fs::remove_file(tmp).unwrap();
 }

@@ -612,13 +612,19 @@ fn settings_beyond_the_limits_are_argument_errors() {
     let ds = write(dir.path(), bert_like(), &small_spec(30, None), &[30], 8);
     type Edit = fn(&mut LoaderOptions);
     let cases: [(&str, Edit); 8] = [
-        ("pad_to_multiple_of", |o| o.collate.pad_to_multiple_of = Some(1 << 40)),
-        ("pad_to_multiple_of", |o| o.collate.pad_to_multiple_of = Some(0)),
+        ("pad_to_multiple_of", |o| {
+            o.collate.pad_to_multiple_of = Some(1 << 40)
+        }),
+        ("pad_to_multiple_of", |o| {
+            o.collate.pad_to_multiple_of = Some(0)
+        }),
         ("prefetch_depth", |o| o.prefetch_depth = 1 << 40),
         ("prefetch_threads", |o| o.prefetch_threads = 1 << 20),
         ("batch_size", |o| o.batch_size = 0),
         ("group_size", |o| o.collate.group_size = 1 << 40),
-        ("passage_max_len", |o| o.collate.passage_max_len = usize::MAX),
+        ("passage_max_len", |o| {
+            o.collate.passage_max_len = usize::MAX
+        }),
         ("batch_size", |o| {
             // Each within its own limit, together 500 GB a batch.
             o.batch_size = 1 << 16;

@@ -34,10 +34,14 @@ def export(dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=Fa
     return _export(str(dataset), str(out), layout=layout, rows_per_file=rows_per_file, overwrite=overwrite)
 
 
-def import_parquet(inputs, out, *, overwrite=False):
-    """Import flat pre-tokenized Parquet (files or directories; list or large_list, int32 or
-    int64 ids) into a dataset at `out`, without tokenizing."""
-    return _import_parquet(_paths(inputs), str(out), overwrite=overwrite)
+def import_parquet(inputs, out, *, tokenizer=None, overwrite=False):
+    """Import pre-tokenized Parquet into a dataset at `out`, without tokenizing: flat files or
+    directories (list or large_list, int32 or int64 ids), or a `tables` export directory.
+    Rows follow the `row` column when there is one. `tokenizer` (a tokenizer.json) supplies the
+    tokenizer facts when the files carry no rankfeed metadata (Spark and Polars drop it): the
+    import refuses without either."""
+    return _import_parquet(_paths(inputs), str(out), overwrite=overwrite,
+                           tokenizer=str(tokenizer) if tokenizer is not None else None)
 
 
 def merge(shards, out, *, overwrite=False):

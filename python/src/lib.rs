@@ -340,19 +340,25 @@ fn export<'py>(
     )
 }
 
-/// Import pre-tokenized flat Parquet files or directories into a dataset.
+/// Import pre-tokenized Parquet (flat files or directories, or a tables directory) into a
+/// dataset; `tokenizer` supplies the tokenizer facts when the files carry no rankfeed metadata.
 #[pyfunction]
-#[pyo3(signature = (inputs, out, *, overwrite=false))]
+#[pyo3(signature = (inputs, out, *, tokenizer=None, overwrite=false))]
 fn import_parquet<'py>(
     py: Python<'py>,
     inputs: Vec<PathBuf>,
     out: PathBuf,
+    tokenizer: Option<PathBuf>,
     overwrite: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let r = detached(py, move || {
+        let tok = tokenizer
+            .map(rankfeed::tokenizer::TextTokenizer::from_file)
+            .transpose()?;
         rankfeed::import::import(
             &inputs,
             &out,
+            tok.as_ref(),
             WriterOptions {
                 overwrite,
                 ..WriterOptions::default()

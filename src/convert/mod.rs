@@ -21,7 +21,7 @@ pub mod source;
 pub mod text;
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, RejectReason, Result, RowError};
 use crate::format::{self, Manifest, SourceStats, TextSettings};
 use crate::tokenizer::TextTokenizer;
-use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, PreHashed, WriterOptions};
 
 use row::{parse_row, InputRow};
 use source::{Record, SourceFile};
@@ -88,9 +88,10 @@ pub struct ConvertOptions {
     pub writer: WriterOptions,
     /// Rows per processing chunk (tokenized as one parallel batch).
     pub chunk_rows: usize,
-    /// `(k, n)`: convert only the k-th of n contiguous blocks of the input files (after
-    /// directory expansion), so n tasks can convert a corpus in parallel and `merge` joins
-    /// their outputs in input order.
+    /// `(k, n)`: convert only the k-th of n equal byte ranges of the inputs (after directory
+    /// expansion; line-aligned, see [`source::plan_shard`]), so n tasks can convert a corpus,
+    /// even one large file, in parallel, and `merge` joins their outputs into exactly the
+    /// single conversion's dataset.
     pub shard: Option<(usize, usize)>,
     /// Longest line (JSON lines) or array element (JSON array) read; a longer one is a
     /// `line_too_long` row error under the policy, and memory stays bounded by this.
@@ -146,6 +147,8 @@ pub struct ConvertReport {
     pub tokenize_time: Duration,
     /// Stale staging directories of dead processes removed before writing.
     pub cleaned: Vec<PathBuf>,
+    /// Things the user should know (a file a shard had to convert whole).
+    pub warnings: Vec<String>,
 }
 
 /// Size rayon's global pool, which the tokenizer uses. Only the first configuration in a process
@@ -155,22 +158,6 @@ pub fn configure_threads(n: usize) -> std::result::Result<(), String> {
         .num_threads(n)
         .build_global()
         .map_err(|e| e.to_string())
-}
-
-/// Identity hasher for keys that are already hashes.
-#[derive(Default)]
-struct PreHashed(u64);
-
-impl Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, _: &[u8]) {
-        unreachable!("only u128 keys are hashed")
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
 }
 
 type DedupMap = HashMap<u128, u32, BuildHasherDefault<PreHashed>>;
@@ -239,6 +226,7 @@ pub fn convert(
 ) -> Result<ConvertReport> {
     let start = Instant::now();
     let mut sources = source::discover(inputs)?;
+    let mut warnings = Vec::new();
     if let Some((k, n)) = options.shard {
         if n == 0 || k >= n {
             return Err(Error::argument(
@@ -246,8 +234,7 @@ pub fn convert(
                 format!("{k}/{n}: need 0 <= k < n"),
             ));
         }
-        let f = sources.len();
-        sources = sources[k * f / n..(k + 1) * f / n].to_vec();
+        warnings = source::plan_shard(&mut sources, k, n)?;
     }
     let t = &options.text;
     let mut text = TextSettings {
@@ -299,9 +286,11 @@ pub fn convert(
         tokens_tokenized: defaults.iter().map(|d| d.len() as u64).sum(),
         tokenize_time: Duration::ZERO,
         cancel: options.cancel.clone(),
+        passage_ids: Vec::new(),
+        prompt_ids: Vec::new(),
     };
 
-    let bytes_total: u64 = sources.iter().map(|s| s.bytes).sum();
+    let bytes_total: u64 = sources.iter().map(|s| s.part_bytes()).sum();
     let bytes_read = Arc::new(AtomicU64::new(0));
     let (job_tx, job_rx) = sync_channel::<Job>(2);
     let (done_tx, done_rx) = sync_channel::<Tokenized>(2);
@@ -385,6 +374,7 @@ pub fn convert(
         tokens_tokenized,
         tokenize_time,
         cleaned,
+        warnings,
     })
 }
 
@@ -425,12 +415,17 @@ impl Preparer {
             let st = &mut all[id];
             let id = id as u32;
             if src.layout == source::Layout::Parquet {
+                let groups = match &src.part {
+                    source::Part::Nothing => continue,
+                    source::Part::RowGroups(g) => Some(&g[..]),
+                    _ => None,
+                };
                 let mut unknown = std::mem::take(&mut st.unknown_fields);
-                parquet_rows::read_parquet_rows(&src.path, &mut unknown, &mut |row| {
+                parquet_rows::read_parquet_rows(&src.path, groups, &mut unknown, &mut |row| {
                     self.take(&mut job, st, id, row, &tx, &mut stop)
                 })?;
                 st.unknown_fields = unknown;
-                bytes_read.fetch_add(src.bytes, Ordering::Relaxed);
+                bytes_read.fetch_add(src.part_bytes(), Ordering::Relaxed);
             } else {
                 let max = self.max_line_bytes;
                 source::read_records(src, bytes_read.clone(), max, &mut |rec| {
@@ -539,6 +534,11 @@ struct Sink<'a> {
     tokens_tokenized: u64,
     tokenize_time: Duration,
     cancel: Option<Arc<AtomicBool>>,
+    /// The writer's id of each distinct passage *text* (the prepare stage's ids): texts that
+    /// tokenize alike share one stored passage.
+    passage_ids: Vec<i32>,
+    /// The writer's id of each distinct row prompt text (prepare ids from 2 on).
+    prompt_ids: Vec<u32>,
 }
 
 impl Sink<'_> {
@@ -574,13 +574,22 @@ impl Sink<'_> {
         let (query_tokens, rest) = tokens.split_at(job.n_queries);
         let (passage_tokens, prompt_tokens) = rest.split_at(job.n_passages);
         for t in passage_tokens {
-            self.writer.add_passage(t)?;
+            let id = self.writer.intern_passage(t)?;
+            self.passage_ids.push(id as i32);
         }
         for t in prompt_tokens {
-            self.writer.add_prompt(t)?;
+            let id = self.writer.intern_prompt(t)?;
+            self.prompt_ids.push(id);
         }
+        let mut refs = Vec::new();
         for (p, q) in job.pending.iter().zip(query_tokens) {
-            let (pos, neg) = job.refs[p.refs.clone()].split_at(p.n_pos);
+            refs.clear();
+            refs.extend(
+                job.refs[p.refs.clone()]
+                    .iter()
+                    .map(|&text_id| self.passage_ids[text_id as usize]),
+            );
+            let (pos, neg) = refs.split_at(p.n_pos);
             if neg.is_empty() {
                 self.empty_neg[p.source as usize] += 1;
             }
@@ -590,7 +599,9 @@ impl Sink<'_> {
                 neg,
                 pos_scores: p.pos_scores.as_deref(),
                 neg_scores: p.neg_scores.as_deref(),
-                prompt: p.prompt,
+                prompt: p
+                    .prompt
+                    .map(|text_id| self.prompt_ids[text_id as usize - 2]),
                 source: p.source,
             })?;
             self.accepted[p.source as usize] += 1;

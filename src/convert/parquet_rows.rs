@@ -14,7 +14,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::row::{InputRow, KNOWN_FIELDS};
 use crate::error::{Error, InputPosition, RejectReason, Result, RowError};
-use crate::import::list_at;
+use crate::parquet_read::{self, list_at};
 
 /// A string at row `i` (None when null); Err when the column is not a string type.
 fn string_at(a: &dyn Array, i: usize) -> std::result::Result<Option<String>, String> {
@@ -56,82 +56,57 @@ fn scores_at(
     a: &dyn Array,
     i: usize,
 ) -> std::result::Result<Option<Vec<f32>>, (String, RejectReason)> {
-    let Some(items) = list_at(a, i) else {
-        return if a.is_null(i) {
-            Ok(None)
-        } else {
-            Err((
-                format!("expected a list of numbers, found {}", a.data_type()),
-                RejectReason::WrongType,
-            ))
-        };
-    };
-    if items.null_count() > 0 {
-        return Err(("null score".into(), RejectReason::NonNumericScore));
+    match list_at(a, i) {
+        Some(items) => parquet_read::scores(items.as_ref()).map(Some),
+        None if a.is_null(i) => Ok(None),
+        None => Err((
+            format!("expected a list of numbers, found {}", a.data_type()),
+            RejectReason::WrongType,
+        )),
     }
-    let cast = arrow_cast_f64(items.as_ref()).ok_or_else(|| {
-        (
-            format!("expected numbers, found {}", items.data_type()),
-            RejectReason::NonNumericScore,
-        )
-    })?;
-    cast.into_iter()
-        .map(|x| {
-            let y = x as f32;
-            if y.is_finite() {
-                Ok(y)
-            } else {
-                Err((
-                    format!("{x} is not a finite float32"),
-                    RejectReason::NonFiniteScore,
-                ))
-            }
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map(Some)
 }
 
-fn arrow_cast_f64(a: &dyn Array) -> Option<Vec<f64>> {
-    use arrow_array::types::*;
-    Some(match a.data_type() {
-        DataType::Float32 => a
-            .as_primitive::<Float32Type>()
-            .values()
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        DataType::Float64 => a.as_primitive::<Float64Type>().values().to_vec(),
-        DataType::Int32 => a
-            .as_primitive::<Int32Type>()
-            .values()
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        DataType::Int64 => a
-            .as_primitive::<Int64Type>()
-            .values()
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        DataType::Boolean => return None,
-        _ => return None,
-    })
-}
-
-/// Read the rows of a Parquet file; `f` gets each row (or its error) and returns whether to go
-/// on. Unknown columns are counted once per row in `unknown`.
+/// Read the rows of a Parquet file (only `row_groups`, when given); `f` gets each row (or its
+/// error) and returns whether to go on. Unknown columns are counted once per row in `unknown`.
+/// Row numbers in errors count from the start of the file.
 pub fn read_parquet_rows(
     path: &Path,
+    row_groups: Option<&[usize]>,
     unknown: &mut std::collections::BTreeMap<String, u64>,
     f: &mut dyn FnMut(std::result::Result<InputRow<'static>, RowError>) -> bool,
 ) -> Result<()> {
     let file = crate::storage::open_regular(path)?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::parquet(path, e))?
-        .with_batch_size(1024)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    let mut row_index = 0u64;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    let meta = builder.metadata().clone();
+    let groups: Vec<usize> = match row_groups {
+        Some(g) => g.to_vec(),
+        None => (0..meta.num_row_groups()).collect(),
+    };
+    for &g in &groups {
+        // Rows before group g, so positions count from the start of the file.
+        let first: i64 = (0..g).map(|i| meta.row_group(i).num_rows()).sum();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(crate::storage::open_regular(path)?)
+            .map_err(|e| Error::parquet(path, e))?
+            .with_row_groups(vec![g])
+            .with_batch_size(1024)
+            .build()
+            .map_err(|e| Error::parquet(path, e))?;
+        if !read_batches(path, reader, first as u64, unknown, f)? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The rows of `reader`, numbered from `row_index`; false when `f` asked to stop.
+fn read_batches(
+    path: &Path,
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    mut row_index: u64,
+    unknown: &mut std::collections::BTreeMap<String, u64>,
+    f: &mut dyn FnMut(std::result::Result<InputRow<'static>, RowError>) -> bool,
+) -> Result<bool> {
     for batch in reader {
         let batch: RecordBatch = batch.map_err(|e| Error::parquet(path, e.into()))?;
         let names: Vec<String> = batch
@@ -158,11 +133,11 @@ pub fn read_parquet_rows(
             row_index += 1;
             let row = build_row(&cols, i, &position);
             if !f(row) {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn build_row(

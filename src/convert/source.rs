@@ -54,6 +54,126 @@ pub struct SourceFile {
     pub compression: Compression,
     /// Layout.
     pub layout: Layout,
+    /// What a sharded conversion reads of it (everything otherwise).
+    pub part: Part,
+}
+
+/// The part of a source that one shard of a conversion reads (see [`plan_shard`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// The whole file.
+    All,
+    /// The lines that start in bytes `start..end` of an uncompressed JSON lines file.
+    Lines {
+        /// First byte (a line starting here or later is read).
+        start: u64,
+        /// A line starting at or after this byte is left to the next shard.
+        end: u64,
+    },
+    /// These row groups of a Parquet file.
+    RowGroups(Vec<usize>),
+    /// Nothing: another shard reads this file.
+    Nothing,
+}
+
+/// Assign each shard a part of the inputs, by bytes, so one large file shards evenly. The
+/// inputs are seen as one stream of bytes, cut into `n` equal ranges; shard `k` reads
+/// - of an uncompressed JSON lines file (`.jsonl`, or `.json` holding lines): the lines that
+///   start in its range (line-aligned: each line is read by exactly one shard);
+/// - of a Parquet file: the row groups that start in its range;
+/// - a compressed file or a JSON array, which cannot be cut: whole, by the shard whose range
+///   holds its first byte; a warning says so.
+///
+/// Every shard keeps every source (with its own counts), so source ids and paths are the same
+/// in every shard and in a single conversion, and `merge` adds the counts up.
+pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<String>> {
+    let total: u64 = sources.iter().map(|s| s.bytes).sum();
+    let bound = |i: usize| (total as u128 * i as u128 / n as u128) as u64;
+    let (lo, hi) = (bound(k), bound(k + 1));
+    let owner = |at: u64| (0..n).find(|&j| at < bound(j + 1)).unwrap_or(n - 1);
+    let mut warnings = Vec::new();
+    let mut offset = 0u64;
+    for src in sources.iter_mut() {
+        let start = offset;
+        offset += src.bytes;
+        src.part = match splittable(src)? {
+            Split::Lines => {
+                let (a, b) = (lo.max(start) - start, hi.min(offset).max(start) - start);
+                if a < b {
+                    Part::Lines { start: a, end: b }
+                } else {
+                    Part::Nothing
+                }
+            }
+            Split::RowGroups(groups) => {
+                let mine: Vec<usize> = (0..groups)
+                    .filter(|&g| owner(start + src.bytes * g as u64 / groups as u64) == k)
+                    .collect();
+                if mine.is_empty() {
+                    Part::Nothing
+                } else {
+                    Part::RowGroups(mine)
+                }
+            }
+            Split::Whole(why) if owner(start) == k => {
+                if n > 1 {
+                    warnings.push(format!(
+                        "{}: {why}: it cannot be split, so shard {k}/{n} converts it whole",
+                        src.path.display()
+                    ));
+                }
+                Part::All
+            }
+            Split::Whole(_) => Part::Nothing,
+        };
+    }
+    Ok(warnings)
+}
+
+enum Split {
+    Lines,
+    RowGroups(usize),
+    Whole(&'static str),
+}
+
+fn splittable(src: &SourceFile) -> Result<Split> {
+    if src.compression != Compression::None {
+        return Ok(Split::Whole("compressed"));
+    }
+    match src.layout {
+        Layout::JsonLines => Ok(Split::Lines),
+        Layout::Parquet => {
+            let file = crate::storage::open_regular(&src.path)?;
+            let builder =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| Error::parquet(&src.path, e))?;
+            Ok(Split::RowGroups(builder.metadata().num_row_groups()))
+        }
+        Layout::Json => {
+            let mut head = [0u8; 4096];
+            let mut file = crate::storage::open_regular(&src.path)?;
+            let n = file.read(&mut head).map_err(|e| Error::io(&src.path, e))?;
+            let body = head[..n]
+                .strip_prefix(crate::convert::row::BOM)
+                .unwrap_or(&head[..n]);
+            match body.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'[') => Ok(Split::Whole("a JSON array")),
+                _ => Ok(Split::Lines),
+            }
+        }
+    }
+}
+
+impl SourceFile {
+    /// Bytes this conversion reads of the file (for progress).
+    pub fn part_bytes(&self) -> u64 {
+        match &self.part {
+            Part::All => self.bytes,
+            Part::Lines { start, end } => end - start,
+            Part::RowGroups(g) => self.bytes * g.len() as u64 / g.len().max(1) as u64,
+            Part::Nothing => 0,
+        }
+    }
 }
 
 /// Split `name` into (layout, compression), or `None` when it is not an input file.
@@ -77,24 +197,6 @@ fn classify(path: &Path) -> Option<(Layout, Compression)> {
     }
 }
 
-/// The files of directory `dir` for which `keep` holds, sorted (not recursive). Hidden files
-/// and Spark's `_SUCCESS`-style markers (names starting with `.` or `_`) are skipped.
-pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
-        .collect::<Result<_>>()?;
-    files.retain(|p| {
-        p.is_file()
-            && !p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(['.', '_']))
-            && keep(p)
-    });
-    files.sort();
-    Ok(files)
-}
-
 /// Expand the given paths into input files, in order. Errors: a missing path, a file that is
 /// not `.json`/`.jsonl` (optionally `.gz`/`.zst`), a directory without such files.
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
@@ -105,7 +207,7 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
         if meta.is_dir() {
-            let files = list_dir(input, |p| classify(p).is_some())?;
+            let files = crate::discover::list_dir(input, |p| classify(p).is_some())?;
             if files.is_empty() {
                 return Err(Error::input(
                     input,
@@ -143,6 +245,7 @@ fn source_file(path: &Path) -> Result<SourceFile> {
         bytes,
         compression,
         layout,
+        part: Part::All,
     })
 }
 
@@ -214,8 +317,15 @@ pub fn read_records(
     max_line_bytes: usize,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> Result<()> {
-    let mut reader = open(src, counter)?;
     let io = |e: std::io::Error| Error::io(&src.path, e);
+    match src.part {
+        Part::Nothing | Part::RowGroups(_) => return Ok(()),
+        Part::Lines { start, end } if start > 0 || end < src.bytes => {
+            return read_line_range(src, counter, start, end, max_line_bytes, f);
+        }
+        _ => {}
+    }
+    let mut reader = open(src, counter)?;
     if reader
         .fill_buf()
         .map_err(io)?
@@ -251,7 +361,65 @@ pub fn read_records(
             return Ok(());
         }
     }
-    read_lines(&mut *reader, src, skipped_newlines, max_line_bytes, f).map_err(io)
+    read_lines(
+        &mut *reader,
+        src,
+        skipped_newlines,
+        max_line_bytes,
+        u64::MAX,
+        f,
+    )
+    .map_err(io)
+}
+
+/// The lines of an uncompressed file that start in bytes `start..end`, numbered as in the
+/// whole file (the newlines before `start` are counted).
+fn read_line_range(
+    src: &SourceFile,
+    counter: Arc<AtomicU64>,
+    start: u64,
+    end: u64,
+    max_line_bytes: usize,
+    f: &mut dyn FnMut(Record<'_>) -> bool,
+) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| Error::io(&src.path, e);
+    // Count the lines before `start`, and see whether `start` begins a line.
+    let mut prefix = BufReader::with_capacity(1 << 20, crate::storage::open_regular(&src.path)?);
+    let (mut newlines, mut at_line_start, mut pos) = (0u64, true, 0u64);
+    while pos < start {
+        let buf = prefix.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let n = buf.len().min((start - pos) as usize);
+        newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+        at_line_start = buf[n - 1] == b'\n';
+        prefix.consume(n);
+        pos += n as u64;
+    }
+    let mut file = crate::storage::open_regular(&src.path)?;
+    file.seek(SeekFrom::Start(start)).map_err(io)?;
+    let mut reader = BufReader::with_capacity(
+        1 << 20,
+        Counting {
+            inner: file,
+            counter,
+        },
+    );
+    let reader: &mut dyn BufRead = &mut reader;
+    let mut budget = end - start;
+    if !at_line_start {
+        // The line that straddles `start` belongs to the shard before.
+        let mut skipped = Vec::new();
+        let len = read_line_bounded(reader, &mut skipped, 0).map_err(io)?;
+        newlines += 1;
+        budget = budget.saturating_sub(len);
+        if len == 0 || budget == 0 {
+            return Ok(());
+        }
+    }
+    read_lines(reader, src, newlines, max_line_bytes, budget, f).map_err(io)
 }
 
 /// Read up to and including the next `\n` into `line`, keeping at most `max` bytes: returns
@@ -285,20 +453,24 @@ fn read_line_bounded(
     }
 }
 
+/// Lines until the end of input, or until `budget` bytes of lines have been read (a line
+/// starting before the budget ends is read whole).
 fn read_lines(
     reader: &mut dyn BufRead,
     src: &SourceFile,
     first_line: u64,
     max_line_bytes: usize,
+    mut budget: u64,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(1 << 16);
     let mut number = first_line;
-    loop {
+    while budget > 0 {
         let len = read_line_bounded(reader, &mut line, max_line_bytes)?;
         if len == 0 {
             return Ok(());
         }
+        budget = budget.saturating_sub(len);
         number += 1;
         let mut end = line.len();
         while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
@@ -321,6 +493,7 @@ fn read_lines(
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// Split a top-level JSON array into its elements without parsing them: track strings,

@@ -47,7 +47,7 @@ enum Command {
     Bench(batch::BenchArgs),
     /// Export a dataset to Parquet (flat: one row per query with tokens; tables: passages/groups/prompts).
     Export(ExportArgs),
-    /// Import pre-tokenized flat Parquet (rankfeed's export, or ids made elsewhere) without tokenizing.
+    /// Import pre-tokenized Parquet (rankfeed's export, flat or tables, or ids made elsewhere) without tokenizing.
     Import(ImportArgs),
     /// Merge datasets (e.g. shards converted with --shard K/N) into one, without tokenizing again.
     Merge(MergeArgs),
@@ -79,6 +79,10 @@ struct ImportArgs {
     /// Output dataset directory.
     #[arg(short, long)]
     output: PathBuf,
+    /// The tokenizer.json the ids were made with: needed when the Parquet carries no rankfeed
+    /// metadata (Spark and Polars drop it); checked against it when it does.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Replace OUTPUT if it exists.
     #[arg(long)]
     overwrite: bool,
@@ -373,9 +377,15 @@ fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 fn run_import(a: ImportArgs) -> Result<()> {
+    let tokenizer = a
+        .tokenizer
+        .as_ref()
+        .map(TextTokenizer::from_file)
+        .transpose()?;
     let r = rankfeed::import::import(
         &a.inputs,
         &a.output,
+        tokenizer.as_ref(),
         WriterOptions {
             overwrite: a.overwrite,
             ..WriterOptions::default()
