@@ -99,8 +99,13 @@ def test_import_what_polars_writes_large_list_int64(tmp_path, dataset):
     assert schema.field("query").type == pa.large_list(pa.field("item", pa.int64())) or \
         pa.types.is_large_list(schema.field("query").type), schema
     out = tmp_path / "imported"
-    summary = rankfeed.import_parquet(path, out)
+    # Regression (issue 11, observation 1): without metadata the tokenizer facts were lost.
+    with pytest.raises(ValueError, match="tokenizer"):
+        rankfeed.import_parquet(path, out)
+    assert not out.exists()
+    summary = rankfeed.import_parquet(path, out, tokenizer=BERT)
     assert summary["rows"] == len(ds)
+    assert (out / "passages.arrow").read_bytes() == (dataset / "passages.arrow").read_bytes()
     back = rankfeed.Dataset(out)
     for i in range(0, len(ds), 7):
         a, b = ds.group(i), back.group(i)
@@ -108,6 +113,46 @@ def test_import_what_polars_writes_large_list_int64(tmp_path, dataset):
         assert [ds.passage(int(p)).tolist() for p in a["neg"]] == [back.passage(int(p)).tolist() for p in b["neg"]]
         if a["pos_scores"] is not None:
             assert a["pos_scores"].tolist() == b["pos_scores"].tolist()
+
+
+def same_arrow(a, b):
+    return all((a / n).read_bytes() == (b / n).read_bytes()
+               for n in ("groups.arrow", "passages.arrow", "prompts.arrow"))
+
+
+def same_batches(a, b):
+    kw = dict(batch_size=4, group_size=4, seed=3)
+    la, lb = rankfeed.Dataset(a).loader(**kw), rankfeed.Dataset(b).loader(**kw)
+    return all(np.array_equal(x["input_ids"], y["input_ids"]) and
+               np.array_equal(x["token_type_ids"], y["token_type_ids"]) for x, y in zip(la, lb))
+
+
+def test_ids_outside_the_vocabulary_are_refused(tmp_path):
+    df = pl.DataFrame({"query": [[101, 2000]], "pos": [[[7592, 999_999]]], "neg": [[[1, 2]]]})
+    df.write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"row 0 field `pos`.*token id 999999 is outside"):
+        rankfeed.import_parquet(tmp_path / "bad.parquet", tmp_path / "out", tokenizer=BERT)
+
+
+def test_shuffled_rows_are_restored_to_row_order(tmp_path, dataset):
+    # Regression (issue 11, observation 2): the `row` column was ignored.
+    rankfeed.export(dataset, tmp_path / "flat")
+    table = pq.read_table(tmp_path / "flat")
+    perm = np.random.default_rng(0).permutation(table.num_rows)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    half = table.num_rows // 2
+    pq.write_table(table.take(perm[:half]), shuffled / "part-0.parquet")
+    pq.write_table(table.take(perm[half:]), shuffled / "part-1.parquet")
+    rankfeed.import_parquet(shuffled, tmp_path / "back", tokenizer=BERT)
+    assert same_arrow(dataset, tmp_path / "back")
+
+
+def test_tables_layout_round_trip(tmp_path, dataset, rankfeed_bin):
+    # Regression (issue 11, observation 3): the tables layout could not be imported.
+    run_rankfeed(rankfeed_bin, "export", dataset, "-o", tmp_path / "tables", "--layout", "tables")
+    run_rankfeed(rankfeed_bin, "import", tmp_path / "tables", "-o", tmp_path / "back")
+    assert same_arrow(dataset, tmp_path / "back")
 
 
 def test_export_import_round_trip_is_identical(tmp_path, dataset, rankfeed_bin):
@@ -170,12 +215,51 @@ def test_import_what_spark_writes(tmp_path, dataset, spark):
     out = tmp_path / "spark-written"
     spark.createDataFrame(data, schema).coalesce(1).write.parquet(str(out))
     imported = tmp_path / "imported"
-    rankfeed.import_parquet(out, imported)
+    rankfeed.import_parquet(out, imported, tokenizer=BERT)
     back = rankfeed.Dataset(imported)
     assert len(back) == len(ds)
     for i in range(0, len(ds), 5):
         assert back.group(i)["query"].tolist() == rows[i]["query"]
         assert [back.passage(int(p)).tolist() for p in back.group(i)["pos"]] == rows[i]["pos"]
+
+
+def test_spark_round_trip_without_metadata_needs_the_tokenizer(tmp_path, dataset, spark, rankfeed_bin):
+    # Regression (issue 11, observation 1): Spark drops the metadata; import then lost the
+    # tokenizer facts silently.
+    rankfeed.export(dataset, tmp_path / "flat", rows_per_file=60)
+    df = spark.read.parquet(str(tmp_path / "flat")).repartition(3)
+    df.write.parquet(str(tmp_path / "spark"))
+    assert "rankfeed.manifest" not in (pq.read_metadata(next((tmp_path / "spark").glob("*.parquet"))).metadata or {})
+    p = subprocess.run([rankfeed_bin, "import", tmp_path / "spark", "-o", tmp_path / "bad"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "--tokenizer" in p.stderr, p.stderr
+    run_rankfeed(rankfeed_bin, "import", tmp_path / "spark", "-o", tmp_path / "back", "--tokenizer", BERT)
+    assert same_arrow(dataset, tmp_path / "back")
+    assert same_batches(dataset, tmp_path / "back")
+    facts = lambda d: rankfeed.Dataset(d).manifest["tokenizer"]  # noqa: E731
+    assert facts(tmp_path / "back") == facts(dataset)
+
+
+def test_one_file_shards_four_ways_as_spark_tasks_and_with_the_cli(tmp_path, spark, rankfeed_bin):
+    # Regression (issue 11, observation 4): one input file went whole to the last shard.
+    from rankfeed.spark import convert_sharded
+
+    whole = tmp_path / "whole"
+    rankfeed.convert(FIXTURE, BERT, whole, progress=False)
+    merged = tmp_path / "merged"
+    convert_sharded(spark, [FIXTURE], BERT, merged, num_shards=4)
+    assert same_arrow(whole, merged)
+    m, w = rankfeed.Dataset(merged).manifest, rankfeed.Dataset(whole).manifest
+    assert m["sources"] == w["sources"] and m["files"] == w["files"]
+    shards = []
+    for k in range(4):
+        out = tmp_path / f"cli-{k}"
+        run_rankfeed(rankfeed_bin, "convert", FIXTURE, "--tokenizer", BERT, "-o", out, "--shard", f"{k}/4")
+        assert len(rankfeed.Dataset(out)) > 20
+        shards.append(out)
+    run_rankfeed(rankfeed_bin, "merge", *shards, "-o", tmp_path / "cli")
+    assert same_arrow(whole, tmp_path / "cli")
+    assert rankfeed.Dataset(tmp_path / "cli").manifest["sources"] == w["sources"]
 
 
 def test_sharded_conversion_as_spark_tasks(tmp_path, spark):
