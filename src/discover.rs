@@ -23,8 +23,14 @@ pub fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<PathBuf>
     Ok(files)
 }
 
-/// Expand files and directories into `.parquet` files (directories: sorted, not recursive).
-pub fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// Expand files and directories (their files for which `keep` holds, see [`list_dir`]) into
+/// files, in order. Errors: no inputs, a missing path, a directory without such files (`what`
+/// names them). Files given by name are kept as given (their type is checked by the reader).
+pub fn expand(
+    inputs: &[PathBuf],
+    keep: impl Fn(&Path) -> bool,
+    what: &str,
+) -> Result<Vec<PathBuf>> {
     if inputs.is_empty() {
         return Err(Error::argument("inputs", "no input paths given"));
     }
@@ -32,9 +38,9 @@ pub fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
         if meta.is_dir() {
-            let files = list_dir(input, |p| p.extension().is_some_and(|e| e == "parquet"))?;
+            let files = list_dir(input, &keep)?;
             if files.is_empty() {
-                return Err(Error::input(input, "directory has no .parquet files"));
+                return Err(Error::input(input, format!("directory has no {what}")));
             }
             out.extend(files);
         } else {
@@ -42,4 +48,13 @@ pub fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// Expand files and directories into `.parquet` files (directories: sorted, not recursive).
+pub fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    expand(
+        inputs,
+        |p| p.extension().is_some_and(|e| e == "parquet"),
+        ".parquet files",
+    )
 }

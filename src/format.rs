@@ -72,6 +72,11 @@ pub const REJECTS_FILE: &str = "rejects.jsonl";
 /// (tokenizer facts, text settings, default prompts, sources).
 pub const PARQUET_MANIFEST_KEY: &str = "rankfeed.manifest";
 
+/// FlagEmbedding's default `query_instruction_format` / `passage_instruction_format`.
+pub const DEFAULT_INSTRUCTION_FORMAT: &str = "{}{}";
+/// FlagEmbedding's default `sep_token` of the LLM modes.
+pub const DEFAULT_SEP_TOKEN: &str = "\n";
+
 /// Rows per record batch unless the writer is told otherwise.
 pub const DEFAULT_ROWS_PER_BATCH: usize = 1 << 16;
 /// Buffer alignment inside the Arrow files.
@@ -282,10 +287,10 @@ impl Default for TextSettings {
     fn default() -> Self {
         TextSettings {
             query_instruction: None,
-            query_instruction_format: "{}{}".into(),
+            query_instruction_format: DEFAULT_INSTRUCTION_FORMAT.into(),
             passage_instruction: None,
-            passage_instruction_format: "{}{}".into(),
-            sep_token: "\n".into(),
+            passage_instruction_format: DEFAULT_INSTRUCTION_FORMAT.into(),
+            sep_token: DEFAULT_SEP_TOKEN.into(),
             sep_ids: Vec::new(),
             default_prompt_llm: DEFAULT_LLM_PROMPT.into(),
             default_prompt_matryoshka: DEFAULT_MATRYOSHKA_PROMPT.into(),

@@ -68,20 +68,23 @@ class _Progress:
         sys.stderr.flush()
 
 
-def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}",
-            passage_instruction=None, passage_instruction_format="{}{}", sep_token="\n",
+def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format=None,
+            passage_instruction=None, passage_instruction_format=None, sep_token=None,
             default_prompt=None, on_error="fail", overwrite=False, threads=None,
             rows_per_batch=None, progress=None, shard=None, max_line_bytes=None):
     """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
     dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
 
     Text is formatted as FlagEmbedding does (`query_instruction_format.format(prompt, query)`
-    when `query_instruction` is set; likewise for passages). `on_error="fail"` stops at the
+    when `query_instruction` is set; likewise for passages; formats default to "{}{}" and
+    sep_token to "\\n" when left None). `on_error="fail"` stops at the
     first bad row (ValueError naming file, line, field and reason) and writes nothing;
     `"skip"` records rejected rows in `out/rejects.jsonl` and the manifest. `progress`: None
     shows a progress line when stderr is a terminal; True/False force it; a callable receives
     (bytes_read, bytes_total, rows, rejected, tokens, seconds). `shard=(k, n)` converts only
-    the k-th of n contiguous blocks of the input files; join the shards with `merge`.
+    the k-th of n equal byte ranges of the inputs (line-aligned; one large file shards evenly);
+    join the shards with `merge`, which gives exactly the single conversion's dataset. The
+    summary's `warnings` names files a shard had to convert whole (compressed, JSON arrays).
     `max_line_bytes` (default 64 MiB): a longer line is a `line_too_long` row under `on_error`.
     The summary's `cleaned` lists staging directories of interrupted runs that were removed."""
     inputs = _paths(inputs)

@@ -10,10 +10,12 @@ driver merges the shards in order into one dataset, without tokenizing again.
                     num_shards=64, query_instruction="...")
 
 The shard directories go to `out + ".shards"` (removed after the merge unless keep_shards).
-Relative paths are resolved against the driver's working directory. Every path must be visible to every executor (a shared file system), and each executor needs
-`pip install rankfeed`. Inputs are best split into at least `num_shards` files (Spark's own
-`part-*` outputs are): a shard is a block of whole files. pyspark is imported only by the
-caller.
+Relative paths are resolved against the driver's working directory. Every path must be
+visible to every executor (a shared file system), and each executor needs `pip install
+rankfeed`. Shards are equal byte ranges of the inputs (line-aligned JSON lines, Parquet row
+groups), so one large file spreads over all tasks; compressed files are converted whole by one
+task. The merged dataset is the single conversion's, byte for byte. pyspark is imported only
+by the caller.
 """
 
 import os

@@ -199,8 +199,8 @@ fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
 
 /// Convert JSON/JSONL inputs into a dataset directory. See `rankfeed.convert`.
 #[pyfunction]
-#[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format="{}{}".to_string(),
-    passage_instruction=None, passage_instruction_format="{}{}".to_string(), sep_token="\n".to_string(),
+#[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format=None,
+    passage_instruction=None, passage_instruction_format=None, sep_token=None,
     default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None,
     shard=None, max_line_bytes=None))]
 #[allow(clippy::too_many_arguments)]
@@ -210,10 +210,10 @@ fn convert<'py>(
     tokenizer: PathBuf,
     out: PathBuf,
     query_instruction: Option<String>,
-    query_instruction_format: String,
+    query_instruction_format: Option<String>,
     passage_instruction: Option<String>,
-    passage_instruction_format: String,
-    sep_token: String,
+    passage_instruction_format: Option<String>,
+    sep_token: Option<String>,
     default_prompt: Option<String>,
     on_error: &str,
     overwrite: bool,
@@ -236,13 +236,17 @@ fn convert<'py>(
         // Only the first configuration of the global pool takes effect.
         let _ = rankfeed::convert::configure_threads(n);
     }
+    // None: the library's defaults (defined once, in `TextOptions::default`).
+    let d = TextOptions::default();
     let options = ConvertOptions {
         text: TextOptions {
             query_instruction,
-            query_instruction_format,
+            query_instruction_format: query_instruction_format
+                .unwrap_or(d.query_instruction_format),
             passage_instruction,
-            passage_instruction_format,
-            sep_token,
+            passage_instruction_format: passage_instruction_format
+                .unwrap_or(d.passage_instruction_format),
+            sep_token: sep_token.unwrap_or(d.sep_token),
             default_prompt,
         },
         on_error,
@@ -304,6 +308,7 @@ fn convert<'py>(
         "counts": report.manifest.counts,
         "sources": report.manifest.sources,
         "cleaned": report.cleaned,
+        "warnings": report.warnings,
     });
     json_to_py(py, &summary)
 }

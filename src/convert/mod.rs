@@ -68,10 +68,10 @@ impl Default for TextOptions {
     fn default() -> Self {
         TextOptions {
             query_instruction: None,
-            query_instruction_format: "{}{}".into(),
+            query_instruction_format: format::DEFAULT_INSTRUCTION_FORMAT.into(),
             passage_instruction: None,
-            passage_instruction_format: "{}{}".into(),
-            sep_token: "\n".into(),
+            passage_instruction_format: format::DEFAULT_INSTRUCTION_FORMAT.into(),
+            sep_token: format::DEFAULT_SEP_TOKEN.into(),
             default_prompt: None,
         }
     }
@@ -225,56 +225,14 @@ pub fn convert(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<ConvertReport> {
     let start = Instant::now();
-    let mut sources = source::discover(inputs)?;
-    let mut warnings = Vec::new();
-    if let Some((k, n)) = options.shard {
-        if n == 0 || k >= n {
-            return Err(Error::argument(
-                "shard",
-                format!("{k}/{n}: need 0 <= k < n"),
-            ));
-        }
-        warnings = source::plan_shard(&mut sources, k, n)?;
-    }
-    let t = &options.text;
-    let mut text = TextSettings {
-        query_instruction: t.query_instruction.clone(),
-        query_instruction_format: unescape_format(&t.query_instruction_format),
-        passage_instruction: t.passage_instruction.clone(),
-        passage_instruction_format: unescape_format(&t.passage_instruction_format),
-        sep_token: t.sep_token.clone(),
-        sep_ids: tokenizer.encode(&t.sep_token)?,
-        ..TextSettings::default()
-    };
-    if let Some(p) = &t.default_prompt {
-        text.default_prompt_llm = p.clone();
-        text.default_prompt_matryoshka = p.clone();
-    }
-    let mut preparer = Preparer {
-        query_fmt: Formatter::new(
-            text.query_instruction.clone(),
-            &text.query_instruction_format,
-        )?,
-        passage_fmt: Formatter::new(
-            text.passage_instruction.clone(),
-            &text.passage_instruction_format,
-        )?,
-        dedup: DedupMap::default(),
-        prompt_ids: HashMap::new(),
-        next_passage: 0,
-        policy: options.on_error,
-        chunk_rows: options.chunk_rows.max(1),
-        max_line_bytes: options.max_line_bytes,
-    };
+    let (sources, warnings) = plan_sources(inputs, options.shard)?;
+    let text = text_settings(&options.text, tokenizer)?;
+    let mut preparer = Preparer::new(&text, options)?;
     let mut writer = DatasetWriter::create(out, options.writer.clone())?;
     let defaults =
         tokenizer.encode_batch(&[&text.default_prompt_llm, &text.default_prompt_matryoshka])?;
-    for (tokens, expected) in defaults.iter().zip([
-        format::PROMPT_ID_LLM_DEFAULT,
-        format::PROMPT_ID_MATRYOSHKA_DEFAULT,
-    ]) {
-        let id = writer.add_prompt(tokens)?;
-        debug_assert_eq!(id, expected);
+    for tokens in &defaults {
+        writer.add_prompt(tokens)?;
     }
     let mut sink = Sink {
         writer: &mut writer,
@@ -289,13 +247,87 @@ pub fn convert(
         passage_ids: Vec::new(),
         prompt_ids: Vec::new(),
     };
+    let read_stats = run_pipeline(&sources, &mut preparer, tokenizer, &mut sink, &mut |p| {
+        progress(&Progress {
+            elapsed: start.elapsed(),
+            ..p.clone()
+        })
+    })?;
+    let stats = source_stats(&sources, read_stats, &sink, options.shard.is_some())?;
+    let (texts_tokenized, tokens_tokenized, tokenize_time) = (
+        sink.texts_tokenized,
+        sink.tokens_tokenized,
+        sink.tokenize_time,
+    );
+    let cleaned = writer.cleaned().to_vec();
+    let manifest = writer.finish(ManifestInfo {
+        tokenizer: Some(tokenizer.facts().clone()),
+        text,
+        sources: stats,
+    })?;
+    Ok(ConvertReport {
+        manifest,
+        elapsed: start.elapsed(),
+        texts_tokenized,
+        tokens_tokenized,
+        tokenize_time,
+        cleaned,
+        warnings,
+    })
+}
 
+/// The input files, and what this shard reads of each (with warnings).
+fn plan_sources(
+    inputs: &[PathBuf],
+    shard: Option<(usize, usize)>,
+) -> Result<(Vec<SourceFile>, Vec<String>)> {
+    let mut sources = source::discover(inputs)?;
+    let warnings = match shard {
+        Some((k, n)) if n == 0 || k >= n => {
+            return Err(Error::argument(
+                "shard",
+                format!("{k}/{n}: need 0 <= k < n"),
+            ))
+        }
+        Some((k, n)) => source::plan_shard(&mut sources, k, n)?,
+        None => Vec::new(),
+    };
+    Ok((sources, warnings))
+}
+
+/// The text settings recorded in the manifest, formats unescaped, sep tokenized.
+fn text_settings(t: &TextOptions, tokenizer: &TextTokenizer) -> Result<TextSettings> {
+    let mut text = TextSettings {
+        query_instruction: t.query_instruction.clone(),
+        query_instruction_format: unescape_format(&t.query_instruction_format),
+        passage_instruction: t.passage_instruction.clone(),
+        passage_instruction_format: unescape_format(&t.passage_instruction_format),
+        sep_token: t.sep_token.clone(),
+        sep_ids: tokenizer.encode(&t.sep_token)?,
+        ..TextSettings::default()
+    };
+    if let Some(p) = &t.default_prompt {
+        text.default_prompt_llm = p.clone();
+        text.default_prompt_matryoshka = p.clone();
+    }
+    Ok(text)
+}
+
+/// The three stages (prepare, tokenize, write: see the module docs), joined; the prepare
+/// stage's counts per source.
+fn run_pipeline(
+    sources: &[SourceFile],
+    preparer: &mut Preparer,
+    tokenizer: &TextTokenizer,
+    sink: &mut Sink<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<ReadStats>> {
     let bytes_total: u64 = sources.iter().map(|s| s.part_bytes()).sum();
     let bytes_read = Arc::new(AtomicU64::new(0));
     let (job_tx, job_rx) = sync_channel::<Job>(2);
     let (done_tx, done_rx) = sync_channel::<Tokenized>(2);
     let (read_result, write_result) = std::thread::scope(|scope| {
-        let prepare = scope.spawn(|| preparer.run(&sources, bytes_read.clone(), job_tx));
+        let prepare = scope.spawn(|| preparer.run(sources, bytes_read.clone(), job_tx));
         let tokenize = scope.spawn(move || {
             for job in job_rx {
                 let t0 = Instant::now();
@@ -313,7 +345,7 @@ pub fn convert(
                 rows: s.rows,
                 rejected: s.rejected,
                 tokens: s.tokens_tokenized,
-                elapsed: start.elapsed(),
+                elapsed: Duration::ZERO,
             })
         });
         let tokenized = tokenize.join().map_err(|p| panicked("tokenize", p));
@@ -321,11 +353,19 @@ pub fn convert(
         (prepared.and_then(|r| r), tokenized.and(write_result))
     });
     write_result?;
-    let read_stats = read_result?;
+    read_result
+}
 
+/// Per-source statistics for the manifest; every row read is accounted for.
+fn source_stats(
+    sources: &[SourceFile],
+    read_stats: Vec<ReadStats>,
+    sink: &Sink<'_>,
+    sharded: bool,
+) -> Result<Vec<SourceStats>> {
     let mut stats = Vec::with_capacity(sources.len());
     for (i, (src, rs)) in sources.iter().zip(read_stats).enumerate() {
-        if rs.rows_read == 0 && options.shard.is_none() {
+        if rs.rows_read == 0 && !sharded {
             return Err(Error::input(&src.path, "no rows (empty input)"));
         }
         let rows_rejected: u64 = rs.rejected.values().sum();
@@ -355,27 +395,7 @@ pub fn convert(
             unknown_fields: rs.unknown_fields,
         });
     }
-    let (texts_tokenized, tokens_tokenized, tokenize_time) = (
-        sink.texts_tokenized,
-        sink.tokens_tokenized,
-        sink.tokenize_time,
-    );
-    drop(sink);
-    let cleaned = writer.cleaned().to_vec();
-    let manifest = writer.finish(ManifestInfo {
-        tokenizer: Some(tokenizer.facts().clone()),
-        text,
-        sources: stats,
-    })?;
-    Ok(ConvertReport {
-        manifest,
-        elapsed: start.elapsed(),
-        texts_tokenized,
-        tokens_tokenized,
-        tokenize_time,
-        cleaned,
-        warnings,
-    })
+    Ok(stats)
 }
 
 /// The error for a pipeline thread that panicked (a bug: input never makes rankfeed panic).
@@ -401,6 +421,25 @@ struct Preparer {
 }
 
 impl Preparer {
+    fn new(text: &TextSettings, options: &ConvertOptions) -> Result<Preparer> {
+        Ok(Preparer {
+            query_fmt: Formatter::new(
+                text.query_instruction.clone(),
+                &text.query_instruction_format,
+            )?,
+            passage_fmt: Formatter::new(
+                text.passage_instruction.clone(),
+                &text.passage_instruction_format,
+            )?,
+            dedup: DedupMap::default(),
+            prompt_ids: HashMap::new(),
+            next_passage: 0,
+            policy: options.on_error,
+            chunk_rows: options.chunk_rows.max(1),
+            max_line_bytes: options.max_line_bytes,
+        })
+    }
+
     /// Every source in order; jobs of `chunk_rows` rows go to `tx`.
     fn run(
         &mut self,

@@ -200,28 +200,14 @@ fn classify(path: &Path) -> Option<(Layout, Compression)> {
 /// Expand the given paths into input files, in order. Errors: a missing path, a file that is
 /// not `.json`/`.jsonl` (optionally `.gz`/`.zst`), a directory without such files.
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
-    if inputs.is_empty() {
-        return Err(Error::argument("inputs", "no input paths given"));
-    }
-    let mut out = Vec::new();
-    for input in inputs {
-        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
-        if meta.is_dir() {
-            let files = crate::discover::list_dir(input, |p| classify(p).is_some())?;
-            if files.is_empty() {
-                return Err(Error::input(
-                    input,
-                    "directory has no .json, .jsonl (optionally .gz/.zst) or .parquet files",
-                ));
-            }
-            for f in files {
-                out.push(source_file(&f)?);
-            }
-        } else {
-            out.push(source_file(input)?);
-        }
-    }
-    Ok(out)
+    crate::discover::expand(
+        inputs,
+        |p| classify(p).is_some(),
+        ".json, .jsonl (optionally .gz/.zst) or .parquet files",
+    )?
+    .iter()
+    .map(|p| source_file(p))
+    .collect()
 }
 
 /// Default `max_line_bytes`: far above any real row (a group of 16 long passages is < 1 MB),

@@ -20,13 +20,13 @@ pub struct CollateArgs {
     #[arg(long, default_value = "encoder")]
     mode: Mode,
     /// query_max_len.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = CollateOptions::default().query_max_len)]
     query_max_len: usize,
     /// passage_max_len.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = CollateOptions::default().passage_max_len)]
     passage_max_len: usize,
     /// train_group_size: one positive and G-1 negatives per query.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = CollateOptions::default().group_size)]
     group_size: usize,
     /// Round the padded length up to a multiple of this.
     #[arg(long)]
@@ -79,7 +79,7 @@ pub struct ShowArgs {
     #[arg(long, value_delimiter = ',')]
     neg: Option<Vec<u32>>,
     /// Seed of the sampler draw.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = LoaderOptions::default().seed)]
     seed: u64,
     /// Epoch of the sampler draw.
     #[arg(long, default_value_t = 0)]
@@ -283,7 +283,7 @@ pub struct BenchArgs {
     /// Dataset directory.
     dir: PathBuf,
     /// Queries per batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = LoaderOptions::default().batch_size)]
     batch_size: usize,
     /// Batches to time (they wrap into following epochs).
     #[arg(long, default_value_t = 20000)]
@@ -291,7 +291,7 @@ pub struct BenchArgs {
     /// Prefetch threads (0: everything on the calling thread, i.e. one core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = LoaderOptions::default().seed)]
     seed: u64,
     #[arg(long, default_value_t = 0)]
     rank: u64,

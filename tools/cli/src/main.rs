@@ -124,16 +124,16 @@ struct ConvertArgs {
     #[arg(long)]
     query_instruction: Option<String>,
     /// query_instruction_format (Python str.format; a literal \n becomes a newline).
-    #[arg(long, default_value = "{}{}")]
+    #[arg(long, default_value = rankfeed::format::DEFAULT_INSTRUCTION_FORMAT)]
     query_instruction_format: String,
     /// passage_instruction_for_rerank.
     #[arg(long)]
     passage_instruction: Option<String>,
     /// passage_instruction_format.
-    #[arg(long, default_value = "{}{}")]
+    #[arg(long, default_value = rankfeed::format::DEFAULT_INSTRUCTION_FORMAT)]
     passage_instruction_format: String,
     /// sep_token of the LLM modes (taken literally).
-    #[arg(long, default_value = "\n")]
+    #[arg(long, default_value = rankfeed::format::DEFAULT_SEP_TOKEN)]
     sep_token: String,
     /// Default prompt for rows without `prompt` (both LLM modes; each has its own built-in default).
     #[arg(long)]
@@ -150,8 +150,9 @@ struct ConvertArgs {
     /// Rows per Arrow record batch.
     #[arg(long, default_value_t = rankfeed::format::DEFAULT_ROWS_PER_BATCH)]
     rows_per_batch: usize,
-    /// Convert only the K-th of N contiguous blocks of the input files (K/N, from 0), for
-    /// sharded conversion; join the shards with `rankfeed merge`.
+    /// Convert only the K-th of N equal byte ranges of the inputs (K/N, from 0; line-aligned,
+    /// so one large file shards evenly); `rankfeed merge` joins the shards into exactly the
+    /// single conversion's dataset.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
     /// Longest line (or JSON array element) read, in bytes; a longer one is a `line_too_long`
@@ -268,6 +269,9 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     bar.finish_and_clear();
     let report = report.with_context(|| format!("converting into {}", a.output.display()))?;
     report_cleaned(&report.cleaned);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     let m = &report.manifest;
     let mut out = std::io::stdout().lock();
     if a.json {
