@@ -108,10 +108,10 @@ pub struct CollateOptions {
 }
 
 impl CollateOptions {
-    /// Check the numeric settings against [`crate::loader::limits`] (before anything is
+    /// Check the numeric settings against [`crate::limits`] (before anything is
     /// allocated): an [`Error::Argument`] names the first one outside its range.
     pub fn check(&self) -> Result<()> {
-        use crate::loader::{limits, range};
+        use crate::limits::{self, range};
         range("group_size", self.group_size, 1, limits::GROUP_SIZE)?;
         range("query_max_len", self.query_max_len, 0, limits::MAX_LEN)?;
         range("passage_max_len", self.passage_max_len, 0, limits::MAX_LEN)?;

@@ -36,6 +36,7 @@ pub mod export;
 pub mod format;
 pub mod import;
 mod ipc;
+pub mod limits;
 pub mod loader;
 pub mod merge;
 pub mod parquet_read;

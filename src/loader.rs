@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::collate::{Batch, CollateOptions, Collator};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::limits::{self, range};
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Universe};
 use crate::storage;
 
@@ -58,28 +59,6 @@ impl Default for LoaderOptions {
             collate: CollateOptions::default(),
         }
     }
-}
-
-/// Upper bounds on the loader's numeric settings, checked by [`LoaderOptions::check`] before
-/// anything is allocated: a setting beyond them is an [`Error::Argument`] naming it, never an
-/// allocation that aborts the process.
-pub mod limits {
-    /// Largest `batch_size`.
-    pub const BATCH_SIZE: usize = 1 << 20;
-    /// Largest `group_size`.
-    pub const GROUP_SIZE: usize = 1 << 16;
-    /// Largest `query_max_len` and `passage_max_len`.
-    pub const MAX_LEN: usize = 1 << 20;
-    /// Largest `pad_to_multiple_of`.
-    pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
-    /// Largest `prefetch_threads`.
-    pub const PREFETCH_THREADS: usize = 256;
-    /// Largest `prefetch_depth`.
-    pub const PREFETCH_DEPTH: usize = 4096;
-    /// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.
-    pub const BATCH_BYTES: u64 = 8 << 30;
-    /// Largest size of the batches computed ahead (`prefetch_depth` batches), in bytes.
-    pub const PREFETCH_BYTES: u64 = 32 << 30;
 }
 
 impl LoaderOptions {
@@ -132,15 +111,6 @@ impl LoaderOptions {
             ));
         }
         self.shard.check()
-    }
-}
-
-/// `Ok` when `lo <= v <= hi`, else an [`Error::Argument`] naming the setting.
-pub(crate) fn range(name: &'static str, v: usize, lo: usize, hi: usize) -> Result<()> {
-    if v < lo || v > hi {
-        Err(Error::argument(name, format!("{v} is outside {lo}..={hi}")))
-    } else {
-        Ok(())
     }
 }
 

@@ -1,0 +1,31 @@
+//! Upper bounds on the numeric settings of the collator and the loader, checked before
+//! anything is allocated: a setting beyond them is an [`Error::Argument`] naming it, never an
+//! allocation that aborts the process (or the Python interpreter).
+
+use crate::error::{Error, Result};
+
+/// Largest `batch_size`.
+pub const BATCH_SIZE: usize = 1 << 20;
+/// Largest `group_size`.
+pub const GROUP_SIZE: usize = 1 << 16;
+/// Largest `query_max_len` and `passage_max_len`.
+pub const MAX_LEN: usize = 1 << 20;
+/// Largest `pad_to_multiple_of`.
+pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
+/// Largest `prefetch_threads`.
+pub const PREFETCH_THREADS: usize = 256;
+/// Largest `prefetch_depth`.
+pub const PREFETCH_DEPTH: usize = 4096;
+/// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.
+pub const BATCH_BYTES: u64 = 8 << 30;
+/// Largest size of the batches computed ahead (`prefetch_depth` batches), in bytes.
+pub const PREFETCH_BYTES: u64 = 32 << 30;
+
+/// `Ok` when `lo <= v <= hi`, else an [`Error::Argument`] naming the setting.
+pub fn range(name: &'static str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if v < lo || v > hi {
+        Err(Error::argument(name, format!("{v} is outside {lo}..={hi}")))
+    } else {
+        Ok(())
+    }
+}
