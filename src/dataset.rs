@@ -24,6 +24,7 @@ use arrow_schema::Schema;
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
+pub use crate::format::Group;
 use crate::format::{self, Manifest};
 use crate::ipc::{read_layout, BatchLayout, FileLayout};
 use crate::storage::{self, MappedFile};
@@ -234,7 +235,8 @@ impl Table {
     }
 }
 
-/// Node and buffer indices of the groups.arrow columns (see [`format::groups_schema`]).
+/// Node and buffer indices of the groups.arrow columns (see [`format::groups_schema`]; the
+/// test `groups_col_follows_the_schema` derives them from it).
 mod groups_col {
     pub const QUERY: (usize, usize) = (0, 0);
     pub const POS: (usize, usize) = (2, 4);
@@ -243,25 +245,6 @@ mod groups_col {
     pub const NEG_SCORES: (usize, usize) = (8, 16);
     pub const PROMPT: (usize, usize) = (10, 20);
     pub const SOURCE: (usize, usize) = (11, 22);
-}
-
-/// One training group (one input row), borrowed zero-copy from the mapped files.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Group<'a> {
-    /// Query token ids (formatted, no special tokens).
-    pub query: &'a [i32],
-    /// Passage ids of the positives (non-empty).
-    pub pos: &'a [i32],
-    /// Passage ids of the negatives (may be empty).
-    pub neg: &'a [i32],
-    /// Teacher scores of the positives, as long as `pos`, when the row had them.
-    pub pos_scores: Option<&'a [f32]>,
-    /// Teacher scores of the negatives, as long as `neg`, when the row had them.
-    pub neg_scores: Option<&'a [f32]>,
-    /// Row of prompts.arrow holding this row's prompt; `None` means the mode's default.
-    pub prompt: Option<u32>,
-    /// Source (input file) id.
-    pub source: u32,
 }
 
 /// The part of a group that pair building reads.
@@ -684,4 +667,39 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         .map_err(|e| Error::corrupt(&path, format!("invalid manifest: {e}")))?;
     Manifest::check_seal(&text, &manifest.checksum).map_err(|m| Error::corrupt(&path, m))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::groups_col;
+    use crate::format::{self, col};
+    use arrow_schema::DataType;
+
+    /// The (node, buffer) positions used to read groups.arrow are the ones the schema gives:
+    /// a large_list is 2 nodes and 4 buffers (validity, offsets, child validity, child
+    /// values), a primitive 1 node and 2 buffers, in field order.
+    #[test]
+    fn groups_col_follows_the_schema() {
+        let mut at = std::collections::HashMap::new();
+        let (mut node, mut buf) = (0, 0);
+        for f in format::groups_schema().fields() {
+            at.insert(f.name().clone(), (node, buf));
+            match f.data_type() {
+                DataType::LargeList(_) => (node, buf) = (node + 2, buf + 4),
+                _ => (node, buf) = (node + 1, buf + 2),
+            }
+        }
+        for (name, pos) in [
+            (col::QUERY, groups_col::QUERY),
+            (col::POS, groups_col::POS),
+            (col::NEG, groups_col::NEG),
+            (col::POS_SCORES, groups_col::POS_SCORES),
+            (col::NEG_SCORES, groups_col::NEG_SCORES),
+            (col::PROMPT, groups_col::PROMPT),
+            (col::SOURCE, groups_col::SOURCE),
+        ] {
+            assert_eq!(at[name], pos, "{name}");
+        }
+        assert_eq!(at.len(), 7);
+    }
 }

@@ -142,6 +142,26 @@ pub fn groups_schema() -> Arc<Schema> {
     ]))
 }
 
+/// One training group (one input row): what the reader hands out, borrowed zero-copy from
+/// the mapped files, and what the writer takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group<'a> {
+    /// Query token ids (formatted, no special tokens).
+    pub query: &'a [i32],
+    /// Passage ids of the positives (non-empty).
+    pub pos: &'a [i32],
+    /// Passage ids of the negatives (may be empty).
+    pub neg: &'a [i32],
+    /// Teacher scores of the positives, as long as `pos`, when the row had them.
+    pub pos_scores: Option<&'a [f32]>,
+    /// Teacher scores of the negatives, as long as `neg`, when the row had them.
+    pub neg_scores: Option<&'a [f32]>,
+    /// Row of prompts.arrow holding this row's prompt; `None` means the mode's default.
+    pub prompt: Option<u32>,
+    /// Source (input file) id.
+    pub source: u32,
+}
+
 /// One piece of a post-processing template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -193,24 +193,8 @@ impl TokensFile {
     }
 }
 
-/// One group as given to the writer.
-#[derive(Debug, Clone, Copy)]
-pub struct GroupRecord<'a> {
-    /// Query token ids.
-    pub query: &'a [i32],
-    /// Positive passage ids (from [`DatasetWriter::add_passage`]).
-    pub pos: &'a [i32],
-    /// Negative passage ids.
-    pub neg: &'a [i32],
-    /// Teacher scores of the positives.
-    pub pos_scores: Option<&'a [f32]>,
-    /// Teacher scores of the negatives.
-    pub neg_scores: Option<&'a [f32]>,
-    /// Prompt id (from [`DatasetWriter::add_prompt`]), `None` for the default.
-    pub prompt: Option<u32>,
-    /// Source id.
-    pub source: u32,
-}
+/// One group as given to the writer: the same type the reader hands out.
+pub type GroupRecord<'a> = crate::format::Group<'a>;
 
 /// groups.arrow being written.
 struct GroupsFile {
