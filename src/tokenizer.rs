@@ -140,63 +140,7 @@ fn read_facts(
         }),
     };
     let config = read_sibling_config(dir, &mut notes);
-    // A token named in the config (Some(Some(name))), explicitly null (Some(None)), or absent.
-    let configured = |key: &str| -> Option<Option<String>> {
-        config.as_ref()?.get(key).map(|v| match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-            _ => None,
-        })
-    };
-    let added_special: Vec<String> = json
-        .get("added_tokens")
-        .and_then(|a| a.as_array())
-        .into_iter()
-        .flatten()
-        .filter(|t| t.get("special").and_then(|s| s.as_bool()).unwrap_or(false))
-        .filter_map(|t| t.get("content").and_then(|c| c.as_str()).map(String::from))
-        .collect();
-    let conventional = |names: &[&str]| -> Option<i32> {
-        names
-            .iter()
-            .find(|n| added_special.iter().any(|a| a == *n))
-            .and_then(|n| id_of(n))
-    };
-    let mut pick = |key: &str, fallback: Option<i32>, names: &[&str]| -> Option<i32> {
-        match configured(key) {
-            Some(Some(name)) => {
-                let id = id_of(&name);
-                notes.push(format!("{key} = {name:?} from tokenizer config"));
-                id
-            }
-            Some(None) => {
-                notes.push(format!("{key} is null in tokenizer config"));
-                None
-            }
-            None => fallback.or_else(|| conventional(names)),
-        }
-    };
-    let model_unk = json
-        .pointer("/model/unk_token")
-        .and_then(|u| u.as_str())
-        .and_then(&id_of)
-        .or_else(|| {
-            json.pointer("/model/unk_id")
-                .and_then(|u| u.as_i64())
-                .and_then(|u| i32::try_from(u).ok())
-        });
-    let padding_pad = json
-        .pointer("/padding/pad_id")
-        .and_then(|p| p.as_i64())
-        .and_then(|p| i32::try_from(p).ok());
-    let unk_id = pick("unk_token", model_unk, &["<unk>", "[UNK]"]);
-    let pad_id = pick("pad_token", padding_pad, &["<pad>", "[PAD]", "<|pad|>"]);
-    let bos_id = pick("bos_token", None, &["<s>", "<bos>", "<|begin_of_text|>"]);
-    let eos_id = pick(
-        "eos_token",
-        None,
-        &["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>"],
-    );
+    let [unk_id, pad_id, bos_id, eos_id] = special_ids(json, config.as_ref(), &id_of, &mut notes);
     let padding_side = config
         .as_ref()
         .and_then(|c| c.get("padding_side"))
@@ -238,6 +182,75 @@ fn read_facts(
         padding_side,
         notes,
     })
+}
+
+/// The unk, pad, bos and eos ids: named in the tokenizer config (or explicitly null there),
+/// else from the model or padding settings, else by conventional names among the added
+/// special tokens.
+fn special_ids(
+    json: &Value,
+    config: Option<&serde_json::Map<String, Value>>,
+    id_of: &dyn Fn(&str) -> Option<i32>,
+    notes: &mut Vec<String>,
+) -> [Option<i32>; 4] {
+    // A token named in the config (Some(Some(name))), explicitly null (Some(None)), or absent.
+    let configured = |key: &str| -> Option<Option<String>> {
+        config?.get(key).map(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            _ => None,
+        })
+    };
+    let added_special: Vec<String> = json
+        .get("added_tokens")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("special").and_then(|s| s.as_bool()).unwrap_or(false))
+        .filter_map(|t| t.get("content").and_then(|c| c.as_str()).map(String::from))
+        .collect();
+    let conventional = |names: &[&str]| -> Option<i32> {
+        names
+            .iter()
+            .find(|n| added_special.iter().any(|a| a == *n))
+            .and_then(|n| id_of(n))
+    };
+    let mut pick = |key: &str, fallback: Option<i32>, names: &[&str]| -> Option<i32> {
+        match configured(key) {
+            Some(Some(name)) => {
+                let id = id_of(&name);
+                notes.push(format!("{key} = {name:?} from tokenizer config"));
+                id
+            }
+            Some(None) => {
+                notes.push(format!("{key} is null in tokenizer config"));
+                None
+            }
+            None => fallback.or_else(|| conventional(names)),
+        }
+    };
+    let model_unk = json
+        .pointer("/model/unk_token")
+        .and_then(|u| u.as_str())
+        .and_then(id_of)
+        .or_else(|| {
+            json.pointer("/model/unk_id")
+                .and_then(|u| u.as_i64())
+                .and_then(|u| i32::try_from(u).ok())
+        });
+    let padding_pad = json
+        .pointer("/padding/pad_id")
+        .and_then(|p| p.as_i64())
+        .and_then(|p| i32::try_from(p).ok());
+    let unk_id = pick("unk_token", model_unk, &["<unk>", "[UNK]"]);
+    let pad_id = pick("pad_token", padding_pad, &["<pad>", "[PAD]", "<|pad|>"]);
+    let bos_id = pick("bos_token", None, &["<s>", "<bos>", "<|begin_of_text|>"]);
+    let eos_id = pick(
+        "eos_token",
+        None,
+        &["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>"],
+    );
+    [unk_id, pad_id, bos_id, eos_id]
 }
 
 /// tokenizer_config.json merged over special_tokens_map.json, when either exists.
