@@ -56,3 +56,11 @@ def test_readme_python_blocks_run(tok, tmp_path, monkeypatch, spark):
         exec(compile(block, f"README.md python block {i}", "exec"), ns)
     assert (tmp_path / "data/train/manifest.json").exists()
     assert (tmp_path / "out/reranker").is_dir()
+
+
+def test_quickstart_shows_build_progress():
+    # Regression (issue 10, observation 8): `cargo build -q` was minutes of silence.
+    script = (ROOT / "tools" / "quickstart.sh").read_text()
+    build = [l for l in script.splitlines() if l.strip().startswith("cargo build")]
+    assert build and all(" -q" not in l and "--quiet" not in l for l in build), build
+    assert "about 5 minutes" in script
