@@ -294,7 +294,7 @@ fn shard_and_merge(inputs: &[PathBuf], dir: &Path, n: usize, skip: bool) -> (Pat
 fn one_jsonl_file_shards_by_bytes_and_merges_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root().join("tests/fixtures/roundtrip.jsonl")).unwrap();
-    let mut big = String::from("\u{feff}");
+    let mut big = String::from("\u{feff}\n  \n\r\n");
     for (i, line) in text.lines().enumerate() {
         big.push_str(line);
         big.push('\n');

@@ -395,6 +395,15 @@ fn read_line_range(
     );
     let reader: &mut dyn BufRead = &mut reader;
     let mut budget = end - start;
+    if start == 0
+        && reader
+            .fill_buf()
+            .map_err(io)?
+            .starts_with(crate::convert::row::BOM)
+    {
+        reader.consume(crate::convert::row::BOM.len());
+        budget = budget.saturating_sub(crate::convert::row::BOM.len() as u64);
+    }
     if !at_line_start {
         // The line that straddles `start` belongs to the shard before.
         let mut skipped = Vec::new();
