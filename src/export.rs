@@ -33,6 +33,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
+use crate::format::col;
 use crate::publish::Staging;
 
 /// Key of the key-value metadata entry holding the manifest.
@@ -111,8 +112,8 @@ pub(crate) fn list_of(name: &str, item: DataType, nullable: bool) -> Field {
 
 fn tokens_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Int32, false),
-        list_of("tokens", DataType::Int32, false),
+        Field::new(col::ID, DataType::Int32, false),
+        list_of(col::TOKENS, DataType::Int32, false),
     ]))
 }
 
@@ -129,18 +130,18 @@ fn groups_schema(flat: bool) -> SchemaRef {
         }
     };
     Arc::new(Schema::new(vec![
-        Field::new("row", DataType::Int64, false),
-        list_of("query", DataType::Int32, false),
-        ids("pos"),
-        ids("neg"),
-        list_of("pos_scores", DataType::Float32, true),
-        list_of("neg_scores", DataType::Float32, true),
+        Field::new(col::ROW, DataType::Int64, false),
+        list_of(col::QUERY, DataType::Int32, false),
+        ids(col::POS),
+        ids(col::NEG),
+        list_of(col::POS_SCORES, DataType::Float32, true),
+        list_of(col::NEG_SCORES, DataType::Float32, true),
         if flat {
-            list_of("prompt", DataType::Int32, true)
+            list_of(col::PROMPT, DataType::Int32, true)
         } else {
-            Field::new("prompt", DataType::Int32, true)
+            Field::new(col::PROMPT, DataType::Int32, true)
         },
-        Field::new("source", DataType::Int32, false),
+        Field::new(col::SOURCE, DataType::Int32, false),
     ]))
 }
 

@@ -110,6 +110,10 @@ pub mod col {
     pub const SOURCE: &str = "source";
     /// Token ids of passages.arrow / prompts.arrow.
     pub const TOKENS: &str = "tokens";
+    /// Parquet export: the group's row number.
+    pub const ROW: &str = "row";
+    /// Parquet tables export: a passage's or prompt's id.
+    pub const ID: &str = "id";
 }
 
 fn large_list(name: &str, item: DataType, nullable: bool) -> Field {

@@ -33,7 +33,7 @@ use parquet::arrow::ProjectionMask;
 
 use crate::discover::parquet_files;
 use crate::error::{Error, Result};
-use crate::format::{self, SourceStats, TextSettings, TokenizerFacts};
+use crate::format::{self, col, SourceStats, TextSettings, TokenizerFacts};
 use crate::parquet_read::{ids, list_at, scores};
 use crate::tokenizer::TextTokenizer;
 use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
@@ -290,7 +290,7 @@ fn needs_reorder(files: &[PathBuf]) -> Result<bool> {
             .parquet_schema()
             .columns()
             .iter()
-            .position(|c| c.name() == "row" && c.path().parts().len() == 1)
+            .position(|c| c.name() == col::ROW && c.path().parts().len() == 1)
         else {
             return Ok(false);
         };
@@ -345,7 +345,7 @@ fn read_token_table(files: &[PathBuf]) -> Result<Vec<Vec<i32>>> {
                     .cloned()
                     .ok_or_else(|| bad(path, None, name, "no such column".into()))
             };
-            let (id, tokens) = (col("id")?, col("tokens")?);
+            let (id, tokens) = (col(col::ID)?, col(col::TOKENS)?);
             let id = ids64(id.as_ref()).map_err(|m| bad(path, None, "id", m))?;
             for (i, id) in id.into_iter().enumerate() {
                 let t = list_at(tokens.as_ref(), i)
@@ -432,14 +432,14 @@ impl Columns {
             })
         };
         Ok(Columns {
-            row: col("row"),
-            query: need("query")?,
-            pos: need("pos")?,
-            neg: need("neg")?,
-            pos_scores: col("pos_scores"),
-            neg_scores: col("neg_scores"),
-            prompt: col("prompt"),
-            source: col("source"),
+            row: col(col::ROW),
+            query: need(col::QUERY)?,
+            pos: need(col::POS)?,
+            neg: need(col::NEG)?,
+            pos_scores: col(col::POS_SCORES),
+            neg_scores: col(col::NEG_SCORES),
+            prompt: col(col::PROMPT),
+            source: col(col::SOURCE),
         })
     }
 
