@@ -131,7 +131,7 @@ fn write(
     Arc::new(Dataset::open(dir).unwrap())
 }
 
-/// The spec, as plain list operations (shared/reference/flagembedding.md).
+/// The spec, as plain list operations (the semantics stated in src/collate/mod.rs and the README).
 #[allow(clippy::too_many_arguments)]
 fn naive_pair(
     mode: Mode,
@@ -645,4 +645,76 @@ fn settings_beyond_the_limits_are_argument_errors() {
         ..CollateOptions::default()
     };
     assert!(Collator::new(&ds, o).is_err());
+}
+
+/// Packed batches hold exactly the padded batch's rows without their padding, concatenated:
+/// ids, token type ids, positions restarting at 0, cu_seqlens; every mode, both pad sides.
+#[test]
+fn packed_batches_are_the_padded_rows_unpadded() {
+    let dir = tempfile::tempdir().unwrap();
+    for (k, (facts, mode)) in [
+        (bert_like(), Mode::Encoder),
+        (llama_like(), Mode::Llm),
+        (llama_like(), Mode::Matryoshka),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ds = write(
+            &dir.path().join(format!("d{k}")),
+            facts,
+            &small_spec(40, None),
+            &[40],
+            0,
+        );
+        for side in [Side::Left, Side::Right] {
+            let base = |packed| {
+                loader(&ds, |o| {
+                    o.collate.mode = mode;
+                    o.collate.padding_side = Some(side);
+                    o.collate.pad_to_multiple_of = Some(8);
+                    o.collate.packed = packed;
+                })
+            };
+            let (padded, packed) = (base(false), base(true));
+            for step in 0..padded.steps_per_epoch() {
+                let a = padded.batch(1, step).unwrap();
+                let b = packed.batch(1, step).unwrap();
+                assert_eq!(a.selections, b.selections);
+                assert_eq!((b.rows, b.real_tokens), (a.rows, a.real_tokens));
+                assert!(b.attention_mask.is_none() && b.len as u64 == b.real_tokens);
+                let mask = ids_vec(a.attention_mask.as_ref().unwrap());
+                let keep = |v: &[i64]| -> Vec<i64> {
+                    v.iter()
+                        .zip(&mask)
+                        .filter(|(_, &m)| m == 1)
+                        .map(|(&x, _)| x)
+                        .collect()
+                };
+                assert_eq!(ids_vec(&b.input_ids), keep(&ids_vec(&a.input_ids)));
+                match (&a.token_type_ids, &b.token_type_ids) {
+                    (Some(ta), Some(tb)) => assert_eq!(ids_vec(tb), keep(&ids_vec(ta))),
+                    (None, None) => {}
+                    _ => panic!("token_type_ids in one layout only"),
+                }
+                let lens: Vec<i64> = mask.chunks(a.len).map(|r| r.iter().sum()).collect();
+                let cu = b.cu_seqlens.clone().unwrap();
+                assert_eq!(cu.len(), a.rows + 1);
+                assert_eq!(
+                    cu.windows(2)
+                        .map(|w| (w[1] - w[0]) as i64)
+                        .collect::<Vec<_>>(),
+                    lens
+                );
+                let pos: Vec<i64> = lens.iter().flat_map(|&n| 0..n).collect();
+                assert_eq!(ids_vec(b.position_ids.as_ref().unwrap()), pos);
+                assert_eq!(b.max_seqlen() as i64, *lens.iter().max().unwrap());
+                assert_eq!(b.teacher_scores, a.teacher_scores);
+                assert_eq!(
+                    b.query_lengths.as_ref().map(ids_vec),
+                    a.query_lengths.as_ref().map(ids_vec)
+                );
+            }
+        }
+    }
 }

@@ -122,6 +122,8 @@ class Dataset(_Dataset):
       skip_rows_without_negatives
     - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
       prefetch_depth
+    - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
+      cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
 
     Batches are dicts of numpy arrays and nothing else: input_ids, attention_mask,
     token_type_ids (only for tokenizers that have them, encoder mode: XLM-R has none),

@@ -116,16 +116,36 @@ fn ids_1d<'py>(py: Python<'py>, ids: Ids) -> Bound<'py, PyAny> {
     }
 }
 
-/// A batch as a dict of numpy arrays that own the Rust buffers (no copy).
+/// A batch as a dict of numpy arrays that own the Rust buffers (no copy). Padded batches hold
+/// `[rows, len]` arrays; packed ones `[T]` arrays with position_ids, cu_seqlens, max_seqlen.
 fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let (rows, len) = (b.rows, b.len);
-    d.set_item("input_ids", ids_2d(py, b.input_ids, rows, len)?)?;
+    let max_seqlen = b.max_seqlen();
+    let grid = |ids: Ids| -> PyResult<Bound<'py, PyAny>> {
+        if b.cu_seqlens.is_some() {
+            Ok(ids_1d(py, ids))
+        } else {
+            ids_2d(py, ids, rows, len)
+        }
+    };
+    d.set_item("input_ids", grid(b.input_ids)?)?;
     if let Some(m) = b.attention_mask {
-        d.set_item("attention_mask", ids_2d(py, m, rows, len)?)?;
+        d.set_item("attention_mask", grid(m)?)?;
     }
     if let Some(t) = b.token_type_ids {
-        d.set_item("token_type_ids", ids_2d(py, t, rows, len)?)?;
+        d.set_item("token_type_ids", grid(t)?)?;
+    }
+    if let (Some(p), Some(cu)) = (b.position_ids, b.cu_seqlens) {
+        d.set_item("position_ids", ids_1d(py, p))?;
+        d.set_item(
+            "cu_seqlens",
+            PyArray1::from_owned_array(py, Array1::from_vec(cu)),
+        )?;
+        d.set_item(
+            "max_seqlen",
+            numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(max_seqlen as i64)),
+        )?;
     }
     if let Some(s) = b.teacher_scores {
         d.set_item(
@@ -520,7 +540,7 @@ impl PyDataset {
         shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
         int32=false, attention_mask=true, knowledge_distillation=false,
         max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
-        prefetch_depth=None))]
+        prefetch_depth=None, packed=false))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -547,6 +567,7 @@ impl PyDataset {
         skip_rows_without_negatives: bool,
         prefetch_threads: Option<Bound<'_, PyAny>>,
         prefetch_depth: Option<Bound<'_, PyAny>>,
+        packed: bool,
     ) -> PyResult<PyLoader> {
         let tail = match shard_tail {
             "pad" => Tail::Pad,
@@ -603,6 +624,7 @@ impl PyDataset {
                 id_type: if int32 { IdType::I32 } else { IdType::I64 },
                 attention_mask,
                 knowledge_distillation,
+                packed,
             },
         };
         let epoch = uint("epoch", epoch.as_ref(), 0)?;
@@ -659,6 +681,7 @@ impl PyLoader {
                 o.skip_rows_without_negatives.into(),
             ),
             ("knowledge_distillation", c.knowledge_distillation.into()),
+            ("packed", c.packed.into()),
             ("rows_per_epoch", loader.rows_per_epoch().into()),
             ("steps_per_epoch", loader.steps_per_epoch().into()),
         ];

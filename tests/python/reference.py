@@ -1,5 +1,5 @@
 """The reference pipeline: FlagEmbedding 1.4.2's reranker datasets and collator, written with
-transformers<5 exactly as shared/reference/flagembedding.md describes them. It re-tokenizes text
+transformers<5 exactly as the README's Semantics section states them. It re-tokenizes text
 on every access, as the original does; rankfeed must produce identical arrays from its ids."""
 
 import logging

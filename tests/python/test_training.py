@@ -288,3 +288,49 @@ def test_batches_hold_only_numpy_arrays(small):
     assert all(isinstance(v, np.ndarray) for v in batch.values()), {k: type(v) for k, v in batch.items()}
     tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
     assert tensors["overlong"].shape == ()
+
+
+# --- issue 12: padding-free packed batches ------------------------------------------------------
+
+def test_packed_batches_give_the_padded_outputs(small):
+    kw = dict(batch_size=2, group_size=4, query_max_len=16, passage_max_len=32, seed=5)
+    ds = rankfeed.Dataset(small)
+    padded = ds.loader(padding_side="right", **kw).batch(0, 3)
+    packed = ds.loader(packed=True, **kw).batch(0, 3)
+    assert all(isinstance(v, np.ndarray) for v in packed.values())
+    # The packed ids are the padded batch's rows without their padding, exactly.
+    mask = padded["attention_mask"].astype(bool)
+    assert np.array_equal(packed["input_ids"], padded["input_ids"][mask])
+    assert np.array_equal(packed["token_type_ids"], padded["token_type_ids"][mask])
+    cu = packed["cu_seqlens"]
+    assert cu.dtype == np.int32 and len(cu) == 2 * 4 + 1 and cu[0] == 0 and cu[-1] == mask.sum()
+    assert int(packed["max_seqlen"]) == mask.sum(1).max()
+    assert np.array_equal(packed["position_ids"], np.concatenate([np.arange(n) for n in mask.sum(1)]))
+    # A tiny encoder on CPU: block-diagonal attention over the packed sequence gives each pair's
+    # outputs of the padded batch.
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    t = {k: torch.from_numpy(v) for k, v in padded.items()}
+    p = {k: torch.from_numpy(v) for k, v in packed.items()}
+    n = int(cu[-1])
+    block = torch.zeros(n, n, dtype=torch.long)
+    for a, b in zip(cu[:-1], cu[1:]):
+        block[a:b, a:b] = 1
+    with torch.no_grad():
+        out_pad = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                        token_type_ids=t["token_type_ids"]).last_hidden_state
+        out_pack = model(input_ids=p["input_ids"][None], attention_mask=block[None],
+                         token_type_ids=p["token_type_ids"][None],
+                         position_ids=p["position_ids"][None]).last_hidden_state[0]
+    for r, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        assert torch.allclose(out_pack[a:b], out_pad[r, :b - a], atol=1e-5), r
+
+
+def test_packed_iterable_yields_tensors(small):
+    data = RankfeedIterable(small, packed=True, **KW)
+    batch = next(iter(data))
+    assert batch["input_ids"].dim() == 1 and batch["cu_seqlens"].dtype == torch.int32
+    assert "attention_mask" not in batch

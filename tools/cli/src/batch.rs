@@ -46,6 +46,9 @@ pub struct CollateArgs {
     /// Gather teacher scores (knowledge distillation).
     #[arg(long)]
     knowledge_distillation: bool,
+    /// Padding-free packed batches: input_ids [T], position_ids, cu_seqlens (flash-attn varlen).
+    #[arg(long)]
+    packed: bool,
 }
 
 impl CollateArgs {
@@ -61,6 +64,7 @@ impl CollateArgs {
             id_type: if self.int32 { IdType::I32 } else { IdType::I64 },
             attention_mask: !self.no_attention_mask,
             knowledge_distillation: self.knowledge_distillation,
+            packed: self.packed,
         }
     }
 }
@@ -256,8 +260,18 @@ pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
         let b = collator.collate(&ds, sels)?;
         let dir = a.output.join(k.to_string());
         std::fs::create_dir_all(&dir)?;
-        let shape = [b.rows, b.len];
+        // Packed batches are [T] arrays (plus position_ids and cu_seqlens), padded ones [rows, len].
+        let shape: Vec<usize> = if b.cu_seqlens.is_some() {
+            vec![b.len]
+        } else {
+            vec![b.rows, b.len]
+        };
         npy::write_ids(&dir.join("input_ids.npy"), &b.input_ids, &shape)?;
+        if let (Some(p), Some(cu)) = (&b.position_ids, &b.cu_seqlens) {
+            npy::write_ids(&dir.join("position_ids.npy"), p, &shape)?;
+            let cu = rankfeed::collate::Ids::I32(cu.clone());
+            npy::write_ids(&dir.join("cu_seqlens.npy"), &cu, &[b.rows + 1])?;
+        }
         if let Some(m) = &b.attention_mask {
             npy::write_ids(&dir.join("attention_mask.npy"), m, &shape)?;
         }
@@ -341,7 +355,13 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         };
         n += 1;
         real += b.real_tokens;
-        cells += (b.rows * b.len) as u64;
+        // Tokens in the tensors the model receives: every cell of a padded batch, every
+        // token of a packed one.
+        cells += if b.cu_seqlens.is_some() {
+            b.len as u64
+        } else {
+            (b.rows * b.len) as u64
+        };
         bytes += b.nbytes() as u64;
         overlong += b.overlong as u64;
         std::hint::black_box(&b);

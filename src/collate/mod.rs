@@ -1,7 +1,7 @@
 //! The collator: selections -> padded, contiguous arrays, straight from the mapped token slices.
 //! Pure compute: a [`Dataset`] to read from, options, selections in; a [`Batch`] out.
 //!
-//! Bit-identical to FlagEmbedding (see shared/reference/flagembedding.md), per pair:
+//! Bit-identical to FlagEmbedding (the semantics are stated here and in the README), per pair:
 //! - `encoder`: `Q = q[:qm + pm//4]`, `P = p[:pm + qm//2]`; if `|Q| + |P| + ns > qm + pm`
 //!   (ns = special tokens of the pair template), cut the excess `r` from the end of P when
 //!   `|P| > r`, else cut nothing (the pair stays over length; counted in [`Batch::overlong`]).
@@ -16,6 +16,7 @@
 //! Rows of a batch are `b * G + g`: g = 0 the positive, then the negatives in drawn order. The
 //! batch is padded to its longest row, rounded up to `pad_to_multiple_of`.
 
+pub mod packed;
 use crate::dataset::{Dataset, Group, GroupIds};
 use crate::error::{Error, Result};
 use crate::format::{self, TemplatePiece};
@@ -105,6 +106,8 @@ pub struct CollateOptions {
     pub attention_mask: bool,
     /// Gather teacher scores (`knowledge_distillation`).
     pub knowledge_distillation: bool,
+    /// Padding-free packed batches (see [`packed`]): every pair concatenated, no pad token.
+    pub packed: bool,
 }
 
 impl CollateOptions {
@@ -135,6 +138,7 @@ impl Default for CollateOptions {
             id_type: IdType::I64,
             attention_mask: true,
             knowledge_distillation: false,
+            packed: false,
         }
     }
 }
@@ -204,6 +208,10 @@ pub struct Batch {
     pub real_tokens: u64,
     /// Pairs left over length because the query alone exceeds the budget (reference behaviour).
     pub overlong: u32,
+    /// Packed batches only: `[T]` position of each token in its pair, from 0.
+    pub position_ids: Option<Ids>,
+    /// Packed batches only: `[rows + 1]` start of each pair in the `[T]` arrays, then `T`.
+    pub cu_seqlens: Option<Vec<i32>>,
 }
 
 impl Batch {
@@ -609,6 +617,14 @@ impl Collator {
         };
         let matryoshka = self.options.mode == Mode::Matryoshka;
         let lengths = |f: fn(&Pair<'_>) -> usize| self.ids_from(pairs.iter().map(|p| f(p) as i64));
+        if self.options.packed {
+            let mut batch = self.pack(&pairs);
+            batch.teacher_scores = resolved.scores;
+            batch.query_lengths = matryoshka.then(|| lengths(|p| p.query_length));
+            batch.prompt_lengths = matryoshka.then(|| lengths(|p| p.prompt_length));
+            batch.selections = selections;
+            return Ok(batch);
+        }
         let (input_ids, attention_mask, token_type_ids) = match self.options.id_type {
             IdType::I64 => {
                 let (i, m, t) = self.grids::<i64>(&pairs, len);
@@ -632,6 +648,8 @@ impl Collator {
             real_tokens: pairs.iter().map(|p| p.len as u64).sum(),
             overlong: pairs.iter().filter(|p| p.overlong).count() as u32,
             selections,
+            position_ids: None,
+            cu_seqlens: None,
         })
     }
 
