@@ -14,6 +14,8 @@ pub const MAX_LEN: usize = 1 << 20;
 pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
 /// Largest `prefetch_threads`.
 pub const PREFETCH_THREADS: usize = 256;
+/// Largest length-grouping megabatch multiplier.
+pub const MEGABATCH_MULT: usize = 1 << 16;
 /// Largest `prefetch_depth`.
 pub const PREFETCH_DEPTH: usize = 4096;
 /// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.

@@ -40,6 +40,11 @@ pub struct LoaderOptions {
     pub prefetch_threads: usize,
     /// Batches computed ahead, in total.
     pub prefetch_depth: usize,
+    /// Length-grouped batches with this megabatch multiplier `M` (see [`Plan::selections`]):
+    /// each run of `M * batch_size` groups of the epoch order is sorted by the length the
+    /// collator pads each group to, longest first, and cut into `M` batches; the megabatch
+    /// holding the epoch's longest group comes first, so out-of-memory shows at step 0.
+    pub length_grouped: Option<usize>,
     /// Collation settings.
     pub collate: CollateOptions,
 }
@@ -56,6 +61,7 @@ impl Default for LoaderOptions {
             skip_rows_without_negatives: false,
             prefetch_threads: 1,
             prefetch_depth: 8,
+            length_grouped: None,
             collate: CollateOptions::default(),
         }
     }
@@ -80,6 +86,9 @@ impl LoaderOptions {
             0,
             limits::PREFETCH_DEPTH,
         )?;
+        if let Some(m) = self.length_grouped {
+            range("length_grouped", m, 1, limits::MEGABATCH_MULT)?;
+        }
         // A pair is at most its capped query and passage, the special tokens, sep and prompt
         // (bounded generously), padded; each of input_ids, attention_mask, token_type_ids
         // takes 8 bytes an element.
@@ -123,6 +132,9 @@ pub struct LoaderState {
     pub step: u64,
 }
 
+/// A megabatch's positions sorted by group length, keyed by (epoch, megabatch).
+type SortedMegabatch = ((u64, u64), Arc<Vec<u64>>);
+
 /// What batches are computed from; shared with the prefetch threads.
 #[derive(Debug)]
 struct Plan {
@@ -130,6 +142,11 @@ struct Plan {
     universe: Universe,
     collator: Collator,
     options: LoaderOptions,
+    /// Length grouping: the epoch's group lengths by position (4 bytes a row), once computed.
+    lengths: std::sync::Mutex<Option<(u64, Arc<Vec<u32>>)>>,
+    /// Length grouping: the last megabatches sorted, by (epoch, megabatch): each serves
+    /// `M` consecutive batches, so it is sorted once, not once per batch.
+    sorted: std::sync::Mutex<Vec<SortedMegabatch>>,
 }
 
 impl Plan {
@@ -154,32 +171,124 @@ impl Plan {
         EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle)
     }
 
+    /// The selection (positive, negatives) of `row` in `epoch`: a pure function of both.
+    fn select(&self, epoch: u64, row: u64) -> Result<Selection> {
+        let o = &self.options;
+        let group = self.ds.group_ids(row as usize)?;
+        // The collator reads the drawn entries of these lists next.
+        storage::prefetch(&group.pos[..group.pos.len().min(64)]);
+        storage::prefetch(&group.neg[..group.neg.len().min(64)]);
+        let mut neg = Vec::with_capacity(o.collate.group_size.saturating_sub(1));
+        let pos = sample_group(
+            o.seed,
+            epoch,
+            row,
+            group.pos.len(),
+            group.neg.len(),
+            o.collate.group_size,
+            &mut neg,
+        )?;
+        Ok(Selection { row, pos, neg })
+    }
+
+    /// Length grouping: the positions (in the epoch order) of batch `step`'s groups. Megabatch
+    /// `m` is positions `m*M*B..(m+1)*M*B`; sorted by group length (longest first, then by
+    /// position), its batch `j` is the `j`-th run of `B`. Megabatch 0 and the one holding the
+    /// epoch's longest group trade places. Counter-based: batch k of epoch e needs only its
+    /// megabatch (and, once per epoch, the position of the longest group).
+    fn grouped_span(
+        &self,
+        order: &EpochOrder,
+        epoch: u64,
+        step: u64,
+        mult: usize,
+    ) -> Result<Vec<u64>> {
+        let b = self.options.batch_size as u64;
+        let mb = mult as u64 * b;
+        let lengths = self.epoch_lengths(order, epoch)?;
+        // The first position holding the longest group.
+        let top = lengths.iter().copied().max().unwrap_or(0);
+        let longest = lengths.iter().position(|&l| l == top).unwrap_or(0) as u64 / mb;
+        let m = match step / mult as u64 {
+            0 => longest,
+            m if m == longest => 0,
+            m => m,
+        };
+        let sorted = self.sorted_megabatch(&lengths, order.len(), epoch, m, mb);
+        let j = (step % mult as u64) as usize * b as usize;
+        Ok(sorted.iter().skip(j).take(b as usize).copied().collect())
+    }
+
+    /// The positions of megabatch `m` sorted by group length, longest first (then by
+    /// position); cached for the next batches of the same megabatch.
+    fn sorted_megabatch(
+        &self,
+        lengths: &[u32],
+        n: u64,
+        epoch: u64,
+        m: u64,
+        mb: u64,
+    ) -> Arc<Vec<u64>> {
+        let key = (epoch, m);
+        if let Ok(cache) = self.sorted.lock() {
+            if let Some((_, v)) = cache.iter().find(|(k, _)| *k == key) {
+                return v.clone();
+            }
+        }
+        let mut positions: Vec<u64> = (m * mb..((m + 1) * mb).min(n)).collect();
+        positions.sort_by_key(|&i| (std::cmp::Reverse(lengths[i as usize]), i));
+        let sorted = Arc::new(positions);
+        if let Ok(mut cache) = self.sorted.lock() {
+            if cache.len() >= 8 {
+                cache.remove(0);
+            }
+            cache.push((key, sorted.clone()));
+        }
+        sorted
+    }
+
+    fn length_of(&self, epoch: u64, row: u64) -> Result<usize> {
+        self.collator.group_len(&self.ds, &self.select(epoch, row)?)
+    }
+
+    /// The length of every group of the epoch's order (by position), computed once per epoch
+    /// (one group-length computation per row of the rank's order, lengths only: no tokens).
+    fn epoch_lengths(&self, order: &EpochOrder, epoch: u64) -> Result<Arc<Vec<u32>>> {
+        // Held during the scan: other threads wait for it instead of repeating it.
+        let mut cache = self
+            .lengths
+            .lock()
+            .map_err(|_| Error::Internal("length cache poisoned".into()))?;
+        if let Some((e, v)) = cache.as_ref() {
+            if *e == epoch {
+                return Ok(v.clone());
+            }
+        }
+        let v = Arc::new(
+            (0..order.len())
+                .map(|i| Ok(self.length_of(epoch, order.row(i))? as u32))
+                .collect::<Result<Vec<u32>>>()?,
+        );
+        *cache = Some((epoch, v.clone()));
+        Ok(v)
+    }
+
     fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
         let o = &self.options;
         let order = self.order(epoch);
-        let rows: Vec<u64> = self.span(&order, step).map(|i| order.row(i)).collect();
+        let rows: Vec<u64> = match o.length_grouped {
+            Some(mult) => self
+                .grouped_span(&order, epoch, step, mult)?
+                .into_iter()
+                .map(|i| order.row(i))
+                .collect(),
+            None => self.span(&order, step).map(|i| order.row(i)).collect(),
+        };
         for &row in &rows {
             self.ds.prefetch_group(row as usize);
         }
-        let g = o.collate.group_size;
         rows.into_iter()
-            .map(|row| {
-                let group = self.ds.group_ids(row as usize)?;
-                // The collator reads the drawn entries of these lists next.
-                storage::prefetch(&group.pos[..group.pos.len().min(64)]);
-                storage::prefetch(&group.neg[..group.neg.len().min(64)]);
-                let mut neg = Vec::with_capacity(g.saturating_sub(1));
-                let pos = sample_group(
-                    o.seed,
-                    epoch,
-                    row,
-                    group.pos.len(),
-                    group.neg.len(),
-                    g,
-                    &mut neg,
-                )?;
-                Ok(Selection { row, pos, neg })
-            })
+            .map(|row| self.select(epoch, row))
             .collect()
     }
 
@@ -284,6 +393,8 @@ impl Loader {
                 universe,
                 collator,
                 options,
+                lengths: std::sync::Mutex::new(None),
+                sorted: std::sync::Mutex::new(Vec::new()),
             }),
             state: LoaderState::default(),
             prefetch: None,

@@ -718,3 +718,134 @@ fn packed_batches_are_the_padded_rows_unpadded() {
         }
     }
 }
+
+/// Length-grouped batches (issue 12): every row exactly once per epoch across ranks (for the
+/// tails that promise it), batches independent of resume point and thread count, each batch
+/// sorted within its megabatch, the longest group in the first batch, and a batch with the
+/// same rows as random order collates to the same pairs.
+#[test]
+fn length_grouped_batches_keep_every_guarantee() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
+    let grouped = |f: &dyn Fn(&mut LoaderOptions)| {
+        loader(&ds, |o| {
+            o.length_grouped = Some(3);
+            o.collate.knowledge_distillation = false;
+            f(o);
+        })
+    };
+    // Every row once, across ranks, with the uneven and drop tails.
+    for world in [1u64, 2, 3] {
+        for tail in [Tail::Uneven, Tail::Drop] {
+            let mut seen: HashMap<u64, u32> = HashMap::new();
+            for rank in 0..world {
+                let mut l = grouped(&|o| {
+                    o.shard = Shard {
+                        rank,
+                        world_size: world,
+                        tail,
+                    }
+                });
+                l.set_epoch(2);
+                for b in &mut l {
+                    for s in b.unwrap().selections {
+                        *seen.entry(s.row).or_default() += 1;
+                    }
+                }
+            }
+            assert!(seen.values().all(|&c| c == 1), "{world} {tail:?}");
+            let want = if tail == Tail::Uneven {
+                103
+            } else {
+                103 / world * world
+            };
+            assert_eq!(seen.len() as u64, want, "{world} {tail:?}");
+        }
+    }
+    // Resume at any step and any thread count give the same batches.
+    let l = grouped(&|_| {});
+    let all: Vec<Vec<Selection>> = (0..l.steps_per_epoch())
+        .map(|s| l.batch(1, s).unwrap().selections)
+        .collect();
+    for threads in [0, 1, 3] {
+        for start in [0u64, 5, 17] {
+            let mut r = grouped(&|o| o.prefetch_threads = threads);
+            r.set_state(LoaderState {
+                epoch: 1,
+                step: start,
+            });
+            let got: Vec<Vec<Selection>> = r.by_ref().map(|b| b.unwrap().selections).collect();
+            assert_eq!(
+                got,
+                all[start as usize..].to_vec(),
+                "threads {threads} start {start}"
+            );
+        }
+    }
+    // A group's length is its longest pair's, in every mode (checked against the pairs).
+    for (k, (facts, mode)) in [
+        (bert_like(), Mode::Encoder),
+        (llama_like(), Mode::Llm),
+        (llama_like(), Mode::Matryoshka),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = write(
+            &dir.path().join(format!("m{k}")),
+            facts,
+            &small_spec(40, None),
+            &[40],
+            0,
+        );
+        for (qm, pm) in [(2, 3), (8, 16), (32, 128)] {
+            let m = loader(&d, |o| {
+                o.collate.mode = mode;
+                o.collate.query_max_len = qm;
+                o.collate.passage_max_len = pm;
+            });
+            for sel in m.selections(0, 0).unwrap() {
+                let want = m
+                    .collator()
+                    .pairs(&d, &sel)
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.len())
+                    .max();
+                assert_eq!(Some(m.collator().group_len(&d, &sel).unwrap()), want);
+            }
+        }
+    }
+    // Sorted within megabatches; the epoch's longest group is in batch 0.
+    let lens: Vec<Vec<usize>> = all
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|s| l.collator().group_len(&ds, s).unwrap())
+                .collect()
+        })
+        .collect();
+    let longest = lens.iter().flatten().max().unwrap();
+    assert_eq!(lens[0][0], *longest);
+    for mb in lens.chunks(3) {
+        let flat: Vec<usize> = mb.iter().flatten().copied().collect();
+        assert!(flat.windows(2).all(|w| w[0] >= w[1]), "{flat:?}");
+    }
+    // Same rows, same selections -> the same pairs as the random order's collator.
+    let random = loader(&ds, |o| o.collate.knowledge_distillation = false);
+    for sel in &all[..4] {
+        let a = l.collate(sel.clone()).unwrap();
+        let b = random.collate(sel.clone()).unwrap();
+        assert_eq!(ids_vec(&a.input_ids), ids_vec(&b.input_ids));
+    }
+    // Fewer padded cells than random order on the same epoch.
+    let cells = |l: &Loader| -> u64 {
+        (0..l.steps_per_epoch())
+            .map(|s| {
+                let b = l.batch(1, s).unwrap();
+                (b.rows * b.len) as u64
+            })
+            .sum()
+    };
+    assert!(cells(&l) < cells(&random));
+}

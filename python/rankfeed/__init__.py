@@ -122,6 +122,8 @@ class Dataset(_Dataset):
       skip_rows_without_negatives
     - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
       prefetch_depth
+    - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups sorted
+      by the length the collator pads each to, longest batch of the epoch first)
     - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
       cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
 

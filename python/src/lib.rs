@@ -540,7 +540,7 @@ impl PyDataset {
         shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
         int32=false, attention_mask=true, knowledge_distillation=false,
         max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
-        prefetch_depth=None, packed=false))]
+        prefetch_depth=None, packed=false, length_grouped=None))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -568,6 +568,7 @@ impl PyDataset {
         prefetch_threads: Option<Bound<'_, PyAny>>,
         prefetch_depth: Option<Bound<'_, PyAny>>,
         packed: bool,
+        length_grouped: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyLoader> {
         let tail = match shard_tail {
             "pad" => Tail::Pad,
@@ -609,6 +610,7 @@ impl PyDataset {
                 d.prefetch_threads,
             )?,
             prefetch_depth: size("prefetch_depth", prefetch_depth.as_ref(), d.prefetch_depth)?,
+            length_grouped: opt_size("length_grouped", length_grouped.as_ref())?,
             collate: CollateOptions {
                 mode: parse::<Mode>(mode)?,
                 query_max_len: size("query_max_len", query_max_len.as_ref(), dc.query_max_len)?,
@@ -682,6 +684,7 @@ impl PyLoader {
             ),
             ("knowledge_distillation", c.knowledge_distillation.into()),
             ("packed", c.packed.into()),
+            ("length_grouped", o.length_grouped.into()),
             ("rows_per_epoch", loader.rows_per_epoch().into()),
             ("steps_per_epoch", loader.steps_per_epoch().into()),
         ];

@@ -502,6 +502,26 @@ impl Collator {
         ds.prompt_tokens(prompt.unwrap_or(self.default_prompt))
     }
 
+    /// The length the collator pads a group to on its own: its longest drawn pair (after
+    /// truncation). Reads list lengths only (offsets), never tokens: cheap enough to compute
+    /// for every group of a megabatch when batches are grouped by length.
+    pub fn group_len(&self, ds: &Dataset, sel: &Selection) -> Result<usize> {
+        let g = ds.group_ids(sel.row as usize)?;
+        let prompt = self.prompt_of(ds, g.prompt)?;
+        let mut ids = Vec::with_capacity(1 + sel.neg.len());
+        push_ids(&g, sel, &mut ids)?;
+        // A pair's length never decreases with its passage's (truncation cuts the passage
+        // to the budget, or nothing), so the longest passage makes the longest pair.
+        let mut longest: &[i32] = &[];
+        for id in ids {
+            let p = ds.referenced_passage(id)?;
+            if p.len() > longest.len() {
+                longest = p;
+            }
+        }
+        Ok(self.pair(g.query, longest, prompt).len())
+    }
+
     /// The pairs of one selection (positive first), as the model sees them before padding.
     pub fn pairs<'a>(&'a self, ds: &'a Dataset, sel: &Selection) -> Result<Vec<Pair<'a>>> {
         let r = self.resolve(ds, std::slice::from_ref(sel), false)?;

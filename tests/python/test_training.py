@@ -334,3 +334,17 @@ def test_packed_iterable_yields_tensors(small):
     batch = next(iter(data))
     assert batch["input_ids"].dim() == 1 and batch["cu_seqlens"].dtype == torch.int32
     assert "attention_mask" not in batch
+
+
+def test_length_grouped_loader_from_python(small):
+    ds = rankfeed.Dataset(small)
+    kw = dict(KW, seed=3)
+    random, grouped = ds.loader(**kw), ds.loader(length_grouped=5, **kw)
+    assert len(random) == len(grouped)
+    rows = lambda l: sorted(r for b in l for r in b["rows"].tolist())  # noqa: E731
+    assert rows(grouped) == rows(random) == list(range(len(ds)))
+    cells = lambda l: sum(b["input_ids"].size for b in l)  # noqa: E731
+    assert cells(ds.loader(length_grouped=5, **kw)) < cells(ds.loader(**kw))
+    assert grouped.state_dict()["length_grouped"] == 5
+    with pytest.raises(ValueError, match="length_grouped"):
+        ds.loader(length_grouped=0, **kw)
