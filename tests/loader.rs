@@ -647,19 +647,21 @@ fn settings_beyond_the_limits_are_argument_errors() {
     assert!(Collator::new(&ds, o).is_err());
 }
 
+/// The three pair layouts with a tokenizer of their kind.
+fn every_mode() -> [(TokenizerFacts, Mode); 3] {
+    [
+        (bert_like(), Mode::Encoder),
+        (llama_like(), Mode::Llm),
+        (llama_like(), Mode::Matryoshka),
+    ]
+}
+
 /// Packed batches hold exactly the padded batch's rows without their padding, concatenated:
 /// ids, token type ids, positions restarting at 0, cu_seqlens; every mode, both pad sides.
 #[test]
 fn packed_batches_are_the_padded_rows_unpadded() {
     let dir = tempfile::tempdir().unwrap();
-    for (k, (facts, mode)) in [
-        (bert_like(), Mode::Encoder),
-        (llama_like(), Mode::Llm),
-        (llama_like(), Mode::Matryoshka),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, (facts, mode)) in every_mode().into_iter().enumerate() {
         let ds = write(
             &dir.path().join(format!("d{k}")),
             facts,
@@ -783,14 +785,7 @@ fn length_grouped_batches_keep_every_guarantee() {
         }
     }
     // A group's length is its longest pair's, in every mode (checked against the pairs).
-    for (k, (facts, mode)) in [
-        (bert_like(), Mode::Encoder),
-        (llama_like(), Mode::Llm),
-        (llama_like(), Mode::Matryoshka),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, (facts, mode)) in every_mode().into_iter().enumerate() {
         let d = write(
             &dir.path().join(format!("m{k}")),
             facts,
