@@ -16,6 +16,7 @@ use crate::collate::{Batch, CollateOptions, Collator};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::limits::{self, range};
+use crate::sample::length::LengthOrder;
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Universe};
 use crate::storage;
 
@@ -143,7 +144,7 @@ struct Plan {
     collator: Collator,
     options: LoaderOptions,
     /// Length grouping: the epoch's group lengths by position (4 bytes a row), once computed.
-    lengths: std::sync::Mutex<Option<(u64, Arc<Vec<u32>>)>>,
+    lengths: std::sync::Mutex<Option<(u64, Arc<LengthOrder>)>>,
     /// Length grouping: the last megabatches sorted, by (epoch, megabatch): each serves
     /// `M` consecutive batches, so it is sorted once, not once per batch.
     sorted: std::sync::Mutex<Vec<SortedMegabatch>>,
@@ -191,11 +192,8 @@ impl Plan {
         Ok(Selection { row, pos, neg })
     }
 
-    /// Length grouping: the positions (in the epoch order) of batch `step`'s groups. Megabatch
-    /// `m` is positions `m*M*B..(m+1)*M*B`; sorted by group length (longest first, then by
-    /// position), its batch `j` is the `j`-th run of `B`. Megabatch 0 and the one holding the
-    /// epoch's longest group trade places. Counter-based: batch k of epoch e needs only its
-    /// megabatch (and, once per epoch, the position of the longest group).
+    /// Length grouping: the positions (in the epoch order) of batch `step`'s groups (see
+    /// [`crate::sample::length`]); the megabatch is sorted once and cached for its batches.
     fn grouped_span(
         &self,
         order: &EpochOrder,
@@ -203,48 +201,30 @@ impl Plan {
         step: u64,
         mult: usize,
     ) -> Result<Vec<u64>> {
-        let b = self.options.batch_size as u64;
-        let mb = mult as u64 * b;
+        let (b, mult) = (self.options.batch_size as u64, mult as u64);
         let lengths = self.epoch_lengths(order, epoch)?;
-        // The first position holding the longest group.
-        let top = lengths.iter().copied().max().unwrap_or(0);
-        let longest = lengths.iter().position(|&l| l == top).unwrap_or(0) as u64 / mb;
-        let m = match step / mult as u64 {
-            0 => longest,
-            m if m == longest => 0,
-            m => m,
-        };
-        let sorted = self.sorted_megabatch(&lengths, order.len(), epoch, m, mb);
-        let j = (step % mult as u64) as usize * b as usize;
-        Ok(sorted.iter().skip(j).take(b as usize).copied().collect())
-    }
-
-    /// The positions of megabatch `m` sorted by group length, longest first (then by
-    /// position); cached for the next batches of the same megabatch.
-    fn sorted_megabatch(
-        &self,
-        lengths: &[u32],
-        n: u64,
-        epoch: u64,
-        m: u64,
-        mb: u64,
-    ) -> Arc<Vec<u64>> {
+        let m = lengths.megabatch(step, mult, mult * b);
         let key = (epoch, m);
-        if let Ok(cache) = self.sorted.lock() {
-            if let Some((_, v)) = cache.iter().find(|(k, _)| *k == key) {
-                return v.clone();
+        let cached = self
+            .sorted
+            .lock()
+            .ok()
+            .and_then(|c| c.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+        let sorted = match cached {
+            Some(v) => v,
+            None => {
+                let v = Arc::new(lengths.sorted(m, mult * b));
+                if let Ok(mut cache) = self.sorted.lock() {
+                    if cache.len() >= 8 {
+                        cache.remove(0);
+                    }
+                    cache.push((key, v.clone()));
+                }
+                v
             }
-        }
-        let mut positions: Vec<u64> = (m * mb..((m + 1) * mb).min(n)).collect();
-        positions.sort_by_key(|&i| (std::cmp::Reverse(lengths[i as usize]), i));
-        let sorted = Arc::new(positions);
-        if let Ok(mut cache) = self.sorted.lock() {
-            if cache.len() >= 8 {
-                cache.remove(0);
-            }
-            cache.push((key, sorted.clone()));
-        }
-        sorted
+        };
+        let j = ((step % mult) * b) as usize;
+        Ok(sorted.iter().skip(j).take(b as usize).copied().collect())
     }
 
     fn length_of(&self, epoch: u64, row: u64) -> Result<usize> {
@@ -253,7 +233,7 @@ impl Plan {
 
     /// The length of every group of the epoch's order (by position), computed once per epoch
     /// (one group-length computation per row of the rank's order, lengths only: no tokens).
-    fn epoch_lengths(&self, order: &EpochOrder, epoch: u64) -> Result<Arc<Vec<u32>>> {
+    fn epoch_lengths(&self, order: &EpochOrder, epoch: u64) -> Result<Arc<LengthOrder>> {
         // Held during the scan: other threads wait for it instead of repeating it.
         let mut cache = self
             .lengths
@@ -264,11 +244,11 @@ impl Plan {
                 return Ok(v.clone());
             }
         }
-        let v = Arc::new(
+        let v = Arc::new(LengthOrder::new(
             (0..order.len())
                 .map(|i| Ok(self.length_of(epoch, order.row(i))? as u32))
                 .collect::<Result<Vec<u32>>>()?,
-        );
+        ));
         *cache = Some((epoch, v.clone()));
         Ok(v)
     }

@@ -14,6 +14,7 @@
 //!   negatives repeated `ceil((G-1)/len)` times. The randomness is keyed by (seed, epoch, row),
 //!   so a row's group in an epoch does not depend on threads, processes, ranks or batch size.
 
+pub mod length;
 use crate::error::{Error, Result};
 
 /// SplitMix64 finalizer: a strong 64-bit mixer.
