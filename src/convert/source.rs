@@ -491,6 +491,95 @@ fn read_lines(
     Ok(())
 }
 
+/// Where the scan of a JSON array is.
+#[derive(PartialEq)]
+enum ArrayState {
+    BeforeOpen,
+    BetweenElements,
+    InElement,
+    AfterClose,
+}
+
+/// Strings, escapes and bracket depth inside one array element: enough to see where it ends.
+#[derive(Default)]
+struct Nesting {
+    depth: i64,
+    in_str: bool,
+    escaped: bool,
+}
+
+impl Nesting {
+    /// The nesting after an element's first byte `c`.
+    fn start(c: u8) -> Nesting {
+        Nesting {
+            depth: i64::from(c == b'{' || c == b'['),
+            in_str: c == b'"',
+            escaped: false,
+        }
+    }
+
+    /// Whether `c` ends the element (a `,` or `]` outside strings and brackets).
+    fn ends_at(&self, c: u8) -> bool {
+        !self.in_str && self.depth == 0 && (c == b',' || c == b']')
+    }
+
+    /// Account for byte `c` of the element.
+    fn feed(&mut self, c: u8) {
+        if self.in_str {
+            if self.escaped {
+                self.escaped = false;
+            } else if c == b'\\' {
+                self.escaped = true;
+            } else if c == b'"' {
+                self.in_str = false;
+            }
+        } else {
+            match c {
+                b'"' => self.in_str = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => self.depth -= 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The element being collected: its bytes (up to the limit), its length, where it started.
+struct Element {
+    bytes: Vec<u8>,
+    len: u64,
+    line: u64,
+    index: u64,
+}
+
+impl Element {
+    fn push(&mut self, c: u8, max: usize) {
+        self.len += 1;
+        if self.len <= max as u64 {
+            self.bytes.push(c);
+        } else if !self.bytes.is_empty() {
+            self.bytes = Vec::new();
+        }
+    }
+
+    /// The element as a record (trailing whitespace trimmed), or `TooLong`.
+    fn record(&mut self, path: &Path, max: usize) -> Record<'_> {
+        let pos = InputPosition {
+            path: path.to_path_buf(),
+            line: self.line,
+            element: Some(self.index),
+        };
+        while self.bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.bytes.pop();
+        }
+        if self.len > max as u64 {
+            Record::TooLong(pos, self.len)
+        } else {
+            Record::Row(&self.bytes, pos)
+        }
+    }
+}
+
 /// Split a top-level JSON array into its elements without parsing them: track strings,
 /// escapes and bracket depth. Each element is then parsed on its own, so one bad element is
 /// one rejected row.
@@ -501,20 +590,16 @@ fn read_array(
     max_line_bytes: usize,
     f: &mut dyn FnMut(Record<'_>) -> bool,
 ) -> std::io::Result<()> {
-    #[derive(PartialEq)]
-    enum State {
-        BeforeOpen,
-        BetweenElements,
-        InElement,
-        AfterClose,
-    }
-    let mut state = State::BeforeOpen;
-    let (mut line, mut start_line, mut element) = (first_line, first_line, 0u64);
-    let (mut depth, mut in_str, mut escaped) = (0i64, false, false);
-    let mut cur: Vec<u8> = Vec::new();
-    // Length of the current element; above the limit, `cur` stops growing.
-    let mut cur_len = 0u64;
-    let broken = |line: u64, element: Option<u64>, msg: String| {
+    let mut state = ArrayState::BeforeOpen;
+    let mut line = first_line;
+    let mut nesting = Nesting::default();
+    let mut cur = Element {
+        bytes: Vec::new(),
+        len: 0,
+        line: first_line,
+        index: 0,
+    };
+    let broken = |line: u64, element: Option<u64>, msg: &str| {
         Record::Broken(RowError {
             position: InputPosition {
                 path: src.path.clone(),
@@ -523,7 +608,7 @@ fn read_array(
             },
             field: None,
             reason: RejectReason::InvalidJson,
-            message: msg,
+            message: msg.into(),
         })
     };
     loop {
@@ -533,108 +618,54 @@ fn read_array(
         }
         let n = buf.len();
         for &c in buf {
-            if c == b'\n' {
-                line += 1;
-            }
+            line += u64::from(c == b'\n');
             match state {
-                State::BeforeOpen => {
-                    if c == b'[' {
-                        state = State::BetweenElements;
-                    }
+                ArrayState::BeforeOpen if c == b'[' => state = ArrayState::BetweenElements,
+                ArrayState::BeforeOpen => {}
+                ArrayState::AfterClose if c.is_ascii_whitespace() => {}
+                ArrayState::AfterClose => {
+                    f(broken(line, None, "unexpected data after the closing ']'"));
+                    return Ok(());
                 }
-                State::AfterClose => {
-                    if !c.is_ascii_whitespace() {
-                        f(broken(
-                            line,
-                            None,
-                            "unexpected data after the closing ']'".into(),
-                        ));
+                ArrayState::BetweenElements if c == b']' => state = ArrayState::AfterClose,
+                ArrayState::BetweenElements if c == b',' => {
+                    if cur.index == 0 {
+                        f(broken(line, Some(0), "',' before the first element"));
                         return Ok(());
                     }
                 }
-                State::BetweenElements => {
-                    if c == b']' {
-                        state = State::AfterClose;
-                    } else if c == b',' {
-                        if cur.is_empty() && element == 0 {
-                            f(broken(line, Some(0), "',' before the first element".into()));
-                            return Ok(());
-                        }
-                    } else if !c.is_ascii_whitespace() {
-                        state = State::InElement;
-                        start_line = line;
-                        cur.clear();
-                        cur.push(c);
-                        cur_len = 1;
-                        depth = i64::from(c == b'{' || c == b'[');
-                        in_str = c == b'"';
-                        escaped = false;
-                    }
+                ArrayState::BetweenElements if c.is_ascii_whitespace() => {}
+                ArrayState::BetweenElements => {
+                    state = ArrayState::InElement;
+                    (cur.bytes, cur.len, cur.line) = (vec![c], 1, line);
+                    nesting = Nesting::start(c);
                 }
-                State::InElement => {
-                    let ends = !in_str && depth == 0 && (c == b',' || c == b']');
-                    if ends {
-                        let pos = InputPosition {
-                            path: src.path.clone(),
-                            line: start_line,
-                            element: Some(element),
-                        };
-                        while cur.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                            cur.pop();
-                        }
-                        let record = if cur_len > max_line_bytes as u64 {
-                            Record::TooLong(pos, cur_len)
-                        } else {
-                            Record::Row(&cur, pos)
-                        };
-                        if !f(record) {
-                            return Ok(());
-                        }
-                        element += 1;
-                        cur.clear();
-                        state = if c == b']' {
-                            State::AfterClose
-                        } else {
-                            State::BetweenElements
-                        };
-                        continue;
+                ArrayState::InElement if nesting.ends_at(c) => {
+                    if !f(cur.record(&src.path, max_line_bytes)) {
+                        return Ok(());
                     }
-                    cur_len += 1;
-                    if cur_len <= max_line_bytes as u64 {
-                        cur.push(c);
-                    } else if !cur.is_empty() {
-                        cur = Vec::new();
-                    }
-                    if in_str {
-                        if escaped {
-                            escaped = false;
-                        } else if c == b'\\' {
-                            escaped = true;
-                        } else if c == b'"' {
-                            in_str = false;
-                        }
+                    cur.index += 1;
+                    cur.bytes.clear();
+                    state = if c == b']' {
+                        ArrayState::AfterClose
                     } else {
-                        match c {
-                            b'"' => in_str = true,
-                            b'{' | b'[' => depth += 1,
-                            b'}' | b']' => depth -= 1,
-                            _ => {}
-                        }
-                    }
+                        ArrayState::BetweenElements
+                    };
+                }
+                ArrayState::InElement => {
+                    cur.push(c, max_line_bytes);
+                    nesting.feed(c);
                 }
             }
         }
         reader.consume(n);
     }
-    if state != State::AfterClose {
+    if state != ArrayState::AfterClose {
+        let inside = state == ArrayState::InElement;
         f(broken(
-            if state == State::InElement {
-                start_line
-            } else {
-                line
-            },
-            (state == State::InElement).then_some(element),
-            "file ends inside the JSON array (truncated?)".into(),
+            if inside { cur.line } else { line },
+            inside.then_some(cur.index),
+            "file ends inside the JSON array (truncated?)",
         ));
     }
     Ok(())
