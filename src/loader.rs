@@ -41,7 +41,7 @@ pub struct LoaderOptions {
     pub prefetch_threads: usize,
     /// Batches computed ahead, in total.
     pub prefetch_depth: usize,
-    /// Length-grouped batches with this megabatch multiplier `M` (see [`Plan::selections`]):
+    /// Length-grouped batches with this megabatch multiplier `M` (see [`crate::sample::length`]):
     /// each run of `M * batch_size` groups of the epoch order is sorted by the length the
     /// collator pads each group to, longest first, and cut into `M` batches; the megabatch
     /// holding the epoch's longest group comes first, so out-of-memory shows at step 0.
@@ -223,8 +223,7 @@ impl Plan {
                 v
             }
         };
-        let j = ((step % mult) * b) as usize;
-        Ok(sorted.iter().skip(j).take(b as usize).copied().collect())
+        Ok(LengthOrder::batch_in(&sorted, step, b, mult))
     }
 
     fn length_of(&self, epoch: u64, row: u64) -> Result<usize> {

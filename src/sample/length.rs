@@ -54,9 +54,19 @@ impl LengthOrder {
     /// The positions of batch `step` (`b` groups; the last batch of an epoch may be short).
     pub fn batch(&self, step: u64, b: u64, mult: u64) -> Vec<u64> {
         let mb = mult * b;
-        let sorted = self.sorted(self.megabatch(step, mult, mb), mb);
+        Self::batch_in(
+            &self.sorted(self.megabatch(step, mult, mb), mb),
+            step,
+            b,
+            mult,
+        )
+    }
+
+    /// Batch `step`'s positions out of its megabatch already `sorted` (callers that cache
+    /// sorted megabatches; [`LengthOrder::batch`] otherwise).
+    pub fn batch_in(sorted: &[u64], step: u64, b: u64, mult: u64) -> Vec<u64> {
         let j = ((step % mult) * b) as usize;
-        sorted.into_iter().skip(j).take(b as usize).collect()
+        sorted.iter().skip(j).take(b as usize).copied().collect()
     }
 }
 
