@@ -16,6 +16,8 @@ pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
 pub const PREFETCH_THREADS: usize = 256;
 /// Largest length-grouping megabatch multiplier.
 pub const MEGABATCH_MULT: usize = 1 << 16;
+/// Largest `max_tokens`.
+pub const MAX_TOKENS: usize = 1 << 40;
 /// Largest `prefetch_depth`.
 pub const PREFETCH_DEPTH: usize = 4096;
 /// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.

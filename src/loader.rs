@@ -16,8 +16,10 @@ use crate::collate::{Batch, CollateOptions, Collator};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::limits::{self, range};
+use crate::sample::budget::{Budget, BudgetPlan, Cost};
 use crate::sample::length::LengthOrder;
-use crate::sample::{sample_group, EpochOrder, Selection, Shard, Universe};
+use crate::sample::same_source::SourceBatches;
+use crate::sample::{sample_group, EpochOrder, Selection, Shard, Tail, Universe};
 use crate::storage;
 
 /// Loader settings.
@@ -46,6 +48,21 @@ pub struct LoaderOptions {
     /// collator pads each group to, longest first, and cut into `M` batches; the megabatch
     /// holding the epoch's longest group comes first, so out-of-memory shows at step 0.
     pub length_grouped: Option<usize>,
+    /// Token-budget batches (see [`crate::sample::budget`]): each batch takes as many groups
+    /// as fit `max_tokens` (padded: groups x group_size x padded length; packed: real
+    /// tokens), at most `batch_size`; every rank takes the same number of steps. With
+    /// `length_grouped` the groups are sorted by length within megabatches first. The number
+    /// of steps varies by epoch.
+    pub max_tokens: Option<usize>,
+    /// Weighted mixing (see [`crate::sample::universe`]): one weight per source (input file,
+    /// in the manifest's order); source `s` gives each epoch `weights[s] / sum(weights)` of
+    /// its rows, the epoch keeping its length.
+    pub weights: Option<Vec<f64>>,
+    /// Same-source batches (see [`crate::sample::same_source`]): every global batch (all
+    /// ranks at one step) holds rows of one source.
+    pub same_source: bool,
+    /// With `same_source`: groups per rank in a batch of each source (default `batch_size`).
+    pub source_batch_sizes: Option<Vec<usize>>,
     /// Collation settings.
     pub collate: CollateOptions,
 }
@@ -63,6 +80,10 @@ impl Default for LoaderOptions {
             prefetch_threads: 1,
             prefetch_depth: 8,
             length_grouped: None,
+            max_tokens: None,
+            weights: None,
+            same_source: false,
+            source_batch_sizes: None,
             collate: CollateOptions::default(),
         }
     }
@@ -90,6 +111,13 @@ impl LoaderOptions {
         if let Some(m) = self.length_grouped {
             range("length_grouped", m, 1, limits::MEGABATCH_MULT)?;
         }
+        if let Some(t) = self.max_tokens {
+            range("max_tokens", t, 1, limits::MAX_TOKENS)?;
+        }
+        for &b in self.source_batch_sizes.iter().flatten() {
+            range("source_batch_sizes", b, 1, limits::BATCH_SIZE)?;
+        }
+        self.check_combination()?;
         // A pair is at most its capped query and passage, the special tokens, sep and prompt
         // (bounded generously), padded; each of input_ids, attention_mask, token_type_ids
         // takes 8 bytes an element.
@@ -124,6 +152,31 @@ impl LoaderOptions {
     }
 }
 
+impl LoaderOptions {
+    /// The batching strategies that do not combine.
+    fn check_combination(&self) -> Result<()> {
+        let conflict = |a: &'static str, b: &str| {
+            Err(Error::argument(a, format!("{a} does not combine with {b}")))
+        };
+        if self.same_source && self.length_grouped.is_some() {
+            return conflict("same_source", "length_grouped");
+        }
+        if self.same_source && self.max_tokens.is_some() {
+            return conflict("same_source", "max_tokens");
+        }
+        if self.source_batch_sizes.is_some() && !self.same_source {
+            return Err(Error::argument(
+                "source_batch_sizes",
+                "only applies with same_source",
+            ));
+        }
+        if self.max_tokens.is_some() && self.shard.tail == Tail::Uneven {
+            return conflict("max_tokens", "the uneven shard tail (use pad or drop)");
+        }
+        Ok(())
+    }
+}
+
 /// Where a loader is: the next batch is `step` of `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoaderState {
@@ -136,6 +189,22 @@ pub struct LoaderState {
 /// A megabatch's positions sorted by group length, keyed by (epoch, megabatch).
 type SortedMegabatch = ((u64, u64), Arc<Vec<u64>>);
 
+/// A per-epoch value computed once and shared by the prefetch threads.
+type EpochCache<T> = std::sync::Mutex<Option<(u64, Arc<T>)>>;
+
+/// How an epoch is cut into batches.
+#[derive(Debug)]
+enum Schedule {
+    /// `batch_size` consecutive positions of the rank's order.
+    Random,
+    /// Length-grouped megabatches with this multiplier.
+    Grouped(u64),
+    /// Token-budget batches, planned once per epoch.
+    Budget(Budget),
+    /// Same-source batches.
+    SameSource(SourceBatches),
+}
+
 /// What batches are computed from; shared with the prefetch threads.
 #[derive(Debug)]
 struct Plan {
@@ -143,22 +212,51 @@ struct Plan {
     universe: Universe,
     collator: Collator,
     options: LoaderOptions,
+    schedule: Schedule,
     /// Length grouping: the epoch's group lengths by position (4 bytes a row), once computed.
-    lengths: std::sync::Mutex<Option<(u64, Arc<LengthOrder>)>>,
+    lengths: EpochCache<LengthOrder>,
     /// Length grouping: the last megabatches sorted, by (epoch, megabatch): each serves
     /// `M` consecutive batches, so it is sorted once, not once per batch.
     sorted: std::sync::Mutex<Vec<SortedMegabatch>>,
+    /// Token budget: the epoch's batches (8 bytes a row), once computed.
+    budget: EpochCache<BudgetPlan>,
+}
+
+/// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
+/// so other threads wait for the value instead of computing it again.
+fn cached<T>(
+    cache: &EpochCache<T>,
+    epoch: u64,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    let mut c = cache
+        .lock()
+        .map_err(|_| Error::Internal("an epoch cache was poisoned".into()))?;
+    if let Some((e, v)) = c.as_ref() {
+        if *e == epoch {
+            return Ok(v.clone());
+        }
+    }
+    let v = Arc::new(make()?);
+    *c = Some((epoch, v.clone()));
+    Ok(v)
 }
 
 impl Plan {
-    fn steps(&self) -> u64 {
-        let n = self.options.shard.samples_per_rank(self.universe.len());
+    fn steps(&self, epoch: u64) -> Result<u64> {
         let b = self.options.batch_size as u64;
-        if self.options.drop_last {
-            n / b
-        } else {
-            n.div_ceil(b)
-        }
+        Ok(match &self.schedule {
+            Schedule::Budget(_) => self.budget_plan(epoch)?.len(),
+            Schedule::SameSource(sb) => sb.len(),
+            Schedule::Random | Schedule::Grouped(_) => {
+                let n = self.options.shard.samples_per_rank(self.universe.len());
+                if self.options.drop_last {
+                    n / b
+                } else {
+                    n.div_ceil(b)
+                }
+            }
+        })
     }
 
     /// Rows `[lo, hi)` of batch `step` of `epoch` in `order`.
@@ -199,18 +297,24 @@ impl Plan {
         order: &EpochOrder,
         epoch: u64,
         step: u64,
-        mult: usize,
+        mult: u64,
     ) -> Result<Vec<u64>> {
-        let (b, mult) = (self.options.batch_size as u64, mult as u64);
-        let lengths = self.epoch_lengths(order, epoch)?;
+        let b = self.options.batch_size as u64;
+        let lengths = cached(&self.lengths, epoch, || {
+            Ok(LengthOrder::new(
+                (0..order.len())
+                    .map(|i| self.length_of(epoch, order.row(i)))
+                    .collect::<Result<Vec<u32>>>()?,
+            ))
+        })?;
         let m = lengths.megabatch(step, mult, mult * b);
         let key = (epoch, m);
-        let cached = self
+        let hit = self
             .sorted
             .lock()
             .ok()
             .and_then(|c| c.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
-        let sorted = match cached {
+        let sorted = match hit {
             Some(v) => v,
             None => {
                 let v = Arc::new(lengths.sorted(m, mult * b));
@@ -226,42 +330,62 @@ impl Plan {
         Ok(LengthOrder::batch_in(&sorted, step, b, mult))
     }
 
-    fn length_of(&self, epoch: u64, row: u64) -> Result<usize> {
-        self.collator.group_len(&self.ds, &self.select(epoch, row)?)
+    fn length_of(&self, epoch: u64, row: u64) -> Result<u32> {
+        Ok(self
+            .collator
+            .group_len(&self.ds, &self.select(epoch, row)?)? as u32)
     }
 
-    /// The length of every group of the epoch's order (by position), computed once per epoch
-    /// (one group-length computation per row of the rank's order, lengths only: no tokens).
-    fn epoch_lengths(&self, order: &EpochOrder, epoch: u64) -> Result<Arc<LengthOrder>> {
-        // Held during the scan: other threads wait for it instead of repeating it.
-        let mut cache = self
-            .lengths
-            .lock()
-            .map_err(|_| Error::Internal("length cache poisoned".into()))?;
-        if let Some((e, v)) = cache.as_ref() {
-            if *e == epoch {
-                return Ok(v.clone());
+    /// Token budget: the epoch's plan, from the group lengths of the global order (every
+    /// rank computes the same plan, one group-length computation per row: no tokens).
+    fn budget_plan(&self, epoch: u64) -> Result<Arc<BudgetPlan>> {
+        let Schedule::Budget(budget) = self.schedule else {
+            return Err(Error::Internal("no token budget".into()));
+        };
+        cached(&self.budget, epoch, || {
+            let order = self.order(epoch);
+            let n = order.global_len();
+            let (mut sizes, mut longest) = (
+                Vec::with_capacity(n as usize),
+                Vec::with_capacity(n as usize),
+            );
+            for p in 0..n {
+                let sel = self.select(epoch, order.global_row(p))?;
+                let (l, total) = self.collator.group_tokens(&self.ds, &sel)?;
+                longest.push(l as u32);
+                sizes.push(match budget.cost {
+                    Cost::Packed => total.min(u32::MAX as usize) as u32,
+                    Cost::Padded { .. } => l as u32,
+                });
             }
-        }
-        let v = Arc::new(LengthOrder::new(
-            (0..order.len())
-                .map(|i| Ok(self.length_of(epoch, order.row(i))? as u32))
-                .collect::<Result<Vec<u32>>>()?,
-        ));
-        *cache = Some((epoch, v.clone()));
-        Ok(v)
+            Ok(BudgetPlan::new(&sizes, &longest, budget))
+        })
     }
 
     fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
         let o = &self.options;
         let order = self.order(epoch);
-        let rows: Vec<u64> = match o.length_grouped {
-            Some(mult) => self
-                .grouped_span(&order, epoch, step, mult)?
+        let rows: Vec<u64> = match &self.schedule {
+            Schedule::Random => self.span(&order, step).map(|i| order.row(i)).collect(),
+            Schedule::Grouped(mult) => self
+                .grouped_span(&order, epoch, step, *mult)?
                 .into_iter()
                 .map(|i| order.row(i))
                 .collect(),
-            None => self.span(&order, step).map(|i| order.row(i)).collect(),
+            Schedule::Budget(_) => self
+                .budget_plan(epoch)?
+                .batch(step, o.shard.rank)
+                .into_iter()
+                .map(|p| order.global_row(p))
+                .collect(),
+            Schedule::SameSource(sb) => {
+                let (s, within) = sb.batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
+                let start = self.universe.source_span(s).start;
+                within
+                    .into_iter()
+                    .map(|k| order.rows().row(start + k))
+                    .collect()
+            }
         };
         for &row in &rows {
             self.ds.prefetch_group(row as usize);
@@ -271,10 +395,11 @@ impl Plan {
             .collect()
     }
 
-    /// Batch `step` of `epoch`. `next` is the step this thread computes after it: its groups
-    /// are prefetched before this batch is collated, so their cache misses overlap the copy.
+    /// Batch `step` of `epoch`. `next` is the step this thread computes after it: in random
+    /// order its groups are prefetched before this batch is collated, so their cache misses
+    /// overlap the copy.
     fn batch(&self, epoch: u64, step: u64, next: Option<u64>) -> Result<Batch> {
-        let steps = self.steps();
+        let steps = self.steps(epoch)?;
         if step >= steps {
             return Err(Error::OutOfRange {
                 what: "step",
@@ -283,7 +408,7 @@ impl Plan {
             });
         }
         let selections = self.selections(epoch, step)?;
-        if let Some(next) = next.filter(|&n| n < steps) {
+        if let (Schedule::Random, Some(next)) = (&self.schedule, next.filter(|&n| n < steps)) {
             let order = self.order(epoch);
             for i in self.span(&order, next) {
                 self.ds.prefetch_group(order.row(i) as usize);
@@ -325,64 +450,40 @@ impl Loader {
     pub fn new(ds: Arc<Dataset>, options: LoaderOptions) -> Result<Loader> {
         options.check()?;
         let collator = Collator::new(&ds, options.collate.clone())?;
-        let m = ds.manifest();
-        let accepted: Vec<u64> = m.sources.iter().map(|s| s.rows_accepted).collect();
-        let universe = if accepted.iter().sum::<u64>() == ds.len() as u64 && !accepted.is_empty() {
-            Universe::ranges(&accepted, options.max_example_num_per_dataset, options.seed)
-        } else if options.max_example_num_per_dataset.is_some() {
-            return Err(Error::argument(
-                "max_example_num_per_dataset",
-                "needs per-source row counts, which this dataset's manifest lacks",
-            ));
-        } else {
-            Universe::all(ds.len() as u64)
-        };
-        let empty_neg: u64 = m.sources.iter().map(|s| s.rows_empty_neg).sum();
-        let needs_negatives = options.collate.group_size >= 2;
-        let universe = if needs_negatives
-            && (empty_neg > 0 || accepted.iter().sum::<u64>() != ds.len() as u64)
-        {
-            if options.skip_rows_without_negatives {
-                universe.filter(|r| Ok(!ds.group_ids(r as usize)?.neg.is_empty()))?
-            } else if empty_neg > 0 {
-                return Err(Error::argument(
-                    "group_size",
-                    format!(
-                        "{empty_neg} rows have no negatives, but group_size {} needs {} per group; \
-                         skip them with skip_rows_without_negatives (CLI: --skip-empty-neg) or use group_size 1",
-                        options.collate.group_size,
-                        options.collate.group_size - 1
-                    ),
-                ));
-            } else {
-                universe
-            }
-        } else {
-            universe
-        };
+        let universe = universe(&ds, &options)?;
         if options.collate.knowledge_distillation && !ds.all_rows_have_scores() {
             return Err(Error::argument(
                 "knowledge_distillation",
                 "needs pos_scores and neg_scores on every row; some rows have none",
             ));
         }
+        let schedule = schedule(&universe, &options)?;
         Ok(Loader {
             plan: Arc::new(Plan {
                 ds,
                 universe,
                 collator,
                 options,
+                schedule,
                 lengths: std::sync::Mutex::new(None),
                 sorted: std::sync::Mutex::new(Vec::new()),
+                budget: std::sync::Mutex::new(None),
             }),
             state: LoaderState::default(),
             prefetch: None,
         })
     }
 
-    /// Batches per epoch for this rank.
+    /// Batches in `epoch` for this rank (every rank has as many). Token-budget batches plan
+    /// the epoch here (once; an error reading the data shows here).
+    pub fn steps(&self, epoch: u64) -> Result<u64> {
+        self.plan.steps(epoch)
+    }
+
+    /// Batches in the current epoch for this rank; 0 when they cannot be counted (the error
+    /// is then [`Loader::steps`]' and the next batch's).
     pub fn steps_per_epoch(&self) -> u64 {
-        self.plan.steps()
+        self.plan.steps(self.state.epoch).unwrap_or(0)
     }
 
     /// Rows this run trains on per epoch (all ranks, before padding).
@@ -441,7 +542,7 @@ impl Loader {
         let threads = o.prefetch_threads;
         let per_thread = o.prefetch_depth.div_ceil(threads).max(1);
         let (epoch, first) = (self.state.epoch, self.state.step);
-        let steps = self.plan.steps();
+        let steps = self.plan.steps(epoch)?;
         let mut receivers = Vec::with_capacity(threads);
         for t in 0..threads as u64 {
             let (tx, rx) = sync_channel(per_thread);
@@ -478,7 +579,10 @@ impl Iterator for Loader {
     /// The next batch of the current epoch; after the last one, `None` once, and the loader
     /// moves to the next epoch (so `for batch in &mut loader` is one epoch).
     fn next(&mut self) -> Option<Result<Batch>> {
-        let steps = self.plan.steps();
+        let steps = match self.plan.steps(self.state.epoch) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
         if self.state.step >= steps {
             self.set_epoch(self.state.epoch + 1);
             return None;
@@ -514,4 +618,93 @@ impl Iterator for Loader {
         self.state.step += 1;
         Some(batch)
     }
+}
+
+/// The rows a run trains on: by source when the manifest counts each source's rows, with
+/// rows without negatives left out when asked, capped and weighted.
+fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
+    let m = ds.manifest();
+    let accepted: Vec<u64> = m.sources.iter().map(|s| s.rows_accepted).collect();
+    let by_source = accepted.iter().sum::<u64>() == ds.len() as u64 && !accepted.is_empty();
+    let universe = if by_source {
+        Universe::sources(&accepted, options.seed)
+    } else {
+        let per_source = [
+            (
+                "max_example_num_per_dataset",
+                options.max_example_num_per_dataset.is_some(),
+            ),
+            ("weights", options.weights.is_some()),
+            ("same_source", options.same_source),
+        ];
+        if let Some((name, _)) = per_source.iter().find(|(_, on)| *on) {
+            return Err(Error::argument(
+                name,
+                "needs per-source row counts, which this dataset's manifest lacks",
+            ));
+        }
+        Universe::all(ds.len() as u64)
+    };
+    let empty_neg: u64 = m.sources.iter().map(|s| s.rows_empty_neg).sum();
+    let g = options.collate.group_size;
+    let mut universe = if g >= 2 && (empty_neg > 0 || !by_source) {
+        if options.skip_rows_without_negatives {
+            universe.filter(|r| Ok(!ds.group_ids(r as usize)?.neg.is_empty()))?
+        } else if empty_neg > 0 {
+            return Err(Error::argument(
+                "group_size",
+                format!(
+                    "{empty_neg} rows have no negatives, but group_size {g} needs {} per group; \
+                     skip them with skip_rows_without_negatives (CLI: --skip-empty-neg) or use group_size 1",
+                    g - 1
+                ),
+            ));
+        } else {
+            universe
+        }
+    } else {
+        universe
+    };
+    if let Some(cap) = options.max_example_num_per_dataset {
+        universe = universe.cap(cap);
+    }
+    if let Some(w) = &options.weights {
+        universe = universe.weigh(w)?;
+    }
+    Ok(universe)
+}
+
+/// How epochs are cut into batches, from the options.
+fn schedule(universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
+    if o.same_source {
+        let sizes: Vec<u64> = match &o.source_batch_sizes {
+            Some(s) => s.iter().map(|&b| b as u64).collect(),
+            None => vec![o.batch_size as u64; universe.source_count()],
+        };
+        return Ok(Schedule::SameSource(SourceBatches::new(
+            &universe.takes(),
+            &sizes,
+            o.shard.world_size,
+            o.shard.tail,
+        )?));
+    }
+    let c = &o.collate;
+    Ok(match (o.max_tokens, o.length_grouped) {
+        (Some(t), mult) => Schedule::Budget(Budget {
+            max_tokens: t as u64,
+            max_groups: o.batch_size as u64,
+            world: o.shard.world_size,
+            mult: mult.map(|m| m as u64),
+            cost: if c.packed {
+                Cost::Packed
+            } else {
+                Cost::Padded {
+                    group_size: c.group_size as u64,
+                    multiple: c.pad_to_multiple_of.unwrap_or(1) as u64,
+                }
+            },
+        }),
+        (None, Some(m)) => Schedule::Grouped(m as u64),
+        (None, None) => Schedule::Random,
+    })
 }

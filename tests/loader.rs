@@ -501,7 +501,7 @@ fn rows_without_negatives_are_an_error_or_skipped() {
 }
 
 #[test]
-fn caps_per_source_keep_a_fixed_subset() {
+fn caps_per_source_draw_a_new_subset_each_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let ds = write(
         dir.path(),
@@ -524,10 +524,16 @@ fn caps_per_source_keep_a_fixed_subset() {
     assert_eq!(e0.len(), 10 + 5 + 10);
     assert_eq!(e0.iter().filter(|&&r| r < 40).count(), 10);
     assert_eq!(e0.iter().filter(|&&r| (40..45).contains(&r)).count(), 5);
+    let mut d = e0.clone();
+    d.dedup();
+    assert_eq!(d, e0, "no row twice in an epoch");
+    let e1 = rows(1);
+    assert_eq!(e1.len(), 25);
+    assert_ne!(e0, e1, "a new subset each epoch");
     assert_eq!(
-        e0,
-        rows(1),
-        "the subset is drawn once, like FlagEmbedding's"
+        e0.iter().filter(|&&r| (40..45).contains(&r)).count(),
+        5,
+        "a source under the cap gives all its rows"
     );
 }
 
@@ -843,4 +849,284 @@ fn length_grouped_batches_keep_every_guarantee() {
             .sum()
     };
     assert!(cells(&l) < cells(&random));
+}
+
+/// Every batch of one epoch, by step.
+fn epoch_batches(l: &Loader, epoch: u64) -> Vec<Vec<Selection>> {
+    (0..l.steps(epoch).unwrap())
+        .map(|s| l.batch(epoch, s).unwrap().selections)
+        .collect()
+}
+
+/// Resuming at any step, with any thread count, gives the batches of the pure `batch(e, k)`.
+fn assert_resumable(make: &dyn Fn(usize) -> Loader, epoch: u64) {
+    let all = epoch_batches(&make(0), epoch);
+    assert!(all.len() > 3);
+    for threads in [0, 1, 3] {
+        for start in [0, 1, all.len() as u64 / 2, all.len() as u64 - 1] {
+            let mut l = make(threads);
+            l.set_state(LoaderState { epoch, step: start });
+            let got: Vec<Vec<Selection>> = l.by_ref().map(|b| b.unwrap().selections).collect();
+            assert_eq!(
+                got,
+                all[start as usize..],
+                "threads {threads} start {start}"
+            );
+            assert_eq!(
+                l.state(),
+                LoaderState {
+                    epoch: epoch + 1,
+                    step: 0
+                }
+            );
+        }
+    }
+}
+
+/// Rows seen over one epoch by all ranks, each rank's step count, and the batches of each step
+/// (all ranks together).
+fn seen_across_ranks(
+    world: u64,
+    epoch: u64,
+    make: &dyn Fn(Shard) -> Loader,
+    tail: Tail,
+) -> (HashMap<u64, u32>, Vec<Vec<Vec<Selection>>>) {
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let mut by_step: Vec<Vec<Vec<Selection>>> = Vec::new();
+    let mut steps = None;
+    for rank in 0..world {
+        let l = make(Shard {
+            rank,
+            world_size: world,
+            tail,
+        });
+        let batches = epoch_batches(&l, epoch);
+        assert_eq!(
+            *steps.get_or_insert(batches.len()),
+            batches.len(),
+            "same steps on every rank"
+        );
+        for (k, b) in batches.into_iter().enumerate() {
+            for s in &b {
+                *seen.entry(s.row).or_default() += 1;
+            }
+            if by_step.len() <= k {
+                by_step.push(Vec::new());
+            }
+            by_step[k].push(b);
+        }
+    }
+    (seen, by_step)
+}
+
+/// Token-budget batches (issue 12): within the budget (a single group per rank may exceed
+/// it), every row once per epoch across ranks with the drop tail and at least once with pad,
+/// the same steps on every rank, resumable, thread-independent, and collating to the pairs
+/// of the random order's collator.
+#[test]
+fn token_budget_batches_keep_every_guarantee() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
+    for packed in [false, true] {
+        for grouped in [None, Some(2)] {
+            let make = |f: &dyn Fn(&mut LoaderOptions)| {
+                loader(&ds, |o| {
+                    o.batch_size = 16;
+                    o.max_tokens = Some(160);
+                    o.length_grouped = grouped;
+                    o.collate.pad_to_multiple_of = Some(4);
+                    o.collate.packed = packed;
+                    f(o);
+                })
+            };
+            for world in [1u64, 2, 3] {
+                for tail in [Tail::Drop, Tail::Pad] {
+                    let (seen, steps) =
+                        seen_across_ranks(world, 1, &|shard| make(&|o| o.shard = shard), tail);
+                    let total: u32 = seen.values().sum();
+                    if tail == Tail::Drop {
+                        assert!(seen.values().all(|&c| c == 1));
+                        assert_eq!(total as u64, 103 / world * world);
+                    } else {
+                        assert_eq!(seen.len(), 103);
+                        assert_eq!(total as u64, 103u64.div_ceil(world) * world);
+                    }
+                    for ranks in &steps {
+                        let sizes: Vec<usize> = ranks.iter().map(Vec::len).collect();
+                        assert!(sizes.iter().all(|&b| b == sizes[0] && b <= 16), "{sizes:?}");
+                    }
+                }
+            }
+            let l = make(&|_| {});
+            let mut fill = 0.0;
+            let steps = l.steps(1).unwrap();
+            for k in 0..steps {
+                let b = l.batch(1, k).unwrap();
+                let tokens = if packed {
+                    b.real_tokens as usize
+                } else {
+                    b.rows * b.len
+                };
+                assert!(tokens <= 160 || b.selections.len() == 1, "{tokens}");
+                fill += tokens as f64 / 160.0;
+            }
+            assert!(
+                fill / steps as f64 > 0.5,
+                "packed {packed}: {}",
+                fill / steps as f64
+            );
+            assert_resumable(&|threads| make(&|o| o.prefetch_threads = threads), 1);
+            let random = loader(&ds, |o| {
+                o.collate.pad_to_multiple_of = Some(4);
+                o.collate.packed = packed;
+            });
+            let sel = l.batch(1, 2).unwrap().selections;
+            assert_eq!(
+                l.collate(sel.clone()).unwrap(),
+                random.collate(sel).unwrap()
+            );
+        }
+    }
+    let err = Loader::new(
+        ds.clone(),
+        LoaderOptions {
+            max_tokens: Some(100),
+            shard: Shard {
+                rank: 0,
+                world_size: 2,
+                tail: Tail::Uneven,
+            },
+            ..LoaderOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("max_tokens"), "{err}");
+}
+
+/// Weighted mixing (issue 12): each source gives an epoch exactly its share (largest
+/// remainder), rows of a down-weighted source are a new subset each epoch and never twice in
+/// one, every position once across ranks, resumable.
+#[test]
+fn weighted_mixing_gives_each_source_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(
+        dir.path(),
+        bert_like(),
+        &small_spec(60, None),
+        &[40, 5, 15],
+        0,
+    );
+    let weights = vec![1.0, 2.0, 1.0];
+    let make = |f: &dyn Fn(&mut LoaderOptions)| {
+        loader(&ds, |o| {
+            o.weights = Some(weights.clone());
+            f(o);
+        })
+    };
+    let source = |r: u64| match r {
+        0..40 => 0,
+        40..45 => 1,
+        _ => 2,
+    };
+    let mut subsets = Vec::new();
+    for epoch in [0u64, 1] {
+        let (seen, _) =
+            seen_across_ranks(2, epoch, &|shard| make(&|o| o.shard = shard), Tail::Uneven);
+        let mut share = [0u32; 3];
+        for (&r, &c) in &seen {
+            share[source(r)] += c;
+        }
+        assert_eq!(share, [15, 30, 15], "60 rows split 1:2:1");
+        for r in 40..45 {
+            assert_eq!(seen[&r], 6, "5 rows, 30 draws: six copies");
+        }
+        assert!(seen
+            .iter()
+            .filter(|(&r, _)| source(r) == 0)
+            .all(|(_, &c)| c == 1));
+        let mut s0: Vec<u64> = seen.keys().copied().filter(|&r| r < 40).collect();
+        s0.sort();
+        subsets.push(s0);
+    }
+    assert_ne!(subsets[0], subsets[1], "a new subset each epoch");
+    assert_resumable(&|threads| make(&|o| o.prefetch_threads = threads), 1);
+    for bad in [vec![1.0], vec![-1.0, 1.0, 1.0], vec![0.0, 0.0, 0.0]] {
+        let err = Loader::new(
+            ds.clone(),
+            LoaderOptions {
+                weights: Some(bad),
+                ..LoaderOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("weights"), "{err}");
+    }
+}
+
+/// Same-source batches (issue 12): every global batch holds one source's rows, per-source
+/// batch sizes honoured, each row at most once per epoch with the drop tail and at least
+/// once with pad, resumable, thread-independent.
+#[test]
+fn same_source_batches_hold_one_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(
+        dir.path(),
+        bert_like(),
+        &small_spec(60, None),
+        &[40, 5, 15],
+        0,
+    );
+    let source = |r: u64| match r {
+        0..40 => 0usize,
+        40..45 => 1,
+        _ => 2,
+    };
+    let sizes = [3usize, 2, 4];
+    let make = |f: &dyn Fn(&mut LoaderOptions)| {
+        loader(&ds, |o| {
+            o.same_source = true;
+            o.source_batch_sizes = Some(sizes.to_vec());
+            f(o);
+        })
+    };
+    for world in [1u64, 2] {
+        for tail in [Tail::Drop, Tail::Pad] {
+            let (seen, steps) =
+                seen_across_ranks(world, 3, &|shard| make(&|o| o.shard = shard), tail);
+            for ranks in &steps {
+                let rows: Vec<u64> = ranks.iter().flatten().map(|s| s.row).collect();
+                let s = source(rows[0]);
+                assert!(
+                    rows.iter().all(|&r| source(r) == s),
+                    "one source per global batch"
+                );
+                assert!(ranks.iter().all(|b| b.len() == sizes[s]), "its batch size");
+            }
+            match tail {
+                Tail::Drop => {
+                    assert!(seen.values().all(|&c| c == 1));
+                    let want: u64 = [40u64, 5, 15]
+                        .iter()
+                        .zip(sizes)
+                        .map(|(&n, b)| n / (world * b as u64) * world * b as u64)
+                        .sum();
+                    assert_eq!(seen.len() as u64, want);
+                }
+                _ => assert_eq!(seen.len(), 60, "every row at least once"),
+            }
+        }
+    }
+    assert_resumable(&|threads| make(&|o| o.prefetch_threads = threads), 2);
+    let l = make(&|_| {});
+    assert_ne!(epoch_batches(&l, 0), epoch_batches(&l, 1), "epochs differ");
+    let err = Loader::new(
+        ds.clone(),
+        LoaderOptions {
+            same_source: true,
+            length_grouped: Some(4),
+            ..LoaderOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not combine"), "{err}");
 }

@@ -522,6 +522,22 @@ impl Collator {
         Ok(self.pair(g.query, longest, prompt).len())
     }
 
+    /// A selection's longest pair and the total tokens of its pairs (what token-budget batches
+    /// count), from lengths only.
+    pub fn group_tokens(&self, ds: &Dataset, sel: &Selection) -> Result<(usize, usize)> {
+        let g = ds.group_ids(sel.row as usize)?;
+        let prompt = self.prompt_of(ds, g.prompt)?;
+        let mut ids = Vec::with_capacity(1 + sel.neg.len());
+        push_ids(&g, sel, &mut ids)?;
+        let (mut longest, mut total) = (0, 0);
+        for id in ids {
+            let l = self.pair(g.query, ds.referenced_passage(id)?, prompt).len();
+            longest = longest.max(l);
+            total += l;
+        }
+        Ok((longest, total))
+    }
+
     /// The pairs of one selection (positive first), as the model sees them before padding.
     pub fn pairs<'a>(&'a self, ds: &'a Dataset, sel: &Selection) -> Result<Vec<Pair<'a>>> {
         let r = self.resolve(ds, std::slice::from_ref(sel), false)?;

@@ -1,9 +1,9 @@
 //! The group sampler: pure functions of (seed, epoch, position). No hidden state, no I/O.
 //!
-//! - **Universe**: the rows a run trains on. Each source (input file) is a contiguous range of
-//!   rows; `max_example_num_per_dataset` keeps a seeded random subset of each larger source
-//!   (fixed for the whole run, as FlagEmbedding draws it once at load). Rows without negatives
-//!   can be left out when the group size needs them.
+//! - **Universe** ([`universe`]): the rows an epoch trains on, by source (input file):
+//!   `max_example_num_per_dataset` and mixing `weights` set how many rows each source gives an
+//!   epoch, drawing a new seeded subset each epoch where a source gives fewer than it has.
+//!   Rows without negatives can be left out when the group size needs them.
 //! - **Epoch order**: a pseudo-random permutation of the universe keyed by (seed, epoch),
 //!   computed per position in O(1) (a Feistel network with cycle walking), so step k of epoch e
 //!   is found without replaying steps 0..k-1 and without materializing anything.
@@ -14,8 +14,12 @@
 //!   negatives repeated `ceil((G-1)/len)` times. The randomness is keyed by (seed, epoch, row),
 //!   so a row's group in an epoch does not depend on threads, processes, ranks or batch size.
 
+pub mod budget;
 pub mod length;
+pub mod same_source;
+pub mod universe;
 use crate::error::{Error, Result};
+pub use universe::{EpochRows, Universe};
 
 /// SplitMix64 finalizer: a strong 64-bit mixer.
 #[inline]
@@ -114,86 +118,6 @@ impl Permutation {
     }
 }
 
-/// The rows a run trains on, before ordering.
-#[derive(Debug, Clone)]
-pub enum Universe {
-    /// Contiguous source ranges, each possibly capped to a seeded subset.
-    Ranges {
-        /// (first row, rows in the source, rows kept, subset permutation when capped)
-        sources: Vec<(u64, u64, u64, Option<Permutation>)>,
-        /// Prefix sums of rows kept, for O(log sources) lookup.
-        starts: Vec<u64>,
-    },
-    /// An explicit list of rows (used when rows must be filtered out).
-    Rows(Vec<u32>),
-}
-
-impl Universe {
-    /// Every row of `0..n`.
-    pub fn all(n: u64) -> Universe {
-        Universe::ranges(&[n], None, 0)
-    }
-
-    /// Sources of the given sizes, laid out one after another; with `cap`, each source larger
-    /// than it keeps a random subset of `cap` rows keyed by (seed, source).
-    pub fn ranges(source_sizes: &[u64], cap: Option<u64>, seed: u64) -> Universe {
-        let mut sources = Vec::with_capacity(source_sizes.len());
-        let mut starts = Vec::with_capacity(source_sizes.len());
-        let (mut first, mut kept) = (0u64, 0u64);
-        for (s, &n) in source_sizes.iter().enumerate() {
-            let take = cap.map_or(n, |c| c.min(n));
-            let perm = (take < n).then(|| Permutation::new(n, &[seed, s as u64, 0x5ca1ab1e]));
-            starts.push(kept);
-            sources.push((first, n, take, perm));
-            first += n;
-            kept += take;
-        }
-        Universe::Ranges { sources, starts }
-    }
-
-    /// Number of rows.
-    pub fn len(&self) -> u64 {
-        match self {
-            Universe::Ranges { sources, .. } => sources.iter().map(|s| s.2).sum(),
-            Universe::Rows(r) => r.len() as u64,
-        }
-    }
-
-    /// Whether there are no rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The row at index `j` (< len).
-    #[inline]
-    pub fn row(&self, j: u64) -> u64 {
-        match self {
-            Universe::Ranges { sources, starts } => {
-                let s = starts.partition_point(|&st| st <= j) - 1;
-                let (first, _, _, perm) = &sources[s];
-                let k = j - starts[s];
-                first + perm.as_ref().map_or(k, |p| p.apply(k))
-            }
-            Universe::Rows(r) => r[j as usize] as u64,
-        }
-    }
-
-    /// Keep only the rows for which `keep` holds (materializes the list).
-    pub fn filter(&self, mut keep: impl FnMut(u64) -> Result<bool>) -> Result<Universe> {
-        let mut rows = Vec::new();
-        for j in 0..self.len() {
-            let r = self.row(j);
-            if keep(r)? {
-                rows.push(
-                    u32::try_from(r)
-                        .map_err(|_| Error::Internal("more than 2^32 rows in a row list".into()))?,
-                );
-            }
-        }
-        Ok(Universe::Rows(rows))
-    }
-}
-
 /// What to do with the rows that do not divide evenly among the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Tail {
@@ -257,7 +181,7 @@ impl Shard {
 /// The order of one epoch for one rank.
 #[derive(Debug, Clone)]
 pub struct EpochOrder<'u> {
-    universe: &'u Universe,
+    rows: EpochRows<'u>,
     perm: Permutation,
     shard: Shard,
     shuffle: bool,
@@ -267,7 +191,7 @@ impl<'u> EpochOrder<'u> {
     /// The order of `epoch` (shuffled with `seed` unless `shuffle` is false).
     pub fn new(universe: &'u Universe, seed: u64, epoch: u64, shard: Shard, shuffle: bool) -> Self {
         EpochOrder {
-            universe,
+            rows: universe.epoch(epoch),
             perm: Permutation::new(universe.len(), &[seed, epoch, 0xe90c4]),
             shard,
             shuffle,
@@ -276,7 +200,7 @@ impl<'u> EpochOrder<'u> {
 
     /// Number of rows this rank sees in the epoch.
     pub fn len(&self) -> u64 {
-        self.shard.samples_per_rank(self.universe.len())
+        self.shard.samples_per_rank(self.rows.len())
     }
 
     /// Whether this rank sees no rows.
@@ -287,11 +211,32 @@ impl<'u> EpochOrder<'u> {
     /// The row at position `i` (< len) of this rank's order.
     #[inline]
     pub fn row(&self, i: u64) -> u64 {
-        let n = self.universe.len();
-        let global = self.shard.rank + i * self.shard.world_size;
-        let p = global % n; // padding repeats from the start of the order
+        self.global_row(self.shard.rank + i * self.shard.world_size)
+    }
+
+    /// Positions of the global order (all ranks: rank r holds positions r, r+W, ...):
+    /// the universe padded to a multiple of the world size, or cut to one, by the tail policy
+    /// (`Uneven` keeps it as is).
+    pub fn global_len(&self) -> u64 {
+        let (n, w) = (self.rows.len(), self.shard.world_size);
+        match self.shard.tail {
+            Tail::Pad => n.div_ceil(w) * w,
+            Tail::Drop => n / w * w,
+            Tail::Uneven => n,
+        }
+    }
+
+    /// The row at position `p` of the global order (padding repeats from its start).
+    #[inline]
+    pub fn global_row(&self, p: u64) -> u64 {
+        let p = p % self.rows.len();
         let j = if self.shuffle { self.perm.apply(p) } else { p };
-        self.universe.row(j)
+        self.rows.row(j)
+    }
+
+    /// The epoch's universe (index -> row, before shuffling).
+    pub fn rows(&self) -> &EpochRows<'u> {
+        &self.rows
     }
 }
 
@@ -403,20 +348,6 @@ mod tests {
         let a = Permutation::new(1000, &[1, 2]);
         let b = Permutation::new(1000, &[1, 3]);
         assert!((0..1000).filter(|&i| a.apply(i) != b.apply(i)).count() > 900);
-    }
-
-    #[test]
-    fn caps_keep_a_subset_of_each_source() {
-        let u = Universe::ranges(&[10, 3, 20], Some(5), 9);
-        assert_eq!(u.len(), 5 + 3 + 5);
-        let rows: Vec<u64> = (0..u.len()).map(|j| u.row(j)).collect();
-        assert!(rows[..5].iter().all(|&r| r < 10));
-        assert_eq!(&rows[5..8], &[10, 11, 12]);
-        assert!(rows[8..].iter().all(|&r| (13..33).contains(&r)));
-        let mut sorted = rows.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), rows.len());
     }
 
     #[test]
