@@ -13,7 +13,9 @@
 //!    - packed layout: the real tokens of its groups `<= max_tokens`.
 //!
 //!    A batch always takes at least one group per rank, so a group above the budget alone
-//!    still trains (as a batch of one).
+//!    still trains (as a batch of one). Packed and sorted, a batch that cannot take the next
+//!    (longer) group is topped up with the megabatch's shortest groups: order inside a
+//!    megabatch costs a packed batch nothing.
 //! 3. The batch holding the epoch's longest group trades places with batch 0, so
 //!    out-of-memory shows at the first step.
 //!
@@ -76,16 +78,30 @@ impl BudgetPlan {
                 chunk.sort_by_key(|&p| (std::cmp::Reverse(longest[p as usize]), p));
             }
         }
-        let mut batches = Vec::new();
+        // Cut each megabatch into batches of whole W-position rows (one position per rank).
+        // Packed and sorted: a batch that cannot take the next (longer) row is topped up with
+        // the megabatch's shortest rows, from its end; the order is rewritten so each batch is
+        // contiguous.
+        let top_up = budget.mult.is_some() && budget.cost == Cost::Packed;
+        let (mut cut, mut batches) = (Vec::with_capacity(n), Vec::new());
         for m in (0..n).step_by(mb.max(1)) {
-            let end = (m + mb).min(n);
-            let mut at = m;
-            while at < end {
-                let b = fit(&order[at..end], sizes, budget, w);
-                batches.push((at as u32, b as u32));
-                at += b * w;
+            let rows: Vec<&[u32]> = order[m..(m + mb).min(n)].chunks(w).collect();
+            let (mut lo, mut hi) = (0, rows.len());
+            while lo < hi {
+                let start = cut.len();
+                let mut fill = Fill::new(w, budget);
+                while lo < hi && fill.try_add(rows[lo], sizes) {
+                    cut.extend_from_slice(rows[lo]);
+                    lo += 1;
+                }
+                while top_up && lo < hi && fill.try_add(rows[hi - 1], sizes) {
+                    cut.extend_from_slice(rows[hi - 1]);
+                    hi -= 1;
+                }
+                batches.push((start as u32, fill.groups as u32));
             }
         }
+        let order = cut;
         // The batch holding the longest group first.
         let top = |&(start, b): &(u32, u32)| {
             order[start as usize..start as usize + b as usize * w]
@@ -125,37 +141,53 @@ impl BudgetPlan {
     }
 }
 
-/// Groups per rank of the batch starting at `rest[0]`: at least 1, then while the budget
-/// holds for every rank.
-fn fit(rest: &[u32], sizes: &[u32], budget: Budget, w: usize) -> usize {
-    let mut longest = vec![0u64; w];
-    let mut total = vec![0u64; w];
-    let mut b = 0usize;
-    while (b as u64) < budget.max_groups && (b + 1) * w <= rest.len() {
-        let row = &rest[b * w..(b + 1) * w];
+/// One batch being filled: per rank, its longest group and its total tokens.
+struct Fill {
+    longest: Vec<u64>,
+    total: Vec<u64>,
+    groups: u64,
+    budget: Budget,
+}
+
+impl Fill {
+    fn new(w: usize, budget: Budget) -> Fill {
+        Fill {
+            longest: vec![0; w],
+            total: vec![0; w],
+            groups: 0,
+            budget,
+        }
+    }
+
+    /// Add one row (a group per rank) if the batch is empty, or if it stays within the
+    /// budget and below `max_groups` on every rank.
+    fn try_add(&mut self, row: &[u32], sizes: &[u32]) -> bool {
+        if self.groups >= self.budget.max_groups {
+            return false;
+        }
         let fits = row.iter().enumerate().all(|(r, &p)| {
             let size = sizes[p as usize] as u64;
-            match budget.cost {
+            match self.budget.cost {
                 Cost::Padded {
                     group_size,
                     multiple,
                 } => {
-                    let l = longest[r].max(size).div_ceil(multiple) * multiple;
-                    (b as u64 + 1) * group_size * l <= budget.max_tokens
+                    let l = self.longest[r].max(size).div_ceil(multiple) * multiple;
+                    (self.groups + 1) * group_size * l <= self.budget.max_tokens
                 }
-                Cost::Packed => total[r] + size <= budget.max_tokens,
+                Cost::Packed => self.total[r] + size <= self.budget.max_tokens,
             }
         });
-        if b > 0 && !fits {
-            break;
+        if self.groups > 0 && !fits {
+            return false;
         }
         for (r, &p) in row.iter().enumerate() {
-            longest[r] = longest[r].max(sizes[p as usize] as u64);
-            total[r] += sizes[p as usize] as u64;
+            self.longest[r] = self.longest[r].max(sizes[p as usize] as u64);
+            self.total[r] += sizes[p as usize] as u64;
         }
-        b += 1;
+        self.groups += 1;
+        true
     }
-    b
 }
 
 #[cfg(test)]

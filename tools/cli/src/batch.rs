@@ -69,22 +69,92 @@ impl CollateArgs {
     }
 }
 
+/// How the loader cuts epochs into batches (the options of `rankfeed::loader::LoaderOptions`).
+#[derive(clap::Args, Clone)]
+pub struct SampleArgs {
+    /// Queries per batch (with --max-tokens: at most this many).
+    #[arg(long, default_value_t = LoaderOptions::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = LoaderOptions::default().seed)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    rank: u64,
+    #[arg(long, default_value_t = 1)]
+    world_size: u64,
+    /// Rows that do not divide among the ranks: pad, drop or uneven.
+    #[arg(long, default_value = "pad")]
+    shard_tail: String,
+    /// Leave out rows with no negatives.
+    #[arg(long)]
+    skip_empty_neg: bool,
+    /// Length-grouped batches with this megabatch multiplier (HF group_by_length's idea).
+    #[arg(long)]
+    length_grouped: Option<usize>,
+    /// Token-budget batches: as many groups as fit this many tokens (padded cells, or real
+    /// tokens with --packed).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Mixing weights, one per source in the manifest's order (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// Every global batch from one source.
+    #[arg(long)]
+    same_source: bool,
+    /// With --same-source: batch size per source (comma-separated, manifest order).
+    #[arg(long, value_delimiter = ',')]
+    source_batch_sizes: Option<Vec<usize>>,
+    /// Rows each larger source gives an epoch (a new seeded subset each epoch).
+    #[arg(long)]
+    max_example_num_per_dataset: Option<u64>,
+}
+
+impl SampleArgs {
+    fn options(&self, collate: CollateOptions, threads: usize) -> Result<LoaderOptions> {
+        let tail = match self.shard_tail.as_str() {
+            "pad" => Tail::Pad,
+            "drop" => Tail::Drop,
+            "uneven" => Tail::Uneven,
+            other => bail!("--shard-tail {other:?}: expected pad, drop or uneven"),
+        };
+        Ok(LoaderOptions {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            shard: Shard {
+                rank: self.rank,
+                world_size: self.world_size,
+                tail,
+            },
+            skip_rows_without_negatives: self.skip_empty_neg,
+            prefetch_threads: threads,
+            length_grouped: self.length_grouped,
+            max_tokens: self.max_tokens,
+            weights: self.weights.clone(),
+            same_source: self.same_source,
+            source_batch_sizes: self.source_batch_sizes.clone(),
+            max_example_num_per_dataset: self.max_example_num_per_dataset,
+            collate,
+            ..LoaderOptions::default()
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct ShowArgs {
     /// Dataset directory.
     dir: PathBuf,
     /// Row (query) to show.
+    #[arg(long, required_unless_present = "step", conflicts_with = "step")]
+    row: Option<u64>,
+    /// Show batch K of --epoch instead: its groups as the loader draws them with the
+    /// sampling options (--batch-size, --length-grouped, --max-tokens, --weights, ...).
     #[arg(long)]
-    row: u64,
+    step: Option<u64>,
     /// Index of the positive (default: drawn by the sampler, as training would).
     #[arg(long)]
     pos: Option<u32>,
     /// Comma-separated negative indices (default: drawn by the sampler).
     #[arg(long, value_delimiter = ',')]
     neg: Option<Vec<u32>>,
-    /// Seed of the sampler draw.
-    #[arg(long, default_value_t = LoaderOptions::default().seed)]
-    seed: u64,
     /// Epoch of the sampler draw.
     #[arg(long, default_value_t = 0)]
     epoch: u64,
@@ -95,33 +165,38 @@ pub struct ShowArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    sample: SampleArgs,
+    #[command(flatten)]
     collate: CollateArgs,
 }
 
 pub fn run_show(a: ShowArgs) -> Result<()> {
+    let Some(row) = a.row else {
+        return show_step(&a);
+    };
     let ds = Dataset::open(&a.dir)?;
     let opts = a.collate.options();
     let collator = Collator::new(&ds, opts.clone())?;
-    let group = ds.group(a.row as usize)?;
+    let group = ds.group(row as usize)?;
     let sel = match (a.pos, &a.neg) {
         (Some(pos), Some(neg)) => Selection {
-            row: a.row,
+            row,
             pos,
             neg: neg.clone(),
         },
         (pos, neg) => {
             let mut drawn = Vec::new();
             let p = sample_group(
-                a.seed,
+                a.sample.seed,
                 a.epoch,
-                a.row,
+                row,
                 group.pos.len(),
                 group.neg.len(),
                 opts.group_size,
                 &mut drawn,
             )?;
             Selection {
-                row: a.row,
+                row,
                 pos: pos.unwrap_or(p),
                 neg: neg.clone().unwrap_or(drawn),
             }
@@ -221,6 +296,67 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
     Ok(())
 }
 
+/// `show --step K`: the groups of batch K as the loader draws them.
+fn show_step(a: &ShowArgs) -> Result<()> {
+    let ds = Arc::new(Dataset::open(&a.dir)?);
+    let loader = Loader::new(ds.clone(), a.sample.options(a.collate.options(), 0)?)?;
+    let step = a.step.context("--row or --step")?;
+    let steps = loader.steps(a.epoch)?;
+    let b = loader.batch(a.epoch, step)?;
+    let collator = loader.collator();
+    let mut groups = Vec::new();
+    for sel in &b.selections {
+        let (longest, tokens) = collator.group_tokens(&ds, sel)?;
+        groups.push(serde_json::json!({
+            "row": sel.row,
+            "source": ds.group(sel.row as usize)?.source,
+            "pos": sel.pos,
+            "neg": sel.neg,
+            "longest_pair": longest,
+            "tokens": tokens,
+        }));
+    }
+    let cells = if b.cu_seqlens.is_some() {
+        b.len
+    } else {
+        b.rows * b.len
+    };
+    let v = serde_json::json!({
+        "epoch": a.epoch,
+        "step": step,
+        "steps": steps,
+        "rows": b.rows,
+        "length": b.len,
+        "real_tokens": b.real_tokens,
+        "tokens": cells,
+        "groups": groups,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "epoch {} step {step} of {steps}: {} groups, {} pairs of length {} ({} tokens, {} real: {:.1}%)",
+        a.epoch,
+        b.selections.len(),
+        b.rows,
+        b.len,
+        cells,
+        b.real_tokens,
+        100.0 * b.real_tokens as f64 / cells.max(1) as f64
+    )?;
+    for g in &groups {
+        writeln!(
+            out,
+            "  row {} (source {}): positive {}, negatives {}, longest pair {}, {} tokens",
+            g["row"], g["source"], g["pos"], g["neg"], g["longest_pair"], g["tokens"]
+        )?;
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct CollateCmdArgs {
     /// Dataset directory.
@@ -296,30 +432,17 @@ pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
 pub struct BenchArgs {
     /// Dataset directory.
     dir: PathBuf,
-    /// Queries per batch.
-    #[arg(long, default_value_t = LoaderOptions::default().batch_size)]
-    batch_size: usize,
     /// Batches to time (they wrap into following epochs).
     #[arg(long, default_value_t = 20000)]
     batches: u64,
     /// Prefetch threads (0: everything on the calling thread, i.e. one core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    #[arg(long, default_value_t = LoaderOptions::default().seed)]
-    seed: u64,
-    #[arg(long, default_value_t = 0)]
-    rank: u64,
-    #[arg(long, default_value_t = 1)]
-    world_size: u64,
-    /// Leave out rows with no negatives.
-    #[arg(long)]
-    skip_empty_neg: bool,
-    /// Length-grouped batches with this megabatch multiplier (HF group_by_length's idea).
-    #[arg(long)]
-    length_grouped: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    sample: SampleArgs,
     #[command(flatten)]
     collate: CollateArgs,
 }
@@ -344,23 +467,7 @@ fn padded_bound(loader: &Loader, n: u64) -> Result<f64> {
 pub fn run_bench(a: BenchArgs) -> Result<()> {
     let t_open = Instant::now();
     let ds = Arc::new(Dataset::open(&a.dir)?);
-    let mut loader = Loader::new(
-        ds,
-        LoaderOptions {
-            batch_size: a.batch_size,
-            seed: a.seed,
-            shard: Shard {
-                rank: a.rank,
-                world_size: a.world_size,
-                tail: Tail::Pad,
-            },
-            skip_rows_without_negatives: a.skip_empty_neg,
-            prefetch_threads: a.threads,
-            length_grouped: a.length_grouped,
-            collate: a.collate.options(),
-            ..LoaderOptions::default()
-        },
-    )?;
+    let mut loader = Loader::new(ds, a.sample.options(a.collate.options(), a.threads)?)?;
     let first = loader.next().context("empty dataset")??;
     let open_first = t_open.elapsed();
     if loader.steps_per_epoch() == 0 {
@@ -368,6 +475,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     }
     loader.set_state(LoaderState { epoch: 0, step: 0 });
     let (mut n, mut real, mut cells, mut bytes, mut overlong) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut groups = 0u64;
     let t = Instant::now();
     while n < a.batches {
         let b = match loader.next() {
@@ -385,10 +493,16 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         };
         bytes += b.nbytes() as u64;
         overlong += b.overlong as u64;
+        groups += b.selections.len() as u64;
         std::hint::black_box(&b);
     }
     let secs = t.elapsed().as_secs_f64();
-    let bound = padded_bound(&loader, n.min(loader.steps_per_epoch()))?;
+    let bound = padded_bound(&loader, n.min(loader.steps(0)?))?;
+    let mix = epoch_mix(&loader)?;
+    let budget_fill = a
+        .sample
+        .max_tokens
+        .map(|t| cells as f64 / n.max(1) as f64 / t as f64);
     let v = serde_json::json!({
         "batches": n,
         "seconds": secs,
@@ -402,6 +516,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         "open_plus_first_batch_ms": open_first.as_secs_f64() * 1e3,
         "first_batch_shape": [first.rows, first.len],
         "threads": a.threads,
+        "groups_per_batch": groups as f64 / n.max(1) as f64,
+        "budget_fill": budget_fill,
+        "source_share": mix.share,
+        "source_weight": mix.weight,
+        "single_source_batches": mix.single_source,
     });
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -410,7 +529,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         writeln!(
             out,
             "{n} batches of {} x {} in {secs:.3} s: {:.0} batches/s, {:.2} M real tokens/s, padding efficiency {:.1}% (padded bound {:.1}%), output {:.2} GB/s ({:.0} KB/batch), {} over-length pairs; open + first batch {:.2} ms",
-            a.batch_size,
+            a.sample.batch_size,
             a.collate.group_size,
             n as f64 / secs,
             real as f64 / secs / 1e6,
@@ -421,6 +540,73 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             overlong,
             open_first.as_secs_f64() * 1e3
         )?;
+        if let Some(fill) = budget_fill {
+            writeln!(
+                out,
+                "token budget: {:.1} groups per batch, {:.1}% of --max-tokens filled on average",
+                groups as f64 / n.max(1) as f64,
+                100.0 * fill
+            )?;
+        }
+        if mix.share.len() > 1 {
+            let pct = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{:.2}%", 100.0 * x))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            writeln!(
+                out,
+                "epoch 0 by source: groups {} (weights {}); {:.1}% of batches single-source",
+                pct(&mix.share),
+                pct(&mix.weight),
+                100.0 * mix.single_source
+            )?;
+        }
     }
     Ok(())
+}
+
+/// Who epoch 0 draws from: each source's share of the groups, the share its weight asks
+/// for, and the fraction of this rank's batches holding one source only.
+struct Mix {
+    share: Vec<f64>,
+    weight: Vec<f64>,
+    single_source: f64,
+}
+
+fn epoch_mix(loader: &Loader) -> Result<Mix> {
+    let ds = loader.dataset();
+    let sources = ds.manifest().sources.len().max(1);
+    let mut count = vec![0u64; sources];
+    let steps = loader.steps(0)?;
+    let mut single = 0u64;
+    for k in 0..steps {
+        let mut of = Vec::new();
+        for sel in loader.selections(0, k)? {
+            let s = ds.group(sel.row as usize)?.source as usize;
+            count[s.min(sources - 1)] += 1;
+            of.push(s);
+        }
+        single += of.windows(2).all(|w| w[0] == w[1]) as u64;
+    }
+    let total = count.iter().sum::<u64>().max(1) as f64;
+    let o = loader.options();
+    let weight = match &o.weights {
+        Some(w) => {
+            let sum: f64 = w.iter().sum();
+            w.iter().map(|x| x / sum).collect()
+        }
+        None => ds
+            .manifest()
+            .sources
+            .iter()
+            .map(|s| s.rows_accepted as f64 / ds.len().max(1) as f64)
+            .collect(),
+    };
+    Ok(Mix {
+        share: count.iter().map(|&c| c as f64 / total).collect(),
+        weight,
+        single_source: single as f64 / steps.max(1) as f64,
+    })
 }
