@@ -118,14 +118,24 @@ class Dataset(_Dataset):
       "uneven": every row exactly once), shuffle, drop_last (the last short batch)
     - pad_to_multiple_of, padding_side ("left"/"right"; default the tokenizer's for encoder,
       left for llm, right for matryoshka), pad_id, int32 (default int64), attention_mask
-    - knowledge_distillation (adds "teacher_scores"), max_example_num_per_dataset,
-      skip_rows_without_negatives
+    - knowledge_distillation (adds "teacher_scores"), max_example_num_per_dataset (rows each
+      larger source gives an epoch: a new seeded subset each epoch), skip_rows_without_negatives
     - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
       prefetch_depth
     - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups sorted
       by the length the collator pads each to, longest batch of the epoch first)
     - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
       cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
+    - max_tokens=T: token-budget batches, as many groups (at most batch_size) as fit T tokens
+      (padded: groups x group_size x padded length; packed: real tokens); every rank takes the
+      same number of steps, which varies by epoch (`len(loader)`, `loader.steps(epoch)`)
+    - weights: mixing weights per source (a list in the manifest's source order, or a dict
+      keyed by a source's path or file name); an epoch keeps its length and source s gives
+      weights[s]/sum of it: fewer rows than it has -> a new seeded subset each epoch, more ->
+      whole copies plus a subset
+    - same_source: every global batch (all ranks at one step) from one source;
+      source_batch_sizes (list or dict, as weights) sets each source's batch size;
+      shard_tail "drop" drops a source's last partial batch, "pad" fills it from its start
 
     Batches are dicts of numpy arrays and nothing else: input_ids, attention_mask,
     token_type_ids (only for tokenizers that have them, encoder mode: XLM-R has none),

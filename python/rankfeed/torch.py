@@ -63,7 +63,7 @@ class RankfeedIterable(IterableDataset):
         self.rank, self.world_size = rank, world_size
         probe = self._loader(*self._rank())
         self._settings = {k: v for k, v in probe.state_dict().items() if k not in ("epoch", "step")}
-        self._len = len(probe)
+        self._steps = {self.epoch: len(probe)}
         self.group_size = self._settings["group_size"]
         self.batch_size = self._settings["batch_size"]
 
@@ -83,9 +83,16 @@ class RankfeedIterable(IterableDataset):
                                          epoch=self.epoch, prefetch_threads=prefetch_threads,
                                          **self.loader_kwargs)
 
+    def _len(self, epoch):
+        """Batches of this rank in `epoch` (epoch-dependent only with max_tokens)."""
+        if epoch not in self._steps:
+            self._steps = {epoch: self._loader(*self._rank()).steps(epoch)}
+        return self._steps[epoch]
+
     def __len__(self):
-        """Batches per epoch of this rank (the same on every rank with shard_tail "pad")."""
-        return self._len
+        """Batches of this rank in the current epoch (the same on every rank with shard_tail
+        "pad", and in every epoch except with max_tokens)."""
+        return self._len(self.epoch)
 
     def set_epoch(self, epoch):
         """Start epoch `epoch` from its first batch at the next iteration."""
@@ -114,9 +121,9 @@ class RankfeedIterable(IterableDataset):
         for name, v in (("epoch", epoch), ("next", nxt)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"RankfeedIterable state: {name} must be a non-negative int, got {v!r}")
-        if nxt > self._len:
-            raise ValueError(f"RankfeedIterable state: next {nxt} is beyond the {self._len} batches "
-                             "of an epoch")
+        if nxt > self._len(epoch):
+            raise ValueError(f"RankfeedIterable state: next {nxt} is beyond the "
+                             f"{self._len(epoch)} batches of epoch {epoch}")
         self.epoch, self._next = epoch, nxt
 
     def _tensors(self, batch):
@@ -127,9 +134,10 @@ class RankfeedIterable(IterableDataset):
         rank, world = self._rank()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        if self._next >= self._len:
+        if self._next >= self._len(self.epoch):
             self.epoch, self._next = self.epoch + 1, 0
         epoch = self.epoch
+        steps = self._len(epoch)
         if workers == 1:
             loader = self._loader(rank, world, self.prefetch_threads)
             loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "step": self._next})
@@ -140,10 +148,10 @@ class RankfeedIterable(IterableDataset):
             # Worker w: batches w, w+W, ... of the rank's sequence, computed directly (O(1)).
             loader = self._loader(rank, world, 0)
             # State: this worker resumes at `next + worker` (see load_state_dict).
-            for k in range(self._next + worker, self._len, workers):
+            for k in range(self._next + worker, steps, workers):
                 self._next = k + workers - worker
                 yield self._tensors(loader.batch(epoch, k))
-            self._next = self._len
+            self._next = steps
         # A full pass: the next iteration is the next epoch (unless set_epoch says otherwise).
-        if self.epoch == epoch and self._next >= self._len:
+        if self.epoch == epoch and self._next >= steps:
             self.epoch, self._next = epoch + 1, 0

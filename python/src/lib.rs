@@ -213,6 +213,51 @@ fn opt_size(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>>
     v.map(|v| size(name, Some(v), 0)).transpose()
 }
 
+/// A per-source setting: a list in the manifest's source order, or a dict keyed by a source's
+/// path as converted or its file name. Every source needs a value; an unknown key is an error.
+fn per_source<T>(
+    name: &str,
+    v: &Bound<'_, PyAny>,
+    sources: &[rankfeed::format::SourceStats],
+    item: impl Fn(&Bound<'_, PyAny>) -> PyResult<T>,
+) -> PyResult<Vec<T>> {
+    let Ok(d) = v.cast::<PyDict>() else {
+        let list: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
+            PyValueError::new_err(format!("{name} must be a list (one per source) or a dict"))
+        })?;
+        return list.iter().map(&item).collect();
+    };
+    let file_name = |p: &str| {
+        std::path::Path::new(p)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+    };
+    let mut out: Vec<Option<T>> = sources.iter().map(|_| None).collect();
+    for (k, val) in d.iter() {
+        let k: String = k.extract()?;
+        let hit = sources.iter().position(|s| s.path == k).or_else(|| {
+            sources
+                .iter()
+                .position(|s| file_name(&s.path).as_deref() == Some(&k))
+        });
+        let Some(i) = hit else {
+            let known: Vec<&str> = sources.iter().map(|s| s.path.as_str()).collect();
+            return Err(PyValueError::new_err(format!(
+                "{name}: {k:?} is not a source of this dataset (sources: {known:?})"
+            )));
+        };
+        out[i] = Some(item(&val)?);
+    }
+    out.into_iter()
+        .zip(sources)
+        .map(|(v, s)| {
+            v.ok_or_else(|| {
+                PyValueError::new_err(format!("{name}: no value for source {:?}", s.path))
+            })
+        })
+        .collect()
+}
+
 fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
     s.parse().map_err(to_py)
 }
@@ -540,7 +585,8 @@ impl PyDataset {
         shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
         int32=false, attention_mask=true, knowledge_distillation=false,
         max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
-        prefetch_depth=None, packed=false, length_grouped=None))]
+        prefetch_depth=None, packed=false, length_grouped=None, max_tokens=None, weights=None,
+        same_source=false, source_batch_sizes=None))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -569,7 +615,27 @@ impl PyDataset {
         prefetch_depth: Option<Bound<'_, PyAny>>,
         packed: bool,
         length_grouped: Option<Bound<'_, PyAny>>,
+        max_tokens: Option<Bound<'_, PyAny>>,
+        weights: Option<Bound<'_, PyAny>>,
+        same_source: bool,
+        source_batch_sizes: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyLoader> {
+        let sources = &self.inner.manifest().sources;
+        let weights = weights
+            .map(|w| {
+                per_source("weights", &w, sources, |v| {
+                    v.extract::<f64>()
+                        .map_err(|_| PyValueError::new_err(format!("weights: {v} is not a number")))
+                })
+            })
+            .transpose()?;
+        let source_batch_sizes = source_batch_sizes
+            .map(|b| {
+                per_source("source_batch_sizes", &b, sources, |v| {
+                    size("source_batch_sizes", Some(v), 0)
+                })
+            })
+            .transpose()?;
         let tail = match shard_tail {
             "pad" => Tail::Pad,
             "drop" => Tail::Drop,
@@ -611,6 +677,10 @@ impl PyDataset {
             )?,
             prefetch_depth: size("prefetch_depth", prefetch_depth.as_ref(), d.prefetch_depth)?,
             length_grouped: opt_size("length_grouped", length_grouped.as_ref())?,
+            max_tokens: opt_size("max_tokens", max_tokens.as_ref())?,
+            weights,
+            same_source,
+            source_batch_sizes,
             collate: CollateOptions {
                 mode: parse::<Mode>(mode)?,
                 query_max_len: size("query_max_len", query_max_len.as_ref(), dc.query_max_len)?,
@@ -633,7 +703,7 @@ impl PyDataset {
         let ds = self.inner.clone();
         let mut loader = detached(py, move || Loader::new(ds, options))?;
         loader.set_epoch(epoch);
-        Ok(PyLoader::new(loader))
+        PyLoader::new(py, loader)
     }
 }
 
@@ -648,14 +718,17 @@ struct PyLoader {
     inner: Mutex<Loader>,
     /// (epoch, step), updated under `inner`; held only for a copy, never across a GIL release.
     mirror: Mutex<LoaderState>,
-    steps_per_epoch: u64,
     rows_per_epoch: u64,
     /// What a checkpoint is valid for (see `state_dict`).
     settings: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl PyLoader {
-    fn new(loader: Loader) -> PyLoader {
+    fn new(py: Python<'_>, mut loader: Loader) -> PyResult<PyLoader> {
+        // Token budgets plan the first epoch here: its step count is a setting a checkpoint
+        // must match, and a data error shows now rather than at the first batch.
+        let l = &mut loader;
+        let first_steps = detached(py, move || l.steps(0))?;
         let o = loader.options();
         let c = &o.collate;
         let settings = vec![
@@ -685,16 +758,19 @@ impl PyLoader {
             ("knowledge_distillation", c.knowledge_distillation.into()),
             ("packed", c.packed.into()),
             ("length_grouped", o.length_grouped.into()),
+            ("max_tokens", o.max_tokens.into()),
+            ("weights", o.weights.clone().into()),
+            ("same_source", o.same_source.into()),
+            ("source_batch_sizes", o.source_batch_sizes.clone().into()),
             ("rows_per_epoch", loader.rows_per_epoch().into()),
-            ("steps_per_epoch", loader.steps_per_epoch().into()),
+            ("steps_per_epoch", first_steps.into()),
         ];
-        PyLoader {
+        Ok(PyLoader {
             mirror: Mutex::new(loader.state()),
-            steps_per_epoch: loader.steps_per_epoch(),
             rows_per_epoch: loader.rows_per_epoch(),
             settings,
             inner: Mutex::new(loader),
-        }
+        })
     }
 
     /// The loader, waited for with the GIL released (so the thread holding it can take the
@@ -732,6 +808,14 @@ impl PyLoader {
 
 #[pymethods]
 impl PyLoader {
+    /// Batches in `epoch` for this rank: the same every epoch, except with max_tokens (the
+    /// epoch's plan is computed once, with the GIL released).
+    fn steps(&self, py: Python<'_>, epoch: u64) -> PyResult<u64> {
+        let mut l = self.lock(py)?;
+        let l: &mut Loader = &mut l;
+        detached(py, move || l.steps(epoch))
+    }
+
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
@@ -774,9 +858,10 @@ impl PyLoader {
         r
     }
 
-    /// Batches per epoch for this rank.
-    fn __len__(&self) -> usize {
-        self.steps_per_epoch as usize
+    /// Batches in the current epoch for this rank (the same every epoch, except with
+    /// max_tokens).
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.steps(py, self.state().epoch)? as usize)
     }
 
     /// Rows trained on per epoch, all ranks together, before padding.
@@ -850,10 +935,10 @@ impl PyLoader {
         }
         let epoch = uint("epoch", Some(&get("epoch")?), 0)?;
         let step = uint("step", Some(&get("step")?), 0)?;
-        if step > self.steps_per_epoch {
+        let steps = self.steps(py, epoch)?;
+        if step > steps {
             return Err(PyValueError::new_err(format!(
-                "step {step} is beyond the {} batches of an epoch",
-                self.steps_per_epoch
+                "step {step} is beyond the {steps} batches of epoch {epoch}"
             )));
         }
         let mut l = self.lock(py)?;
