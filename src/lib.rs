@@ -50,3 +50,8 @@ pub mod writer;
 pub use dataset::{Dataset, Group, GroupIds};
 pub use error::{Error, InputPosition, RejectReason, Result, RowError};
 pub use format::Manifest;
+
+/// The README's Rust blocks, run as doctests (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
