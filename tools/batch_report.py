@@ -90,6 +90,8 @@ def main():
                   f"| {groups / base:.2f}x |")
             if name.startswith("length-grouped") and r["padding_efficiency"] < 0.95 * r["padded_bound"]:
                 failures.append(f"{data} {mode}: length-grouped below 95% of the bound")
+            if fill is not None and fill < 0.95:
+                failures.append(f"{data} {mode} {name}: budget fill {fill:.3f} below 95%")
             if name == "packed" and r["padding_efficiency"] < 0.99:
                 failures.append(f"{data} {mode}: packed below 99% real tokens")
     if failures:
