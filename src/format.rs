@@ -305,6 +305,45 @@ pub struct TextSettings {
     pub default_prompt_llm: String,
     /// The default prompt text used in `matryoshka` mode.
     pub default_prompt_matryoshka: String,
+    /// Which row fields gave per-row instructions (recorded only when not the default).
+    #[serde(default, skip_serializing_if = "Convention::is_reranker")]
+    pub convention: Convention,
+}
+
+/// Which row fields carry per-row instructions, when an instruction is configured. The two
+/// kinds of training read different fields (FlagEmbedding's reranker and embedder datasets),
+/// and conversion bakes the formatted text into the ids, so a dataset records which it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Convention {
+    /// Rerankers: `query_prompt` replaces the query instruction, `passage_prompt` the passage
+    /// instruction.
+    #[default]
+    Reranker,
+    /// Embedders: `prompt` replaces the query instruction; there is no per-row passage
+    /// instruction (`passage_prompt` and `query_prompt` are not read).
+    Embedder,
+}
+
+impl Convention {
+    /// The default.
+    pub fn is_reranker(&self) -> bool {
+        *self == Convention::Reranker
+    }
+}
+
+impl std::str::FromStr for Convention {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Convention> {
+        match s {
+            "reranker" => Ok(Convention::Reranker),
+            "embedder" => Ok(Convention::Embedder),
+            _ => Err(crate::error::Error::argument(
+                "convention",
+                format!("{s:?}: expected reranker or embedder"),
+            )),
+        }
+    }
 }
 
 impl Default for TextSettings {
@@ -318,6 +357,7 @@ impl Default for TextSettings {
             sep_ids: Vec::new(),
             default_prompt_llm: DEFAULT_LLM_PROMPT.into(),
             default_prompt_matryoshka: DEFAULT_MATRYOSHKA_PROMPT.into(),
+            convention: Convention::Reranker,
         }
     }
 }
@@ -345,6 +385,10 @@ pub struct SourceStats {
     pub blank_lines: u64,
     /// Unknown top-level fields and how many rows carried each (ignored).
     pub unknown_fields: BTreeMap<String, u64>,
+    /// The `batch_size` of the first accepted row carrying one: this source's batch size in
+    /// same-source batches (FlagEmbedding reads a file's first row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
 }
 
 /// Size and checksum of one dataset file.

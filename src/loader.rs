@@ -61,8 +61,15 @@ pub struct LoaderOptions {
     /// Same-source batches (see [`crate::sample::same_source`]): every global batch (all
     /// ranks at one step) holds rows of one source.
     pub same_source: bool,
-    /// With `same_source`: groups per rank in a batch of each source (default `batch_size`).
+    /// With `same_source`: groups per rank in a batch of each source (default: the source's
+    /// `batch_size` row field, else `batch_size`).
     pub source_batch_sizes: Option<Vec<usize>>,
+    /// With `same_source`: sources with fewer rows per epoch than this are merged with the
+    /// other small sources of their directory (FlagEmbedding's `small_threshold`; 0: none).
+    pub small_threshold: u64,
+    /// With `same_source`: a merged group of small sources with fewer rows than this is left
+    /// out (FlagEmbedding's `drop_threshold`).
+    pub drop_threshold: u64,
     /// Collation settings.
     pub collate: CollateOptions,
 }
@@ -84,6 +91,8 @@ impl Default for LoaderOptions {
             weights: None,
             same_source: false,
             source_batch_sizes: None,
+            small_threshold: 0,
+            drop_threshold: 0,
             collate: CollateOptions::default(),
         }
     }
@@ -164,11 +173,14 @@ impl LoaderOptions {
         if self.same_source && self.max_tokens.is_some() {
             return conflict("same_source", "max_tokens");
         }
-        if self.source_batch_sizes.is_some() && !self.same_source {
-            return Err(Error::argument(
-                "source_batch_sizes",
-                "only applies with same_source",
-            ));
+        for (name, set) in [
+            ("source_batch_sizes", self.source_batch_sizes.is_some()),
+            ("small_threshold", self.small_threshold > 0),
+            ("drop_threshold", self.drop_threshold > 0),
+        ] {
+            if set && !self.same_source {
+                return Err(Error::argument(name, "only applies with same_source"));
+            }
         }
         if self.max_tokens.is_some() && self.shard.tail == Tail::Uneven {
             return conflict("max_tokens", "the uneven shard tail (use pad or drop)");
@@ -202,7 +214,7 @@ enum Schedule {
     /// Token-budget batches, planned once per epoch.
     Budget(Budget),
     /// Same-source batches.
-    SameSource(SourceBatches),
+    SameSource(SameSource),
 }
 
 /// What batches are computed from; shared with the prefetch threads.
@@ -247,7 +259,7 @@ impl Plan {
         let b = self.options.batch_size as u64;
         Ok(match &self.schedule {
             Schedule::Budget(_) => self.budget_plan(epoch)?.len(),
-            Schedule::SameSource(sb) => sb.len(),
+            Schedule::SameSource(ss) => ss.batches.len(),
             Schedule::Random | Schedule::Grouped(_) => {
                 let n = self.options.shard.samples_per_rank(self.universe.len());
                 if self.options.drop_last {
@@ -378,12 +390,13 @@ impl Plan {
                 .into_iter()
                 .map(|p| order.global_row(p))
                 .collect(),
-            Schedule::SameSource(sb) => {
-                let (s, within) = sb.batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
-                let start = self.universe.source_span(s).start;
+            Schedule::SameSource(ss) => {
+                let (g, within) = ss
+                    .batches
+                    .batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
                 within
                     .into_iter()
-                    .map(|k| order.rows().row(start + k))
+                    .map(|k| order.rows().row(ss.groups[g].index(&self.universe, k)))
                     .collect()
             }
         };
@@ -414,8 +427,137 @@ impl Plan {
                 self.ds.prefetch_group(order.row(i) as usize);
             }
         }
-        self.collator.collate(&self.ds, selections)
+        let mut batch = self.collator.collate(&self.ds, selections)?;
+        if let Schedule::SameSource(ss) = &self.schedule {
+            let o = &self.options;
+            let (g, _) = ss
+                .batches
+                .batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
+            batch.no_in_batch_neg = ss.groups[g].no_in_batch_neg;
+        }
+        Ok(batch)
     }
+}
+
+/// Same-source batching: the batch sources (a source, or small sources merged) and their
+/// batches.
+#[derive(Debug)]
+struct SameSource {
+    batches: SourceBatches,
+    groups: Vec<BatchSource>,
+}
+
+/// The sources one same-source batch draws from: one, or a directory's small sources merged.
+#[derive(Debug)]
+struct BatchSource {
+    members: Vec<usize>,
+    /// Prefix sums of the members' rows per epoch.
+    starts: Vec<u64>,
+    no_in_batch_neg: bool,
+}
+
+impl BatchSource {
+    /// The universe index of row `k` of this group's epoch rows.
+    fn index(&self, universe: &Universe, k: u64) -> u64 {
+        let m = self.starts.partition_point(|&st| st <= k) - 1;
+        universe.source_span(self.members[m]).start + (k - self.starts[m])
+    }
+}
+
+/// FlagEmbedding's `no_in_batch_neg` marker: a file whose name (before its extension) or
+/// whose directory's name ends with it.
+fn marked_no_in_batch_neg(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    let stem = p
+        .file_name()
+        .map(|f| f.to_string_lossy())
+        .map(|f| f.split('.').next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let dir = p
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stem.ends_with("no_in_batch_neg") || dir.ends_with("no_in_batch_neg")
+}
+
+/// The batch sources of same-source batching and each one's batch size (see
+/// [`LoaderOptions::small_threshold`]).
+fn batch_sources(
+    ds: &Dataset,
+    universe: &Universe,
+    o: &LoaderOptions,
+) -> Result<(Vec<BatchSource>, Vec<u64>, Vec<u64>)> {
+    let sources = &ds.manifest().sources;
+    let takes = universe.takes();
+    let sizes: Vec<u64> = match &o.source_batch_sizes {
+        Some(s) => s.iter().map(|&b| b as u64).collect(),
+        None => (0..takes.len())
+            .map(|s| {
+                sources
+                    .get(s)
+                    .and_then(|m| m.batch_size)
+                    .unwrap_or(o.batch_size as u64)
+            })
+            .collect(),
+    };
+    if sizes.len() != takes.len() {
+        return Err(Error::argument(
+            "source_batch_sizes",
+            format!(
+                "{} batch sizes for {} sources (one per input file, in the manifest's order)",
+                sizes.len(),
+                takes.len()
+            ),
+        ));
+    }
+    let path = |s: usize| sources.get(s).map_or("", |m| m.path.as_str());
+    let (mut groups, mut group_takes, mut group_sizes) = (Vec::new(), Vec::new(), Vec::new());
+    // Small sources by directory, in order of first appearance.
+    let mut small: Vec<(String, Vec<usize>)> = Vec::new();
+    for s in 0..takes.len() {
+        if takes[s] < o.small_threshold {
+            let dir = std::path::Path::new(path(s))
+                .parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            match small.iter_mut().find(|(d, _)| *d == dir) {
+                Some((_, m)) => m.push(s),
+                None => small.push((dir, vec![s])),
+            }
+            continue;
+        }
+        groups.push(BatchSource {
+            members: vec![s],
+            starts: vec![0],
+            no_in_batch_neg: marked_no_in_batch_neg(path(s)),
+        });
+        group_takes.push(takes[s]);
+        group_sizes.push(sizes[s]);
+    }
+    for (_, members) in small {
+        let total: u64 = members.iter().map(|&s| takes[s]).sum();
+        if total == 0 || total < o.drop_threshold {
+            continue;
+        }
+        let mut at = 0;
+        let starts = members
+            .iter()
+            .map(|&s| {
+                let st = at;
+                at += takes[s];
+                st
+            })
+            .collect();
+        groups.push(BatchSource {
+            no_in_batch_neg: marked_no_in_batch_neg(path(members[0])),
+            starts,
+            members: members.clone(),
+        });
+        group_takes.push(total);
+        group_sizes.push(members.iter().map(|&s| sizes[s]).min().unwrap_or(1));
+    }
+    Ok((groups, group_takes, group_sizes))
 }
 
 /// Running prefetch threads for one epoch from one step on.
@@ -451,13 +593,16 @@ impl Loader {
         options.check()?;
         let collator = Collator::new(&ds, options.collate.clone())?;
         let universe = universe(&ds, &options)?;
-        if options.collate.knowledge_distillation && !ds.all_rows_have_scores() {
+        if options.collate.knowledge_distillation
+            && !options.collate.seed_scores()
+            && !ds.all_rows_have_scores()
+        {
             return Err(Error::argument(
                 "knowledge_distillation",
                 "needs pos_scores and neg_scores on every row; some rows have none",
             ));
         }
-        let schedule = schedule(&universe, &options)?;
+        let schedule = schedule(&ds, &universe, &options)?;
         Ok(Loader {
             plan: Arc::new(Plan {
                 ds,
@@ -675,18 +820,11 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
 }
 
 /// How epochs are cut into batches, from the options.
-fn schedule(universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
+fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
     if o.same_source {
-        let sizes: Vec<u64> = match &o.source_batch_sizes {
-            Some(s) => s.iter().map(|&b| b as u64).collect(),
-            None => vec![o.batch_size as u64; universe.source_count()],
-        };
-        return Ok(Schedule::SameSource(SourceBatches::new(
-            &universe.takes(),
-            &sizes,
-            o.shard.world_size,
-            o.shard.tail,
-        )?));
+        let (groups, takes, sizes) = batch_sources(ds, universe, o)?;
+        let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, o.shard.tail)?;
+        return Ok(Schedule::SameSource(SameSource { batches, groups }));
     }
     let c = &o.collate;
     Ok(match (o.max_tokens, o.length_grouped) {

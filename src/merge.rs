@@ -148,6 +148,9 @@ fn add_sources(sources: &mut Vec<SourceStats>, ds: &Dataset, same: bool) {
             s.rows_rejected += t.rows_rejected;
             s.rows_empty_neg += t.rows_empty_neg;
             s.blank_lines += t.blank_lines;
+            // Shards come in input order: the first one carrying a batch size holds the
+            // source's first such row.
+            s.batch_size = s.batch_size.or(t.batch_size);
             for (k, v) in &t.rejected_by_reason {
                 *s.rejected_by_reason.entry(k.clone()).or_default() += v;
             }

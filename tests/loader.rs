@@ -193,6 +193,7 @@ fn naive_pair(
             ids.extend(prompt);
             (ids, vec![], overlong)
         }
+        Mode::Embedder => unreachable!("pair modes only"),
     }
 }
 
@@ -1129,4 +1130,193 @@ fn same_source_batches_hold_one_source() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("does not combine"), "{err}");
+}
+
+/// Embedder batches (issue 13) against a naive implementation of the rules in
+/// src/collate/embedder.rs: each query and passage on its own, cut to its max length minus the
+/// template's special tokens, the template around it (plus eos for decoders), queries and
+/// passages padded separately, and each sub-batch to its own longest.
+#[test]
+fn embedder_batches_follow_the_single_sequence_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_spec(40, None);
+    for (k, facts) in [bert_like(), llama_like()].into_iter().enumerate() {
+        let ds = write(
+            &dir.path().join(k.to_string()),
+            facts.clone(),
+            &spec,
+            &[40],
+            0,
+        );
+        let decoder = k == 1;
+        let single = |ids: &[i32], max: usize| -> Vec<i32> {
+            if decoder {
+                let mut v: Vec<i32> = ids[..ids.len().min(max - 1)].to_vec();
+                v.push(2);
+                v
+            } else {
+                let mut v = vec![101];
+                v.extend(&ids[..ids.len().min(max - 2)]);
+                v.push(102);
+                v
+            }
+        };
+        for (qm, pm, sub, multiple) in [
+            (3, 5, None, None),
+            (4, 6, Some(3), Some(4)),
+            (64, 64, Some(5), None),
+        ] {
+            let l = loader(&ds, |o| {
+                o.collate.mode = Mode::Embedder;
+                o.collate.query_max_len = qm;
+                o.collate.passage_max_len = pm;
+                o.collate.sub_batch_size = sub;
+                o.collate.pad_to_multiple_of = multiple;
+            });
+            for step in 0..3 {
+                let b = l.batch(0, step).unwrap();
+                let e = b.embedder.as_ref().unwrap();
+                let mut queries = Vec::new();
+                let mut passages = Vec::new();
+                for sel in &b.selections {
+                    let g = ds.group(sel.row as usize).unwrap();
+                    queries.push(single(g.query, qm));
+                    passages.push(single(ds.passage(g.pos[sel.pos as usize]).unwrap(), pm));
+                    for &j in &sel.neg {
+                        passages.push(single(ds.passage(g.neg[j as usize]).unwrap(), pm));
+                    }
+                }
+                assert_eq!(b.teacher_scores.as_ref().unwrap().len(), passages.len());
+                for (want, got) in [(&queries, &e.queries), (&passages, &e.passages)] {
+                    let chunk = sub.unwrap_or(want.len());
+                    assert_eq!(got.len(), want.len().div_ceil(chunk));
+                    for (seqs, padded) in want.chunks(chunk).zip(got) {
+                        let longest = seqs.iter().map(Vec::len).max().unwrap();
+                        let m = multiple.unwrap_or(1);
+                        let len = longest.div_ceil(m) * m;
+                        assert_eq!((padded.rows, padded.len), (seqs.len(), len));
+                        let (ids, mask) = (
+                            ids_vec(&padded.input_ids),
+                            ids_vec(padded.attention_mask.as_ref().unwrap()),
+                        );
+                        for (r, s) in seqs.iter().enumerate() {
+                            let row = &ids[r * len..(r + 1) * len];
+                            let mrow = &mask[r * len..(r + 1) * len];
+                            let pad = len - s.len();
+                            let (content, pads, mcontent) = if decoder {
+                                (&row[pad..], &row[..pad], &mrow[pad..])
+                            } else {
+                                (&row[..s.len()], &row[s.len()..], &mrow[..s.len()])
+                            };
+                            assert_eq!(content, s.iter().map(|&v| v as i64).collect::<Vec<_>>());
+                            // BERT's pad is 0; the decoder has no pad, so unk (0).
+                            let pad_id = 0;
+                            assert!(pads.iter().all(|&v| v == pad_id));
+                            assert!(mcontent.iter().all(|&v| v == 1));
+                            assert_eq!(mrow.iter().sum::<i64>() as usize, s.len());
+                        }
+                        assert_eq!(padded.token_type_ids.is_some(), !decoder);
+                        if let Some(t) = &padded.token_type_ids {
+                            assert!(ids_vec(t).iter().all(|&v| v == 0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Matryoshka teacher scores follow the seed code: by text (the first index holding the
+/// same passage), 1 without scores, always present; per index as an option.
+#[test]
+fn matryoshka_scores_follow_the_seed_by_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ds");
+    let mut w = DatasetWriter::create(&path, WriterOptions::default()).unwrap();
+    for p in [vec![900], vec![910]] {
+        w.add_prompt(&p).unwrap();
+    }
+    for n in 0..12 {
+        w.add_passage(&[n, n]).unwrap();
+    }
+    // Row 0: positives [1, 1] and negatives [7, 8, 7, 9] (passages repeated with other
+    // scores); row 1: no scores.
+    type Row<'a> = (&'a [i32], &'a [i32], Option<(&'a [f32], &'a [f32])>);
+    let rows: [Row; 2] = [
+        (
+            &[1, 1],
+            &[7, 8, 7, 9],
+            Some((&[0.9, 0.1], &[0.7, 0.8, 0.2, 0.6])),
+        ),
+        (&[2], &[3, 4, 3], None),
+    ];
+    for (pos, neg, scores) in rows {
+        w.add_group(&GroupRecord {
+            query: &[5, 6],
+            pos,
+            neg,
+            pos_scores: scores.map(|s| s.0),
+            neg_scores: scores.map(|s| s.1),
+            prompt: None,
+            source: 0,
+        })
+        .unwrap();
+    }
+    w.finish(ManifestInfo {
+        tokenizer: Some(llama_like()),
+        text: TextSettings {
+            sep_ids: vec![13],
+            ..TextSettings::default()
+        },
+        sources: vec![rankfeed::format::SourceStats {
+            rows_read: 2,
+            rows_accepted: 2,
+            ..Default::default()
+        }],
+    })
+    .unwrap();
+    let ds = Dataset::open(&path).unwrap();
+    let collator = |kd: bool, by_index: bool| {
+        Collator::new(
+            &ds,
+            CollateOptions {
+                mode: Mode::Matryoshka,
+                group_size: 4,
+                knowledge_distillation: kd,
+                matryoshka_scores_by_index: by_index,
+                ..CollateOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let sels = vec![
+        Selection {
+            row: 0,
+            pos: 1,
+            neg: vec![2, 1, 0],
+        },
+        Selection {
+            row: 1,
+            pos: 0,
+            neg: vec![2, 1, 0],
+        },
+    ];
+    // By text: positive index 1 is passage 1, first at index 0 -> 0.9; negative index 2 is
+    // passage 7, first at index 0 -> 0.7. Row 1 has no scores -> 1.
+    let seed = collator(false, false).collate(&ds, sels.clone()).unwrap();
+    assert_eq!(
+        seed.teacher_scores.unwrap(),
+        vec![0.9, 0.7, 0.8, 0.7, 1.0, 1.0, 1.0, 1.0]
+    );
+    let by_index = collator(true, true)
+        .collate(&ds, sels[..1].to_vec())
+        .unwrap();
+    assert_eq!(by_index.teacher_scores.unwrap(), vec![0.1, 0.2, 0.8, 0.7]);
+    let none = collator(false, true)
+        .collate(&ds, sels[..1].to_vec())
+        .unwrap();
+    assert!(
+        none.teacher_scores.is_none(),
+        "by index: only with distillation"
+    );
 }

@@ -71,7 +71,8 @@ class _Progress:
 def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction_format=None,
             passage_instruction=None, passage_instruction_format=None, sep_token=None,
             default_prompt=None, on_error="fail", overwrite=False, threads=None,
-            rows_per_batch=None, progress=None, shard=None, max_line_bytes=None):
+            rows_per_batch=None, progress=None, shard=None, max_line_bytes=None,
+            convention="reranker"):
     """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
     dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
 
@@ -86,7 +87,11 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
     join the shards with `merge`, which gives exactly the single conversion's dataset. The
     summary's `warnings` names files a shard had to convert whole (compressed, JSON arrays).
     `max_line_bytes` (default 64 MiB): a longer line is a `line_too_long` row under `on_error`.
-    The summary's `cleaned` lists staging directories of interrupted runs that were removed."""
+    The summary's `cleaned` lists staging directories of interrupted runs that were removed.
+    `convention` names the row fields that give per-row instructions when an instruction is
+    set: "reranker" (`query_prompt`, `passage_prompt`) or "embedder" (`prompt` as the query
+    instruction, as FlagEmbedding's embedder datasets); the dataset then serves that kind of
+    training. Without instructions one dataset serves both."""
     inputs = _paths(inputs)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -100,7 +105,7 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
                         default_prompt=default_prompt, on_error=on_error, overwrite=overwrite,
                         threads=threads, rows_per_batch=rows_per_batch, progress=callback,
                         shard=tuple(shard) if shard is not None else None,
-                        max_line_bytes=max_line_bytes)
+                        max_line_bytes=max_line_bytes, convention=convention)
     finally:
         if isinstance(callback, _Progress) and callback.last:
             sys.stderr.write("\n")

@@ -63,4 +63,6 @@ class Dataset:
                prefetch_threads: int = ..., prefetch_depth: int = ..., packed: bool = ...,
                length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
                weights: Optional[Union[list[float], dict[str, float]]] = ..., same_source: bool = ...,
-               source_batch_sizes: Optional[Union[list[int], dict[str, int]]] = ...) -> Loader: ...
+               source_batch_sizes: Optional[Union[list[int], dict[str, int]]] = ...,
+               small_threshold: int = ..., drop_threshold: int = ..., sub_batch_size: Optional[int] = ...,
+               add_eos: Optional[bool] = ..., matryoshka_scores_by_index: bool = ...) -> Loader: ...

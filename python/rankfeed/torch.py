@@ -127,8 +127,10 @@ class RankfeedIterable(IterableDataset):
         self.epoch, self._next = epoch, nxt
 
     def _tensors(self, batch):
-        return {k: torch.from_numpy(v) for k, v in batch.items()
-                if self.with_meta or k not in _META}
+        # Embedder batches with sub_batch_size hold lists of arrays (one per chunk).
+        def tensor(v):
+            return [torch.from_numpy(x) for x in v] if isinstance(v, list) else torch.from_numpy(v)
+        return {k: tensor(v) for k, v in batch.items() if self.with_meta or k not in _META}
 
     def __iter__(self):
         rank, world = self._rank()

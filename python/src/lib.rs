@@ -122,6 +122,22 @@ fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bo
     let d = PyDict::new(py);
     let (rows, len) = (b.rows, b.len);
     let max_seqlen = b.max_seqlen();
+    let mut b = b;
+    if let Some(e) = b.embedder.take() {
+        embedder_to_py(py, &d, e)?;
+        d.set_item(
+            "no_in_batch_neg",
+            numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(b.no_in_batch_neg)),
+        )?;
+        if let Some(s) = b.teacher_scores.take() {
+            d.set_item(
+                "teacher_scores",
+                PyArray1::from_owned_array(py, Array1::from_vec(s)),
+            )?;
+        }
+        meta_to_py(py, &d, &b.selections, b.overlong, group_size)?;
+        return Ok(d);
+    }
     let grid = |ids: Ids| -> PyResult<Bound<'py, PyAny>> {
         if b.cu_seqlens.is_some() {
             Ok(ids_1d(py, ids))
@@ -156,15 +172,65 @@ fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bo
     if let Some(q) = b.query_lengths {
         d.set_item("query_lengths", ids_1d(py, q))?;
     }
-    if let Some(p) = b.prompt_lengths {
+    if let Some(p) = b.prompt_lengths.take() {
         d.set_item("prompt_lengths", ids_1d(py, p))?;
     }
-    let n = b.selections.len();
+    meta_to_py(py, &d, &b.selections, b.overlong, group_size)?;
+    Ok(d)
+}
+
+/// The embedder arrays: `query_*` and `passage_*` keys, each one array, or a list of arrays
+/// (one per chunk) with `sub_batch_size`.
+fn embedder_to_py<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyDict>,
+    e: rankfeed::collate::EmbedderArrays,
+) -> PyResult<()> {
+    for (side, chunks) in [("query", e.queries), ("passage", e.passages)] {
+        let mut keys: Vec<(&str, Vec<Bound<'py, PyAny>>)> = vec![
+            ("input_ids", Vec::new()),
+            ("attention_mask", Vec::new()),
+            ("token_type_ids", Vec::new()),
+        ];
+        for c in chunks {
+            let (rows, len) = (c.rows, c.len);
+            for (k, ids) in [Some(c.input_ids), c.attention_mask, c.token_type_ids]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(ids) = ids {
+                    keys[k].1.push(ids_2d(py, ids, rows, len)?);
+                }
+            }
+        }
+        for (name, arrays) in keys {
+            if arrays.is_empty() {
+                continue;
+            }
+            let key = format!("{side}_{name}");
+            if e.sub_batched {
+                d.set_item(key, PyList::new(py, arrays)?)?;
+            } else {
+                d.set_item(key, arrays.into_iter().next())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The groups a batch holds (`rows`, `pos`, `neg`) and `overlong`.
+fn meta_to_py<'py>(
+    py: Python<'py>,
+    d: &Bound<'py, PyDict>,
+    selections: &[Selection],
+    overlong: u32,
+    group_size: usize,
+) -> PyResult<()> {
+    let n = selections.len();
     let negs = group_size.saturating_sub(1);
-    let row_ids: Vec<i64> = b.selections.iter().map(|s| s.row as i64).collect();
-    let pos: Vec<i32> = b.selections.iter().map(|s| s.pos as i32).collect();
-    let neg: Vec<i32> = b
-        .selections
+    let row_ids: Vec<i64> = selections.iter().map(|s| s.row as i64).collect();
+    let pos: Vec<i32> = selections.iter().map(|s| s.pos as i32).collect();
+    let neg: Vec<i32> = selections
         .iter()
         .flat_map(|s| s.neg.iter().map(|&j| j as i32))
         .collect();
@@ -179,9 +245,9 @@ fn batch_to_py<'py>(py: Python<'py>, b: Batch, group_size: usize) -> PyResult<Bo
     // A 0-d array, so that every value of a batch is a numpy array.
     d.set_item(
         "overlong",
-        numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(b.overlong as i64)),
+        numpy::PyArray::from_owned_array(py, numpy::ndarray::arr0(overlong as i64)),
     )?;
-    Ok(d)
+    Ok(())
 }
 
 /// A non-negative integer argument, or `default` when it is None: a negative value, a value
@@ -267,7 +333,7 @@ fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
 #[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format=None,
     passage_instruction=None, passage_instruction_format=None, sep_token=None,
     default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None,
-    shard=None, max_line_bytes=None))]
+    shard=None, max_line_bytes=None, convention="reranker"))]
 #[allow(clippy::too_many_arguments)]
 fn convert<'py>(
     py: Python<'py>,
@@ -287,6 +353,7 @@ fn convert<'py>(
     progress: Option<Py<PyAny>>,
     shard: Option<(usize, usize)>,
     max_line_bytes: Option<usize>,
+    convention: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let on_error = match on_error {
         "fail" => OnError::Fail,
@@ -313,6 +380,7 @@ fn convert<'py>(
                 .unwrap_or(d.passage_instruction_format),
             sep_token: sep_token.unwrap_or(d.sep_token),
             default_prompt,
+            convention: parse(convention)?,
         },
         on_error,
         writer: WriterOptions {
@@ -585,8 +653,9 @@ impl PyDataset {
         shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
         int32=false, attention_mask=true, knowledge_distillation=false,
         max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
+        sub_batch_size=None, add_eos=None, matryoshka_scores_by_index=false,
         prefetch_depth=None, packed=false, length_grouped=None, max_tokens=None, weights=None,
-        same_source=false, source_batch_sizes=None))]
+        same_source=false, source_batch_sizes=None, small_threshold=None, drop_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -612,6 +681,9 @@ impl PyDataset {
         max_example_num_per_dataset: Option<Bound<'_, PyAny>>,
         skip_rows_without_negatives: bool,
         prefetch_threads: Option<Bound<'_, PyAny>>,
+        sub_batch_size: Option<Bound<'_, PyAny>>,
+        add_eos: Option<bool>,
+        matryoshka_scores_by_index: bool,
         prefetch_depth: Option<Bound<'_, PyAny>>,
         packed: bool,
         length_grouped: Option<Bound<'_, PyAny>>,
@@ -619,6 +691,8 @@ impl PyDataset {
         weights: Option<Bound<'_, PyAny>>,
         same_source: bool,
         source_batch_sizes: Option<Bound<'_, PyAny>>,
+        small_threshold: Option<Bound<'_, PyAny>>,
+        drop_threshold: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyLoader> {
         let sources = &self.inner.manifest().sources;
         let weights = weights
@@ -681,6 +755,8 @@ impl PyDataset {
             weights,
             same_source,
             source_batch_sizes,
+            small_threshold: uint("small_threshold", small_threshold.as_ref(), 0)?,
+            drop_threshold: uint("drop_threshold", drop_threshold.as_ref(), 0)?,
             collate: CollateOptions {
                 mode: parse::<Mode>(mode)?,
                 query_max_len: size("query_max_len", query_max_len.as_ref(), dc.query_max_len)?,
@@ -697,6 +773,9 @@ impl PyDataset {
                 attention_mask,
                 knowledge_distillation,
                 packed,
+                sub_batch_size: opt_size("sub_batch_size", sub_batch_size.as_ref())?,
+                add_eos,
+                matryoshka_scores_by_index,
             },
         };
         let epoch = uint("epoch", epoch.as_ref(), 0)?;
@@ -756,12 +835,20 @@ impl PyLoader {
                 o.skip_rows_without_negatives.into(),
             ),
             ("knowledge_distillation", c.knowledge_distillation.into()),
+            ("sub_batch_size", c.sub_batch_size.into()),
+            ("add_eos", c.add_eos.into()),
+            (
+                "matryoshka_scores_by_index",
+                c.matryoshka_scores_by_index.into(),
+            ),
             ("packed", c.packed.into()),
             ("length_grouped", o.length_grouped.into()),
             ("max_tokens", o.max_tokens.into()),
             ("weights", o.weights.clone().into()),
             ("same_source", o.same_source.into()),
             ("source_batch_sizes", o.source_batch_sizes.clone().into()),
+            ("small_threshold", o.small_threshold.into()),
+            ("drop_threshold", o.drop_threshold.into()),
             ("rows_per_epoch", loader.rows_per_epoch().into()),
             ("steps_per_epoch", first_steps.into()),
         ];

@@ -16,12 +16,14 @@
 //! Rows of a batch are `b * G + g`: g = 0 the positive, then the negatives in drawn order. The
 //! batch is padded to its longest row, rounded up to `pad_to_multiple_of`.
 
+pub mod embedder;
 pub mod packed;
 use crate::dataset::{Dataset, Group, GroupIds};
 use crate::error::{Error, Result};
 use crate::format::{self, TemplatePiece};
 use crate::sample::Selection;
 use crate::storage;
+pub use embedder::{EmbedderArrays, Padded};
 
 /// Which pair layout to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub enum Mode {
     Llm,
     /// The Matryoshka reranker: the LLM layout with length bookkeeping.
     Matryoshka,
+    /// Bi-encoder embedders (see [`embedder`]): queries and passages each on their own, with
+    /// the tokenizer's single-sequence template, padded separately.
+    Embedder,
 }
 
 impl std::str::FromStr for Mode {
@@ -41,9 +46,10 @@ impl std::str::FromStr for Mode {
             "encoder" => Ok(Mode::Encoder),
             "llm" => Ok(Mode::Llm),
             "matryoshka" => Ok(Mode::Matryoshka),
+            "embedder" => Ok(Mode::Embedder),
             _ => Err(Error::argument(
                 "mode",
-                format!("{s:?}: expected encoder, llm or matryoshka"),
+                format!("{s:?}: expected encoder, llm, matryoshka or embedder"),
             )),
         }
     }
@@ -108,6 +114,17 @@ pub struct CollateOptions {
     pub knowledge_distillation: bool,
     /// Padding-free packed batches (see [`packed`]): every pair concatenated, no pad token.
     pub packed: bool,
+    /// Embedder mode: cut queries and passages into chunks of this many rows, each padded to
+    /// its own longest (FlagEmbedding's `sub_batch_size`); `None` or 0: one chunk each.
+    pub sub_batch_size: Option<usize>,
+    /// Embedder mode: append the eos token to every sequence (FlagEmbedding's decoder
+    /// embedders load their tokenizer with `add_eos_token=True`). Default: on for tokenizers
+    /// whose single-sequence template does not already end with eos (decoders).
+    pub add_eos: Option<bool>,
+    /// Matryoshka mode: teacher scores by index (as the other modes) instead of the seed
+    /// code's rule (the score of the first passage with the same text; 1 without scores;
+    /// always present).
+    pub matryoshka_scores_by_index: bool,
 }
 
 impl CollateOptions {
@@ -121,7 +138,32 @@ impl CollateOptions {
         if let Some(m) = self.pad_to_multiple_of {
             range("pad_to_multiple_of", m, 1, limits::PAD_TO_MULTIPLE_OF)?;
         }
+        if let Some(k) = self.sub_batch_size {
+            range(
+                "sub_batch_size",
+                k,
+                0,
+                limits::BATCH_SIZE * limits::GROUP_SIZE,
+            )?;
+        }
+        if self.packed && self.mode == Mode::Embedder {
+            return Err(Error::argument(
+                "packed",
+                "packed batches are for the pair modes, not embedder",
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether batches carry teacher scores: with knowledge distillation, and always in
+    /// Matryoshka mode with the seed's scores.
+    pub fn teacher_scores(&self) -> bool {
+        self.knowledge_distillation || self.seed_scores()
+    }
+
+    /// Matryoshka mode with the seed code's score rule.
+    pub fn seed_scores(&self) -> bool {
+        self.mode == Mode::Matryoshka && !self.matryoshka_scores_by_index
     }
 }
 
@@ -139,6 +181,9 @@ impl Default for CollateOptions {
             attention_mask: true,
             knowledge_distillation: false,
             packed: false,
+            sub_batch_size: None,
+            add_eos: None,
+            matryoshka_scores_by_index: false,
         }
     }
 }
@@ -212,6 +257,11 @@ pub struct Batch {
     pub position_ids: Option<Ids>,
     /// Packed batches only: `[rows + 1]` start of each pair in the `[T]` arrays, then `T`.
     pub cu_seqlens: Option<Vec<i32>>,
+    /// Embedder batches only: the query and passage arrays (`input_ids` is then empty).
+    pub embedder: Option<EmbedderArrays>,
+    /// Same-source batches of a source marked `no_in_batch_neg` (embedder training: no
+    /// in-batch negatives for this batch).
+    pub no_in_batch_neg: bool,
 }
 
 impl Batch {
@@ -223,6 +273,17 @@ impl Batch {
             + self.teacher_scores.as_ref().map_or(0, |s| s.len() * 4)
             + self.query_lengths.as_ref().map_or(0, Ids::nbytes)
             + self.prompt_lengths.as_ref().map_or(0, Ids::nbytes)
+            + self.embedder.as_ref().map_or(0, EmbedderArrays::nbytes)
+    }
+
+    /// Tokens in the tensors the model receives: every cell of the padded arrays, every token
+    /// of a packed batch.
+    pub fn cells(&self) -> usize {
+        match (&self.embedder, &self.cu_seqlens) {
+            (Some(e), _) => e.cells(),
+            (None, Some(_)) => self.len,
+            (None, None) => self.rows * self.len,
+        }
     }
 }
 
@@ -342,6 +403,13 @@ impl Collator {
         let facts = ds.manifest().tokenizer.as_ref();
         options.check()?;
         let tokenizer_pad = facts.and_then(|f| f.pad_id.or(f.unk_id).or(f.eos_id));
+        let eos = facts.and_then(|f| f.eos_id);
+        // A decoder tokenizer: it has an eos its single-sequence template does not end with.
+        let decoder = eos.is_some() && !facts.is_some_and(embedder::ends_with_eos);
+        let add_eos = options.mode == Mode::Embedder && options.add_eos.unwrap_or(decoder);
+        if add_eos && eos.is_none() {
+            return Err(Error::argument("add_eos", "the tokenizer has no eos token"));
+        }
         let pad = options.pad_id.or(tokenizer_pad).ok_or_else(|| {
             Error::argument(
                 "pad_id",
@@ -355,11 +423,17 @@ impl Collator {
             },
             Mode::Llm => Side::Left,
             Mode::Matryoshka => Side::Right,
+            Mode::Embedder if add_eos => Side::Left,
+            Mode::Embedder => match facts.map(|f| f.padding_side.as_str()) {
+                Some("left") => Side::Left,
+                _ => Side::Right,
+            },
         });
         let bos = facts
             .and_then(|f| f.bos_id)
             .filter(|&b| Some(b) != tokenizer_pad);
         let text = &ds.manifest().text;
+        check_convention(text, options.mode)?;
         let layout: Vec<Piece> = match options.mode {
             Mode::Encoder => {
                 let template = facts.map_or(&[][..], |f| f.pair_template.as_slice());
@@ -382,6 +456,7 @@ impl Collator {
                         .collect()
                 }
             }
+            Mode::Embedder => embedder::layout(facts, add_eos.then_some(eos).flatten()),
             Mode::Llm | Mode::Matryoshka => {
                 let mut l: Vec<Piece> = bos.map(|b| Piece::Fixed(vec![b], 0)).into_iter().collect();
                 l.extend([
@@ -402,7 +477,9 @@ impl Collator {
             })
             .sum();
         Ok(Collator {
-            token_type_ids: options.mode == Mode::Encoder
+            // Decoders take no token_type_ids (their pair template may still type B as 1).
+            token_type_ids: (options.mode == Mode::Encoder
+                || options.mode == Mode::Embedder && !decoder)
                 && facts.is_some_and(|f| f.has_token_type_ids),
             sep: text.sep_ids.clone(),
             default_prompt: match options.mode {
@@ -456,6 +533,8 @@ impl Collator {
             overlong: false,
         };
         match self.options.mode {
+            // A passage on its own (what length grouping measures in embedder mode).
+            Mode::Embedder => return self.single(passage, pm),
             Mode::Encoder => {
                 let total = q.len() + p.len() + self.fixed_len;
                 if total > qm + pm {
@@ -496,7 +575,7 @@ impl Collator {
 
     /// The prompt tokens of a row (its own or the mode's default); empty in encoder mode.
     pub fn prompt_of<'d>(&self, ds: &'d Dataset, prompt: Option<u32>) -> Result<&'d [i32]> {
-        if self.options.mode == Mode::Encoder {
+        if matches!(self.options.mode, Mode::Encoder | Mode::Embedder) {
             return Ok(&[]);
         }
         ds.prompt_tokens(prompt.unwrap_or(self.default_prompt))
@@ -547,7 +626,12 @@ impl Collator {
     /// Teacher scores of one selection: `[pos_scores[p]] + [neg_scores[j] for j in negs]`.
     pub fn scores(&self, ds: &Dataset, sel: &Selection) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(1 + sel.neg.len());
-        push_scores(&ds.group(sel.row as usize)?, sel, &mut out)?;
+        push_scores(
+            &ds.group(sel.row as usize)?,
+            sel,
+            self.options.seed_scores(),
+            &mut out,
+        )?;
         Ok(out)
     }
 
@@ -560,7 +644,7 @@ impl Collator {
     fn query_cap(&self) -> usize {
         let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
         match self.options.mode {
-            Mode::Matryoshka => qm,
+            Mode::Matryoshka | Mode::Embedder => qm,
             _ => qm + pm / 4,
         }
     }
@@ -587,7 +671,7 @@ impl Collator {
             let group = match out_scores.as_mut() {
                 Some(out) => {
                     let g = ds.group(row)?;
-                    push_scores(&g, sel, out)?;
+                    push_scores(&g, sel, self.options.seed_scores(), out)?;
                     GroupIds {
                         query: g.query,
                         pos: g.pos,
@@ -644,7 +728,10 @@ impl Collator {
                 ),
             ));
         }
-        let resolved = self.resolve(ds, &selections, self.options.knowledge_distillation)?;
+        let resolved = self.resolve(ds, &selections, self.options.teacher_scores())?;
+        if self.options.mode == Mode::Embedder {
+            return Ok(self.collate_embedder(resolved, selections));
+        }
         let pairs = self.build_pairs(&resolved, &selections);
         let longest = pairs.iter().map(Pair::len).max().unwrap_or(0);
         let len = match self.options.pad_to_multiple_of {
@@ -686,6 +773,8 @@ impl Collator {
             selections,
             position_ids: None,
             cu_seqlens: None,
+            embedder: None,
+            no_in_batch_neg: false,
         })
     }
 
@@ -770,6 +859,38 @@ impl Collator {
     }
 }
 
+/// Instructions are baked into the ids at conversion, from the row fields of one kind of
+/// training ([`format::Convention`]): with an instruction configured, a dataset serves only
+/// that kind.
+fn check_convention(text: &format::TextSettings, mode: Mode) -> Result<()> {
+    let wants = match mode {
+        Mode::Embedder => format::Convention::Embedder,
+        _ => format::Convention::Reranker,
+    };
+    let instructed = text.query_instruction.is_some() || text.passage_instruction.is_some();
+    if instructed && text.convention != wants {
+        let name = |c: format::Convention| match c {
+            format::Convention::Reranker => "reranker",
+            format::Convention::Embedder => "embedder",
+        };
+        return Err(Error::argument(
+            "mode",
+            format!(
+                "this dataset was converted with an instruction and the {} row fields for \
+                 per-row instructions; {mode:?} mode reads the {} fields (rerankers: \
+                 query_prompt/passage_prompt; embedders: prompt). Convert again with \
+                 --convention {} (Python: convention=\"{}\"); without instructions one \
+                 dataset serves both",
+                name(text.convention),
+                name(wants),
+                name(wants),
+                name(wants)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `v.extend_from_slice(run)`, skipping the call for the empty runs (most padding runs).
 #[inline(always)]
 fn append<T: Copy>(v: &mut Vec<T>, run: &[T]) {
@@ -798,26 +919,40 @@ fn push_ids(group: &GroupIds<'_>, sel: &Selection, ids: &mut Vec<i32>) -> Result
     Ok(())
 }
 
-/// Append the teacher scores of `sel` from its `group`.
-fn push_scores(group: &Group<'_>, sel: &Selection, out: &mut Vec<f32>) -> Result<()> {
+/// Append the teacher scores of `sel` from its `group`: by index, or with `seed` as the
+/// Matryoshka seed code looks them up: by text (passages are deduplicated by text, so the
+/// score of the first index in the list holding the same passage id), and 1 when the row has
+/// no scores.
+fn push_scores(group: &Group<'_>, sel: &Selection, seed: bool, out: &mut Vec<f32>) -> Result<()> {
     let missing = |what: &str| {
         Error::argument(
             "knowledge_distillation",
             format!("row {}: needs {what}, the row has none", sel.row),
         )
     };
-    let ps = group.pos_scores.ok_or_else(|| missing("pos_scores"))?;
-    pick(group.pos, sel.pos, sel.row, "positive")?;
-    out.push(ps[sel.pos as usize]);
-    if !sel.neg.is_empty() {
-        let ns = group.neg_scores.ok_or_else(|| missing("neg_scores"))?;
-        for &j in &sel.neg {
-            pick(group.neg, j, sel.row, "negative")?;
-            out.push(ns[j as usize]);
+    let score = |list: &[i32], scores: Option<&[f32]>, i: u32, what: &str| -> Result<f32> {
+        let id = pick(list, i, sel.row, what)?;
+        match (scores, seed) {
+            (None, true) => Ok(1.0),
+            (None, false) => Err(missing(if what == "positive" {
+                "pos_scores"
+            } else {
+                "neg_scores"
+            })),
+            (Some(s), false) => Ok(s[i as usize]),
+            (Some(s), true) => {
+                let first = list.iter().position(|&x| x == id).unwrap_or(i as usize);
+                Ok(s[first])
+            }
         }
+    };
+    out.push(score(group.pos, group.pos_scores, sel.pos, "positive")?);
+    for &j in &sel.neg {
+        out.push(score(group.neg, group.neg_scores, j, "negative")?);
     }
     Ok(())
 }
+
 /// `list[i]`, or an error naming the row.
 fn pick(list: &[i32], i: u32, row: u64, what: &str) -> Result<i32> {
     list.get(i as usize).copied().ok_or_else(|| {

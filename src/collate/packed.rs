@@ -49,6 +49,8 @@ impl Collator {
             overlong: pairs.iter().filter(|p| p.overlong).count() as u32,
             position_ids: Some(position_ids),
             cu_seqlens: Some(cu_seqlens),
+            embedder: None,
+            no_in_batch_neg: false,
         }
     }
 

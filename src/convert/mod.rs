@@ -62,6 +62,8 @@ pub struct TextOptions {
     pub sep_token: String,
     /// Overrides the default prompt of both LLM modes.
     pub default_prompt: Option<String>,
+    /// Which row fields give per-row instructions (see [`format::Convention`]).
+    pub convention: format::Convention,
 }
 
 impl Default for TextOptions {
@@ -73,6 +75,7 @@ impl Default for TextOptions {
             passage_instruction_format: format::DEFAULT_INSTRUCTION_FORMAT.into(),
             sep_token: format::DEFAULT_SEP_TOKEN.into(),
             default_prompt: None,
+            convention: format::Convention::Reranker,
         }
     }
 }
@@ -169,6 +172,7 @@ struct ReadStats {
     rejected: BTreeMap<RejectReason, u64>,
     blank_lines: u64,
     unknown_fields: BTreeMap<String, u64>,
+    batch_size: Option<u64>,
 }
 
 /// A row waiting for its query tokens: passage ids already resolved.
@@ -304,6 +308,7 @@ fn text_settings(t: &TextOptions, tokenizer: &TextTokenizer) -> Result<TextSetti
         passage_instruction_format: unescape_format(&t.passage_instruction_format),
         sep_token: t.sep_token.clone(),
         sep_ids: tokenizer.encode(&t.sep_token)?,
+        convention: t.convention,
         ..TextSettings::default()
     };
     if let Some(p) = &t.default_prompt {
@@ -393,6 +398,7 @@ fn source_stats(
             rows_empty_neg: sink.empty_neg[i],
             blank_lines: rs.blank_lines,
             unknown_fields: rs.unknown_fields,
+            batch_size: rs.batch_size,
         });
     }
     Ok(stats)
@@ -410,6 +416,7 @@ fn panicked(stage: &str, payload: Box<dyn std::any::Any + Send>) -> Error {
 
 /// The prepare stage: parse, check, format, deduplicate.
 struct Preparer {
+    convention: format::Convention,
     query_fmt: Formatter,
     passage_fmt: Formatter,
     dedup: DedupMap,
@@ -423,6 +430,7 @@ struct Preparer {
 impl Preparer {
     fn new(text: &TextSettings, options: &ConvertOptions) -> Result<Preparer> {
         Ok(Preparer {
+            convention: text.convention,
             query_fmt: Formatter::new(
                 text.query_instruction.clone(),
                 &text.query_instruction_format,
@@ -503,7 +511,10 @@ impl Preparer {
     ) -> bool {
         st.rows_read += 1;
         match row {
-            Ok(row) => self.add_row(job, source, row),
+            Ok(row) => {
+                st.batch_size = st.batch_size.or(row.batch_size);
+                self.add_row(job, source, row)
+            }
             Err(e) => {
                 *st.rejected.entry(e.reason).or_default() += 1;
                 match self.policy {
@@ -524,14 +535,17 @@ impl Preparer {
     }
 
     fn add_row(&mut self, job: &mut Job, source: u32, row: InputRow<'_>) {
-        job.texts.push(
-            self.query_fmt
-                .apply(&row.query, row.query_prompt.as_deref())
-                .into_owned(),
-        );
+        let (query_prompt, passage_prompt) = match self.convention {
+            format::Convention::Reranker => {
+                (row.query_prompt.as_deref(), row.passage_prompt.as_deref())
+            }
+            format::Convention::Embedder => (row.prompt.as_deref(), None),
+        };
+        job.texts
+            .push(self.query_fmt.apply(&row.query, query_prompt).into_owned());
         let start = job.refs.len();
         for p in row.pos.iter().chain(&row.neg) {
-            let text = self.passage_fmt.apply(p, row.passage_prompt.as_deref());
+            let text = self.passage_fmt.apply(p, passage_prompt);
             let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
             let next = &mut self.next_passage;
             let id = *self.dedup.entry(key).or_insert_with(|| {

@@ -152,7 +152,8 @@ fn build_row(
         message,
     };
     let get = |k: usize| cols[k].as_deref();
-    // KNOWN_FIELDS order: query, pos, neg, pos_scores, neg_scores, prompt, query_prompt, passage_prompt.
+    // KNOWN_FIELDS order: query, pos, neg, pos_scores, neg_scores, prompt, query_prompt,
+    // passage_prompt, batch_size.
     let query = match get(0).map(|a| string_at(a, i)) {
         None | Some(Ok(None)) => {
             return Err(err("query", RejectReason::MissingField, "missing".into()))
@@ -214,6 +215,11 @@ fn build_row(
     let passage_prompt = texts.pop().expect("three");
     let query_prompt = texts.pop().expect("three");
     let prompt = texts.pop().expect("three");
+    let batch_size = match get(8).map(|a| batch_size_at(a, i)) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(b))) => Some(b),
+        Some(Err(m)) => return Err(err("batch_size", RejectReason::WrongType, m)),
+    };
     Ok(InputRow {
         query: Cow::Owned(query),
         pos: pos.into_iter().map(Cow::Owned).collect(),
@@ -223,5 +229,29 @@ fn build_row(
         prompt,
         query_prompt,
         passage_prompt,
+        batch_size,
     })
+}
+
+/// A `batch_size` cell: a positive integer of any integer type, or null.
+fn batch_size_at(a: &dyn Array, i: usize) -> std::result::Result<Option<u64>, String> {
+    use arrow_array::types::{Int32Type, Int64Type, UInt32Type, UInt64Type};
+    if a.is_null(i) {
+        return Ok(None);
+    }
+    let v: Option<i128> = match a.data_type() {
+        DataType::Int64 => Some(a.as_primitive::<Int64Type>().value(i) as i128),
+        DataType::Int32 => Some(a.as_primitive::<Int32Type>().value(i) as i128),
+        DataType::UInt64 => Some(a.as_primitive::<UInt64Type>().value(i) as i128),
+        DataType::UInt32 => Some(a.as_primitive::<UInt32Type>().value(i) as i128),
+        _ => None,
+    };
+    match v {
+        Some(b) if b >= 1 && b <= u64::MAX as i128 => Ok(Some(b as u64)),
+        Some(b) => Err(format!("expected a positive integer, found {b}")),
+        None => Err(format!(
+            "expected an integer column, found {}",
+            a.data_type()
+        )),
+    }
 }

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::{InputPosition, RejectReason, RowError};
 
 /// The fields rankfeed reads; everything else is counted as unknown and ignored.
-pub const KNOWN_FIELDS: [&str; 8] = [
+pub const KNOWN_FIELDS: [&str; 9] = [
     "query",
     "pos",
     "neg",
@@ -20,6 +20,7 @@ pub const KNOWN_FIELDS: [&str; 8] = [
     "prompt",
     "query_prompt",
     "passage_prompt",
+    "batch_size",
 ];
 
 /// A checked input row; texts borrow from the input line where JSON escapes allow.
@@ -41,6 +42,9 @@ pub struct InputRow<'a> {
     pub query_prompt: Option<Cow<'a, str>>,
     /// Replaces the passage instruction for this row.
     pub passage_prompt: Option<Cow<'a, str>>,
+    /// The batch size of this row's file in same-source batches (FlagEmbedding reads the
+    /// first row's): a positive integer.
+    pub batch_size: Option<u64>,
 }
 
 /// Sentinel standing for a bare NaN/Infinity literal (which Python's json module writes), or a
@@ -173,10 +177,25 @@ fn parse_row_slow<'a>(
             format!("expected a string or null, found {}", kind(&v)),
         )),
     };
+    let prompt = opt_string("prompt")?;
+    let query_prompt = opt_string("query_prompt")?;
+    let passage_prompt = opt_string("passage_prompt")?;
+    let batch_size = match obj.remove("batch_size") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|b| b >= 1) => n.as_u64(),
+        Some(v) => {
+            return Err(err(
+                Some("batch_size"),
+                RejectReason::WrongType,
+                format!("expected a positive integer or null, found {}", kind(&v)),
+            ))
+        }
+    };
     Ok(InputRow {
-        prompt: opt_string("prompt")?,
-        query_prompt: opt_string("query_prompt")?,
-        passage_prompt: opt_string("passage_prompt")?,
+        prompt,
+        query_prompt,
+        passage_prompt,
+        batch_size,
         query,
         pos,
         neg,
@@ -285,6 +304,7 @@ impl InputRow<'_> {
                 .is_none_or(|s| s.len() == n && s.iter().all(|x| x.is_finite()))
         };
         !self.pos.is_empty()
+            && self.batch_size != Some(0)
             && scores_ok(&self.pos_scores, self.pos.len())
             && scores_ok(&self.neg_scores, self.neg.len())
     }
@@ -341,9 +361,10 @@ impl<'de> Deserialize<'de> for FastRow<'de> {
                 let (mut pos, mut neg) = (None, None);
                 let (mut pos_scores, mut neg_scores) = (None, None);
                 let (mut prompt, mut query_prompt, mut passage_prompt) = (None, None, None);
+                let mut batch_size = None;
                 let mut unknown = Vec::new();
-                let mut seen = 0u8;
-                fn once<E: de::Error>(seen: &mut u8, bit: u8) -> Result<(), E> {
+                let mut seen = 0u16;
+                fn once<E: de::Error>(seen: &mut u16, bit: u16) -> Result<(), E> {
                     if *seen & bit != 0 {
                         return Err(E::custom("duplicate key"));
                     }
@@ -385,6 +406,10 @@ impl<'de> Deserialize<'de> for FastRow<'de> {
                             once(&mut seen, 128)?;
                             passage_prompt = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
                         }
+                        "batch_size" => {
+                            once(&mut seen, 256)?;
+                            batch_size = map.next_value::<Option<u64>>()?;
+                        }
                         other => {
                             if unknown.iter().any(|u| u == other) {
                                 return Err(de::Error::custom("duplicate key"));
@@ -405,6 +430,7 @@ impl<'de> Deserialize<'de> for FastRow<'de> {
                         prompt,
                         query_prompt,
                         passage_prompt,
+                        batch_size,
                     },
                     unknown,
                 ))

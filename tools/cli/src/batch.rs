@@ -16,7 +16,8 @@ use crate::npy;
 
 #[derive(clap::Args, Clone)]
 pub struct CollateArgs {
-    /// Pair layout: encoder (cross-encoders), llm (decoder rerankers), matryoshka.
+    /// Layout: encoder (cross-encoders), llm (decoder rerankers), matryoshka, embedder
+    /// (bi-encoders: queries and passages on their own).
     #[arg(long, default_value = "encoder")]
     mode: Mode,
     /// query_max_len.
@@ -49,6 +50,15 @@ pub struct CollateArgs {
     /// Padding-free packed batches: input_ids [T], position_ids, cu_seqlens (flash-attn varlen).
     #[arg(long)]
     packed: bool,
+    /// Embedder mode: chunks of this many rows, each padded to its own longest.
+    #[arg(long)]
+    sub_batch_size: Option<usize>,
+    /// Embedder mode: append eos to every sequence (default: on for decoder tokenizers).
+    #[arg(long)]
+    add_eos: Option<bool>,
+    /// Matryoshka mode: teacher scores by index instead of the seed code's by-text rule.
+    #[arg(long)]
+    matryoshka_scores_by_index: bool,
 }
 
 impl CollateArgs {
@@ -65,6 +75,9 @@ impl CollateArgs {
             attention_mask: !self.no_attention_mask,
             knowledge_distillation: self.knowledge_distillation,
             packed: self.packed,
+            sub_batch_size: self.sub_batch_size,
+            add_eos: self.add_eos,
+            matryoshka_scores_by_index: self.matryoshka_scores_by_index,
         }
     }
 }
@@ -103,6 +116,12 @@ pub struct SampleArgs {
     /// With --same-source: batch size per source (comma-separated, manifest order).
     #[arg(long, value_delimiter = ',')]
     source_batch_sizes: Option<Vec<usize>>,
+    /// With --same-source: merge sources with fewer rows than this per directory.
+    #[arg(long, default_value_t = 0)]
+    small_threshold: u64,
+    /// With --same-source: leave out merged small sources with fewer rows than this.
+    #[arg(long, default_value_t = 0)]
+    drop_threshold: u64,
     /// Rows each larger source gives an epoch (a new seeded subset each epoch).
     #[arg(long)]
     max_example_num_per_dataset: Option<u64>,
@@ -131,6 +150,8 @@ impl SampleArgs {
             weights: self.weights.clone(),
             same_source: self.same_source,
             source_batch_sizes: self.source_batch_sizes.clone(),
+            small_threshold: self.small_threshold,
+            drop_threshold: self.drop_threshold,
             max_example_num_per_dataset: self.max_example_num_per_dataset,
             collate,
             ..LoaderOptions::default()
@@ -396,6 +417,13 @@ pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
         let b = collator.collate(&ds, sels)?;
         let dir = a.output.join(k.to_string());
         std::fs::create_dir_all(&dir)?;
+        if let Some(e) = &b.embedder {
+            write_embedder(&dir, e)?;
+            if let Some(s) = &b.teacher_scores {
+                npy::write_f32(&dir.join("teacher_scores.npy"), s)?;
+            }
+            continue;
+        }
         // Packed batches are [T] arrays (plus position_ids and cu_seqlens), padded ones [rows, len].
         let shape: Vec<usize> = if b.cu_seqlens.is_some() {
             vec![b.len]
@@ -424,6 +452,30 @@ pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
             npy::write_ids(&dir.join("prompt_lengths.npy"), p, &[b.rows])?;
         }
         std::fs::write(dir.join("overlong.txt"), b.overlong.to_string())?;
+    }
+    Ok(())
+}
+
+/// Embedder arrays as `query_input_ids.npy`, ... (with sub-batches `query_input_ids.0.npy`,
+/// `query_input_ids.1.npy`, ...: one per chunk).
+fn write_embedder(dir: &std::path::Path, e: &rankfeed::collate::EmbedderArrays) -> Result<()> {
+    for (side, chunks) in [("query", &e.queries), ("passage", &e.passages)] {
+        for (i, c) in chunks.iter().enumerate() {
+            let arrays = [
+                ("input_ids", Some(&c.input_ids)),
+                ("attention_mask", c.attention_mask.as_ref()),
+                ("token_type_ids", c.token_type_ids.as_ref()),
+            ];
+            for (name, ids) in arrays {
+                let Some(ids) = ids else { continue };
+                let file = if e.sub_batched {
+                    format!("{side}_{name}.{i}.npy")
+                } else {
+                    format!("{side}_{name}.npy")
+                };
+                npy::write_ids(&dir.join(file), ids, &[c.rows, c.len])?;
+            }
+        }
     }
     Ok(())
 }
@@ -486,11 +538,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         real += b.real_tokens;
         // Tokens in the tensors the model receives: every cell of a padded batch, every
         // token of a packed one.
-        cells += if b.cu_seqlens.is_some() {
-            b.len as u64
-        } else {
-            (b.rows * b.len) as u64
-        };
+        cells += b.cells() as u64;
         bytes += b.nbytes() as u64;
         overlong += b.overlong as u64;
         groups += b.selections.len() as u64;
@@ -541,7 +589,11 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
             open_first.as_secs_f64() * 1e3
         )?;
         if let Some(fill) = budget_fill {
-            writeln!(out, "token budget: {:.1}% of --max-tokens filled on average", 100.0 * fill)?;
+            writeln!(
+                out,
+                "token budget: {:.1}% of --max-tokens filled on average",
+                100.0 * fill
+            )?;
         }
         writeln!(
             out,

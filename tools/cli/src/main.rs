@@ -138,6 +138,11 @@ struct ConvertArgs {
     /// Default prompt for rows without `prompt` (both LLM modes; each has its own built-in default).
     #[arg(long)]
     default_prompt: Option<String>,
+    /// Which row fields give per-row instructions: reranker (query_prompt, passage_prompt) or
+    /// embedder (prompt as the query instruction). Matters only with an instruction; the
+    /// dataset then serves that kind of training.
+    #[arg(long, default_value = "reranker")]
+    convention: String,
     /// What to do with a bad row.
     #[arg(long, value_enum, default_value = "fail")]
     on_error: Policy,
@@ -234,6 +239,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             passage_instruction_format: a.passage_instruction_format,
             sep_token: a.sep_token,
             default_prompt: a.default_prompt,
+            convention: a.convention.parse()?,
         },
         on_error: match a.on_error {
             Policy::Fail => OnError::Fail,
