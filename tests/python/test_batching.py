@@ -135,3 +135,62 @@ def test_token_budget_through_the_torch_adapter(mixed):
     resumed = RankfeedIterable(mixed.path, **kw)
     resumed.load_state_dict(state)
     assert first + [b["rows"].tolist() for b in resumed] == whole
+
+
+@pytest.fixture(scope="module")
+def same_dataset(tmp_path_factory):
+    """FlagEmbedding-style same-dataset inputs: a file with its own `batch_size` field, a file
+    marked `no_in_batch_neg`, and a directory of small files."""
+    root = tmp_path_factory.mktemp("same")
+    with gzip.open(SAMPLE, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    def write(path, chunk, **extra):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(dict(r, **extra)) + "\n" for r in chunk))
+    write(root / "in" / "a.jsonl", rows[:400], batch_size=6)
+    write(root / "in" / "b_no_in_batch_neg.jsonl", rows[400:700])
+    write(root / "in" / "small" / "s1.jsonl", rows[700:730], batch_size=5)
+    write(root / "in" / "small" / "s2.jsonl", rows[730:750], batch_size=3)
+    write(root / "in" / "tiny" / "t1.jsonl", rows[750:755])
+    inputs = [root / "in" / "a.jsonl", root / "in" / "b_no_in_batch_neg.jsonl",
+              root / "in" / "small", root / "in" / "tiny"]
+    rankfeed.convert(inputs, BERT, root / "ds", progress=False)
+    return rankfeed.Dataset(root / "ds")
+
+
+def test_same_dataset_embedder_batches(same_dataset):
+    ds = same_dataset
+    names = [s["path"].rsplit("/", 1)[-1] for s in ds.manifest["sources"]]
+    assert [s.get("batch_size") for s in ds.manifest["sources"]] == [6, None, 5, 3, None]
+    of = source_of(ds)
+    kw = dict(mode="embedder", same_source=True, batch_size=4, group_size=4, query_max_len=16,
+              passage_max_len=32, small_threshold=50, drop_threshold=10, seed=3,
+              shard_tail="drop")
+    for world in (1, 2):
+        loaders = [ds.loader(rank=r, world_size=world, **kw) for r in range(world)]
+        steps = {len(l) for l in loaders}
+        assert len(steps) == 1
+        seen = []
+        for k in range(steps.pop()):
+            parts = [l.batch(0, k) for l in loaders]
+            files = {of(r) for p in parts for r in p["rows"].tolist()}
+            # One file, or the merged small files of one directory.
+            assert len(files) == 1 or files <= {"s1.jsonl", "s2.jsonl"}, files
+            name = files.pop() if len(files) == 1 else "s1.jsonl"
+            want = {"a.jsonl": 6, "b_no_in_batch_neg.jsonl": 4, "s1.jsonl": 3, "s2.jsonl": 3}[name]
+            for p in parts:
+                assert len(p["rows"]) == want, (name, len(p["rows"]))
+                assert p["query_input_ids"].shape[0] == want
+                assert p["passage_input_ids"].shape[0] == want * 4
+                assert bool(p["no_in_batch_neg"]) == name.startswith("b_no_in_batch_neg")
+            seen += [r for p in parts for r in p["rows"].tolist()]
+        assert len(seen) == len(set(seen)), "each row at most once per epoch"
+        assert "t1.jsonl" not in {of(r) for r in seen}, "merged tiny files below drop_threshold"
+    # Resume at any step gives the same batches.
+    l = ds.loader(**kw)
+    whole = [b["rows"].tolist() for b in l]
+    for start in (1, len(whole) // 2, len(whole) - 1):
+        r = ds.loader(**kw)
+        r.load_state_dict({**r.state_dict(), "step": start})
+        assert [b["rows"].tolist() for b in r] == whole[start:]
+    assert names[:2] == ["a.jsonl", "b_no_in_batch_neg.jsonl"]

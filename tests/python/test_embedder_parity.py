@@ -133,3 +133,36 @@ def test_reranker_datasets_with_instructions_refuse_embedder_mode(tmp_path):
     rankfeed.convert(FIXTURE, tokenizer_path("bert"), plain, progress=False)
     both = rankfeed.Dataset(plain)
     both.loader(mode="embedder"), both.loader(mode="encoder")  # no instruction: serves both
+
+
+def test_matryoshka_scores_follow_the_seed_with_duplicated_negatives(tmp_path):
+    """Duplicated negative texts with different scores: the seed code's teacher score is the
+    first occurrence's, and every array equals the reference's."""
+    from reference import Reference
+
+    rows = [
+        {"query": "what is a cat", "pos": ["a small feline", "a small feline"],
+         "neg": ["a dog", "a bird", "a dog", "a fish", "a bird"],
+         "pos_scores": [0.9, 0.4], "neg_scores": [0.1, 0.2, 0.3, 0.4, 0.5]},
+        {"query": "what is a tree", "pos": ["a woody plant"], "neg": ["a rock", "a rock"]},
+    ]
+    src = tmp_path / "dup.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok_path = tokenizer_path("mistral")
+    text = {"query_instruction": "A: ", "passage_instruction": "B: "}
+    rankfeed.convert(src, tok_path, tmp_path / "ds", progress=False, **text)
+    ds = rankfeed.Dataset(tmp_path / "ds")
+    loader = ds.loader(mode="matryoshka", batch_size=2, group_size=4, query_max_len=16,
+                       passage_max_len=32)
+    sels = [{"row": 0, "pos": 1, "neg": [2, 4, 0]}, {"row": 1, "pos": 0, "neg": [1, 0, 1]}]
+    got = loader.collate(sels)
+    ref = Reference(load_tokenizer("mistral", tok_path), "matryoshka", 16, 32, text,
+                    padding_side="right")
+    want = ref.batch(rows, sels)
+    # By text: pos index 1 -> index 0's 0.9; neg 2 ("a dog") -> 0.1; neg 4 ("a bird") -> 0.2.
+    assert got["teacher_scores"].tolist() == pytest.approx([0.9, 0.1, 0.2, 0.1, 1, 1, 1, 1])
+    for name, w in want.items():
+        assert_same(0, name, got[name], w)
+    by_index = ds.loader(mode="matryoshka", batch_size=2, group_size=4, query_max_len=16,
+                         passage_max_len=32, matryoshka_scores_by_index=True)
+    assert "teacher_scores" not in by_index.collate(sels)
