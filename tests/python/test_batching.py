@@ -194,3 +194,14 @@ def test_same_dataset_embedder_batches(same_dataset):
         r.load_state_dict({**r.state_dict(), "step": start})
         assert [b["rows"].tolist() for b in r] == whole[start:]
     assert names[:2] == ["a.jsonl", "b_no_in_batch_neg.jsonl"]
+
+
+def test_embedder_sub_batches_through_the_torch_adapter(same_dataset):
+    from rankfeed.torch import RankfeedIterable
+
+    data = RankfeedIterable(same_dataset.path, mode="embedder", batch_size=4, group_size=4,
+                            query_max_len=16, passage_max_len=32, sub_batch_size=3)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=None)))
+    assert isinstance(batch["passage_input_ids"], list) and len(batch["passage_input_ids"]) == 6
+    assert all(isinstance(t, torch.Tensor) for t in batch["passage_input_ids"])
+    assert batch["no_in_batch_neg"].dtype == torch.bool
