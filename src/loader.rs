@@ -501,16 +501,7 @@ fn batch_sources(
             })
             .collect(),
     };
-    if sizes.len() != takes.len() {
-        return Err(Error::argument(
-            "source_batch_sizes",
-            format!(
-                "{} batch sizes for {} sources (one per input file, in the manifest's order)",
-                sizes.len(),
-                takes.len()
-            ),
-        ));
-    }
+    crate::sample::same_source::check_sizes(sizes.len(), takes.len())?;
     let path = |s: usize| sources.get(s).map_or("", |m| m.path.as_str());
     let (mut groups, mut group_takes, mut group_sizes) = (Vec::new(), Vec::new(), Vec::new());
     // Small sources by directory, in order of first appearance.

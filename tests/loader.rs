@@ -504,13 +504,7 @@ fn rows_without_negatives_are_an_error_or_skipped() {
 #[test]
 fn caps_per_source_draw_a_new_subset_each_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = write(
-        dir.path(),
-        bert_like(),
-        &small_spec(60, None),
-        &[40, 5, 15],
-        0,
-    );
+    let ds = three_sources(dir.path());
     let rows = |epoch| {
         let mut l = loader(&ds, |o| o.max_example_num_per_dataset = Some(10));
         l.set_epoch(epoch);
@@ -852,6 +846,20 @@ fn length_grouped_batches_keep_every_guarantee() {
     assert!(cells(&l) < cells(&random));
 }
 
+/// 60 rows in three sources of 40, 5 and 15 rows; [`source`] says which holds a row.
+fn three_sources(dir: &Path) -> Arc<Dataset> {
+    write(dir, bert_like(), &small_spec(60, None), &[40, 5, 15], 0)
+}
+
+/// The source of a row of [`three_sources`].
+fn source(r: u64) -> usize {
+    match r {
+        0..40 => 0,
+        40..45 => 1,
+        _ => 2,
+    }
+}
+
 /// Every batch of one epoch, by step.
 fn epoch_batches(l: &Loader, epoch: u64) -> Vec<Vec<Selection>> {
     (0..l.steps(epoch).unwrap())
@@ -1010,24 +1018,13 @@ fn token_budget_batches_keep_every_guarantee() {
 #[test]
 fn weighted_mixing_gives_each_source_its_share() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = write(
-        dir.path(),
-        bert_like(),
-        &small_spec(60, None),
-        &[40, 5, 15],
-        0,
-    );
+    let ds = three_sources(dir.path());
     let weights = vec![1.0, 2.0, 1.0];
     let make = |f: &dyn Fn(&mut LoaderOptions)| {
         loader(&ds, |o| {
             o.weights = Some(weights.clone());
             f(o);
         })
-    };
-    let source = |r: u64| match r {
-        0..40 => 0,
-        40..45 => 1,
-        _ => 2,
     };
     let mut subsets = Vec::new();
     for epoch in [0u64, 1] {
@@ -1070,18 +1067,7 @@ fn weighted_mixing_gives_each_source_its_share() {
 #[test]
 fn same_source_batches_hold_one_source() {
     let dir = tempfile::tempdir().unwrap();
-    let ds = write(
-        dir.path(),
-        bert_like(),
-        &small_spec(60, None),
-        &[40, 5, 15],
-        0,
-    );
-    let source = |r: u64| match r {
-        0..40 => 0usize,
-        40..45 => 1,
-        _ => 2,
-    };
+    let ds = three_sources(dir.path());
     let sizes = [3usize, 2, 4];
     let make = |f: &dyn Fn(&mut LoaderOptions)| {
         loader(&ds, |o| {

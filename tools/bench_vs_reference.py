@@ -82,6 +82,17 @@ def reference_rate(tok_kind, tok_path, mode, rows, seconds):
     return n / (time.perf_counter() - t0)
 
 
+def tokenizer_for(kind):
+    """The fetched tokenizer.json of `kind` (BERT falls back to the bundled one), or None."""
+    path = ASSETS / kind / "tokenizer.json"
+    if kind == "bert" and not path.exists():
+        path = ROOT / "data/sample/bert/tokenizer.json"
+    if not path.exists():
+        print(f"  {kind}: {path} missing (run tools/fetch_assets.sh); skipped")
+        return None
+    return path
+
+
 def draw(rng, r, k):
     n = len(r["neg"])
     return rng.sample(range(n), k) if n >= k else rng.sample(list(range(n)) * -(-k // n), k)
@@ -113,11 +124,8 @@ def embedder(a, work):
     rows = read_rows(data)
     print(f"embedder: {data} ({len(rows)} groups, real glosses); B={b} G={g} q{qm}/p{pm}; one core each side")
     for tok_kind in ("bert", "mistral"):
-        tok_path = ASSETS / tok_kind / "tokenizer.json"
-        if tok_kind == "bert" and not tok_path.exists():
-            tok_path = ROOT / "data/sample/bert/tokenizer.json"
-        if not tok_path.exists():
-            print(f"  {tok_kind}: {tok_path} missing (run tools/fetch_assets.sh); skipped")
+        tok_path = tokenizer_for(tok_kind)
+        if tok_path is None:
             continue
         ds = work / f"vs-ref-embedder-{tok_kind}"
         subprocess.run([BIN, "convert", data, "--tokenizer", tok_path, "-o", ds, "--overwrite"],
@@ -155,11 +163,8 @@ def main():
         rows = read_rows(data)
         print(f"data: {name}, {data} ({len(rows)} groups); B={B} G={G} q{QM}/p{PM}; one core each side")
         for tok_kind, mode in (("bert", "encoder"), ("mistral", "llm")):
-            tok_path = ASSETS / tok_kind / "tokenizer.json"
-            if tok_kind == "bert" and not tok_path.exists():
-                tok_path = ROOT / "data/sample/bert/tokenizer.json"
-            if not tok_path.exists():
-                print(f"  {mode}: {tok_path} missing (run tools/fetch_assets.sh); skipped")
+            tok_path = tokenizer_for(tok_kind)
+            if tok_path is None:
                 continue
             ds = work / f"vs-ref-{name}-{tok_kind}"
             subprocess.run([BIN, "convert", data, "--tokenizer", tok_path, "-o", ds, "--overwrite"],

@@ -15,6 +15,17 @@
 use crate::error::{Error, Result};
 use crate::sample::{Permutation, Tail};
 
+/// One batch size per source: `Err` naming `source_batch_sizes` otherwise.
+pub fn check_sizes(sizes: usize, sources: usize) -> Result<()> {
+    if sizes != sources {
+        return Err(Error::argument(
+            "source_batch_sizes",
+            format!("{sizes} batch sizes for {sources} sources (one per input file, in the manifest's order)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The same-source batches of every epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceBatches {
@@ -31,16 +42,7 @@ pub struct SourceBatches {
 impl SourceBatches {
     /// Batches for sources giving `takes` rows each epoch, `sizes[s]` groups per rank.
     pub fn new(takes: &[u64], sizes: &[u64], world: u64, tail: Tail) -> Result<SourceBatches> {
-        if sizes.len() != takes.len() {
-            return Err(Error::argument(
-                "source_batch_sizes",
-                format!(
-                    "{} batch sizes for {} sources (one per input file, in the manifest's order)",
-                    sizes.len(),
-                    takes.len()
-                ),
-            ));
-        }
+        check_sizes(sizes.len(), takes.len())?;
         if let Some(s) = sizes.iter().position(|&b| b == 0) {
             return Err(Error::argument(
                 "source_batch_sizes",
