@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::limits::{self, range};
 use crate::sample::budget::{Budget, BudgetPlan, Cost};
 use crate::sample::length::LengthOrder;
-use crate::sample::same_source::SourceBatches;
+use crate::sample::same_source::{batch_sources, BatchSource, Grouping, SourceBatches};
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Tail, Universe};
 use crate::storage;
 
@@ -447,110 +447,6 @@ struct SameSource {
     groups: Vec<BatchSource>,
 }
 
-/// The sources one same-source batch draws from: one, or a directory's small sources merged.
-#[derive(Debug)]
-struct BatchSource {
-    members: Vec<usize>,
-    /// Prefix sums of the members' rows per epoch.
-    starts: Vec<u64>,
-    no_in_batch_neg: bool,
-}
-
-impl BatchSource {
-    /// The universe index of row `k` of this group's epoch rows.
-    fn index(&self, universe: &Universe, k: u64) -> u64 {
-        let m = self.starts.partition_point(|&st| st <= k) - 1;
-        universe.source_span(self.members[m]).start + (k - self.starts[m])
-    }
-}
-
-/// FlagEmbedding's `no_in_batch_neg` marker: a file whose name (before its extension) or
-/// whose directory's name ends with it.
-fn marked_no_in_batch_neg(path: &str) -> bool {
-    let p = std::path::Path::new(path);
-    let stem = p
-        .file_name()
-        .map(|f| f.to_string_lossy())
-        .map(|f| f.split('.').next().unwrap_or("").to_string())
-        .unwrap_or_default();
-    let dir = p
-        .parent()
-        .and_then(|d| d.file_name())
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    stem.ends_with("no_in_batch_neg") || dir.ends_with("no_in_batch_neg")
-}
-
-/// The batch sources of same-source batching and each one's batch size (see
-/// [`LoaderOptions::small_threshold`]).
-fn batch_sources(
-    ds: &Dataset,
-    universe: &Universe,
-    o: &LoaderOptions,
-) -> Result<(Vec<BatchSource>, Vec<u64>, Vec<u64>)> {
-    let sources = &ds.manifest().sources;
-    let takes = universe.takes();
-    let sizes: Vec<u64> = match &o.source_batch_sizes {
-        Some(s) => s.iter().map(|&b| b as u64).collect(),
-        None => (0..takes.len())
-            .map(|s| {
-                sources
-                    .get(s)
-                    .and_then(|m| m.batch_size)
-                    .unwrap_or(o.batch_size as u64)
-            })
-            .collect(),
-    };
-    crate::sample::same_source::check_sizes(sizes.len(), takes.len())?;
-    let path = |s: usize| sources.get(s).map_or("", |m| m.path.as_str());
-    let (mut groups, mut group_takes, mut group_sizes) = (Vec::new(), Vec::new(), Vec::new());
-    // Small sources by directory, in order of first appearance.
-    let mut small: Vec<(String, Vec<usize>)> = Vec::new();
-    for s in 0..takes.len() {
-        if takes[s] < o.small_threshold {
-            let dir = std::path::Path::new(path(s))
-                .parent()
-                .map(|d| d.display().to_string())
-                .unwrap_or_default();
-            match small.iter_mut().find(|(d, _)| *d == dir) {
-                Some((_, m)) => m.push(s),
-                None => small.push((dir, vec![s])),
-            }
-            continue;
-        }
-        groups.push(BatchSource {
-            members: vec![s],
-            starts: vec![0],
-            no_in_batch_neg: marked_no_in_batch_neg(path(s)),
-        });
-        group_takes.push(takes[s]);
-        group_sizes.push(sizes[s]);
-    }
-    for (_, members) in small {
-        let total: u64 = members.iter().map(|&s| takes[s]).sum();
-        if total == 0 || total < o.drop_threshold {
-            continue;
-        }
-        let mut at = 0;
-        let starts = members
-            .iter()
-            .map(|&s| {
-                let st = at;
-                at += takes[s];
-                st
-            })
-            .collect();
-        groups.push(BatchSource {
-            no_in_batch_neg: marked_no_in_batch_neg(path(members[0])),
-            starts,
-            members: members.clone(),
-        });
-        group_takes.push(total);
-        group_sizes.push(members.iter().map(|&s| sizes[s]).min().unwrap_or(1));
-    }
-    Ok((groups, group_takes, group_sizes))
-}
-
 /// Running prefetch threads for one epoch from one step on.
 struct Prefetch {
     pid: u32,
@@ -813,7 +709,16 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
 /// How epochs are cut into batches, from the options.
 fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
     if o.same_source {
-        let (groups, takes, sizes) = batch_sources(ds, universe, o)?;
+        let (groups, takes, sizes) = batch_sources(
+            &ds.manifest().sources,
+            &universe.takes(),
+            Grouping {
+                sizes: o.source_batch_sizes.as_deref(),
+                default_size: o.batch_size as u64,
+                small_threshold: o.small_threshold,
+                drop_threshold: o.drop_threshold,
+            },
+        )?;
         let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, o.shard.tail)?;
         return Ok(Schedule::SameSource(SameSource { batches, groups }));
     }

@@ -13,7 +13,7 @@
 //!   chunk is padded to its own longest sequence.
 //! - Teacher scores (knowledge distillation) by index, flat `[B*G]`.
 
-use super::{Batch, Collator, IdType, Ids, Pair, Piece, Resolved};
+use super::{Batch, Collator, Ids, Pair, Piece, Resolved};
 use crate::format::{TemplatePiece, TokenizerFacts};
 use crate::sample::Selection;
 
@@ -168,16 +168,7 @@ impl Collator {
             Some(m) => longest.div_ceil(m) * m,
             None => longest,
         };
-        let (input_ids, attention_mask, token_type_ids) = match self.options.id_type {
-            IdType::I64 => {
-                let (i, m, t) = self.grids::<i64>(seqs, len);
-                (Ids::I64(i), m.map(Ids::I64), t.map(Ids::I64))
-            }
-            IdType::I32 => {
-                let (i, m, t) = self.grids::<i32>(seqs, len);
-                (Ids::I32(i), m.map(Ids::I32), t.map(Ids::I32))
-            }
-        };
+        let (input_ids, attention_mask, token_type_ids) = self.padded_arrays(seqs, len);
         Padded {
             rows: seqs.len(),
             len,

@@ -18,12 +18,15 @@
 
 pub mod embedder;
 pub mod packed;
-use crate::dataset::{Dataset, Group, GroupIds};
+mod padded;
+mod scores;
+use crate::dataset::{Dataset, GroupIds};
 use crate::error::{Error, Result};
 use crate::format::{self, TemplatePiece};
 use crate::sample::Selection;
 use crate::storage;
 pub use embedder::{EmbedderArrays, Padded};
+use scores::push_scores;
 
 /// Which pair layout to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -748,16 +751,7 @@ impl Collator {
             batch.selections = selections;
             return Ok(batch);
         }
-        let (input_ids, attention_mask, token_type_ids) = match self.options.id_type {
-            IdType::I64 => {
-                let (i, m, t) = self.grids::<i64>(&pairs, len);
-                (Ids::I64(i), m.map(Ids::I64), t.map(Ids::I64))
-            }
-            IdType::I32 => {
-                let (i, m, t) = self.grids::<i32>(&pairs, len);
-                (Ids::I32(i), m.map(Ids::I32), t.map(Ids::I32))
-            }
-        };
+        let (input_ids, attention_mask, token_type_ids) = self.padded_arrays(&pairs, len);
         debug_assert_eq!(pairs.len(), rows);
         Ok(Batch {
             rows,
@@ -783,79 +777,6 @@ impl Collator {
             IdType::I64 => Ids::I64(values.collect()),
             IdType::I32 => Ids::I32(values.map(|v| v as i32).collect()),
         }
-    }
-
-    /// input_ids, attention_mask and token_type_ids (as asked), `[rows, len]` each, in one
-    /// pass over the pairs; every element is written exactly once, each array row by row as
-    /// runs (padding, segments; the mask and type ids as runs of one value).
-    #[allow(clippy::type_complexity)]
-    fn grids<T: IdElem>(
-        &self,
-        pairs: &[Pair<'_>],
-        len: usize,
-    ) -> (Vec<T>, Option<Vec<T>>, Option<Vec<T>>) {
-        let cells = pairs.len() * len;
-        let mut ids: Vec<T> = Vec::with_capacity(cells);
-        let mut mask: Option<Vec<T>> = self
-            .options
-            .attention_mask
-            .then(|| Vec::with_capacity(cells));
-        let mut types: Option<Vec<T>> = self.token_type_ids.then(|| Vec::with_capacity(cells));
-        // Rows are written as runs copied from these (a copy is a memcpy, where
-        // `Vec::resize` writes one element at a time): `pads`, and `len` zeros then `len` ones,
-        // whose windows are the mask rows and the type id runs.
-        let pads = vec![T::from_i32(self.pad); len];
-        let zeros_ones: Vec<T> = std::iter::repeat_n(T::from_i32(0), len)
-            .chain(std::iter::repeat_n(T::from_i32(1), len))
-            .collect();
-        let zeros = &zeros_ones[..len];
-        let ones_zeros: Vec<T> = zeros_ones[len..].iter().chain(zeros).copied().collect();
-        let run = |v: &mut Vec<T>, n: usize, value: u8| match value {
-            0 => append(v, &zeros[..n]),
-            1 => append(v, &zeros_ones[len..len + n]),
-            _ => v.resize(v.len() + n, T::from_i32(value as i32)),
-        };
-        let left = self.side == Side::Left;
-        // The passages' tokens are the batch's scattered reads: prefetch them a few pairs
-        // ahead of the copy, so their misses overlap copying (a burst of prefetches up front
-        // would stall on the processor's miss buffers instead).
-        // Measured on short paragraphs (~4 lines each): 4 pairs ahead beat 0 by ~35% and a
-        // burst of all 64 by ~10%; 2 to 8 were within noise.
-        let distance = 4;
-        for pair in &pairs[..pairs.len().min(distance)] {
-            storage::prefetch(pair.passage);
-        }
-        for (r, pair) in pairs.iter().enumerate() {
-            if let Some(ahead) = pairs.get(r + distance) {
-                storage::prefetch(ahead.passage);
-            }
-            let padding = len - pair.len;
-            let (before, after) = if left { (padding, 0) } else { (0, padding) };
-            append(&mut ids, &pads[..before]);
-            pair.for_each_segment(|seg, _| ids.extend(seg.iter().map(|&v| T::from_i32(v))));
-            append(&mut ids, &pads[..after]);
-            if let Some(m) = mask.as_mut() {
-                m.extend_from_slice(if left {
-                    &zeros_ones[pair.len..pair.len + len]
-                } else {
-                    &ones_zeros[padding..padding + len]
-                });
-            }
-            if let Some(t) = types.as_mut() {
-                append(t, &zeros[..before]);
-                let mut current = (0usize, 0u8);
-                pair.for_each_segment(|seg, type_id| {
-                    if type_id != current.1 {
-                        run(t, current.0, current.1);
-                        current = (0, type_id);
-                    }
-                    current.0 += seg.len();
-                });
-                run(t, current.0, current.1);
-                append(t, &zeros[..after]);
-            }
-        }
-        (ids, mask, types)
     }
 }
 
@@ -891,14 +812,6 @@ fn check_convention(text: &format::TextSettings, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// `v.extend_from_slice(run)`, skipping the call for the empty runs (most padding runs).
-#[inline(always)]
-fn append<T: Copy>(v: &mut Vec<T>, run: &[T]) {
-    if !run.is_empty() {
-        v.extend_from_slice(run);
-    }
-}
-
 /// What the pairs of some selections read, located (see [`Collator::resolve`]).
 struct Resolved<'d> {
     /// Per selection: the query (cut to the longest prefix a pair uses) and the prompt.
@@ -915,40 +828,6 @@ fn push_ids(group: &GroupIds<'_>, sel: &Selection, ids: &mut Vec<i32>) -> Result
     ids.push(pick(group.pos, sel.pos, sel.row, "positive")?);
     for &j in &sel.neg {
         ids.push(pick(group.neg, j, sel.row, "negative")?);
-    }
-    Ok(())
-}
-
-/// Append the teacher scores of `sel` from its `group`: by index, or with `seed` as the
-/// Matryoshka seed code looks them up: by text (passages are deduplicated by text, so the
-/// score of the first index in the list holding the same passage id), and 1 when the row has
-/// no scores.
-fn push_scores(group: &Group<'_>, sel: &Selection, seed: bool, out: &mut Vec<f32>) -> Result<()> {
-    let missing = |what: &str| {
-        Error::argument(
-            "knowledge_distillation",
-            format!("row {}: needs {what}, the row has none", sel.row),
-        )
-    };
-    let score = |list: &[i32], scores: Option<&[f32]>, i: u32, what: &str| -> Result<f32> {
-        let id = pick(list, i, sel.row, what)?;
-        match (scores, seed) {
-            (None, true) => Ok(1.0),
-            (None, false) => Err(missing(if what == "positive" {
-                "pos_scores"
-            } else {
-                "neg_scores"
-            })),
-            (Some(s), false) => Ok(s[i as usize]),
-            (Some(s), true) => {
-                let first = list.iter().position(|&x| x == id).unwrap_or(i as usize);
-                Ok(s[first])
-            }
-        }
-    };
-    out.push(score(group.pos, group.pos_scores, sel.pos, "positive")?);
-    for &j in &sel.neg {
-        out.push(score(group.neg, group.neg_scores, j, "negative")?);
     }
     Ok(())
 }

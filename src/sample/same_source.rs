@@ -1,6 +1,11 @@
 //! Same-source batches (FlagEmbedding's `same_dataset_within_batch`): every global batch (all
 //! ranks together at one step) holds rows of one source only, with a batch size per source.
 //!
+//! A *batch source* ([`batch_sources`]) is one source, or the small sources of one directory
+//! merged (FlagEmbedding's `small_threshold` / `drop_threshold`); its batches carry
+//! `no_in_batch_neg` when a file or directory name ends with it. Below, "source" means batch
+//! source.
+//!
 //! Pure functions of (seed, epoch, step):
 //!
 //! - Source `s` gives the epoch its universe rows (see [`crate::sample::universe`]), shuffled
@@ -13,7 +18,8 @@
 //!   (seed, epoch); step `k` is the `k`-th of them, found in O(log sources).
 
 use crate::error::{Error, Result};
-use crate::sample::{Permutation, Tail};
+use crate::format::SourceStats;
+use crate::sample::{Permutation, Tail, Universe};
 
 /// One batch size per source: `Err` naming `source_batch_sizes` otherwise.
 pub fn check_sizes(sizes: usize, sources: usize) -> Result<()> {
@@ -129,6 +135,125 @@ impl SourceBatches {
             .collect();
         (s, rows)
     }
+}
+
+/// The sources one same-source batch draws from: one, or a directory's small sources merged.
+#[derive(Debug)]
+pub struct BatchSource {
+    members: Vec<usize>,
+    /// Prefix sums of the members' rows per epoch.
+    starts: Vec<u64>,
+    /// Its batches carry `no_in_batch_neg`.
+    pub no_in_batch_neg: bool,
+}
+
+impl BatchSource {
+    /// The universe index of row `k` of this group's epoch rows.
+    pub fn index(&self, universe: &Universe, k: u64) -> u64 {
+        let m = self.starts.partition_point(|&st| st <= k) - 1;
+        universe.source_span(self.members[m]).start + (k - self.starts[m])
+    }
+}
+
+/// FlagEmbedding's `no_in_batch_neg` marker: a file whose name (before its extension) or
+/// whose directory's name ends with it.
+fn marked_no_in_batch_neg(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    let stem = p
+        .file_name()
+        .map(|f| f.to_string_lossy())
+        .map(|f| f.split('.').next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let dir = p
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    stem.ends_with("no_in_batch_neg") || dir.ends_with("no_in_batch_neg")
+}
+
+/// How sources become batch sources: `sizes` per source (else each source's `batch_size`
+/// field, else `default_size`), and the small and drop thresholds.
+#[derive(Debug, Clone, Copy)]
+pub struct Grouping<'a> {
+    /// Batch size per source, if given.
+    pub sizes: Option<&'a [usize]>,
+    /// Batch size of sources without one.
+    pub default_size: u64,
+    /// Sources with fewer rows per epoch are merged per directory.
+    pub small_threshold: u64,
+    /// Merged groups with fewer rows are left out.
+    pub drop_threshold: u64,
+}
+
+/// The batch sources of same-source batching over sources giving `takes` rows an epoch,
+/// their rows per epoch, and their batch sizes. A source below the small threshold is merged
+/// with the other small sources of its directory (batch size: the smallest of theirs), and a
+/// merged group below the drop threshold is left out.
+pub fn batch_sources(
+    sources: &[SourceStats],
+    takes: &[u64],
+    g: Grouping<'_>,
+) -> Result<(Vec<BatchSource>, Vec<u64>, Vec<u64>)> {
+    let sizes: Vec<u64> = match g.sizes {
+        Some(s) => s.iter().map(|&b| b as u64).collect(),
+        None => (0..takes.len())
+            .map(|s| {
+                sources
+                    .get(s)
+                    .and_then(|m| m.batch_size)
+                    .unwrap_or(g.default_size)
+            })
+            .collect(),
+    };
+    check_sizes(sizes.len(), takes.len())?;
+    let path = |s: usize| sources.get(s).map_or("", |m| m.path.as_str());
+    let (mut groups, mut group_takes, mut group_sizes) = (Vec::new(), Vec::new(), Vec::new());
+    // Small sources by directory, in order of first appearance.
+    let mut small: Vec<(String, Vec<usize>)> = Vec::new();
+    for s in 0..takes.len() {
+        if takes[s] < g.small_threshold {
+            let dir = std::path::Path::new(path(s))
+                .parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            match small.iter_mut().find(|(d, _)| *d == dir) {
+                Some((_, m)) => m.push(s),
+                None => small.push((dir, vec![s])),
+            }
+            continue;
+        }
+        groups.push(BatchSource {
+            members: vec![s],
+            starts: vec![0],
+            no_in_batch_neg: marked_no_in_batch_neg(path(s)),
+        });
+        group_takes.push(takes[s]);
+        group_sizes.push(sizes[s]);
+    }
+    for (_, members) in small {
+        let total: u64 = members.iter().map(|&s| takes[s]).sum();
+        if total == 0 || total < g.drop_threshold {
+            continue;
+        }
+        let mut at = 0;
+        let starts = members
+            .iter()
+            .map(|&s| {
+                let st = at;
+                at += takes[s];
+                st
+            })
+            .collect();
+        groups.push(BatchSource {
+            no_in_batch_neg: marked_no_in_batch_neg(path(members[0])),
+            starts,
+            members: members.clone(),
+        });
+        group_takes.push(total);
+        group_sizes.push(members.iter().map(|&s| sizes[s]).min().unwrap_or(1));
+    }
+    Ok((groups, group_takes, group_sizes))
 }
 
 #[cfg(test)]
