@@ -253,3 +253,46 @@ fn mutated_files_convert_under_skip_with_every_row_accounted_for() {
     );
     assert!(converted > FILES / 2 && rows_rejected > 0);
 }
+
+/// The `batch_size` field (same-source batches): a positive integer or null, the same on
+/// both paths; anything else is a `wrong_type` row naming the field.
+#[test]
+fn batch_size_field_is_a_positive_integer_on_both_paths() {
+    let position = InputPosition {
+        path: PathBuf::from("t.jsonl"),
+        line: 1,
+        element: None,
+    };
+    for (value, want) in [
+        ("8", Ok(Some(8))),
+        ("1", Ok(Some(1))),
+        ("null", Ok(None)),
+        ("0", Err(())),
+        ("-3", Err(())),
+        ("1.5", Err(())),
+        ("\"8\"", Err(())),
+        ("true", Err(())),
+        ("[8]", Err(())),
+    ] {
+        let row = format!(r#"{{"query": "q", "pos": ["p"], "neg": [], "batch_size": {value}}}"#);
+        for (path, got) in [
+            (
+                "fast",
+                parse_row(row.as_bytes(), &position, &mut BTreeMap::new()),
+            ),
+            (
+                "reference",
+                parse_row_reference(row.as_bytes(), &position, &mut BTreeMap::new()),
+            ),
+        ] {
+            match (&got, &want) {
+                (Ok(r), Ok(b)) => assert_eq!(r.batch_size, *b, "{path} {value}"),
+                (Err(e), Err(())) => {
+                    assert_eq!(e.field.as_deref(), Some("batch_size"), "{path} {value}");
+                    assert_eq!(e.reason.as_str(), "wrong_type", "{path} {value}");
+                }
+                _ => panic!("{path} {value}: {got:?}"),
+            }
+        }
+    }
+}
