@@ -266,6 +266,22 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
         }
         items.push(v);
     }
+    if opts.mode == Mode::Embedder {
+        // Embedder mode: the query is a sequence of its own, and each "pair" is a passage.
+        let q = collator.single(group.query, opts.query_max_len);
+        let ids = q.ids();
+        let mut v = serde_json::json!({
+            "role": "query", "index": 0, "passage_id": null, "length": ids.len(),
+            "overlong": false, "input_ids": ids,
+        });
+        if collator.has_token_type_ids() {
+            v["token_type_ids"] = q.type_ids().into();
+        }
+        if let Some(t) = &tok {
+            v["text"] = t.decode(&q.ids())?.into();
+        }
+        items.insert(0, v);
+    }
     let mut out = std::io::stdout().lock();
     if a.json {
         let v = serde_json::json!({
