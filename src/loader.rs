@@ -313,9 +313,10 @@ impl Plan {
     ) -> Result<Vec<u64>> {
         let b = self.options.batch_size as u64;
         let lengths = cached(&self.lengths, epoch, || {
+            let mut neg = Vec::with_capacity(self.options.collate.group_size);
             Ok(LengthOrder::new(
                 (0..order.len())
-                    .map(|i| self.length_of(epoch, order.row(i)))
+                    .map(|i| self.length_of(epoch, order.row(i), &mut neg))
                     .collect::<Result<Vec<u32>>>()?,
             ))
         })?;
@@ -342,10 +343,14 @@ impl Plan {
         Ok(LengthOrder::batch_in(&sorted, step, b, mult))
     }
 
-    fn length_of(&self, epoch: u64, row: u64) -> Result<u32> {
-        Ok(self
-            .collator
-            .group_len(&self.ds, &self.select(epoch, row)?)? as u32)
+    /// The group length of `row` in `epoch` ([`Collator::group_len`] of its selection), with
+    /// `neg` as scratch space: the length pass calls this for every row of an epoch.
+    fn length_of(&self, epoch: u64, row: u64, neg: &mut Vec<u32>) -> Result<u32> {
+        let o = &self.options;
+        let g = self.ds.group_ids(row as usize)?;
+        let (n_pos, n_neg) = (g.pos.len(), g.neg.len());
+        let pos = sample_group(o.seed, epoch, row, n_pos, n_neg, o.collate.group_size, neg)?;
+        Ok(self.collator.drawn_len(&self.ds, &g, row, pos, neg)? as u32)
     }
 
     /// Token budget: the epoch's plan, from the group lengths of the global order (every

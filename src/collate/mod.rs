@@ -589,14 +589,26 @@ impl Collator {
     /// for every group of a megabatch when batches are grouped by length.
     pub fn group_len(&self, ds: &Dataset, sel: &Selection) -> Result<usize> {
         let g = ds.group_ids(sel.row as usize)?;
+        self.drawn_len(ds, &g, sel.row, sel.pos, &sel.neg)
+    }
+
+    /// [`Collator::group_len`] of a group already read, for the positive `pos` and negatives
+    /// `neg` drawn from it (no allocation: the length pass of grouped batches calls this once
+    /// per row of an epoch).
+    pub fn drawn_len(
+        &self,
+        ds: &Dataset,
+        g: &GroupIds<'_>,
+        row: u64,
+        pos: u32,
+        neg: &[u32],
+    ) -> Result<usize> {
         let prompt = self.prompt_of(ds, g.prompt)?;
-        let mut ids = Vec::with_capacity(1 + sel.neg.len());
-        push_ids(&g, sel, &mut ids)?;
         // A pair's length never decreases with its passage's (truncation cuts the passage
         // to the budget, or nothing), so the longest passage makes the longest pair.
-        let mut longest: &[i32] = &[];
-        for id in ids {
-            let p = ds.referenced_passage(id)?;
+        let mut longest: &[i32] = ds.referenced_passage(pick(g.pos, pos, row, "positive")?)?;
+        for &j in neg {
+            let p = ds.referenced_passage(pick(g.neg, j, row, "negative")?)?;
             if p.len() > longest.len() {
                 longest = p;
             }
