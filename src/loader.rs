@@ -13,7 +13,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use crate::collate::{Batch, CollateOptions, Collator};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, GroupIds};
 use crate::error::{Error, Result};
 use crate::limits::{self, range};
 use crate::sample::budget::{Budget, BudgetPlan, Cost};
@@ -159,9 +159,7 @@ impl LoaderOptions {
         }
         self.shard.check()
     }
-}
 
-impl LoaderOptions {
     /// The batching strategies that do not combine.
     fn check_combination(&self) -> Result<()> {
         let conflict = |a: &'static str, b: &str| {
@@ -346,11 +344,19 @@ impl Plan {
     /// The group length of `row` in `epoch` ([`Collator::group_len`] of its selection), with
     /// `neg` as scratch space: the length pass calls this for every row of an epoch.
     fn length_of(&self, epoch: u64, row: u64, neg: &mut Vec<u32>) -> Result<u32> {
+        let (g, pos) = self.draw(epoch, row, neg)?;
+        Ok(self.collator.drawn_len(&self.ds, &g, row, pos, neg)? as u32)
+    }
+
+    /// The group of `row` and its positive in `epoch`, its negatives into `neg` (what
+    /// [`Plan::select`] draws, without its prefetching and allocation: for passes over every
+    /// row of an epoch).
+    fn draw(&self, epoch: u64, row: u64, neg: &mut Vec<u32>) -> Result<(GroupIds<'_>, u32)> {
         let o = &self.options;
         let g = self.ds.group_ids(row as usize)?;
         let (n_pos, n_neg) = (g.pos.len(), g.neg.len());
         let pos = sample_group(o.seed, epoch, row, n_pos, n_neg, o.collate.group_size, neg)?;
-        Ok(self.collator.drawn_len(&self.ds, &g, row, pos, neg)? as u32)
+        Ok((g, pos))
     }
 
     /// Token budget: the epoch's plan, from the group lengths of the global order (every
@@ -366,9 +372,11 @@ impl Plan {
                 Vec::with_capacity(n as usize),
                 Vec::with_capacity(n as usize),
             );
+            let mut neg = Vec::with_capacity(self.options.collate.group_size);
             for p in 0..n {
-                let sel = self.select(epoch, order.global_row(p))?;
-                let (l, total) = self.collator.group_tokens(&self.ds, &sel)?;
+                let row = order.global_row(p);
+                let (g, pos) = self.draw(epoch, row, &mut neg)?;
+                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, &neg)?;
                 longest.push(l as u32);
                 sizes.push(match budget.cost {
                     Cost::Packed => total.min(u32::MAX as usize) as u32,
@@ -380,8 +388,15 @@ impl Plan {
     }
 
     fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
+        Ok(self.drawn(epoch, step)?.0)
+    }
+
+    /// The selections of batch `step` of `epoch`, and whether the batch is marked
+    /// `no_in_batch_neg` (same-source batches of a source so named).
+    fn drawn(&self, epoch: u64, step: u64) -> Result<(Vec<Selection>, bool)> {
         let o = &self.options;
         let order = self.order(epoch);
+        let mut no_in_batch_neg = false;
         let rows: Vec<u64> = match &self.schedule {
             Schedule::Random => self.span(&order, step).map(|i| order.row(i)).collect(),
             Schedule::Grouped(mult) => self
@@ -399,6 +414,7 @@ impl Plan {
                 let (g, within) = ss
                     .batches
                     .batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
+                no_in_batch_neg = ss.groups[g].no_in_batch_neg;
                 within
                     .into_iter()
                     .map(|k| order.rows().row(ss.groups[g].index(&self.universe, k)))
@@ -408,9 +424,11 @@ impl Plan {
         for &row in &rows {
             self.ds.prefetch_group(row as usize);
         }
-        rows.into_iter()
+        let selections = rows
+            .into_iter()
             .map(|row| self.select(epoch, row))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((selections, no_in_batch_neg))
     }
 
     /// Batch `step` of `epoch`. `next` is the step this thread computes after it: in random
@@ -425,7 +443,7 @@ impl Plan {
                 len: steps,
             });
         }
-        let selections = self.selections(epoch, step)?;
+        let (selections, no_in_batch_neg) = self.drawn(epoch, step)?;
         if let (Schedule::Random, Some(next)) = (&self.schedule, next.filter(|&n| n < steps)) {
             let order = self.order(epoch);
             for i in self.span(&order, next) {
@@ -433,13 +451,7 @@ impl Plan {
             }
         }
         let mut batch = self.collator.collate(&self.ds, selections)?;
-        if let Schedule::SameSource(ss) = &self.schedule {
-            let o = &self.options;
-            let (g, _) = ss
-                .batches
-                .batch(o.seed, epoch, step, o.shard.rank, o.shuffle);
-            batch.no_in_batch_neg = ss.groups[g].no_in_batch_neg;
-        }
+        batch.no_in_batch_neg = no_in_batch_neg;
         Ok(batch)
     }
 }

@@ -61,25 +61,29 @@ def read_rows(path):
         return [json.loads(line) for line in f]
 
 
-def reference_rate(tok_kind, tok_path, mode, rows, seconds):
-    ref = Reference(load_tokenizer(tok_kind, tok_path), mode, QM, PM, {},
-                    padding_side="right" if mode == "encoder" else "left")
+def rate(ref, rows, seconds, b, g):
+    """Batches per second of `ref.batch` on groups drawn as FlagEmbedding draws them (rows in a
+    shuffled order, a positive, g-1 negatives)."""
     rng = random.Random(0)
     order = list(range(len(rows)))
     rng.shuffle(order)
     n, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         sels = []
-        for _ in range(B):
-            r = rows[order[i % len(order)]]
+        for _ in range(b):
+            row = order[i % len(order)]
             i += 1
-            k = G - 1
-            negs = rng.sample(range(len(r["neg"])), k) if len(r["neg"]) >= k else \
-                rng.sample(list(range(len(r["neg"]))) * -(-k // len(r["neg"])), k)
-            sels.append({"row": order[(i - 1) % len(order)], "pos": rng.randrange(len(r["pos"])), "neg": negs})
+            r = rows[row]
+            sels.append({"row": row, "pos": rng.randrange(len(r["pos"])), "neg": draw(rng, r, g - 1)})
         ref.batch(rows, sels)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def reference_rate(tok_kind, tok_path, mode, rows, seconds):
+    ref = Reference(load_tokenizer(tok_kind, tok_path), mode, QM, PM, {},
+                    padding_side="right" if mode == "encoder" else "left")
+    return rate(ref, rows, seconds, B, G)
 
 
 def tokenizer_for(kind):
@@ -102,20 +106,7 @@ def embedder_reference_rate(tok_kind, tok_path, rows, seconds, b, g, qm, pm):
     decoder = tok_kind == "mistral"
     tok = load_tokenizer(tok_kind, tok_path, add_eos_token=decoder)
     ref = EmbedderReference(tok, qm, pm, {}, padding_side="left" if decoder else tok.padding_side)
-    rng = random.Random(0)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    n, i, t0 = 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        sels = []
-        for _ in range(b):
-            row = order[i % len(order)]
-            i += 1
-            r = rows[row]
-            sels.append({"row": row, "pos": rng.randrange(len(r["pos"])), "neg": draw(rng, r, g - 1)})
-        ref.batch(rows, sels)
-        n += 1
-    return n / (time.perf_counter() - t0)
+    return rate(ref, rows, seconds, b, g)
 
 
 def embedder(a, work):

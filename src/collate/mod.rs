@@ -620,12 +620,27 @@ impl Collator {
     /// count), from lengths only.
     pub fn group_tokens(&self, ds: &Dataset, sel: &Selection) -> Result<(usize, usize)> {
         let g = ds.group_ids(sel.row as usize)?;
+        self.drawn_tokens(ds, &g, sel.row, sel.pos, &sel.neg)
+    }
+
+    /// [`Collator::group_tokens`] of a group already read (no allocation: the token-budget
+    /// plan calls this once per row of an epoch).
+    pub fn drawn_tokens(
+        &self,
+        ds: &Dataset,
+        g: &GroupIds<'_>,
+        row: u64,
+        pos: u32,
+        neg: &[u32],
+    ) -> Result<(usize, usize)> {
         let prompt = self.prompt_of(ds, g.prompt)?;
-        let mut ids = Vec::with_capacity(1 + sel.neg.len());
-        push_ids(&g, sel, &mut ids)?;
         let (mut longest, mut total) = (0, 0);
-        for id in ids {
-            let l = self.pair(g.query, ds.referenced_passage(id)?, prompt).len();
+        let first = pick(g.pos, pos, row, "positive")?;
+        let rest = neg.iter().map(|&j| pick(g.neg, j, row, "negative"));
+        for id in std::iter::once(Ok(first)).chain(rest) {
+            let l = self
+                .pair(g.query, ds.referenced_passage(id?)?, prompt)
+                .len();
             longest = longest.max(l);
             total += l;
         }

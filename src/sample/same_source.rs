@@ -97,11 +97,6 @@ impl SourceBatches {
         self.len() == 0
     }
 
-    /// Global batches of each source per epoch.
-    pub fn counts(&self) -> &[u64] {
-        &self.counts
-    }
-
     /// Batch `step` (< len) of `epoch` for `rank`: its source, and the indices of its rows
     /// within the source's epoch rows (`0..takes[s]`).
     pub fn batch(

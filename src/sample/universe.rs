@@ -188,11 +188,6 @@ impl Universe {
         self.len() == 0
     }
 
-    /// Number of sources.
-    pub fn source_count(&self) -> usize {
-        self.sources.len()
-    }
-
     /// The indices of source `s` in every epoch's universe.
     pub fn source_span(&self, s: usize) -> std::ops::Range<u64> {
         self.starts[s]..self.starts[s] + self.sources[s].take
@@ -203,17 +198,22 @@ impl Universe {
         self.sources.iter().map(|s| s.take).collect()
     }
 
-    /// The universe of `epoch`: its subsets drawn.
+    /// The universe of `epoch`: its subsets drawn. Without caps or weights (every source
+    /// whole) nothing is drawn or allocated: the loader builds this for every batch.
     pub fn epoch(&self, epoch: u64) -> EpochRows<'_> {
-        let subsets = self
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(s, src)| {
-                (src.n > 0 && src.take % src.n != 0)
-                    .then(|| Permutation::new(src.n, &[self.seed, s as u64, epoch, 0x5ca1ab1e]))
-            })
-            .collect();
+        let partial = |src: &SourceRows| src.n > 0 && src.take % src.n != 0;
+        let subsets = if self.sources.iter().any(partial) {
+            self.sources
+                .iter()
+                .enumerate()
+                .map(|(s, src)| {
+                    partial(src)
+                        .then(|| Permutation::new(src.n, &[self.seed, s as u64, epoch, 0x5ca1ab1e]))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         EpochRows {
             universe: self,
             subsets,
@@ -225,7 +225,8 @@ impl Universe {
 #[derive(Debug, Clone)]
 pub struct EpochRows<'u> {
     universe: &'u Universe,
-    /// Per source, the permutation whose first rows are the epoch's partial copy.
+    /// Per source, the permutation whose first rows are the epoch's partial copy; empty when
+    /// no source has a partial copy.
     subsets: Vec<Option<Permutation>>,
 }
 
@@ -258,8 +259,8 @@ impl EpochRows<'_> {
         let src = &u.sources[s];
         let k = j - u.starts[s];
         let (copy, i) = (k / src.n, k % src.n);
-        let i = match &self.subsets[s] {
-            Some(p) if copy == src.take / src.n => p.apply(i),
+        let i = match self.subsets.get(s) {
+            Some(Some(p)) if copy == src.take / src.n => p.apply(i),
             _ => i,
         };
         src.row(i)

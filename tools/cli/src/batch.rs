@@ -524,9 +524,9 @@ fn padded_bound(loader: &Loader, n: u64) -> Result<f64> {
     let (mut real, mut cells) = (0u64, 0u64);
     for step in 0..n {
         for sel in loader.selections(0, step)? {
-            let pairs = collator.pairs(ds, &sel)?;
-            real += pairs.iter().map(|p| p.len() as u64).sum::<u64>();
-            cells += (g * collator.group_len(ds, &sel)?) as u64;
+            let (longest, tokens) = collator.group_tokens(ds, &sel)?;
+            real += tokens as u64;
+            cells += (g * longest) as u64;
         }
     }
     Ok(real as f64 / cells.max(1) as f64)
