@@ -276,6 +276,7 @@ impl Dataset {
     pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
         let dir = dir.as_ref();
         let manifest = read_manifest(dir)?;
+        check_facts(dir, &manifest)?;
         check_file_list(dir, &manifest)?;
         let c = &manifest.counts;
         let groups = Table::open(
@@ -460,8 +461,9 @@ impl Dataset {
         })
     }
 
-    /// Check every row of every file, every id, every token id against the vocabulary, the
-    /// tokenizer facts against themselves, and the checksum of every file: linear in the data.
+    /// Check every row of every file, every id, every token id against the vocabulary, and the
+    /// checksum of every file: linear in the data (the tokenizer facts were checked at open).
+    /// `merge` and `export` run it on their inputs before writing anything.
     pub fn validate(&self) -> Result<()> {
         for (name, table) in [
             (format::GROUPS_FILE, &self.groups),
@@ -475,48 +477,37 @@ impl Dataset {
             let rejects = MappedFile::open(&path)?;
             check_sum(&path, rejects.bytes(), entry)?;
         }
-        let manifest_path = self.dir.join(format::MANIFEST_FILE);
-        let vocab = match &self.manifest.tokenizer {
-            Some(facts) => {
-                facts
-                    .check()
-                    .map_err(|m| Error::corrupt(&manifest_path, format!("tokenizer facts: {m}")))?;
-                facts.vocab_size as i64
-            }
-            None => i32::MAX as i64 + 1,
-        };
-        let bad_token = |path: &Path, what: String, ids: &[i32]| -> Result<()> {
+        let vocab = vocab_size(&self.manifest);
+        let bad_token = |path: &Path, what: &dyn Fn() -> String, ids: &[i32]| -> Result<()> {
             match ids.iter().find(|&&t| !(0..vocab).contains(&(t as i64))) {
                 None => Ok(()),
                 Some(t) => Err(Error::corrupt(
                     path,
-                    format!("{what}: token id {t} is outside the vocabulary of {vocab}"),
+                    format!(
+                        "{}: token id {t} is outside the vocabulary of {vocab}",
+                        what()
+                    ),
                 )),
             }
         };
-        bad_token(
-            &manifest_path,
-            "text.sep_ids".into(),
-            &self.manifest.text.sep_ids,
-        )?;
         for id in 0..self.passages.rows {
             bad_token(
                 self.passages.path(),
-                format!("row {id}"),
+                &|| format!("row {id}"),
                 self.passage(id as i32)?,
             )?;
         }
         for id in 0..self.prompts.rows {
             bad_token(
                 self.prompts.path(),
-                format!("row {id}"),
+                &|| format!("row {id}"),
                 self.prompt_tokens(id as u32)?,
             )?;
         }
         let n = self.passages.rows;
         for row in 0..self.groups.rows {
             let g = self.group(row)?;
-            bad_token(self.groups.path(), format!("row {row} query"), g.query)?;
+            bad_token(self.groups.path(), &|| format!("row {row} query"), g.query)?;
             for &id in g.pos.iter().chain(g.neg) {
                 if id < 0 || id as usize >= n {
                     return Err(Error::corrupt(
@@ -553,6 +544,40 @@ fn tokens_row<'a>(t: &'a Table, id: i32, what: &'static str) -> Result<&'a [i32]
     })?;
     let (b, i) = t.locate(row, what)?;
     t.non_null_list(b, 0, 0, i, "tokens")
+}
+
+/// The number of token ids a dataset may hold: the tokenizer's vocabulary, or any int32.
+fn vocab_size(manifest: &Manifest) -> i64 {
+    manifest
+        .tokenizer
+        .as_ref()
+        .map_or(i32::MAX as i64 + 1, |f| f.vocab_size as i64)
+}
+
+/// The tokenizer facts hold against themselves ([`format::TokenizerFacts::check`]: special
+/// ids within the vocabulary, templates well formed) and the separator ids are within the
+/// vocabulary: what pair building takes from the manifest, checked at open (O(1)), so a
+/// template without its second sequence is a corrupt dataset, not a loader failure.
+fn check_facts(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = || dir.join(format::MANIFEST_FILE);
+    if let Some(facts) = &manifest.tokenizer {
+        facts
+            .check()
+            .map_err(|m| Error::corrupt(path(), format!("tokenizer facts: {m}")))?;
+    }
+    let vocab = vocab_size(manifest);
+    match manifest
+        .text
+        .sep_ids
+        .iter()
+        .find(|&&t| !(0..vocab).contains(&(t as i64)))
+    {
+        Some(t) => Err(Error::corrupt(
+            path(),
+            format!("text.sep_ids: token id {t} is outside the vocabulary of {vocab}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn check_sum(path: &Path, bytes: &[u8], entry: &format::FileEntry) -> Result<()> {

@@ -18,6 +18,7 @@
 //! children named `element` (the Parquet spec's name, which Spark and Polars write too).
 //! Every file carries the dataset's tokenizer facts and text settings in its key-value
 //! metadata (`rankfeed.manifest`), so `import` can restore them. Row groups hold about 64 MB.
+//! The dataset is verified in full before anything is written.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -288,9 +289,12 @@ fn manifest_json(ds: &Dataset) -> Result<String> {
     .to_string())
 }
 
-/// Export `ds` to Parquet under `out` (a directory).
+/// Export `ds` to Parquet under `out` (a directory). The dataset is verified in full first
+/// ([`Dataset::validate`]: checksums, rows, ids): a corrupt dataset is an error and nothing is
+/// written, so an export never carries damaged data under a clean Parquet file.
 pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<ExportReport> {
     let start = Instant::now();
+    ds.validate()?;
     let staging = Staging::new(out, options.overwrite)?;
     let stage = staging.path();
     let meta = manifest_json(ds)?;

@@ -391,6 +391,42 @@ pub struct SourceStats {
     pub batch_size: Option<u64>,
 }
 
+/// The shards `start..end` of `of` of one sharded conversion (`--shard K/N` writes
+/// `K..K+1` of `N`). `merge` uses it to refuse a shard given twice, overlapping shards, and
+/// gaps, and to join shards in shard order whatever the order they are given in; shards that
+/// add up to `0..of` make a whole conversion, whose manifest has no `shards`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRange {
+    /// First shard held.
+    pub start: u64,
+    /// One past the last shard held.
+    pub end: u64,
+    /// Shards of the conversion.
+    pub of: u64,
+}
+
+impl ShardRange {
+    /// The range, or `None` when it covers the whole conversion (`0..of`).
+    pub fn partial(start: u64, end: u64, of: u64) -> Option<ShardRange> {
+        (start > 0 || end < of).then_some(ShardRange { start, end, of })
+    }
+
+    /// Whether the range is well formed: `start < end <= of`.
+    pub fn is_valid(&self) -> bool {
+        self.start < self.end && self.end <= self.of
+    }
+}
+
+impl std::fmt::Display for ShardRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.end == self.start + 1 {
+            write!(f, "shard {}/{}", self.start, self.of)
+        } else {
+            write!(f, "shards {}..{} of {}", self.start, self.end, self.of)
+        }
+    }
+}
+
 /// Size and checksum of one dataset file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -449,6 +485,10 @@ pub struct Manifest {
     pub text: TextSettings,
     /// Per-source statistics, indexed by source id.
     pub sources: Vec<SourceStats>,
+    /// Which shards of a sharded conversion this dataset holds; absent for a whole
+    /// conversion (and for merged shards that add up to one). See [`ShardRange`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardRange>,
     /// Size and checksum of each .arrow file (and rejects.jsonl when present).
     pub files: BTreeMap<String, FileEntry>,
     /// The seal: xxh3-64 of the manifest's bytes with this value zeroed (see the module docs).

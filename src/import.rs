@@ -177,6 +177,7 @@ pub fn import(
         sources: source_stats(&per_source, meta.sources, &files),
         tokenizer: Some(meta.facts),
         text: meta.text,
+        shards: None,
     })?;
     let bytes = files
         .iter()

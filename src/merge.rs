@@ -2,32 +2,43 @@
 //! tokenizing again. Groups keep shard order, then row order; passages and row prompts are
 //! interned by the writer (first appearance, by token ids), exactly as a single conversion
 //! does; rejects.jsonl files are concatenated in order. So merging shards `0..N-1` of one
-//! conversion gives the single conversion's files byte for byte.
+//! conversion gives the single conversion's files byte for byte, in whatever order the shards
+//! are given.
 //!
-//! Sources: shards of one conversion list the same sources (same paths and sizes), each with
-//! its own counts: the merged dataset lists them once with the counts added up. Datasets with
-//! different sources are concatenated: their sources are renumbered in order.
-//! Every dataset must come from the same tokenizer and text settings.
+//! **Nothing is trusted.** Every input is verified in full first (every file's checksum, every
+//! row, every id and token id: [`Dataset::validate`]), and must come from the same tokenizer
+//! facts, text settings and default prompts; a corrupt or mismatched input is an error naming
+//! it, and nothing is written. A fresh checksum never certifies damaged data.
+//!
+//! **Sources and shards.** Shards of one conversion list the same sources (same paths and
+//! sizes), each with its own counts, and record which shards they hold
+//! ([`crate::format::ShardRange`]): the merged dataset lists the sources once with the counts
+//! added up. The shards are joined in shard order; a shard given twice, overlapping shards, a
+//! gap between shards, or a whole conversion given with shards of the same sources is refused
+//! (each would repeat or silently drop rows). Merging only some shards (say 0..2 of 4) is
+//! allowed and recorded in the output's manifest, so the rest can be merged in later. Datasets
+//! with different sources are concatenated in the order given, their sources renumbered; each
+//! must then be whole (merge a conversion's shards first).
 
 use std::path::{Path, PathBuf};
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::format::{self, SourceStats};
+use crate::format::{self, ShardRange, SourceStats};
 use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
 
 /// Merge the datasets at `shards` into `out`.
 pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<crate::Manifest> {
-    let opened = open_alike(shards)?;
+    let mut opened = open_alike(shards)?;
     let first = opened[0].manifest();
     let same_sources = opened
         .iter()
         .all(|d| same_sources(&d.manifest().sources, &first.sources));
+    let range = order_shards(&mut opened, same_sources)?;
+    verify_all(&opened)?;
+    let first = opened[0].manifest();
     let mut w = DatasetWriter::create(out, options)?;
-    for id in [
-        format::PROMPT_ID_LLM_DEFAULT,
-        format::PROMPT_ID_MATRYOSHKA_DEFAULT,
-    ] {
+    for id in DEFAULT_PROMPTS {
         w.add_prompt(opened[0].prompt_tokens(id)?)?;
     }
     let mut sources: Vec<SourceStats> = Vec::new();
@@ -48,10 +59,17 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
         tokenizer: first.tokenizer.clone(),
         text: first.text.clone(),
         sources,
+        shards: range,
     })
 }
 
-/// Open every dataset; they must share tokenizer and text settings.
+/// The prompts every dataset stores first.
+const DEFAULT_PROMPTS: [u32; 2] = [
+    format::PROMPT_ID_LLM_DEFAULT,
+    format::PROMPT_ID_MATRYOSHKA_DEFAULT,
+];
+
+/// Open every dataset; they must share tokenizer facts, text settings and default prompts.
 fn open_alike(shards: &[PathBuf]) -> Result<Vec<Dataset>> {
     if shards.is_empty() {
         return Err(Error::argument("shards", "no shards to merge"));
@@ -60,21 +78,125 @@ fn open_alike(shards: &[PathBuf]) -> Result<Vec<Dataset>> {
         .iter()
         .map(Dataset::open)
         .collect::<Result<Vec<_>>>()?;
-    let first = opened[0].manifest();
-    let fp = |m: &crate::Manifest| m.tokenizer.as_ref().map(|t| t.fingerprint.clone());
-    for (path, ds) in shards.iter().zip(&opened).skip(1) {
-        let m = ds.manifest();
-        if fp(m) != fp(first) || m.text != first.text {
+    let first = &opened[0];
+    for ds in &opened[1..] {
+        let (m, f) = (ds.manifest(), first.manifest());
+        let differs = if m.tokenizer != f.tokenizer {
+            Some("tokenizer facts")
+        } else if m.text != f.text {
+            Some("text settings")
+        } else if DEFAULT_PROMPTS
+            .iter()
+            .any(|&id| ds.prompt_tokens(id).ok() != first.prompt_tokens(id).ok())
+        {
+            Some("default prompt tokens")
+        } else {
+            None
+        };
+        if let Some(what) = differs {
             return Err(Error::input(
-                path,
+                ds.dir(),
                 format!(
-                    "tokenizer or text settings differ from {}'s; shards must be converted alike",
-                    shards[0].display()
+                    "{what} differ from {}'s; datasets must be converted alike to be merged",
+                    first.dir().display()
                 ),
             ));
         }
     }
     Ok(opened)
+}
+
+/// Put the shards of one conversion in shard order and check that they are disjoint and
+/// adjacent; the shards the merged dataset holds (see the module docs).
+fn order_shards(opened: &mut [Dataset], same_sources: bool) -> Result<Option<ShardRange>> {
+    for ds in opened.iter() {
+        if let Some(r) = ds.manifest().shards.filter(|r| !r.is_valid()) {
+            return Err(Error::corrupt(
+                ds.dir().join(format::MANIFEST_FILE),
+                format!(
+                    "shards {}..{} of {}: not a range of shards",
+                    r.start, r.end, r.of
+                ),
+            ));
+        }
+    }
+    if !same_sources || opened.len() == 1 {
+        if let (false, Some(ds)) = (
+            same_sources,
+            opened.iter().find(|d| d.manifest().shards.is_some()),
+        ) {
+            return Err(Error::input(
+                ds.dir(),
+                format!(
+                    "holds {} of a conversion whose other shards are not in this merge (the                      inputs list different sources): merge a conversion's shards first",
+                    ds.manifest().shards.expect("found above")
+                ),
+            ));
+        }
+        return Ok(opened[0].manifest().shards);
+    }
+    if let Some(whole) = opened.iter().find(|d| d.manifest().shards.is_none()) {
+        return Err(Error::input(
+            whole.dir(),
+            "is a whole conversion of the same sources as the other inputs: merging it with              them would repeat its rows",
+        ));
+    }
+    let range = |d: &Dataset| d.manifest().shards.expect("every input is a shard");
+    opened.sort_by_key(|d| range(d).start);
+    for pair in opened.windows(2) {
+        let (a, b) = (range(&pair[0]), range(&pair[1]));
+        let (da, db) = (pair[0].dir().display(), pair[1].dir());
+        if a.of != b.of {
+            return Err(Error::input(
+                db,
+                format!("holds {b}, {da} holds {a}: shards of different conversions"),
+            ));
+        }
+        if b.start < a.end {
+            return Err(Error::input(
+                db,
+                format!(
+                    "holds {b}, {da} holds {a}: shard {} would be merged twice",
+                    b.start
+                ),
+            ));
+        }
+        if b.start > a.end {
+            return Err(Error::input(
+                db,
+                format!(
+                    "holds {b}, {da} holds {a}: shards {}..{} between them are missing",
+                    a.end, b.start
+                ),
+            ));
+        }
+    }
+    let (lo, hi) = (range(&opened[0]), range(&opened[opened.len() - 1]));
+    Ok(ShardRange::partial(lo.start, hi.end, lo.of))
+}
+
+/// Verify every input in full (see [`Dataset::validate`]), the inputs spread over the cores.
+fn verify_all(opened: &[Dataset]) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, opened.len());
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    opened
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .try_for_each(Dataset::validate)
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(Error::Internal("a verification thread panicked".into())))
+        })
+    })
 }
 
 fn same_sources(a: &[SourceStats], b: &[SourceStats]) -> bool {

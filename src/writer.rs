@@ -289,6 +289,8 @@ pub struct ManifestInfo {
     pub text: TextSettings,
     /// Per-source statistics.
     pub sources: Vec<SourceStats>,
+    /// The shards of a sharded conversion this dataset holds (None: a whole conversion).
+    pub shards: Option<format::ShardRange>,
 }
 
 struct OpenFiles {
@@ -524,6 +526,7 @@ impl DatasetWriter {
             tokenizer: info.tokenizer,
             text: info.text,
             sources: info.sources,
+            shards: info.shards,
             files,
             checksum: String::new(),
         };

@@ -126,6 +126,7 @@ fn write(
             ..TextSettings::default()
         },
         sources: stats,
+        shards: None,
     })
     .unwrap();
     Arc::new(Dataset::open(dir).unwrap())
@@ -1259,6 +1260,7 @@ fn matryoshka_scores_follow_the_seed_by_text() {
             rows_accepted: 2,
             ..Default::default()
         }],
+        shards: None,
     })
     .unwrap();
     let ds = Dataset::open(&path).unwrap();

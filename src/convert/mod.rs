@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, RejectReason, Result, RowError};
-use crate::format::{self, Manifest, SourceStats, TextSettings};
+use crate::format::{self, Manifest, ShardRange, SourceStats, TextSettings};
 use crate::tokenizer::TextTokenizer;
 use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, PreHashed, WriterOptions};
 
@@ -268,6 +268,9 @@ pub fn convert(
         tokenizer: Some(tokenizer.facts().clone()),
         text,
         sources: stats,
+        shards: options
+            .shard
+            .and_then(|(k, n)| ShardRange::partial(k as u64, k as u64 + 1, n as u64)),
     })?;
     Ok(ConvertReport {
         manifest,

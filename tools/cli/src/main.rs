@@ -320,6 +320,12 @@ fn report_cleaned(cleaned: &[PathBuf]) {
 
 fn write_summary(out: &mut impl Write, m: &Manifest) -> Result<()> {
     let c = &m.counts;
+    if let Some(r) = m.shards {
+        writeln!(
+            out,
+            "  holds {r} of a sharded conversion: merge it with the other shards before training"
+        )?;
+    }
     writeln!(
         out,
         "  groups {}  unique passages {}  passage refs {}  prompts {}",
@@ -454,6 +460,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
             "counts": m.counts,
             "dedup_ratio": m.counts.dedup_ratio(),
             "sources": m.sources,
+            "shards": m.shards,
             "tokenizer": m.tokenizer,
             "text": m.text,
             "stats": stats,
