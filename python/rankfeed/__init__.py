@@ -115,43 +115,20 @@ class Dataset(_Dataset):
     """A converted dataset, memory-mapped. `len(ds)` groups; `ds.group(i)`, `ds.passage(id)`,
     `ds.prompt(id)` return int32 numpy arrays; `ds.manifest`, `ds.stats()`, `ds.validate()`.
 
-    `ds.loader(...)` returns a `Loader` of batches:
-
-    - batch_size, group_size (1 positive + group_size-1 negatives per query), mode
-      ("encoder", "llm" or "matryoshka"), query_max_len, passage_max_len
-    - seed, epoch, rank, world_size, shard_tail ("pad" like DistributedSampler, "drop", or
-      "uneven": every row exactly once), shuffle, drop_last (the last short batch)
-    - pad_to_multiple_of, padding_side ("left"/"right"; default the tokenizer's for encoder,
-      left for llm, right for matryoshka), pad_id, int32 (default int64), attention_mask
-    - knowledge_distillation (adds "teacher_scores"), max_example_num_per_dataset (rows each
-      larger source gives an epoch: a new seeded subset each epoch), skip_rows_without_negatives
-    - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
-      prefetch_depth
-    - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups sorted
-      by the length the collator pads each to, longest batch of the epoch first)
-    - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
-      cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
-    - max_tokens=T: token-budget batches, as many groups (at most batch_size) as fit T tokens
-      (padded: groups x group_size x padded length; packed: real tokens); every rank takes the
-      same number of steps, which varies by epoch (`len(loader)`, `loader.steps(epoch)`)
-    - weights: mixing weights per source (a list in the manifest's source order, or a dict
-      keyed by a source's path or file name); an epoch keeps its length and source s gives
-      weights[s]/sum of it: fewer rows than it has -> a new seeded subset each epoch, more ->
-      whole copies plus a subset
-    - same_source: every global batch (all ranks at one step) from one source;
-      source_batch_sizes (list or dict, as weights) sets each source's batch size;
-      shard_tail "drop" drops a source's last partial batch, "pad" fills it from its start
+    `ds.loader(...)` returns a `Loader` of batches; `help(rankfeed.Dataset.loader)` lists its
+    arguments (batch shape, modes "encoder", "llm", "matryoshka" and "embedder" and their
+    options, sharding, token budgets, mixing, same-source batches, prefetch), in one place.
 
     Batches are dicts of numpy arrays and nothing else: input_ids, attention_mask,
     token_type_ids (only for tokenizers that have them, encoder mode: XLM-R has none),
-    teacher_scores, query_lengths and prompt_lengths (matryoshka), plus rows [B], pos [B],
-    neg [B, G-1] (the groups it holds) and overlong (a 0-d array: rows longer than the
-    reference's maximum because its truncation could not cut them).
+    teacher_scores, query_lengths and prompt_lengths (matryoshka), query_* and passage_* keys
+    and no_in_batch_neg (embedder), plus rows [B], pos [B], neg [B, G-1] (the groups it holds)
+    and overlong (a 0-d array: rows longer than the reference's maximum because its
+    truncation could not cut them).
 
-    Numeric arguments are checked before anything is allocated: a negative or non-integer
-    value, or one beyond rankfeed's limits (e.g. pad_to_multiple_of <= 65536, batches of at
-    most 8 GiB), is a ValueError naming the argument. A loader may be used from several
-    threads: each call works or raises, none waits for another while holding the GIL."""
+    A loader may be used from several threads: each call works or raises; `len()`, `step`,
+    `epoch` and `state_dict()` never wait for the loader, and the calls that do wait, with the
+    GIL released, in the order they asked."""
 
     def __reduce__(self):
         return (Dataset, (self.path,))

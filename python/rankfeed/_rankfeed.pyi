@@ -16,7 +16,8 @@ def convert(inputs: Sequence[str], tokenizer: str, out: str, *, query_instructio
             on_error: str = ..., overwrite: bool = ..., threads: Optional[int] = ...,
             rows_per_batch: Optional[int] = ...,
             progress: Optional[Callable[[int, int, int, int, int, float], None]] = ...,
-            shard: Optional[tuple[int, int]] = ...) -> dict[str, Any]: ...
+            shard: Optional[tuple[int, int]] = ..., max_line_bytes: Optional[int] = ...,
+            convention: str = ...) -> dict[str, Any]: ...
 def export(dataset: str, out: str, *, layout: str = ..., rows_per_file: int = ..., overwrite: bool = ...) -> dict[str, Any]: ...
 def import_parquet(inputs: Sequence[str], out: str, *, tokenizer: Optional[str] = ..., overwrite: bool = ...) -> dict[str, Any]: ...
 def merge(shards: Sequence[str], out: str, *, overwrite: bool = ...) -> dict[str, Any]: ...
@@ -54,15 +55,18 @@ class Dataset:
     def prompt(self, id: int) -> npt.NDArray[np.int32]: ...
     def stats(self) -> dict[str, Any]: ...
     def validate(self) -> None: ...
-    def loader(self, batch_size: int = ..., group_size: int = ..., mode: str = ..., query_max_len: int = ...,
-               passage_max_len: int = ..., seed: int = ..., epoch: int = ..., rank: int = ..., world_size: int = ...,
-               shard_tail: str = ..., shuffle: bool = ..., drop_last: bool = ...,
-               pad_to_multiple_of: Optional[int] = ..., padding_side: Optional[str] = ..., pad_id: Optional[int] = ...,
-               int32: bool = ..., attention_mask: bool = ..., knowledge_distillation: bool = ...,
-               max_example_num_per_dataset: Optional[int] = ..., skip_rows_without_negatives: bool = ...,
-               prefetch_threads: int = ..., prefetch_depth: int = ..., packed: bool = ...,
-               length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
+    def loader(self, batch_size: Optional[int] = ..., group_size: Optional[int] = ..., mode: str = ...,
+               query_max_len: Optional[int] = ..., passage_max_len: Optional[int] = ...,
+               seed: Optional[int] = ..., epoch: Optional[int] = ..., rank: Optional[int] = ...,
+               world_size: Optional[int] = ..., shard_tail: str = ..., shuffle: bool = ...,
+               drop_last: bool = ..., pad_to_multiple_of: Optional[int] = ...,
+               padding_side: Optional[str] = ..., pad_id: Optional[int] = ..., int32: bool = ...,
+               attention_mask: bool = ..., knowledge_distillation: bool = ...,
+               max_example_num_per_dataset: Optional[int] = ...,
+               skip_rows_without_negatives: bool = ..., prefetch_threads: Optional[int] = ...,
+               sub_batch_size: Optional[int] = ..., add_eos: Optional[bool] = ...,
+               matryoshka_scores_by_index: bool = ..., prefetch_depth: Optional[int] = ...,
+               packed: bool = ..., length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
                weights: Optional[Union[list[float], dict[str, float]]] = ..., same_source: bool = ...,
                source_batch_sizes: Optional[Union[list[int], dict[str, int]]] = ...,
-               small_threshold: int = ..., drop_threshold: int = ..., sub_batch_size: Optional[int] = ...,
-               add_eos: Optional[bool] = ..., matryoshka_scores_by_index: bool = ...) -> Loader: ...
+               small_threshold: Optional[int] = ..., drop_threshold: Optional[int] = ...) -> Loader: ...

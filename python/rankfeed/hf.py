@@ -10,9 +10,12 @@ when this module is).
 
 What it does for you:
 - the epoch advances (`set_epoch` at every epoch: new order and negatives each epoch);
-- exact resume in O(1): each checkpoint holds `rankfeed_state.json` (epoch, next batch); a
-  resumed run starts there without iterating over consumed batches again (the Trainer's own
-  batch skipping is turned off), and trains on exactly the batches an uninterrupted run would;
+- exact resume in O(1): each checkpoint holds `rankfeed_state.json` (epoch, next batch, and
+  every setting the batches depend on: the dataset's seal, seed, batch and group sizes,
+  world size, ...); a resumed run starts there without iterating over consumed batches again
+  (the Trainer's own batch skipping is turned off), and trains on exactly the batches an
+  uninterrupted run would. A resume under other settings (another world size, seed, batch
+  size, dataset, ...) is a ValueError naming the setting, before training starts;
 - DDP: rank and world size come from the Trainer (`args.process_index`, `args.world_size`),
   every rank has the same number of batches (shard_tail "pad"); the DataLoader is not handed
   to accelerate, which would re-shard it;
@@ -30,7 +33,7 @@ import transformers
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .torch import RankfeedIterable, _META
+from .torch import RankfeedIterable, _META, check_settings
 
 STATE_FILE = "rankfeed_state.json"
 
@@ -56,7 +59,7 @@ class RankfeedDataLoader(DataLoader):
     def __init__(self, dataset, num_workers=0, pin_memory=False):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=False)
-        self._epoch, self._next = dataset.epoch, dataset._next
+        self._epoch, self._next = dataset.epoch, 0
         self._resume = None
 
     def set_epoch(self, epoch):
@@ -73,21 +76,28 @@ class RankfeedDataLoader(DataLoader):
         """Continue at batch `nxt` of `epoch` (what `state_dict()` returned): O(1). The next
         `set_epoch` must name that epoch (Trainer's does)."""
         epoch, nxt = int(epoch), int(nxt)
-        if nxt >= len(self.dataset):
+        if nxt >= self.dataset.steps(epoch):
             epoch, nxt = epoch + 1, 0
         self._epoch, self._next = epoch, nxt
         self._resume = (epoch, nxt)
 
+    def __len__(self):
+        return self.dataset.steps(self._epoch)
+
     def state_dict(self):
-        return {"epoch": self._epoch, "next": self._next}
+        """The position (epoch, next batch) and the settings it is valid for (those of
+        `RankfeedIterable.state_dict()`)."""
+        return {"epoch": self._epoch, "next": self._next, "settings": self.dataset.settings()}
 
     def __iter__(self):
         ds = self.dataset
-        ds.epoch, ds._next = self._epoch, self._next  # picked up by the workers' copies
+        # The pass starts where this loader is (the workers' copies read it at their start):
+        # it counts the batches it hands out, so it continues exactly after a break.
+        ds._start_at(self._epoch, self._next)
         for batch in super().__iter__():
             self._next += 1
             yield batch
-        if self._next >= len(ds):
+        if self._next >= ds.steps(self._epoch):
             self._epoch, self._next = self._epoch + 1, 0
 
 
@@ -130,10 +140,30 @@ class RankfeedTrainer(transformers.Trainer):
                                  "written by RankfeedTrainer")
             with open(path) as f:
                 state = json.load(f)
-            self._rankfeed_resume = (state["epoch"], state["next"])
+            self._rankfeed_resume = self._check_resume(state, path)
             # rankfeed positions the data itself; the Trainer must not skip batches again.
             self.args.ignore_data_skip = True
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_resume(self, state, path):
+        """(epoch, next) of a checkpoint's state, after checking that it was taken with this
+        run's settings (all but the rank: rank 0 writes it for every rank)."""
+        data = self.train_dataset
+        if data.rank is None or data.world_size is None:
+            data.shard(self.args.process_index, self.args.world_size)
+        what = f"rankfeed: the checkpoint {path}"
+        if not isinstance(state, dict) or "settings" not in state:
+            raise ValueError(f"{what} holds no settings (written by an older rankfeed), so "
+                             "rankfeed cannot check that it resumes on the same batches")
+        unknown = sorted(set(state) - {"epoch", "next", "settings"})
+        if unknown:
+            raise ValueError(f"{what} has unknown keys {unknown}")
+        check_settings(state["settings"], data.settings(), what, ignore=("rank",))
+        epoch, nxt = state.get("epoch"), state.get("next")
+        for name, v in (("epoch", epoch), ("next", nxt)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{what}: {name} must be a non-negative int, got {v!r}")
+        return epoch, nxt
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         super()._save_checkpoint(model, trial, *args, **kwargs)

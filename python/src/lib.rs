@@ -9,8 +9,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use numpy::ndarray::{Array1, Array2};
@@ -645,9 +645,59 @@ impl PyDataset {
         detached(py, move || ds.validate())
     }
 
-    /// A batch loader; see `rankfeed.Dataset.loader` for the arguments. Numeric arguments
-    /// left as None take the library's defaults (`LoaderOptions::default()`); each is checked
-    /// (ValueError naming it) before anything is allocated.
+    /// A `Loader` of batches (dicts of numpy arrays). Every argument is keyword-able; None
+    /// takes the library's default (`LoaderOptions::default()`).
+    ///
+    /// What a batch is:
+    /// - batch_size (queries per batch), group_size (1 positive + group_size-1 negatives per
+    ///   query), mode: "encoder" (cross-encoders: the tokenizer's pair template), "llm"
+    ///   (decoder rerankers), "matryoshka" (the Matryoshka reranker's layout, with
+    ///   query_lengths and prompt_lengths) or "embedder" (bi-encoders: queries and passages
+    ///   each on their own, keys query_* and passage_*, plus no_in_batch_neg)
+    /// - query_max_len, passage_max_len (token budgets per side, truncated as FlagEmbedding)
+    /// - pad_to_multiple_of, padding_side ("left"/"right"; default the tokenizer's for encoder
+    ///   and embedder, left for llm and for embedders that append eos, right for matryoshka),
+    ///   pad_id, int32 (default int64 arrays), attention_mask (default True)
+    /// - knowledge_distillation (adds "teacher_scores"); matryoshka_scores_by_index
+    ///   (Matryoshka: scores by index as the other modes, instead of the seed code's by text)
+    /// - embedder mode: sub_batch_size=k (each id and mask key a list of arrays, one per chunk
+    ///   of k rows, each padded to its own longest), add_eos (append eos to every sequence;
+    ///   default on for tokenizers whose single template does not end with eos: decoders)
+    ///
+    /// Which rows, in which order:
+    /// - seed, epoch (the epoch to start at), rank, world_size, shard_tail ("pad" like
+    ///   DistributedSampler, "drop", or "uneven": every row exactly once), shuffle,
+    ///   drop_last (the last short batch of an epoch)
+    /// - max_example_num_per_dataset (rows each larger source gives an epoch: a new seeded
+    ///   subset each epoch), skip_rows_without_negatives
+    /// - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups
+    ///   sorted by the length the collator pads each to, longest batch of the epoch first)
+    /// - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
+    ///   cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
+    /// - max_tokens=T: token-budget batches, as many groups (at most batch_size) as fit T
+    ///   tokens (padded: groups x group_size x padded length; packed: real tokens); every rank
+    ///   takes the same number of steps, which varies by epoch (`len(loader)`,
+    ///   `loader.steps(epoch)`)
+    /// - weights: mixing weights per source (a list in the manifest's source order, or a dict
+    ///   keyed by a source's path or file name); an epoch keeps its length and source s gives
+    ///   weights[s]/sum of it: fewer rows than it has -> a new seeded subset each epoch, more
+    ///   -> whole copies plus a subset
+    /// - same_source: every global batch (all ranks at one step) from one source;
+    ///   source_batch_sizes (list or dict, as weights) sets each source's batch size (default
+    ///   its rows' batch_size field, else batch_size); small_threshold merges sources with
+    ///   fewer rows with the other small sources of their directory, drop_threshold leaves out
+    ///   a merged group with fewer; shard_tail "drop" drops a source's last partial batch,
+    ///   "pad" fills it from its start
+    ///
+    /// When batches are computed (never what they hold):
+    /// - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
+    ///   prefetch_depth (batches computed ahead, in total)
+    ///
+    /// `state_dict()` names every argument above except epoch, prefetch_threads and
+    /// prefetch_depth: a checkpoint is valid only for the same batches. Numeric arguments are
+    /// checked before anything is allocated: a negative or non-integer value, or one beyond
+    /// rankfeed's limits (e.g. pad_to_multiple_of <= 65536, batches of at most 8 GiB), is a
+    /// ValueError naming the argument.
     #[pyo3(signature = (batch_size=None, group_size=None, mode="encoder", query_max_len=None,
         passage_max_len=None, seed=None, epoch=None, rank=None, world_size=None, shard_tail="pad",
         shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
@@ -710,16 +760,15 @@ impl PyDataset {
                 })
             })
             .transpose()?;
-        let tail = match shard_tail {
-            "pad" => Tail::Pad,
-            "drop" => Tail::Drop,
-            "uneven" => Tail::Uneven,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "shard_tail {other:?}: expected 'pad', 'drop' or 'uneven'"
-                )))
-            }
-        };
+        let tail = TAILS
+            .iter()
+            .find(|(name, _)| *name == shard_tail)
+            .map(|&(_, t)| t)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "shard_tail {shard_tail:?}: expected 'pad', 'drop' or 'uneven'"
+                ))
+            })?;
         let d = LoaderOptions::default();
         let dc = &d.collate;
         let pad_id = match uint("pad_id", pad_id.as_ref(), 0)? {
@@ -786,110 +835,371 @@ impl PyDataset {
     }
 }
 
+/// The spelling of each shard tail, as `Dataset.loader(shard_tail=...)` takes it and as a
+/// checkpoint stores it (stable names, not `Debug` output).
+const TAILS: [(&str, Tail); 3] = [
+    ("pad", Tail::Pad),
+    ("drop", Tail::Drop),
+    ("uneven", Tail::Uneven),
+];
+/// The spelling of each mode, as `Mode::from_str` parses it (a checkpoint stores these).
+const MODES: [(&str, Mode); 4] = [
+    ("encoder", Mode::Encoder),
+    ("llm", Mode::Llm),
+    ("matryoshka", Mode::Matryoshka),
+    ("embedder", Mode::Embedder),
+];
+/// The spelling of each padding side, as `Side::from_str` parses it.
+const SIDES: [(&str, Side); 2] = [("left", Side::Left), ("right", Side::Right)];
+
+/// The name of `value` in `table`.
+fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], value: T) -> &'static str {
+    table
+        .iter()
+        .find(|(_, v)| *v == value)
+        .map_or("?", |(n, _)| n)
+}
+
+/// Every setting a checkpoint is valid for, named as `Dataset.loader`'s arguments, with stable
+/// values: the one list of them. The options are destructured without `..`, so a new option
+/// does not compile until it is listed here or said not to change the batches.
+fn settings(loader: &Loader, steps_per_epoch: u64) -> Vec<(&'static str, serde_json::Value)> {
+    let LoaderOptions {
+        batch_size,
+        seed,
+        shard: Shard {
+            rank,
+            world_size,
+            tail,
+        },
+        shuffle,
+        drop_last,
+        max_example_num_per_dataset,
+        skip_rows_without_negatives,
+        // When batches are computed, never what they hold (the loader's module docs).
+        prefetch_threads: _,
+        prefetch_depth: _,
+        length_grouped,
+        max_tokens,
+        weights,
+        same_source,
+        source_batch_sizes,
+        small_threshold,
+        drop_threshold,
+        collate:
+            CollateOptions {
+                mode,
+                query_max_len,
+                passage_max_len,
+                group_size,
+                pad_to_multiple_of,
+                padding_side,
+                pad_id,
+                id_type,
+                attention_mask,
+                knowledge_distillation,
+                packed,
+                sub_batch_size,
+                add_eos,
+                matryoshka_scores_by_index,
+            },
+    } = loader.options();
+    vec![
+        (
+            "dataset",
+            loader.dataset().manifest().checksum.clone().into(),
+        ),
+        ("seed", (*seed).into()),
+        ("batch_size", (*batch_size).into()),
+        ("group_size", (*group_size).into()),
+        ("mode", name_of(&MODES, *mode).into()),
+        ("query_max_len", (*query_max_len).into()),
+        ("passage_max_len", (*passage_max_len).into()),
+        ("pad_to_multiple_of", (*pad_to_multiple_of).into()),
+        (
+            "padding_side",
+            padding_side.map(|s| name_of(&SIDES, s)).into(),
+        ),
+        ("pad_id", (*pad_id).into()),
+        ("int32", (*id_type == IdType::I32).into()),
+        ("attention_mask", (*attention_mask).into()),
+        ("rank", (*rank).into()),
+        ("world_size", (*world_size).into()),
+        ("shard_tail", name_of(&TAILS, *tail).into()),
+        ("shuffle", (*shuffle).into()),
+        ("drop_last", (*drop_last).into()),
+        (
+            "max_example_num_per_dataset",
+            (*max_example_num_per_dataset).into(),
+        ),
+        (
+            "skip_rows_without_negatives",
+            (*skip_rows_without_negatives).into(),
+        ),
+        ("knowledge_distillation", (*knowledge_distillation).into()),
+        ("sub_batch_size", (*sub_batch_size).into()),
+        ("add_eos", (*add_eos).into()),
+        (
+            "matryoshka_scores_by_index",
+            (*matryoshka_scores_by_index).into(),
+        ),
+        ("packed", (*packed).into()),
+        ("length_grouped", (*length_grouped).into()),
+        ("max_tokens", (*max_tokens).into()),
+        ("weights", weights.clone().into()),
+        ("same_source", (*same_source).into()),
+        ("source_batch_sizes", source_batch_sizes.clone().into()),
+        ("small_threshold", (*small_threshold).into()),
+        ("drop_threshold", (*drop_threshold).into()),
+        ("rows_per_epoch", loader.rows_per_epoch().into()),
+        ("steps_per_epoch", steps_per_epoch.into()),
+    ]
+}
+
+/// A Python value as JSON (for a type-aware comparison: 2, 2.0, "2" and True all differ).
+fn py_to_json(v: &Bound<'_, PyAny>) -> Option<serde_json::Value> {
+    let s: String = v
+        .py()
+        .import("json")
+        .ok()?
+        .call_method1("dumps", (v,))
+        .ok()?
+        .extract()
+        .ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+/// `repr(v) (type)`, for messages.
+fn described(v: &Bound<'_, PyAny>) -> String {
+    let repr = v.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+    let ty = v
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".into(), |n| n.to_string());
+    format!("{repr} ({ty})")
+}
+
+/// A mutex that waiting threads get in the order they asked for it (a ticket lock): a thread
+/// that waits is served after the threads that asked before it, however fast the others ask
+/// again (`std::sync::Mutex` promises no order, and a thread that releases and retakes it in
+/// a loop can keep it from another forever).
+struct FairLock<T> {
+    tickets: Mutex<Tickets>,
+    turn: Condvar,
+    value: Mutex<T>,
+}
+
+#[derive(Default)]
+struct Tickets {
+    /// The next ticket to hand out.
+    next: u64,
+    /// The ticket whose holder may take the value.
+    serving: u64,
+}
+
+/// The value of a [`FairLock`]; dropping it serves the next ticket.
+struct FairGuard<'a, T> {
+    lock: &'a FairLock<T>,
+    value: Option<MutexGuard<'a, T>>,
+}
+
+impl<T> FairLock<T> {
+    fn new(value: T) -> Self {
+        FairLock {
+            tickets: Mutex::new(Tickets::default()),
+            turn: Condvar::new(),
+            value: Mutex::new(value),
+        }
+    }
+
+    /// The counters (plain integers: a panic elsewhere cannot leave them inconsistent).
+    fn tickets(&self) -> MutexGuard<'_, Tickets> {
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ticket, and whether it is served at once.
+    fn ticket(&self) -> (u64, bool) {
+        let mut t = self.tickets();
+        let n = t.next;
+        t.next += 1;
+        (n, t.serving == n)
+    }
+
+    /// Block until `ticket` is served.
+    fn wait(&self, ticket: u64) {
+        let mut t = self.tickets();
+        while t.serving != ticket {
+            t = self.turn.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The value, once our ticket is served (nobody else can hold it then).
+    fn take(&self) -> PyResult<FairGuard<'_, T>> {
+        // Built first, so that its drop serves the next ticket on every path.
+        let mut g = FairGuard {
+            lock: self,
+            value: None,
+        };
+        match self.value.try_lock() {
+            Ok(v) => g.value = Some(v),
+            Err(TryLockError::Poisoned(_)) => {
+                return Err(PyRuntimeError::new_err(
+                    "the loader was poisoned by an earlier internal error",
+                ))
+            }
+            Err(TryLockError::WouldBlock) => return Err(PyRuntimeError::new_err(
+                "rankfeed internal error (please report it): a served ticket found the loader held",
+            )),
+        }
+        Ok(g)
+    }
+}
+
+impl<T> Drop for FairGuard<'_, T> {
+    fn drop(&mut self) {
+        self.value.take();
+        let mut t = self.lock.tickets();
+        t.serving += 1;
+        let waiting = t.next > t.serving;
+        drop(t);
+        if waiting {
+            self.lock.turn.notify_all();
+        }
+    }
+}
+
+impl<T> std::ops::Deref for FairGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value.as_ref().expect("set by FairLock::take")
+    }
+}
+
+impl<T> std::ops::DerefMut for FairGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().expect("set by FairLock::take")
+    }
+}
+
+/// What the getters read: the loader's position and the batch count of its epoch.
+#[derive(Debug, Clone, Copy)]
+struct Mirror {
+    state: LoaderState,
+    /// Batches in `state.epoch`; None when counting them failed (`__len__` then asks the
+    /// loader, which raises the error).
+    steps: Option<u64>,
+}
+
 /// An iterator of batches (dicts of numpy arrays); one pass is one epoch.
 ///
-/// Thread safety: the loader's state sits behind a mutex that is only ever *waited for* with
-/// the GIL released, and a mirror of (epoch, step) plus the fixed settings answer the getters
-/// and `state_dict` without waiting at all. No lock is held while waiting for the GIL, so
-/// calls from several threads each either work or raise, and never deadlock.
+/// Thread safety: `len()`, `step`, `epoch`, `rows_per_epoch` and `state_dict()` never wait for
+/// the loader: they read a mirror of (epoch, step, batches in the epoch) that every call moving
+/// the loader updates, and settings fixed at construction. The calls that use the loader
+/// (`next`, `batch`, `collate`, `steps`, `set_epoch`, `load_state_dict`) wait for it, with
+/// the GIL released, on a [`FairLock`]: in the order they asked, so a thread calling in a loop
+/// cannot starve another. No lock is held while waiting for the GIL, so calls from several
+/// threads each either work or raise, and never deadlock.
+///
+/// The GIL: a thread that has its batch and waits for the GIL to return it says so
+/// (`returning`), and the getters step aside for it (release the GIL until it has it, at most
+/// [`GIVE_WAY`]). Without that, a thread polling `len(loader)` in a loop keeps the GIL until
+/// CPython's switch interval (5 ms) forces it out, once per batch: 20% of the batches.
 #[pyclass(name = "Loader", module = "rankfeed._rankfeed")]
 struct PyLoader {
-    inner: Mutex<Loader>,
-    /// (epoch, step), updated under `inner`; held only for a copy, never across a GIL release.
-    mirror: Mutex<LoaderState>,
+    inner: FairLock<Loader>,
+    /// Updated while `inner` is held; locked only to copy it, never across a GIL release.
+    mirror: Mutex<Mirror>,
     rows_per_epoch: u64,
-    /// What a checkpoint is valid for (see `state_dict`).
+    /// What a checkpoint is valid for (see [`settings`]).
     settings: Vec<(&'static str, serde_json::Value)>,
+    /// `settings` as a Python dict, copied by `state_dict`.
+    settings_py: Py<PyDict>,
+    /// Threads done with the loader that wait for the GIL (see the type's docs).
+    returning: AtomicUsize,
 }
+
+/// The longest a getter steps aside for a thread returning a batch.
+const GIVE_WAY: Duration = Duration::from_millis(2);
 
 impl PyLoader {
     fn new(py: Python<'_>, mut loader: Loader) -> PyResult<PyLoader> {
         // Token budgets plan the first epoch here: its step count is a setting a checkpoint
         // must match, and a data error shows now rather than at the first batch.
         let l = &mut loader;
-        let first_steps = detached(py, move || l.steps(0))?;
-        let o = loader.options();
-        let c = &o.collate;
-        let settings = vec![
-            (
-                "dataset",
-                loader.dataset().manifest().checksum.clone().into(),
-            ),
-            ("seed", o.seed.into()),
-            ("batch_size", o.batch_size.into()),
-            ("group_size", c.group_size.into()),
-            ("mode", format!("{:?}", c.mode).into()),
-            ("query_max_len", c.query_max_len.into()),
-            ("passage_max_len", c.passage_max_len.into()),
-            ("rank", o.shard.rank.into()),
-            ("world_size", o.shard.world_size.into()),
-            ("shard_tail", format!("{:?}", o.shard.tail).into()),
-            ("shuffle", o.shuffle.into()),
-            ("drop_last", o.drop_last.into()),
-            (
-                "max_example_num_per_dataset",
-                o.max_example_num_per_dataset.into(),
-            ),
-            (
-                "skip_rows_without_negatives",
-                o.skip_rows_without_negatives.into(),
-            ),
-            ("knowledge_distillation", c.knowledge_distillation.into()),
-            ("sub_batch_size", c.sub_batch_size.into()),
-            ("add_eos", c.add_eos.into()),
-            (
-                "matryoshka_scores_by_index",
-                c.matryoshka_scores_by_index.into(),
-            ),
-            ("packed", c.packed.into()),
-            ("length_grouped", o.length_grouped.into()),
-            ("max_tokens", o.max_tokens.into()),
-            ("weights", o.weights.clone().into()),
-            ("same_source", o.same_source.into()),
-            ("source_batch_sizes", o.source_batch_sizes.clone().into()),
-            ("small_threshold", o.small_threshold.into()),
-            ("drop_threshold", o.drop_threshold.into()),
-            ("rows_per_epoch", loader.rows_per_epoch().into()),
-            ("steps_per_epoch", first_steps.into()),
-        ];
+        let (first_steps, steps) = detached(py, move || {
+            let first = l.steps(0)?;
+            let epoch = l.state().epoch;
+            Ok((first, if epoch == 0 { first } else { l.steps(epoch)? }))
+        })?;
+        let settings = settings(&loader, first_steps);
+        let settings_py = PyDict::new(py);
+        for (k, v) in &settings {
+            settings_py.set_item(*k, json_to_py(py, v)?)?;
+        }
         Ok(PyLoader {
-            mirror: Mutex::new(loader.state()),
+            mirror: Mutex::new(Mirror {
+                state: loader.state(),
+                steps: Some(steps),
+            }),
             rows_per_epoch: loader.rows_per_epoch(),
             settings,
-            inner: Mutex::new(loader),
+            settings_py: settings_py.unbind(),
+            inner: FairLock::new(loader),
+            returning: AtomicUsize::new(0),
         })
     }
 
-    /// The loader, waited for with the GIL released (so the thread holding it can take the
-    /// GIL back when it needs it).
-    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Loader>> {
-        loop {
-            match self.inner.try_lock() {
-                Ok(g) => return Ok(g),
-                Err(TryLockError::Poisoned(_)) => {
-                    return Err(PyRuntimeError::new_err(
-                        "the loader was poisoned by an earlier internal error",
-                    ))
-                }
-                Err(TryLockError::WouldBlock) => {
-                    py.detach(|| std::thread::sleep(Duration::from_micros(50)))
-                }
+    /// Run `f` with the GIL released; a getter called while this thread waits for the GIL
+    /// back releases it (see the type's docs).
+    fn detach<T: Send>(&self, py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+        let r = py.detach(|| {
+            let r = f();
+            self.returning.fetch_add(1, Ordering::SeqCst);
+            r
+        });
+        self.returning.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Let a thread that waits for the GIL to return a batch have it first (at most
+    /// [`GIVE_WAY`]).
+    fn give_way(&self, py: Python<'_>) {
+        if self.returning.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        py.detach(|| {
+            let t = std::time::Instant::now();
+            while self.returning.load(Ordering::SeqCst) > 0 && t.elapsed() < GIVE_WAY {
+                std::thread::yield_now();
             }
-        }
+        });
     }
 
-    fn state(&self) -> LoaderState {
-        match self.mirror.lock() {
-            Ok(s) => *s,
-            Err(p) => *p.into_inner(),
+    /// The loader, waited for with the GIL released when another thread has it or waits for
+    /// it (so the thread holding it can take the GIL back when it needs it).
+    fn lock(&self, py: Python<'_>) -> PyResult<FairGuard<'_, Loader>> {
+        let (ticket, now) = self.inner.ticket();
+        if !now {
+            self.detach(py, || self.inner.wait(ticket));
         }
+        self.inner.take()
     }
 
+    fn mirror(&self) -> Mirror {
+        *self.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Update the mirror after `loader` moved (called with the loader held, the GIL released:
+    /// a new epoch's batches are counted here, which plans it with max_tokens).
     fn publish(&self, loader: &Loader) {
-        match self.mirror.lock() {
-            Ok(mut s) => *s = loader.state(),
-            Err(p) => *p.into_inner() = loader.state(),
-        }
+        let old = self.mirror();
+        let state = loader.state();
+        let steps = if old.state.epoch == state.epoch && old.steps.is_some() {
+            old.steps
+        } else {
+            loader.steps(state.epoch).ok()
+        };
+        *self.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Mirror { state, steps };
     }
 }
 
@@ -898,6 +1208,10 @@ impl PyLoader {
     /// Batches in `epoch` for this rank: the same every epoch, except with max_tokens (the
     /// epoch's plan is computed once, with the GIL released).
     fn steps(&self, py: Python<'_>, epoch: u64) -> PyResult<u64> {
+        let m = self.mirror();
+        if let (true, Some(steps)) = (m.state.epoch == epoch, m.steps) {
+            return Ok(steps);
+        }
         let mut l = self.lock(py)?;
         let l: &mut Loader = &mut l;
         detached(py, move || l.steps(epoch))
@@ -911,8 +1225,13 @@ impl PyLoader {
         let mut loader = self.lock(py)?;
         let g = loader.options().collate.group_size;
         let l: &mut Loader = &mut loader;
-        let next = guard(|| Ok(py.detach(|| l.next())))?;
-        self.publish(&loader);
+        let next = guard(|| {
+            Ok(self.detach(py, || {
+                let next = l.next();
+                self.publish(l);
+                next
+            }))
+        })?;
         drop(loader);
         match next {
             None => Ok(None),
@@ -926,73 +1245,88 @@ impl PyLoader {
     fn _drain(&self, py: Python<'_>, n: u64) -> PyResult<f64> {
         let mut loader = self.lock(py)?;
         let l: &mut Loader = &mut loader;
-        let r = detached(py, move || {
+        detached(py, move || {
             let t = std::time::Instant::now();
             let mut done = 0;
-            while done < n {
-                match l.next() {
-                    Some(b) => {
-                        std::hint::black_box(b?);
-                        done += 1;
+            let r = (|| {
+                while done < n {
+                    match l.next() {
+                        Some(b) => {
+                            std::hint::black_box(b?);
+                            done += 1;
+                        }
+                        None if l.steps_per_epoch() == 0 => break,
+                        None => {}
                     }
-                    None if l.steps_per_epoch() == 0 => break,
-                    None => {}
                 }
-            }
-            Ok(t.elapsed().as_secs_f64())
-        });
-        self.publish(&loader);
-        r
+                Ok(t.elapsed().as_secs_f64())
+            })();
+            self.publish(l);
+            r
+        })
     }
 
     /// Batches in the current epoch for this rank (the same every epoch, except with
-    /// max_tokens).
+    /// max_tokens). Never waits for the loader.
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
-        Ok(self.steps(py, self.state().epoch)? as usize)
+        self.give_way(py);
+        let m = self.mirror();
+        let steps = match m.steps {
+            Some(s) => s,
+            None => self.steps(py, m.state.epoch)?,
+        };
+        usize::try_from(steps).map_err(|_| PyValueError::new_err("too many batches"))
     }
 
     /// Rows trained on per epoch, all ranks together, before padding.
     #[getter]
-    fn rows_per_epoch(&self) -> u64 {
+    fn rows_per_epoch(&self, py: Python<'_>) -> u64 {
+        self.give_way(py);
         self.rows_per_epoch
     }
 
     /// The current epoch.
     #[getter]
-    fn epoch(&self) -> u64 {
-        self.state().epoch
+    fn epoch(&self, py: Python<'_>) -> u64 {
+        self.give_way(py);
+        self.mirror().state.epoch
     }
 
     /// Batches of the current epoch already yielded.
     #[getter]
-    fn step(&self) -> u64 {
-        self.state().step
+    fn step(&self, py: Python<'_>) -> u64 {
+        self.give_way(py);
+        self.mirror().state.step
     }
 
     /// Start `epoch` from its first batch.
     fn set_epoch(&self, py: Python<'_>, epoch: &Bound<'_, PyAny>) -> PyResult<()> {
         let epoch = uint("epoch", Some(epoch), 0)?;
         let mut l = self.lock(py)?;
-        l.set_epoch(epoch);
-        self.publish(&l);
+        let l: &mut Loader = &mut l;
+        py.detach(|| {
+            l.set_epoch(epoch);
+            self.publish(l);
+        });
         Ok(())
     }
 
     /// The state to checkpoint: `epoch` and `step` (the next batch), and every setting the
     /// batches depend on (`load_state_dict` refuses a state taken with other settings).
+    /// Never waits for the loader.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let state = self.state();
+        self.give_way(py);
+        let state = self.mirror().state;
         let d = PyDict::new(py);
         d.set_item("epoch", state.epoch)?;
         d.set_item("step", state.step)?;
-        for (k, v) in &self.settings {
-            d.set_item(*k, json_to_py(py, v)?)?;
-        }
+        d.update(self.settings_py.bind(py).as_mapping())?;
         Ok(d)
     }
 
     /// Resume from `state_dict()`. Strict: a missing or unknown key, or a setting that differs
-    /// from this loader's, is a ValueError that names it.
+    /// from this loader's (in value or in type: 2, 2.0, "2" and True differ), is a ValueError
+    /// that names it.
     fn load_state_dict(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
         let known: Vec<&str> = ["epoch", "step"]
             .into_iter()
@@ -1012,11 +1346,13 @@ impl PyLoader {
                 .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {k:?}")))
         };
         for (k, want) in &self.settings {
-            let want = json_to_py(py, want)?;
             let got = get(k)?;
-            if !got.eq(&want)? {
+            if py_to_json(&got).as_ref() != Some(want) {
+                let want = json_to_py(py, want)?;
                 return Err(PyValueError::new_err(format!(
-                    "state_dict was taken with {k} = {got}, this loader has {want}"
+                    "state_dict was taken with {k} = {}, this loader has {}",
+                    described(&got),
+                    described(&want)
                 )));
             }
         }
@@ -1029,8 +1365,11 @@ impl PyLoader {
             )));
         }
         let mut l = self.lock(py)?;
-        l.set_state(LoaderState { epoch, step });
-        self.publish(&l);
+        let l: &mut Loader = &mut l;
+        py.detach(|| {
+            l.set_state(LoaderState { epoch, step });
+            self.publish(l);
+        });
         Ok(())
     }
 
@@ -1040,6 +1379,7 @@ impl PyLoader {
         let l: &mut Loader = &mut guard_;
         let g = l.options().collate.group_size;
         let b = detached(py, move || l.batch(epoch, step))?;
+        drop(guard_);
         batch_to_py(py, b, g)
     }
 
@@ -1075,6 +1415,7 @@ impl PyLoader {
         let l: &mut Loader = &mut guard_;
         let g = l.options().collate.group_size;
         let b = detached(py, move || l.collate(sels))?;
+        drop(guard_);
         batch_to_py(py, b, g)
     }
 }

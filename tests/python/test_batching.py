@@ -113,10 +113,8 @@ def test_token_budget_batches(mixed):
         mixed.loader(max_tokens=0, **KW)
 
 
-torch = pytest.importorskip("torch")
-
-
 def test_token_budget_through_the_torch_adapter(mixed):
+    torch = pytest.importorskip("torch")
     from rankfeed.torch import RankfeedIterable
 
     kw = dict(KW, batch_size=64, max_tokens=2048, length_grouped=20, with_meta=True)
@@ -197,6 +195,7 @@ def test_same_dataset_embedder_batches(same_dataset):
 
 
 def test_embedder_sub_batches_through_the_torch_adapter(same_dataset):
+    torch = pytest.importorskip("torch")
     from rankfeed.torch import RankfeedIterable
 
     data = RankfeedIterable(same_dataset.path, mode="embedder", batch_size=4, group_size=4,

@@ -50,10 +50,11 @@ def tiny_bert():
     return transformers.BertForSequenceClassification(config)
 
 
-def trainer_run(small, out, *, epochs=2, stop_at=None, resume=None, save_steps=None):
+def trainer_run(small, out, *, epochs=2, stop_at=None, resume=None, save_steps=None, seen=None,
+                **data_kw):
     from rankfeed.hf import RankfeedTrainer
 
-    seen = []
+    seen = [] if seen is None else seen
 
     class Recording(RankfeedTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -71,7 +72,7 @@ def trainer_run(small, out, *, epochs=2, stop_at=None, resume=None, save_steps=N
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_strategy="no", use_cpu=True, seed=1, dataloader_num_workers=0,
         disable_tqdm=True)
-    data = RankfeedIterable(small, with_meta=True, **KW)
+    data = RankfeedIterable(small, with_meta=True, **{**KW, **data_kw})
     trainer = Recording(model=tiny_bert(), args=args, train_dataset=data,
                         callbacks=[Stop()])
     trainer.train(resume_from_checkpoint=resume)
@@ -101,6 +102,30 @@ def test_trainer_resume_trains_on_exactly_the_same_batches(small, tmp_path):
         t = time.perf_counter()
         tail, _ = trainer_run(small, out, resume=str(ckpt))
         assert head + tail == full, f"resume at step {n}"
+
+
+def test_trainer_refuses_a_resume_under_other_settings(small, tmp_path):
+    # Regression: rankfeed_state.json held only (epoch, next), so a resume on 2 processes, or
+    # with another seed or batch size, trained on other batches (some rows twice, some never).
+    out = tmp_path / "run"
+    trainer_run(small, out, stop_at=3, save_steps=3)
+    ckpt = out / "checkpoint-3"
+    state = json.loads((ckpt / "rankfeed_state.json").read_text())
+    assert state["settings"]["world_size"] == 1 and state["settings"]["dataset"]
+    changes = [("batch_size", dict(batch_size=2)), ("seed", dict(seed=99)),
+               ("world_size", dict(rank=0, world_size=2)), ("group_size", dict(group_size=3)),
+               ("pad_to_multiple_of", dict(pad_to_multiple_of=8))]
+    for name, change in changes:
+        seen = []
+        with pytest.raises(ValueError, match=f"taken with {name} = "):
+            trainer_run(small, out, resume=str(ckpt), seen=seen, **change)
+        assert seen == [], f"{name}: refused before training"
+    # The same settings resume; an old checkpoint without settings is refused.
+    tail, _ = trainer_run(small, out, resume=str(ckpt), epochs=1)
+    assert tail
+    (ckpt / "rankfeed_state.json").write_text(json.dumps({"epoch": 0, "next": 3}))
+    with pytest.raises(ValueError, match="holds no settings"):
+        trainer_run(small, out, resume=str(ckpt))
 
 
 def test_group_loss_matches_the_reference_formula():
