@@ -284,6 +284,7 @@ fn manifest_json(ds: &Dataset) -> Result<String> {
         "tokenizer": m.tokenizer,
         "text": m.text,
         "sources": m.sources,
+        "shards": m.shards,
         "default_prompts": defaults,
     })
     .to_string())
