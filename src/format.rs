@@ -220,18 +220,11 @@ pub struct TokenizerFacts {
 impl TokenizerFacts {
     /// Check the facts against themselves: every special id within the vocabulary, template
     /// type ids 0 or 1, the pair template holding sequences A and B once each, the single
-    /// template A once. `Err` names the first fact that fails.
+    /// template A once, both templates empty or neither. `Err` names the first fact that
+    /// fails. What it cannot see: a fact set that is forged but consistent (another id within
+    /// the vocabulary, a larger `vocab_size`); only the tokenizer file tells those apart.
     pub fn check(&self) -> Result<(), String> {
-        let vocab = self.vocab_size as i64;
-        let in_vocab = |what: &str, id: i32| {
-            if (0..vocab).contains(&(id as i64)) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{what} id {id} is outside the vocabulary of {vocab}"
-                ))
-            }
-        };
+        let in_vocab = |what: &str, id: i32| self.check_ids(what, &[id]);
         for (what, id) in [
             ("bos", self.bos_id),
             ("eos", self.eos_id),
@@ -268,10 +261,30 @@ impl TokenizerFacts {
                 return Err(format!("{name}: sequences {seqs:?}, expected {want:?}"));
             }
         }
+        if self.single_template.is_empty() != self.pair_template.is_empty() {
+            return Err(format!(
+                "single_template has {} pieces, pair_template {}: a tokenizer adds special \
+                 tokens to both or to neither",
+                self.single_template.len(),
+                self.pair_template.len()
+            ));
+        }
         if !matches!(self.padding_side.as_str(), "left" | "right") {
             return Err(format!("padding_side {:?}", self.padding_side));
         }
         Ok(())
+    }
+
+    /// Check that every id of `ids` is within the vocabulary; `Err` names `what` and the
+    /// first id outside.
+    pub fn check_ids(&self, what: &str, ids: &[i32]) -> Result<(), String> {
+        let vocab = self.vocab_size as i64;
+        match ids.iter().find(|&&id| !(0..vocab).contains(&(id as i64))) {
+            None => Ok(()),
+            Some(id) => Err(format!(
+                "{what} id {id} is outside the vocabulary of {vocab}"
+            )),
+        }
     }
 
     /// Number of special ids the pair template adds (BERT 3, XLM-R 4).
