@@ -80,7 +80,9 @@ struct ImportArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// The tokenizer.json the ids were made with: needed when the Parquet carries no rankfeed
-    /// metadata (Spark and Polars drop it); checked against it when it does.
+    /// metadata (Spark and Polars drop it); when it does, every carried tokenizer fact, the
+    /// separator ids and the default prompts are checked against it (without it, only
+    /// against themselves).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Replace OUTPUT if it exists.
@@ -408,6 +410,9 @@ fn run_import(a: ImportArgs) -> Result<()> {
         },
     )?;
     report_cleaned(&r.cleaned);
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     let secs = r.elapsed.as_secs_f64();
     println!(
         "imported {} rows from {} Parquet files ({:.1} MB) in {:.2} s: {:.0} MB/s",
