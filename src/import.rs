@@ -520,15 +520,21 @@ fn resolve_meta(
         }
         (None, Some(t)) => t.facts().clone(),
         (None, None) => {
+            let why = if has_metadata {
+                "carries rankfeed metadata without tokenizer facts (a dataset written from \
+                 ids)"
+            } else {
+                "carries no rankfeed metadata with tokenizer facts (Spark and Polars drop it; \
+                 ids made elsewhere have none)"
+            };
             return Err(Error::argument(
                 "tokenizer",
                 format!(
-                    "{} carries no rankfeed metadata with tokenizer facts (Spark and Polars \
-                     drop it; ids made elsewhere have none): give the tokenizer.json the ids \
-                     were made with (CLI --tokenizer, Python tokenizer=)",
+                    "{} {why}: give the tokenizer.json the ids were made with (CLI \
+                     --tokenizer, Python tokenizer=)",
                     path.display()
                 ),
-            ))
+            ));
         }
     };
     let given = |what: &str| {
