@@ -26,8 +26,18 @@ pub fn write_synthetic(out: &Path, spec: &Synthetic) {
         },
     )
     .unwrap();
-    for _ in 0..2 {
-        w.add_prompt(&[1, 2, 3]).unwrap();
+    // BERT's facts, text settings and default prompts, as a conversion records them, so
+    // that an export of this dataset imports (import refuses ids without tokenizer facts).
+    let tok = rankfeed::tokenizer::TextTokenizer::from_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/bert/tokenizer.json"),
+    )
+    .unwrap();
+    let text = rankfeed::format::TextSettings {
+        sep_ids: tok.encode(rankfeed::format::DEFAULT_SEP_TOKEN).unwrap(),
+        ..Default::default()
+    };
+    for p in [&text.default_prompt_llm, &text.default_prompt_matryoshka] {
+        w.add_prompt(&tok.encode(p).unwrap()).unwrap();
     }
     let len = |rng: &mut KeyedRng, (min, spread): (u64, u64)| {
         min + if spread > 0 { rng.below(spread) } else { 0 }
@@ -63,7 +73,9 @@ pub fn write_synthetic(out: &Path, spec: &Synthetic) {
     }
     w.finish(ManifestInfo {
         sources: vec![Default::default()],
-        ..Default::default()
+        tokenizer: Some(tok.facts().clone()),
+        text,
+        shards: None,
     })
     .unwrap();
 }
