@@ -1,17 +1,18 @@
 //! Input files: discovery, decompression, and streaming rows with their positions.
 //!
 //! Accepted: `.jsonl`; `.json` holding JSON lines or one JSON array (decided by the first
-//! non-blank byte); either compressed as `.gz` or `.zst`; directories contribute their
-//! `.json`/`.jsonl` (compressed or not) files in sorted order, not recursively. Files are
-//! streamed: memory holds one row (one array element) at a time.
+//! byte after a byte order mark and whitespace); either compressed as `.gz` or `.zst`;
+//! directories contribute their `.json`/`.jsonl` (compressed or not) files in sorted order, not
+//! recursively. Files are streamed: memory holds one row (one array element) at a time.
 //!
 //! Positions: JSON lines report the 1-based line; array elements report the line where the
-//! element starts and the element index. Blank lines are not rows (they are counted).
+//! element starts and the element index. Blank (empty or whitespace-only) lines are not rows
+//! (they are counted). A UTF-8 byte order mark at the start of a file is skipped; it belongs
+//! to the first line, which starts at byte 0 (for sharding: see [`plan_shard`]).
 //!
 //! Bounded: only regular files are read (a FIFO, device or socket is an error before any
 //! read); a line or array element longer than `max_line_bytes` is not held in memory but
-//! skipped to its end and reported as a `line_too_long` row. A UTF-8 byte order mark at the
-//! start of a file is skipped.
+//! skipped to its end and reported as a `line_too_long` row.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -79,7 +80,8 @@ pub enum Part {
 /// Assign each shard a part of the inputs, by bytes, so one large file shards evenly. The
 /// inputs are seen as one stream of bytes, cut into `n` equal ranges; shard `k` reads
 /// - of an uncompressed JSON lines file (`.jsonl`, or `.json` holding lines): the lines that
-///   start in its range (line-aligned: each line is read by exactly one shard);
+///   start in its range (line-aligned: each line is read by exactly one shard; a byte order
+///   mark belongs to the first line, which starts at byte 0);
 /// - of a Parquet file: the row groups that start in its range;
 /// - a compressed file or a JSON array, which cannot be cut: whole, by the shard whose range
 ///   holds its first byte; a warning says so.
@@ -149,16 +151,27 @@ fn splittable(src: &SourceFile) -> Result<Split> {
                     .map_err(|e| Error::parquet(&src.path, e))?;
             Ok(Split::RowGroups(builder.metadata().num_row_groups()))
         }
-        Layout::Json => {
-            let mut head = [0u8; 4096];
-            let mut file = crate::storage::open_regular(&src.path)?;
-            let n = file.read(&mut head).map_err(|e| Error::io(&src.path, e))?;
-            let body = head[..n]
-                .strip_prefix(crate::convert::row::BOM)
-                .unwrap_or(&head[..n]);
-            match body.iter().find(|b| !b.is_ascii_whitespace()) {
-                Some(b'[') => Ok(Split::Whole("a JSON array")),
-                _ => Ok(Split::Lines),
+        Layout::Json if holds_array(src)? => Ok(Split::Whole("a JSON array")),
+        Layout::Json => Ok(Split::Lines),
+    }
+}
+
+/// Whether a `.json` file holds one JSON array: its first byte after a byte order mark and
+/// whitespace is `[`. The one test that both the shard planner and the reader apply.
+fn holds_array(src: &SourceFile) -> Result<bool> {
+    let io = |e: std::io::Error| Error::io(&src.path, e);
+    let mut reader = open(src, Arc::default())?;
+    skip_bom(&mut *reader).map_err(io)?;
+    loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => return Ok(buf[i] == b'['),
+            None => {
+                let n = buf.len();
+                reader.consume(n);
             }
         }
     }
@@ -294,9 +307,10 @@ impl Record<'_> {
     }
 }
 
-/// Stream the records of `src` into `f`, stopping early when `f` returns `false`.
-/// `counter` is advanced by the raw bytes read; no record longer than `max_line_bytes` is
-/// held in memory.
+/// Stream the records of `src` (of its [`Part`]) into `f`, stopping early when `f` returns
+/// `false`. `counter` is advanced by the raw bytes read; no record longer than
+/// `max_line_bytes` is held in memory. Parquet row groups are read by
+/// [`crate::convert::parquet_rows::read_parquet_rows`], not here.
 pub fn read_records(
     src: &SourceFile,
     counter: Arc<AtomicU64>,
@@ -305,61 +319,36 @@ pub fn read_records(
 ) -> Result<()> {
     let io = |e: std::io::Error| Error::io(&src.path, e);
     match src.part {
-        Part::Nothing | Part::RowGroups(_) => return Ok(()),
-        Part::Lines { start, end } if start > 0 || end < src.bytes => {
-            return read_line_range(src, counter, start, end, max_line_bytes, f);
-        }
-        _ => {}
-    }
-    let mut reader = open(src, counter)?;
-    if reader
-        .fill_buf()
-        .map_err(io)?
-        .starts_with(crate::convert::row::BOM)
-    {
-        reader.consume(crate::convert::row::BOM.len());
-    }
-    // Leading whitespace: counted as blank lines, so line numbers stay right either way.
-    let mut skipped_newlines = 0u64;
-    let first = loop {
-        let buf = reader.fill_buf().map_err(io)?;
-        if buf.is_empty() {
-            break None;
-        }
-        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(i) => {
-                skipped_newlines += buf[..i].iter().filter(|&&b| b == b'\n').count() as u64;
-                reader.consume(i);
-                break Some(reader.fill_buf().map_err(io)?[0]);
+        Part::Nothing | Part::RowGroups(_) => Ok(()),
+        Part::Lines { start, end } => read_line_range(src, counter, start, end, max_line_bytes, f),
+        Part::All => {
+            let array = src.layout == Layout::Json && holds_array(src)?;
+            let mut reader = open(src, counter)?;
+            let bom = skip_bom(&mut *reader).map_err(io)?;
+            if array {
+                read_array(&mut *reader, src, 1, max_line_bytes, f)
+            } else {
+                read_lines(&mut *reader, src, 0, bom, max_line_bytes, u64::MAX, f)
             }
-            None => {
-                let n = buf.len();
-                skipped_newlines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
-                reader.consume(n);
-            }
-        }
-    };
-    if src.layout == Layout::Json && first == Some(b'[') {
-        return read_array(&mut *reader, src, 1 + skipped_newlines, max_line_bytes, f).map_err(io);
-    }
-    for _ in 0..skipped_newlines {
-        if !f(Record::Blank) {
-            return Ok(());
+            .map_err(io)
         }
     }
-    read_lines(
-        &mut *reader,
-        src,
-        skipped_newlines,
-        max_line_bytes,
-        u64::MAX,
-        f,
-    )
-    .map_err(io)
+}
+
+/// Consume a UTF-8 byte order mark at the start of `reader`; its length (0 when none).
+fn skip_bom(reader: &mut dyn BufRead) -> std::io::Result<u64> {
+    let bom = crate::convert::row::BOM;
+    if reader.fill_buf()?.starts_with(bom) {
+        reader.consume(bom.len());
+        return Ok(bom.len() as u64);
+    }
+    Ok(0)
 }
 
 /// The lines of an uncompressed file that start in bytes `start..end`, numbered as in the
-/// whole file (the newlines before `start` are counted).
+/// whole file (the newlines before `start` are counted). The first line starts at byte 0, its
+/// byte order mark included: the shard whose range holds byte 0 reads it, and a range that
+/// starts inside the mark starts inside that line.
 fn read_line_range(
     src: &SourceFile,
     counter: Arc<AtomicU64>,
@@ -370,24 +359,26 @@ fn read_line_range(
 ) -> Result<()> {
     use std::io::{Seek, SeekFrom};
     let io = |e: std::io::Error| Error::io(&src.path, e);
-    // Count the lines before `start`, and see whether `start` begins a line.
-    let mut prefix = BufReader::with_capacity(1 << 20, crate::storage::open_regular(&src.path)?);
-    let (mut newlines, mut at_line_start, mut pos) = (0u64, true, 0u64);
-    while pos < start {
-        let buf = prefix.fill_buf().map_err(io)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let n = buf.len().min((start - pos) as usize);
-        newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
-        at_line_start = buf[n - 1] == b'\n';
-        prefix.consume(n);
-        pos += n as u64;
-    }
     let mut file = crate::storage::open_regular(&src.path)?;
+    // Count the lines before `start`, and see whether `start` begins a line.
+    let (mut newlines, mut at_line_start, mut pos) = (0u64, true, 0u64);
+    {
+        let mut prefix = BufReader::with_capacity(buffer_for(start), &file);
+        while pos < start {
+            let buf = prefix.fill_buf().map_err(io)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let n = buf.len().min((start - pos) as usize);
+            newlines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+            at_line_start = buf[n - 1] == b'\n';
+            prefix.consume(n);
+            pos += n as u64;
+        }
+    }
     file.seek(SeekFrom::Start(start)).map_err(io)?;
     let mut reader = BufReader::with_capacity(
-        1 << 20,
+        buffer_for(end - start),
         Counting {
             inner: file,
             counter,
@@ -395,15 +386,11 @@ fn read_line_range(
     );
     let reader: &mut dyn BufRead = &mut reader;
     let mut budget = end - start;
-    if start == 0
-        && reader
-            .fill_buf()
-            .map_err(io)?
-            .starts_with(crate::convert::row::BOM)
-    {
-        reader.consume(crate::convert::row::BOM.len());
-        budget = budget.saturating_sub(crate::convert::row::BOM.len() as u64);
-    }
+    let bom = if start == 0 {
+        skip_bom(reader).map_err(io)?
+    } else {
+        0
+    };
     if !at_line_start {
         // The line that straddles `start` belongs to the shard before.
         let mut skipped = Vec::new();
@@ -414,7 +401,13 @@ fn read_line_range(
             return Ok(());
         }
     }
-    read_lines(reader, src, newlines, max_line_bytes, budget, f).map_err(io)
+    read_lines(reader, src, newlines, bom, max_line_bytes, budget, f).map_err(io)
+}
+
+/// A read buffer for `bytes` bytes: 1 MiB for large reads, less for a small shard's range
+/// (a line past the range's end is read on with more fills).
+fn buffer_for(bytes: u64) -> usize {
+    bytes.clamp(8 << 10, 1 << 20) as usize
 }
 
 /// Read up to and including the next `\n` into `line`, keeping at most `max` bytes: returns
@@ -449,11 +442,14 @@ fn read_line_bounded(
 }
 
 /// Lines until the end of input, or until `budget` bytes of lines have been read (a line
-/// starting before the budget ends is read whole).
+/// starting before the budget ends is read whole). `lead` bytes already consumed (a byte
+/// order mark) are part of the first line: they count against the budget, not towards its
+/// length or content.
 fn read_lines(
     reader: &mut dyn BufRead,
     src: &SourceFile,
     first_line: u64,
+    mut lead: u64,
     max_line_bytes: usize,
     mut budget: u64,
     f: &mut dyn FnMut(Record<'_>) -> bool,
@@ -465,7 +461,8 @@ fn read_lines(
         if len == 0 {
             return Ok(());
         }
-        budget = budget.saturating_sub(len);
+        budget = budget.saturating_sub(len + lead);
+        lead = 0;
         number += 1;
         let mut end = line.len();
         while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
