@@ -6,6 +6,8 @@
 //! - level 2 (end to end): `convert --shard K/N` for every K, then `merge`, gives the single
 //!   conversion's dataset: every file byte for byte and the manifest's sources and stats.
 //!
+//! Planning a shard costs the same whatever N (`--shard K/N` with N = 10^12 is instant).
+//!
 //! The file sets come from a seeded generator; `RANKFEED_LONG=<factor>` multiplies their
 //! number. Counts are printed (`--nocapture`).
 
@@ -14,7 +16,7 @@ mod sharding;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rankfeed::convert::parquet_rows::read_parquet_rows;
 use rankfeed::convert::row::InputRow;
@@ -317,6 +319,116 @@ fn a_shard_boundary_inside_a_byte_order_mark_keeps_the_first_line() {
             .validate()
             .unwrap();
     }
+}
+
+/// Run `f` on another thread; fail (instead of hanging) if it takes longer than `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()));
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} took more than {limit:?}"))
+}
+
+/// Issue 17, finding 2: the owner of a file's first byte (or of a row group's) was found by a
+/// scan over the N shards, so `--shard K/N` with a huge N on a compressed file, a JSON array
+/// or a Parquet file hung. It is closed-form now: planning costs O(files + row groups).
+#[test]
+fn shard_planning_costs_the_same_for_any_number_of_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<serde_json::Value> = VALID
+        .iter()
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect();
+    let pq = dir.path().join("c.parquet");
+    text_parquet_row_groups(&pq, &rows, 1);
+    let gz = dir.path().join("a.jsonl.gz");
+    std::fs::write(&gz, gzip(lines_text(&mut KeyedRng::new(&[7])).as_bytes())).unwrap();
+    let arr = dir.path().join("b.json");
+    std::fs::write(&arr, array_text(&mut KeyedRng::new(&[8]))).unwrap();
+    let inputs = vec![gz, arr, pq];
+    let total = total_bytes(&inputs);
+    let rows = VALID.len() as u64;
+    let sources = source::discover(&inputs).unwrap();
+    let whole = records(&sources);
+    // The largest N the CLI and the library accept is usize::MAX.
+    for n in [1_000_000_000_000usize, usize::MAX / 3, usize::MAX] {
+        let sources = sources.clone();
+        let (plans, took) = within(Duration::from_secs(20), "planning", move || {
+            let t = Instant::now();
+            // The shards that own each file's first byte and each row group's, and others.
+            // Shard j holds bytes total * j / n .. total * (j + 1) / n.
+            let bound = |j: usize| (total as u128 * j as u128 / n as u128) as u64;
+            let owner = |at: u64| {
+                let j = (((at as u128 + 1) * n as u128 - 1) / total as u128) as usize;
+                assert!(
+                    bound(j) <= at && at < bound(j + 1),
+                    "the test's owner of {at}"
+                );
+                j
+            };
+            let mut ks: Vec<usize> = vec![0, 1, n / 2, n - 2, n - 1];
+            let mut at = 0u64;
+            for s in &sources {
+                let groups = if s.layout == source::Layout::Parquet {
+                    rows
+                } else {
+                    1
+                };
+                for g in 0..groups {
+                    let o = owner(at + s.bytes * g / groups);
+                    ks.extend([o.saturating_sub(1), o, (o + 1).min(n - 1)]);
+                }
+                at += s.bytes;
+            }
+            ks.sort_unstable();
+            ks.dedup();
+            let plans: Vec<Vec<SourceFile>> = ks
+                .iter()
+                .map(|&k| {
+                    let mut mine = sources.clone();
+                    source::plan_shard(&mut mine, k, n).unwrap();
+                    mine
+                })
+                .collect();
+            (plans, t.elapsed())
+        });
+        assert!(
+            took < Duration::from_secs(1),
+            "N = {n}: planning took {took:?}"
+        );
+        // Each file (and row group) is planned for exactly one of those shards.
+        let mut got = vec![Vec::new(); whole.len()];
+        for plan in &plans {
+            for (g, r) in got.iter_mut().zip(records(plan)) {
+                g.extend(r);
+            }
+        }
+        assert_eq!(got, whole, "N = {n}");
+    }
+    // And end to end, through `convert`.
+    let tok = Arc::new(tokenizer());
+    let out = dir.path().join("last");
+    let took = within(Duration::from_secs(60), "convert", move || {
+        let t = Instant::now();
+        let m = convert_into(
+            &tok,
+            &inputs,
+            &out,
+            Some((usize::MAX - 1, usize::MAX)),
+            OnError::Skip,
+        );
+        (m.unwrap(), t.elapsed())
+    });
+    println!(
+        "convert --shard {}/{}: {:?}",
+        usize::MAX - 1,
+        usize::MAX,
+        took.1
+    );
 }
 
 /// Level 1: the reader, over random file sets and N values.

@@ -78,7 +78,8 @@ pub enum Part {
 }
 
 /// Assign each shard a part of the inputs, by bytes, so one large file shards evenly. The
-/// inputs are seen as one stream of bytes, cut into `n` equal ranges; shard `k` reads
+/// inputs are seen as one stream of bytes, cut into `n` equal ranges (`total * j / n` rounded down
+/// starts range `j`); shard `k` reads
 /// - of an uncompressed JSON lines file (`.jsonl`, or `.json` holding lines): the lines that
 ///   start in its range (line-aligned: each line is read by exactly one shard; a byte order
 ///   mark belongs to the first line, which starts at byte 0);
@@ -87,17 +88,32 @@ pub enum Part {
 ///   holds its first byte; a warning says so.
 ///
 /// Every shard keeps every source (with its own counts), so source ids and paths are the same
-/// in every shard and in a single conversion, and `merge` adds the counts up.
+/// in every shard and in a single conversion, and `merge` adds the counts up. The cost does
+/// not depend on `n`: O(files + row groups), and only the files that overlap the shard's
+/// range are opened.
 pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<String>> {
-    let total: u64 = sources.iter().map(|s| s.bytes).sum();
-    let bound = |i: usize| (total as u128 * i as u128 / n as u128) as u64;
-    let (lo, hi) = (bound(k), bound(k + 1));
-    let owner = |at: u64| (0..n).find(|&j| at < bound(j + 1)).unwrap_or(n - 1);
+    if k >= n {
+        return Err(Error::argument(
+            "shard",
+            format!("{k}/{n}: need 0 <= k < n"),
+        ));
+    }
+    let bounds = ShardBounds {
+        total: sources.iter().map(|s| s.bytes).sum(),
+        n,
+    };
+    let (lo, hi) = (bounds.bound(k), bounds.bound(k + 1));
     let mut warnings = Vec::new();
     let mut offset = 0u64;
     for src in sources.iter_mut() {
         let start = offset;
         offset += src.bytes;
+        // A file outside the range has no line, row group or first byte in it (an empty
+        // file is still classified: its first byte may be owned at the very end).
+        if src.bytes > 0 && (offset <= lo || start >= hi) {
+            src.part = Part::Nothing;
+            continue;
+        }
         src.part = match splittable(src)? {
             Split::Lines => {
                 let (a, b) = (lo.max(start) - start, hi.min(offset).max(start) - start);
@@ -109,7 +125,10 @@ pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<
             }
             Split::RowGroups(groups) => {
                 let mine: Vec<usize> = (0..groups)
-                    .filter(|&g| owner(start + src.bytes * g as u64 / groups as u64) == k)
+                    .filter(|&g| {
+                        let at = src.bytes as u128 * g as u128 / groups as u128;
+                        bounds.owner(start + at as u64) == k
+                    })
                     .collect();
                 if mine.is_empty() {
                     Part::Nothing
@@ -117,7 +136,7 @@ pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<
                     Part::RowGroups(mine)
                 }
             }
-            Split::Whole(why) if owner(start) == k => {
+            Split::Whole(why) if bounds.owner(start) == k => {
                 if n > 1 {
                     warnings.push(format!(
                         "{}: {why}: it cannot be split, so shard {k}/{n} converts it whole",
@@ -130,6 +149,36 @@ pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<
         };
     }
     Ok(warnings)
+}
+
+/// The `n` byte ranges of a sharded conversion: shard `j` holds bytes
+/// `bound(j)..bound(j + 1)` of the `total` input bytes, `bound(j) = total * j / n` (rounded
+/// down, in 128-bit arithmetic), so the ranges are contiguous, disjoint, cover everything, and
+/// differ in size by at most one byte (many are empty when `n > total`).
+#[derive(Debug, Clone, Copy)]
+struct ShardBounds {
+    total: u64,
+    /// Positive.
+    n: usize,
+}
+
+impl ShardBounds {
+    /// The first byte of shard `j` (`0 <= j <= n`; `bound(n)` is the total).
+    fn bound(&self, j: usize) -> u64 {
+        (self.total as u128 * j as u128 / self.n as u128) as u64
+    }
+
+    /// The shard whose range holds byte `at`, in O(1): the largest `j` with
+    /// `bound(j) <= at`, i.e. with `total * j < (at + 1) * n`. A byte at or past the end
+    /// (the start of an empty last file, or anything when `total` is 0) belongs to the last
+    /// shard.
+    fn owner(&self, at: u64) -> usize {
+        if at >= self.total {
+            return self.n - 1;
+        }
+        let j = ((at as u128 + 1) * self.n as u128 - 1) / self.total as u128;
+        j.min(self.n as u128 - 1) as usize
+    }
 }
 
 enum Split {
@@ -666,4 +715,53 @@ fn read_array(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShardBounds;
+    use crate::sample::KeyedRng;
+
+    /// The closed-form owner is the linear scan it replaced (the first shard whose range ends
+    /// after the byte, else the last), on every byte of small inputs for every n up to well
+    /// past the total (empty ranges); and on huge values it names the range holding the byte.
+    #[test]
+    fn the_owner_of_a_byte_is_the_shard_whose_range_holds_it() {
+        let mut checked = 0u64;
+        for total in 0..48u64 {
+            for n in 1..120usize {
+                let b = ShardBounds { total, n };
+                for at in 0..=total + 1 {
+                    let scan = (0..n).find(|&j| at < b.bound(j + 1)).unwrap_or(n - 1);
+                    assert_eq!(b.owner(at), scan, "total {total}, n {n}, byte {at}");
+                    checked += 1;
+                }
+            }
+        }
+        let mut rng = KeyedRng::new(&[17, 2]);
+        for i in 0..100_000u64 {
+            let total = match i % 3 {
+                0 => rng.next_u64(),
+                1 => u64::MAX - rng.below(4),
+                _ => 1 + rng.below(1 << 20),
+            };
+            let n = match i % 4 {
+                0 => usize::MAX - rng.below(4) as usize,
+                1 => 1 + rng.next_u64() as usize % usize::MAX,
+                _ => 1 + rng.below(1 << 40) as usize,
+            };
+            let b = ShardBounds { total, n };
+            let at = rng.below(total.max(1));
+            let j = b.owner(at);
+            assert!(j < n, "total {total}, n {n}, byte {at}: shard {j}");
+            assert!(
+                b.bound(j) <= at && at < b.bound(j + 1),
+                "total {total}, n {n}, byte {at}: shard {j} holds {}..{}",
+                b.bound(j),
+                b.bound(j + 1)
+            );
+            checked += 1;
+        }
+        println!("shard owner: {checked} bytes checked");
+    }
 }
