@@ -10,6 +10,13 @@
 //! (they are counted). A UTF-8 byte order mark at the start of a file is skipped; it belongs
 //! to the first line, which starts at byte 0 (for sharding: see [`plan_shard`]).
 //!
+//! JSON arrays are held to what Python's `json` accepts, one element at a time, so one bad
+//! element is one rejected row and never hides the elements after it (see `read_array`):
+//! an empty element (`[,`, `,,`, a trailing `,]`) is a rejected `invalid_json` row at its
+//! line, an error under the default `fail` policy; a malformed element is one rejected row,
+//! and reading resumes at the next `,` at the array's level. A truncated array, or data after
+//! its closing `]`, ends the file with one rejected row.
+//!
 //! Bounded: only regular files are read (a FIFO, device or socket is an error before any
 //! read); a line or array element longer than `max_line_bytes` is not held in memory but
 //! skipped to its end and reported as a `line_too_long` row.
@@ -332,13 +339,15 @@ fn open(src: &SourceFile, counter: Arc<AtomicU64>) -> Result<Box<dyn BufRead + S
 }
 
 /// What a source yields: a row's bytes with its position, a blank line, or a row that could
-/// not even be delimited (broken JSON array structure).
+/// not even be delimited.
 pub enum Record<'a> {
     /// The bytes of one row.
     Row(&'a [u8], InputPosition),
     /// A blank line (JSON lines only).
     Blank,
-    /// A structural error; the rest of the file is unreadable.
+    /// A row found broken while delimiting rows (`invalid_json`): an empty JSON array
+    /// element, read past; or a truncated array or data after its closing `]`, which end the
+    /// file.
     Broken(RowError),
     /// A line (array element) longer than the limit, skipped: its position and length.
     TooLong(InputPosition, u64),
@@ -538,55 +547,92 @@ fn read_lines(
 }
 
 /// Where the scan of a JSON array is.
-#[derive(PartialEq)]
+#[derive(PartialEq, Clone, Copy)]
 enum ArrayState {
+    /// Before the opening `[`.
     BeforeOpen,
-    BetweenElements,
+    /// Right after `[`: a `]` closes an empty array, a `,` ends an empty element.
+    AfterOpen,
+    /// After a `,`: a `,` or `]` ends an empty element.
+    AfterComma,
+    /// Inside an element.
     InElement,
+    /// After the closing `]`.
     AfterClose,
 }
 
-/// Strings, escapes and bracket depth inside one array element: enough to see where it ends.
+/// Open brackets tracked exactly, beyond which a closer is assumed to match (serde_json
+/// rejects anything nested deeper than 128 anyway): bounds the memory of a hostile element.
+const MAX_TRACKED_DEPTH: usize = 4096;
+
+/// Strings, escapes and open brackets inside one array element: enough to see where it ends,
+/// leniently enough that a malformed element does not swallow the ones after it. On valid
+/// JSON none of the lenient rules ever applies (see [`read_array`]).
 #[derive(Default)]
 struct Nesting {
-    depth: i64,
+    /// The open brackets (`{` or `[`), innermost last.
+    open: Vec<u8>,
+    /// Brackets opened beyond [`MAX_TRACKED_DEPTH`].
+    deep: u64,
     in_str: bool,
     escaped: bool,
+    /// The offset in the element of a `,` inside an object followed so far by whitespace only.
+    comma: Option<u64>,
+}
+
+/// What one byte of an element does.
+enum Step {
+    /// Part of the element.
+    Inside,
+    /// A `,` or `]` that ends the element (and is not part of it).
+    End,
+    /// A `{` or `[` that starts the next element: this one ended at its `,` at this offset.
+    Split(u64),
 }
 
 impl Nesting {
-    /// The nesting after an element's first byte `c`.
-    fn start(c: u8) -> Nesting {
-        Nesting {
-            depth: i64::from(c == b'{' || c == b'['),
-            in_str: c == b'"',
-            escaped: false,
-        }
-    }
-
-    /// Whether `c` ends the element (a `,` or `]` outside strings and brackets).
-    fn ends_at(&self, c: u8) -> bool {
-        !self.in_str && self.depth == 0 && (c == b',' || c == b']')
-    }
-
-    /// Account for byte `c` of the element.
-    fn feed(&mut self, c: u8) {
+    /// Account for byte `c`, at offset `at` of the element.
+    fn feed(&mut self, c: u8, at: u64) -> Step {
         if self.in_str {
-            if self.escaped {
+            if c == b'\n' {
+                // A raw newline cannot be inside a JSON string: the string was not closed.
+                (self.in_str, self.escaped) = (false, false);
+            } else if self.escaped {
                 self.escaped = false;
             } else if c == b'\\' {
                 self.escaped = true;
             } else if c == b'"' {
                 self.in_str = false;
             }
-        } else {
-            match c {
-                b'"' => self.in_str = true,
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' => self.depth -= 1,
-                _ => {}
+            return Step::Inside;
+        }
+        if let Some(comma) = self.comma {
+            if c.is_ascii_whitespace() {
+                return Step::Inside;
+            }
+            self.comma = None;
+            if c == b'{' || c == b'[' {
+                return Step::Split(comma);
             }
         }
+        match c {
+            b',' | b']' if self.open.is_empty() && self.deep == 0 => return Step::End,
+            b'"' => self.in_str = true,
+            b'{' | b'[' if self.open.len() < MAX_TRACKED_DEPTH => self.open.push(c),
+            b'{' | b'[' => self.deep += 1,
+            b'}' | b']' if self.deep > 0 => self.deep -= 1,
+            b'}' | b']' => {
+                // Close up to the matching bracket; a closer without one is left to the
+                // element's parse to reject.
+                let opener = if c == b'}' { b'{' } else { b'[' };
+                if let Some(i) = self.open.iter().rposition(|&o| o == opener) {
+                    self.open.truncate(i);
+                }
+            }
+            b',' if self.deep == 0 && self.open.last() == Some(&b'{') => self.comma = Some(at),
+            _ => {}
+        }
+        Step::Inside
     }
 }
 
@@ -603,8 +649,6 @@ impl Element {
         self.len += 1;
         if self.len <= max as u64 {
             self.bytes.push(c);
-        } else if !self.bytes.is_empty() {
-            self.bytes = Vec::new();
         }
     }
 
@@ -615,20 +659,34 @@ impl Element {
             line: self.line,
             element: Some(self.index),
         };
+        if self.len > max as u64 {
+            self.bytes = Vec::new();
+            return Record::TooLong(pos, self.len);
+        }
         while self.bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
             self.bytes.pop();
         }
-        if self.len > max as u64 {
-            Record::TooLong(pos, self.len)
-        } else {
-            Record::Row(&self.bytes, pos)
-        }
+        Record::Row(&self.bytes, pos)
     }
 }
 
 /// Split a top-level JSON array into its elements without parsing them: track strings,
-/// escapes and bracket depth. Each element is then parsed on its own, so one bad element is
-/// one rejected row.
+/// escapes and brackets. Each element is then parsed on its own, so one bad element is one
+/// rejected row, and the elements after it are read as usual:
+/// - an element ends at a `,` or `]` outside strings and brackets;
+/// - an empty element (`[,`, `,,`, a trailing `,]`) is a rejected `invalid_json` row at the
+///   line of the `,` or `]` that ends it (Python's `json` rejects them);
+/// - leniency for malformed elements, none of which applies to valid JSON: a closing bracket
+///   closes up to its matching opener (one without is ignored); a raw newline ends a string;
+///   a `,` inside an object followed by `{` or `[` (only a key may follow a `,` there) was
+///   the array's separator after an element missing its closing brackets, so the element
+///   ends at that `,`.
+///
+/// What no reader can tell: an element left open inside a list (`{"pos": ["a", {...}, ...`)
+/// or inside a string on one line reads as the start of valid JSON, and runs on, with the
+/// elements after it, until its brackets close (or the file ends): one rejected row.
+///
+/// A file that ends before the closing `]`, or has data after it, ends with one broken row.
 fn read_array(
     reader: &mut dyn BufRead,
     src: &SourceFile,
@@ -666,42 +724,58 @@ fn read_array(
         for &c in buf {
             line += u64::from(c == b'\n');
             match state {
-                ArrayState::BeforeOpen if c == b'[' => state = ArrayState::BetweenElements,
+                ArrayState::BeforeOpen if c == b'[' => state = ArrayState::AfterOpen,
                 ArrayState::BeforeOpen => {}
                 ArrayState::AfterClose if c.is_ascii_whitespace() => {}
                 ArrayState::AfterClose => {
                     f(broken(line, None, "unexpected data after the closing ']'"));
                     return Ok(());
                 }
-                ArrayState::BetweenElements if c == b']' => state = ArrayState::AfterClose,
-                ArrayState::BetweenElements if c == b',' => {
-                    if cur.index == 0 {
-                        f(broken(line, Some(0), "',' before the first element"));
-                        return Ok(());
-                    }
-                }
-                ArrayState::BetweenElements if c.is_ascii_whitespace() => {}
-                ArrayState::BetweenElements => {
-                    state = ArrayState::InElement;
-                    (cur.bytes, cur.len, cur.line) = (vec![c], 1, line);
-                    nesting = Nesting::start(c);
-                }
-                ArrayState::InElement if nesting.ends_at(c) => {
-                    if !f(cur.record(&src.path, max_line_bytes)) {
+                ArrayState::AfterOpen if c == b']' => state = ArrayState::AfterClose,
+                ArrayState::AfterOpen | ArrayState::AfterComma if c == b',' || c == b']' => {
+                    let what = match (state, c) {
+                        (ArrayState::AfterOpen, _) => "empty array element (',' right after '[')",
+                        (_, b',') => "empty array element (two ',' in a row)",
+                        _ => "empty array element (a trailing ',' before ']')",
+                    };
+                    if !f(broken(line, Some(cur.index), what)) {
                         return Ok(());
                     }
                     cur.index += 1;
-                    cur.bytes.clear();
                     state = if c == b']' {
                         ArrayState::AfterClose
                     } else {
-                        ArrayState::BetweenElements
+                        ArrayState::AfterComma
                     };
                 }
-                ArrayState::InElement => {
-                    cur.push(c, max_line_bytes);
-                    nesting.feed(c);
+                ArrayState::AfterOpen | ArrayState::AfterComma if c.is_ascii_whitespace() => {}
+                ArrayState::AfterOpen | ArrayState::AfterComma => {
+                    state = ArrayState::InElement;
+                    start_element(&mut cur, &mut nesting, c, line, max_line_bytes);
                 }
+                ArrayState::InElement => match nesting.feed(c, cur.len) {
+                    Step::Inside => cur.push(c, max_line_bytes),
+                    Step::End => {
+                        if !f(cur.record(&src.path, max_line_bytes)) {
+                            return Ok(());
+                        }
+                        cur.index += 1;
+                        state = if c == b']' {
+                            ArrayState::AfterClose
+                        } else {
+                            ArrayState::AfterComma
+                        };
+                    }
+                    Step::Split(comma) => {
+                        cur.len = comma;
+                        cur.bytes.truncate(comma as usize);
+                        if !f(cur.record(&src.path, max_line_bytes)) {
+                            return Ok(());
+                        }
+                        cur.index += 1;
+                        start_element(&mut cur, &mut nesting, c, line, max_line_bytes);
+                    }
+                },
             }
         }
         reader.consume(n);
@@ -715,6 +789,16 @@ fn read_array(
         ));
     }
     Ok(())
+}
+
+/// Start element `cur.index` with its first byte `c` (not whitespace, `,` or `]`).
+fn start_element(cur: &mut Element, nesting: &mut Nesting, c: u8, line: u64, max: usize) {
+    (cur.len, cur.line) = (0, line);
+    cur.bytes.clear();
+    nesting.open.clear();
+    (nesting.deep, nesting.in_str, nesting.escaped, nesting.comma) = (0, false, false, None);
+    nesting.feed(c, 0);
+    cur.push(c, max);
 }
 
 #[cfg(test)]
