@@ -439,3 +439,332 @@ fn a_cancelled_conversion_writes_nothing() {
         "only the input is left"
     );
 }
+
+/// What the reader makes of one JSON array file: the rows it accepts (line, element, value)
+/// and the rows it rejects (line, element, reason), in order.
+type ArrayOutcome = (
+    Vec<(u64, Option<u64>, serde_json::Value)>,
+    Vec<(u64, Option<u64>, RejectReason)>,
+);
+
+fn read_array_file(path: &Path) -> ArrayOutcome {
+    use rankfeed::convert::row::parse_row;
+    use rankfeed::convert::source::{self, Record};
+    let sources = source::discover(&[path.to_path_buf()]).unwrap();
+    let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
+    let mut unknown = Default::default();
+    source::read_records(&sources[0], Default::default(), 1 << 20, &mut |r| {
+        match r {
+            Record::Row(bytes, pos) => match parse_row(bytes, &pos, &mut unknown) {
+                Ok(_) => accepted.push((
+                    pos.line,
+                    pos.element,
+                    serde_json::from_slice(bytes).unwrap(),
+                )),
+                Err(e) => rejected.push((pos.line, pos.element, e.reason)),
+            },
+            Record::Broken(e) => rejected.push((e.position.line, e.position.element, e.reason)),
+            Record::TooLong(pos, _) => panic!("too long at {pos}"),
+            Record::Blank => panic!("a blank line in an array"),
+        }
+        true
+    })
+    .unwrap();
+    (accepted, rejected)
+}
+
+fn query_of(v: &serde_json::Value) -> &str {
+    v["query"].as_str().unwrap()
+}
+
+/// A row whose query is `q`.
+fn row_q(q: &str) -> String {
+    format!(r#"{{"query": "{q}", "pos": ["a, ] }} {{ ["], "neg": ["b"]}}"#)
+}
+
+/// Issue 17, finding 3: `[a,,b]`, `[a,]`, `[a,b,,]` were accepted as if the empty elements
+/// were not there (Python's json rejects them). Each empty element is now a rejected
+/// `invalid_json` row at the line of the `,` or `]` that ends it, an error under the default
+/// policy; the elements around it are read as usual.
+#[test]
+fn empty_array_elements_are_rejected_rows_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (row_q("qa"), row_q("qb"));
+    // (text, accepted (line, element), rejected (line, element))
+    type Case = (String, Vec<(u64, u64)>, Vec<(u64, u64)>);
+    let cases: Vec<Case> = vec![
+        (format!("[{a},,{b}]"), vec![(1, 0), (1, 2)], vec![(1, 1)]),
+        (format!("[{a},]"), vec![(1, 0)], vec![(1, 1)]),
+        (
+            format!("[{a},{b},,]"),
+            vec![(1, 0), (1, 1)],
+            vec![(1, 2), (1, 3)],
+        ),
+        (format!("[,{a}]"), vec![(1, 1)], vec![(1, 0)]),
+        ("[,]".to_string(), vec![], vec![(1, 0), (1, 1)]),
+        (
+            format!("[\n  {a},\n  ,\n  {b}\n]\n"),
+            vec![(2, 0), (4, 2)],
+            vec![(3, 1)],
+        ),
+        (
+            format!("[\r\n{a},\r\n{b},\r\n]"),
+            vec![(2, 0), (3, 1)],
+            vec![(4, 2)],
+        ),
+    ];
+    let skip = skip();
+    for (i, (text, ok, bad)) in cases.iter().enumerate() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(text).is_err(),
+            "a JSON parser rejects {text:?}"
+        );
+        let p = write(dir.path(), &format!("empty{i}.json"), text);
+        let (accepted, rejected) = read_array_file(&p);
+        assert_eq!(
+            accepted.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            ok.iter().map(|&(l, e)| (l, Some(e))).collect::<Vec<_>>(),
+            "{text:?}: accepted"
+        );
+        assert_eq!(
+            rejected,
+            bad.iter()
+                .map(|&(l, e)| (l, Some(e), RejectReason::InvalidJson))
+                .collect::<Vec<_>>(),
+            "{text:?}: rejected"
+        );
+        // The default policy fails at the first empty element, naming its line.
+        let err = run(
+            std::slice::from_ref(&p),
+            &dir.path().join(format!("fail{i}")),
+            &ConvertOptions::default(),
+        )
+        .unwrap_err();
+        let Error::Row(e) = &err else { panic!("{err}") };
+        let (line, element) = bad[0];
+        assert_eq!(
+            (e.reason, e.position.line, e.position.element),
+            (RejectReason::InvalidJson, line, Some(element)),
+            "{text:?}"
+        );
+        assert!(err.to_string().contains("empty array element"), "{err}");
+        // Under skip: every row accounted for, rejects.jsonl at the right lines.
+        if ok.is_empty() {
+            continue;
+        }
+        let out = dir.path().join(format!("skip{i}"));
+        let m = run(std::slice::from_ref(&p), &out, &skip).unwrap();
+        let s = &m.sources[0];
+        assert_eq!(
+            (s.rows_accepted, s.rows_rejected),
+            (ok.len() as u64, bad.len() as u64)
+        );
+        let rejects: Vec<serde_json::Value> = std::fs::read_to_string(out.join("rejects.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(u64, u64)> = rejects
+            .iter()
+            .map(|r| (r["line"].as_u64().unwrap(), r["element"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(&got, bad, "{text:?}");
+    }
+}
+
+/// Malformed elements that do not lose the ones after them: one rejected row each, and the
+/// next element is read as usual. Some are missing closing brackets, which used to make the
+/// element run to the end of the file.
+const MALFORMED: &[&str] = &[
+    // Missing the closing brace (a truncated or hand-edited row).
+    r#"{"query": "bad", "pos": ["a"], "neg": ["b"]"#,
+    r#"{"query": "bad", "pos": ["a"], "neg": ["b"], "x": {"y": [1, {"z": 2}]"#,
+    // Missing a closing bracket inside: the brace closes it.
+    r#"{"query": "bad", "pos": ["a", "neg": ["b"]}"#,
+    // Closers without openers.
+    r#"{"query": "bad", "pos": ["a"]], "neg": []}"#,
+    r#"{"query": "bad", "pos": ["a"], "neg": []}}"#,
+    // Balanced, but not JSON.
+    r#"{"query": "bad" "pos": ["a"], "neg": []}"#,
+    r#"{'query': 'bad, worse', "pos": ["a"], "neg": []}"#,
+    r#"{"query": "bad", "pos": ["a"], "neg": [],}"#,
+    "{not json}",
+    "NaNx",
+    r#"{"query": "bad", "pos": ["a"], "neg": []} {"query": "glued"}"#,
+];
+
+/// Issue 17, finding 3: `[BAD, R2, R3]` under skip gave 0 accepted, 1 rejected when BAD was
+/// missing its closing brace: the element ran to the end of the file. Now BAD is one
+/// rejected row at its line, and R2, R3 are accepted, wherever BAD is and however the array
+/// is laid out.
+#[test]
+fn a_malformed_array_element_does_not_swallow_the_elements_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let layouts: [(&str, &str, &str); 4] = [
+        ("[", ", ", "]"),
+        ("[\n  ", ",\n  ", "\n]\n"),
+        ("[\r\n", "\r\n,\r\n", "\r\n]"),
+        ("\u{feff}\n[", ",\n\n", "]"),
+    ];
+    let mut checked = 0;
+    for (b, bad) in MALFORMED.iter().enumerate() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(bad).is_err(),
+            "{bad}"
+        );
+        for (l, (open, sep, close)) in layouts.iter().enumerate() {
+            for at in 0..3 {
+                let mut elements: Vec<String> = (0..3).map(|i| row_q(&format!("r{i}"))).collect();
+                elements[at] = bad.to_string();
+                let text = format!("{open}{}{close}", elements.join(sep));
+                // The line each element starts on.
+                let mut lines = Vec::new();
+                let mut offset = open.len();
+                for e in &elements {
+                    lines.push(1 + text[..offset].matches('\n').count() as u64);
+                    offset += e.len() + sep.len();
+                }
+                let p = write(dir.path(), &format!("bad-{b}-{l}-{at}.json"), &text);
+                let (accepted, rejected) = read_array_file(&p);
+                let want: Vec<(u64, Option<u64>, String)> = (0..3)
+                    .filter(|&i| i != at)
+                    .map(|i| (lines[i], Some(i as u64), format!("r{i}")))
+                    .collect();
+                let got: Vec<(u64, Option<u64>, String)> = accepted
+                    .iter()
+                    .map(|(l, e, v)| (*l, *e, query_of(v).to_string()))
+                    .collect();
+                assert_eq!(got, want, "{text:?}: accepted");
+                assert_eq!(rejected.len(), 1, "{text:?}: {rejected:?}");
+                assert_eq!(
+                    (rejected[0].0, rejected[0].1),
+                    (lines[at], Some(at as u64)),
+                    "{text:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    // End to end, the finding's case: [BAD, R2, R3] under skip.
+    let text = format!("[{}, {}, {}]", MALFORMED[0], row_q("r1"), row_q("r2"));
+    let p = write(dir.path(), "finding.json", &text);
+    let m = run(std::slice::from_ref(&p), &dir.path().join("o"), &skip()).unwrap();
+    assert_eq!(
+        (m.sources[0].rows_accepted, m.sources[0].rows_rejected),
+        (2, 1)
+    );
+    // A `]` after a complete element closes the array: what follows is one rejected row.
+    let text = format!("[{}], {}]", row_q("r0"), row_q("r1"));
+    let p = write(dir.path(), "closed.json", &text);
+    let (accepted, rejected) = read_array_file(&p);
+    assert_eq!((accepted.len(), rejected.len()), (1, 1), "{text}");
+    println!("malformed array elements: {checked} arrays, each one rejected row");
+}
+
+/// Invariant over random arrays: valid ones are split into exactly the elements a JSON parser
+/// sees (strings full of `,`, brackets, escapes; nested values; any whitespace), each at the
+/// line it starts on; with empty and malformed elements mixed in, every valid element is
+/// still accepted, at its line and index, and every empty or malformed one is one rejected
+/// row at its own.
+#[test]
+fn random_arrays_split_into_their_elements() {
+    use rankfeed::sample::KeyedRng;
+    let dir = tempfile::tempdir().unwrap();
+    let texts = [
+        "plain",
+        "a, b",
+        "]",
+        "}, {",
+        "[[\\\"",
+        "\\\\",
+        "\\\\\\\"],",
+        "é ü \\u00e9",
+        "line\\nbreak",
+    ];
+    let ws = ["", " ", "\n", "\r\n", "\t", " \n  "];
+    let sets = 2000;
+    let (mut valid_arrays, mut elements) = (0, 0);
+    for set in 0..sets as u64 {
+        let mut rng = KeyedRng::new(&[17, 3, set]);
+        let mut pick = |n: usize| rng.below(n as u64) as usize;
+        let n = 1 + pick(5);
+        let corrupt = set % 2 == 1;
+        // (element text or None for an empty one, whether it is a valid row)
+        let mut items: Vec<(Option<String>, bool)> = Vec::new();
+        for i in 0..n {
+            if corrupt && pick(4) == 0 {
+                items.push((None, false));
+            }
+            if corrupt && pick(4) == 0 {
+                items.push((Some(MALFORMED[pick(MALFORMED.len())].to_string()), false));
+            }
+            let t = |p: &mut dyn FnMut(usize) -> usize| texts[p(texts.len())];
+            let mut row = format!(
+                r#"{{"query":{w}"q{i} {}",{w}"pos":[{w}"{}"{w}],"neg":["{}",{w}"{}"]"#,
+                t(&mut pick),
+                t(&mut pick),
+                t(&mut pick),
+                t(&mut pick),
+                w = ws[pick(ws.len())],
+            );
+            if pick(2) == 0 {
+                row += r#","meta":{"k":[1,{"x":"]}"}],"s":"{[,"}"#;
+            }
+            row.push('}');
+            items.push((Some(row), true));
+        }
+        if corrupt && pick(3) == 0 {
+            items.push((None, false));
+        }
+        let mut text = String::from(["", "\u{feff}", "\n", "\u{feff} \r\n"][pick(4)]);
+        text.push('[');
+        // Expected: per element, (line, index, query) accepted, or (line, index) rejected.
+        let (mut want_ok, mut want_bad) = (Vec::new(), Vec::new());
+        // An empty element is reported at the line of the ',' or ']' that ends it.
+        let mut empty = None;
+        let delimiter = |text: &mut String, empty: &mut Option<usize>, want: &mut Vec<_>, c| {
+            if let Some(i) = empty.take() {
+                want.push((1 + text.matches('\n').count() as u64, Some(i as u64)));
+            }
+            text.push(c);
+        };
+        for (i, (item, valid)) in items.iter().enumerate() {
+            if i > 0 {
+                text += ws[pick(ws.len())];
+                delimiter(&mut text, &mut empty, &mut want_bad, ',');
+            }
+            text += ws[pick(ws.len())];
+            let line = 1 + text.matches('\n').count() as u64;
+            match item {
+                Some(e) => {
+                    text += e;
+                    if *valid {
+                        let v: serde_json::Value = serde_json::from_str(e).unwrap();
+                        want_ok.push((line, Some(i as u64), v));
+                    } else {
+                        want_bad.push((line, Some(i as u64)));
+                    }
+                }
+                None => empty = Some(i),
+            }
+        }
+        text += ws[pick(ws.len())];
+        delimiter(&mut text, &mut empty, &mut want_bad, ']');
+        text += ws[pick(ws.len())];
+        let p = write(dir.path(), &format!("r{set}.json"), &text);
+        let (accepted, rejected) = read_array_file(&p);
+        if !corrupt {
+            // Exactly what a JSON parser gives.
+            let body = text.trim_start_matches('\u{feff}');
+            let parsed: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+            let got: Vec<&serde_json::Value> = accepted.iter().map(|a| &a.2).collect();
+            assert_eq!(got, parsed.iter().collect::<Vec<_>>(), "{text:?}");
+            valid_arrays += 1;
+        }
+        assert_eq!(accepted, want_ok, "{text:?}");
+        let bad: Vec<(u64, Option<u64>)> = rejected.iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(bad, want_bad, "{text:?}");
+        elements += items.len();
+    }
+    println!("random arrays: {sets} ({valid_arrays} valid), {elements} elements, 0 differences");
+}

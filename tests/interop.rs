@@ -1,40 +1,26 @@
 //! Parquet export/import, Parquet text input, sharded conversion and merge.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod sharding;
 
-use arrow_array::builder::{
-    Float64Builder, LargeListBuilder, LargeStringBuilder, ListBuilder, StringBuilder,
-};
-use arrow_array::{ArrayRef, RecordBatch};
-use parquet::arrow::ArrowWriter;
+use std::path::{Path, PathBuf};
+
 use rankfeed::convert::{convert, ConvertOptions, OnError};
 use rankfeed::export::{export, ExportOptions, Layout};
-use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::writer::WriterOptions;
 use rankfeed::Dataset;
+use sharding::{
+    convert_into, same_columns, same_dataset, shard_and_merge, text_parquet,
+    text_parquet_row_groups, tokenizer,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tokenizer() -> TextTokenizer {
-    TextTokenizer::from_file(root().join("data/sample/bert/tokenizer.json")).unwrap()
 }
 
 fn run(inputs: &[PathBuf], out: &Path, opts: ConvertOptions) -> rankfeed::Manifest {
     convert(inputs, &tokenizer(), out, &opts, &mut |_| {})
         .unwrap()
         .manifest
-}
-
-fn same_columns(a: &Path, b: &Path) {
-    for name in ["groups.arrow", "passages.arrow", "prompts.arrow"] {
-        assert!(
-            std::fs::read(a.join(name)).unwrap() == std::fs::read(b.join(name)).unwrap(),
-            "{name} differs"
-        );
-    }
 }
 
 #[test]
@@ -85,48 +71,6 @@ fn export_then_import_reproduces_the_columns() {
             }
         }
     }
-}
-
-fn text_parquet(path: &Path, rows: &[serde_json::Value]) {
-    // As Polars writes: large_list<large_string> passages, large_string query, double scores.
-    let mut query = LargeStringBuilder::new();
-    let mut pos = LargeListBuilder::new(LargeStringBuilder::new());
-    let mut neg = ListBuilder::new(StringBuilder::new());
-    let mut ps = LargeListBuilder::new(Float64Builder::new());
-    let mut prompt = StringBuilder::new();
-    for r in rows {
-        query.append_value(r["query"].as_str().unwrap());
-        for p in r["pos"].as_array().unwrap() {
-            pos.values().append_value(p.as_str().unwrap());
-        }
-        pos.append(true);
-        for p in r["neg"].as_array().unwrap() {
-            neg.values().append_value(p.as_str().unwrap());
-        }
-        neg.append(true);
-        match r.get("pos_scores") {
-            Some(s) => {
-                for x in s.as_array().unwrap() {
-                    ps.values().append_value(x.as_f64().unwrap());
-                }
-                ps.append(true);
-            }
-            None => ps.append_null(),
-        }
-        prompt.append_option(r.get("prompt").and_then(|p| p.as_str()));
-    }
-    let cols: Vec<(&str, ArrayRef)> = vec![
-        ("query", Arc::new(query.finish())),
-        ("pos", Arc::new(pos.finish())),
-        ("neg", Arc::new(neg.finish())),
-        ("pos_scores", Arc::new(ps.finish())),
-        ("prompt", Arc::new(prompt.finish())),
-    ];
-    let batch = RecordBatch::try_from_iter(cols).unwrap();
-    let mut w =
-        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
 }
 
 #[test]
@@ -252,41 +196,6 @@ fn shards_merge_into_the_single_conversion() {
     assert!(err.to_string().contains("differ"), "{err}");
 }
 
-/// The manifest's sources and stats, and the files, of a conversion and of the merge of its
-/// shards must be the same: everything but the files' own checksums (equal files give equal
-/// sums anyway) and timestamps, of which there are none.
-fn same_dataset(a: &Path, b: &Path) {
-    same_columns(a, b);
-    let read = |p: &Path| Dataset::open(p).unwrap().manifest().clone();
-    let (ma, mb) = (read(a), read(b));
-    assert_eq!(ma.sources, mb.sources, "sources and stats");
-    assert_eq!(ma.counts, mb.counts);
-    assert_eq!(
-        ma.files, mb.files,
-        "file sizes and checksums (rejects.jsonl included)"
-    );
-}
-
-fn shard_and_merge(inputs: &[PathBuf], dir: &Path, n: usize, skip: bool) -> (PathBuf, PathBuf) {
-    let opts = |shard| ConvertOptions {
-        shard,
-        on_error: if skip { OnError::Skip } else { OnError::Fail },
-        ..ConvertOptions::default()
-    };
-    let whole = dir.join(format!("whole-{n}"));
-    run(inputs, &whole, opts(None));
-    let shards: Vec<PathBuf> = (0..n)
-        .map(|k| {
-            let out = dir.join(format!("shard-{n}-{k}"));
-            run(inputs, &out, opts(Some((k, n))));
-            out
-        })
-        .collect();
-    let merged = dir.join(format!("merged-{n}"));
-    rankfeed::merge::merge(&shards, &merged, WriterOptions::default()).unwrap();
-    (whole, merged)
-}
-
 /// Issue 11, observation 4: sharding was by whole files, so one large file went to the last
 /// shard (the others empty) and the merged sources were wrong. Now one file shards by bytes,
 /// line-aligned, and any N merges into the single conversion, stats and rejects included.
@@ -308,8 +217,11 @@ fn one_jsonl_file_shards_by_bytes_and_merges_byte_identical() {
     }
     let input = dir.path().join("train.jsonl");
     std::fs::write(&input, &big).unwrap();
+    let (tok, inputs) = (tokenizer(), std::slice::from_ref(&input));
+    let whole = dir.path().join("whole");
+    convert_into(&tok, inputs, &whole, None, OnError::Skip).unwrap();
     for n in [1, 2, 3, 4, 7, 64] {
-        let (whole, merged) = shard_and_merge(std::slice::from_ref(&input), dir.path(), n, true);
+        let merged = shard_and_merge(&tok, inputs, dir.path(), n, OnError::Skip).unwrap();
         same_dataset(&whole, &merged);
         // Every shard did a part of the work.
         if n == 4 {
@@ -334,8 +246,17 @@ fn parquet_and_mixed_inputs_shard_and_merge_byte_identical() {
     // Parquet with several row groups.
     let pq = dir.path().join("train.parquet");
     text_parquet_row_groups(&pq, &rows, 16);
-    let (whole, merged) = shard_and_merge(std::slice::from_ref(&pq), dir.path(), 4, false);
-    same_dataset(&whole, &merged);
+    let tok = tokenizer();
+    let whole = dir.path().join("whole");
+    convert_into(&tok, std::slice::from_ref(&pq), &whole, None, OnError::Fail).unwrap();
+    let merged = shard_and_merge(
+        &tok,
+        std::slice::from_ref(&pq),
+        dir.path(),
+        4,
+        OnError::Fail,
+    );
+    same_dataset(&whole, &merged.unwrap());
     assert!(!Dataset::open(dir.path().join("shard-4-0"))
         .unwrap()
         .is_empty());
@@ -352,12 +273,13 @@ fn parquet_and_mixed_inputs_shard_and_merge_byte_identical() {
         format!("[{}]", lines[150..].join(",\n")),
     )
     .unwrap();
+    let (inputs, out) = (std::slice::from_ref(&mixed), dir.path().join("mixed-out"));
+    convert_into(&tok, inputs, &out.join("whole"), None, OnError::Fail).unwrap();
     for n in [2, 5] {
-        let (whole, merged) = shard_and_merge(std::slice::from_ref(&mixed), dir.path(), n, false);
-        same_dataset(&whole, &merged);
+        let merged = shard_and_merge(&tok, inputs, &out, n, OnError::Fail).unwrap();
+        same_dataset(&out.join("whole"), &merged);
     }
     // The files that cannot be split are converted whole, with a warning.
-    let tok = tokenizer();
     let warnings: Vec<String> = (0..2)
         .flat_map(|k| {
             let opts = ConvertOptions {
@@ -375,29 +297,4 @@ fn parquet_and_mixed_inputs_shard_and_merge_byte_identical() {
         .iter()
         .any(|w| w.contains("b.jsonl.gz: compressed")));
     assert!(warnings.iter().any(|w| w.contains("c.json: a JSON array")));
-}
-
-fn text_parquet_row_groups(path: &Path, rows: &[serde_json::Value], per_group: usize) {
-    let tmp = path.with_extension("one.parquet");
-    text_parquet(&tmp, rows);
-    let file = std::fs::File::open(&tmp).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_max_row_group_row_count(Some(per_group))
-        .build();
-    let mut w = ArrowWriter::try_new(
-        std::fs::File::create(path).unwrap(),
-        batches[0].schema(),
-        Some(props),
-    )
-    .unwrap();
-    for b in &batches {
-        w.write(b).unwrap();
-    }
-    w.close().unwrap();
-    std::fs::remove_file(tmp).unwrap();
 }
