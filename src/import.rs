@@ -73,7 +73,7 @@ use serde_json::Value;
 
 use crate::discover::parquet_files;
 use crate::error::{Error, Result};
-use crate::format::{self, col, SourceStats, TextSettings, TokenizerFacts};
+use crate::format::{self, col, ShardRange, SourceStats, TextSettings, TokenizerFacts};
 use crate::parquet_read::{ids, list_at, scores};
 use crate::tokenizer::TextTokenizer;
 use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
@@ -106,6 +106,8 @@ struct Carried {
     text: Option<TextSettings>,
     sources: Option<Vec<SourceStats>>,
     default_prompts: Option<Vec<Vec<i32>>>,
+    /// The shards of a sharded conversion the exported dataset held.
+    shards: Option<ShardRange>,
 }
 
 /// Everything the manifest needs besides what the writer counts.
@@ -115,6 +117,8 @@ struct Meta {
     default_prompts: Vec<Vec<i32>>,
     /// The carried sources list; empty when none was carried.
     sources: Vec<SourceStats>,
+    /// The carried shard range (kept, so the imported shard still merges as one).
+    shards: Option<ShardRange>,
     warnings: Vec<String>,
 }
 
@@ -268,7 +272,7 @@ pub fn import(
         sources: source_stats(&per_source, meta.sources, sources),
         tokenizer: Some(meta.facts),
         text: meta.text,
-        shards: None,
+        shards: meta.shards,
     })?;
     let bytes = files
         .iter()
@@ -489,6 +493,13 @@ fn resolve_meta(
             Some(_) => {}
         }
     }
+    if let Some(r) = carried.shards.filter(|r| !r.is_valid()) {
+        return Err(meta_error(
+            path,
+            "shards",
+            format!("{}..{} of {}: not a range of shards", r.start, r.end, r.of),
+        ));
+    }
     let mut warnings = Vec::new();
     let facts = match (carried.tokenizer, tokenizer) {
         (Some(facts), Some(t)) => {
@@ -619,6 +630,7 @@ fn resolve_meta(
         text,
         default_prompts,
         sources: carried.sources.unwrap_or_default(),
+        shards: carried.shards,
         warnings,
     })
 }

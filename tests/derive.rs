@@ -380,3 +380,38 @@ fn corrupted_inputs_are_never_laundered() {
     assert!(laundered.is_empty(), "laundered: {laundered:?}");
     assert_eq!(refused + identical, 4 * per_file * 3);
 }
+
+/// A shard exported to Parquet and imported back is still that shard (the range travels in
+/// the Parquet metadata), so it merges with the other shards into the whole conversion.
+#[test]
+fn an_imported_shard_is_still_a_shard() {
+    let s = shards(2);
+    let parquet = s.root.join("shard-0.parquet");
+    export(
+        &Dataset::open(&s.shards[0]).unwrap(),
+        &parquet,
+        &ExportOptions::default(),
+    )
+    .unwrap();
+    let back = s.root.join("shard-0-back");
+    let r = rankfeed::import::import(
+        std::slice::from_ref(&parquet),
+        &back,
+        None,
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let range = r.manifest.shards.expect("the shard range is carried");
+    assert_eq!((range.start, range.end, range.of), (0, 1, 2));
+    let merged = s.root.join("merged");
+    let m = merge_to(&[s.shards[1].clone(), back], &merged).unwrap();
+    assert_eq!(m.shards, None);
+    let (a, b) = (
+        Dataset::open(&merged).unwrap(),
+        Dataset::open(&s.whole).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for row in 0..a.len() {
+        assert_eq!(a.group(row).unwrap().query, b.group(row).unwrap().query);
+    }
+}

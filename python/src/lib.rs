@@ -511,11 +511,13 @@ fn import_parquet<'py>(
             "bytes": r.bytes,
             "seconds": r.elapsed.as_secs_f64(),
             "counts": r.manifest.counts,
+            "warnings": r.warnings,
         }),
     )
 }
 
-/// Merge datasets (shards) into one, in order, without tokenizing again.
+/// Merge datasets (shards of one conversion, joined in shard order; or whole datasets,
+/// concatenated in order) into one, without tokenizing again. Every input is verified first.
 #[pyfunction]
 #[pyo3(signature = (shards, out, *, overwrite=false))]
 fn merge<'py>(

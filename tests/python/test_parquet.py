@@ -300,3 +300,13 @@ def test_convert_reads_text_parquet_as_polars_writes_it(tmp_path, dataset):
     rankfeed.convert(path, BERT, out, progress=False)
     for name in ("groups.arrow", "passages.arrow", "prompts.arrow"):
         assert (out / name).read_bytes() == (dataset / name).read_bytes(), name
+
+
+def test_import_says_when_the_facts_could_not_be_checked(tmp_path, dataset):
+    """Without a tokenizer, carried facts are checked only against themselves: the summary
+    says so; with the tokenizer, they are checked against it and nothing is said."""
+    rankfeed.export(dataset, tmp_path / "flat")
+    unchecked = rankfeed.import_parquet(tmp_path / "flat", tmp_path / "a")
+    assert any("--tokenizer" in w for w in unchecked["warnings"]), unchecked
+    checked = rankfeed.import_parquet(tmp_path / "flat", tmp_path / "b", tokenizer=BERT)
+    assert checked["warnings"] == []
