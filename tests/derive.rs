@@ -7,6 +7,8 @@
 //! merge and export of the mutated shard either fails, writing nothing, or gives output
 //! identical to the unmutated run's. `RANKFEED_LONG=<factor>` multiplies the mutations.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use rankfeed::convert::{convert, ConvertOptions, OnError};
@@ -23,14 +25,6 @@ fn root() -> PathBuf {
 
 fn tokenizer() -> TextTokenizer {
     TextTokenizer::from_file(root().join("data/sample/bert/tokenizer.json")).unwrap()
-}
-
-fn long_factor() -> u64 {
-    std::env::var("RANKFEED_LONG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1)
 }
 
 /// The fixture rows plus two bad ones (so shards carry rejects.jsonl), converted whole and as
@@ -322,7 +316,7 @@ fn corrupted_inputs_are_never_laundered() {
         })
         .collect();
     let want_merge = files(&want_merge);
-    let per_file = 2_000 * long_factor();
+    let per_file = 2_000 * support::long();
     let mut rng = KeyedRng::new(&[0xde71]);
     let (mut refused, mut identical, mut laundered) = (0u64, 0u64, Vec::new());
     for name in [

@@ -4,6 +4,8 @@
 //! mutates exports (metadata fields, `row`/`source`/score/token columns) and requires every
 //! import to either refuse with an input error or reproduce the source dataset exactly.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,15 +35,6 @@ fn root() -> &'static Path {
 
 fn bert() -> TextTokenizer {
     TextTokenizer::from_file(root().join("data/sample/bert/tokenizer.json")).unwrap()
-}
-
-/// `RANKFEED_LONG=<factor>` multiplies the property test's cases (unset: 1).
-fn long() -> u64 {
-    std::env::var("RANKFEED_LONG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1)
 }
 
 /// A tokenizer like BERT's but with XLM-R's pair template (`[CLS] A [SEP] [SEP] B [SEP]`):
@@ -986,7 +979,7 @@ fn mutated_exports_are_refused_or_imported_exactly() {
         export_to(&ds, &out, layout, 60);
         (layout, out)
     });
-    let cases = 500 * long();
+    let cases = 500 * support::long();
     let mut t = Tally::default();
     let start = std::time::Instant::now();
     for case in 0..cases {

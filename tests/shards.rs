@@ -12,6 +12,7 @@
 //! number. Counts are printed (`--nocapture`).
 
 mod sharding;
+mod support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,15 +29,6 @@ use sharding::{
     convert_into, dataset_differences, same_dataset, shard_and_merge, text_parquet_row_groups,
     tokenizer,
 };
-
-/// `RANKFEED_LONG`: how many times the CI counts to run.
-fn long() -> usize {
-    std::env::var("RANKFEED_LONG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1)
-}
 
 /// Valid rows, with commas, brackets, escapes and non-ASCII inside strings.
 const VALID: &[&str] = &[
@@ -434,7 +426,7 @@ fn shard_planning_costs_the_same_for_any_number_of_shards() {
 /// Level 1: the reader, over random file sets and N values.
 #[test]
 fn random_file_sets_read_the_same_records_sharded_or_whole() {
-    let sets = 500 * long();
+    let sets = 500 * support::long() as usize;
     let (mut checked, mut failed_sets, mut failed_ns) = (0usize, 0usize, Vec::new());
     let start = Instant::now();
     for set in 0..sets as u64 {
@@ -461,7 +453,7 @@ fn random_file_sets_read_the_same_records_sharded_or_whole() {
 /// Level 2: convert every shard, merge, compare with the single conversion.
 #[test]
 fn random_file_sets_shard_and_merge_into_the_single_conversion() {
-    let sets = 30 * long();
+    let sets = 30 * support::long() as usize;
     let tok = tokenizer();
     let (mut runs, mut failures) = (0usize, Vec::new());
     let start = Instant::now();
