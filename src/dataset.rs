@@ -277,6 +277,15 @@ impl Dataset {
         let dir = dir.as_ref();
         let manifest = read_manifest(dir)?;
         check_facts(dir, &manifest)?;
+        if let Some(r) = manifest.shards.filter(|r| !r.is_valid()) {
+            return Err(Error::corrupt(
+                dir.join(format::MANIFEST_FILE),
+                format!(
+                    "shards {}..{} of {}: not a range of shards",
+                    r.start, r.end, r.of
+                ),
+            ));
+        }
         check_file_list(dir, &manifest)?;
         let c = &manifest.counts;
         let groups = Table::open(

@@ -267,6 +267,14 @@ pub fn import(
     if rows == 0 {
         return Err(Error::argument("inputs", "no rows in the Parquet inputs"));
     }
+    let mut warnings = meta.warnings;
+    let exported: u64 = meta.sources.iter().map(|s| s.rows_accepted).sum();
+    if !meta.sources.is_empty() && rows != exported {
+        warnings.push(format!(
+            "imported {rows} rows; the exported dataset held {exported}: part files are \
+             missing, or only some were given (the dataset written holds what was read)"
+        ));
+    }
     let cleaned = writer.cleaned().to_vec();
     let manifest = writer.finish(ManifestInfo {
         sources: source_stats(&per_source, meta.sources, sources),
@@ -285,7 +293,7 @@ pub fn import(
         elapsed: start.elapsed(),
         manifest,
         cleaned,
-        warnings: meta.warnings,
+        warnings,
     })
 }
 

@@ -36,6 +36,17 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
         .all(|d| same_sources(&d.manifest().sources, &first.sources));
     let range = order_shards(&mut opened, same_sources)?;
     verify_all(&opened)?;
+    if same_sources && range.is_none() {
+        // What a single conversion refuses, the merge of all its shards refuses too.
+        let sources = &opened[0].manifest().sources;
+        if let Some(s) = (0..sources.len()).find(|&i| {
+            opened
+                .iter()
+                .all(|d| d.manifest().sources[i].rows_read == 0)
+        }) {
+            return Err(Error::input(&sources[s].path, "no rows (empty input)"));
+        }
+    }
     let first = opened[0].manifest();
     let mut w = DatasetWriter::create(out, options)?;
     for id in DEFAULT_PROMPTS {
@@ -107,19 +118,9 @@ fn open_alike(shards: &[PathBuf]) -> Result<Vec<Dataset>> {
 }
 
 /// Put the shards of one conversion in shard order and check that they are disjoint and
-/// adjacent; the shards the merged dataset holds (see the module docs).
+/// adjacent (each range is well formed: `Dataset::open` checks it); the shards the merged
+/// dataset holds (see the module docs).
 fn order_shards(opened: &mut [Dataset], same_sources: bool) -> Result<Option<ShardRange>> {
-    for ds in opened.iter() {
-        if let Some(r) = ds.manifest().shards.filter(|r| !r.is_valid()) {
-            return Err(Error::corrupt(
-                ds.dir().join(format::MANIFEST_FILE),
-                format!(
-                    "shards {}..{} of {}: not a range of shards",
-                    r.start, r.end, r.of
-                ),
-            ));
-        }
-    }
     if !same_sources || opened.len() == 1 {
         if let (false, Some(ds)) = (
             same_sources,
@@ -128,7 +129,8 @@ fn order_shards(opened: &mut [Dataset], same_sources: bool) -> Result<Option<Sha
             return Err(Error::input(
                 ds.dir(),
                 format!(
-                    "holds {} of a conversion whose other shards are not in this merge (the                      inputs list different sources): merge a conversion's shards first",
+                    "holds {} of a conversion, but the inputs list different sources, so they are \
+                     concatenated as whole datasets: merge that conversion's shards into one first",
                     ds.manifest().shards.expect("found above")
                 ),
             ));
@@ -138,7 +140,8 @@ fn order_shards(opened: &mut [Dataset], same_sources: bool) -> Result<Option<Sha
     if let Some(whole) = opened.iter().find(|d| d.manifest().shards.is_none()) {
         return Err(Error::input(
             whole.dir(),
-            "is a whole conversion of the same sources as the other inputs: merging it with              them would repeat its rows",
+            "is a whole conversion of the same sources as the other inputs: merging it with \
+             them would repeat its rows",
         ));
     }
     let range = |d: &Dataset| d.manifest().shards.expect("every input is a shard");

@@ -409,3 +409,103 @@ fn an_imported_shard_is_still_a_shard() {
         assert_eq!(a.group(row).unwrap().query, b.group(row).unwrap().query);
     }
 }
+
+/// Rewrite `dir`'s manifest with `edit` applied, resealed (as a tool that edits it on purpose
+/// would).
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut m);
+    let mut bytes = serde_json::to_vec_pretty(&m).unwrap();
+    rankfeed::format::reseal(&mut bytes).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+/// Found by the adversarial review of issue 17: a shard range that merge called corrupt was
+/// accepted by open and verify ("holds shard 0/0").
+#[test]
+fn open_refuses_a_shard_range_that_is_not_one() {
+    let s = shards(2);
+    for (start, end, of) in [(0, 1, 0), (2, 1, 3), (1, 1, 3), (0, 4, 3)] {
+        edit_manifest(&s.shards[0], |m| {
+            m["shards"] = serde_json::json!({"start": start, "end": end, "of": of})
+        });
+        let err = Dataset::open(&s.shards[0]).unwrap_err();
+        assert!(
+            err.is_corrupt() && err.to_string().contains("not a range"),
+            "{err}"
+        );
+    }
+}
+
+/// Found by the adversarial review of issue 17: an empty input, which a single conversion
+/// refuses, was published as a 0-row dataset by shard conversions and their merge.
+#[test]
+fn merging_the_shards_of_an_empty_input_is_refused_like_its_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty.jsonl");
+    std::fs::write(&input, "\u{feff}\n\n").unwrap();
+    let tok = tokenizer();
+    let whole = convert(
+        std::slice::from_ref(&input),
+        &tok,
+        &dir.path().join("whole"),
+        &ConvertOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    let shards: Vec<PathBuf> = (0..2)
+        .map(|k| {
+            let out = dir.path().join(format!("shard-{k}"));
+            let opts = ConvertOptions {
+                shard: Some((k, 2)),
+                ..ConvertOptions::default()
+            };
+            convert(std::slice::from_ref(&input), &tok, &out, &opts, &mut |_| {}).unwrap();
+            out
+        })
+        .collect();
+    let out = dir.path().join("merged");
+    let err = merge_to(&shards, &out).unwrap_err();
+    assert_eq!(err.to_string(), whole.to_string());
+    assert!(!out.exists());
+}
+
+/// Found by the adversarial review of issue 17: importing an export with a part file missing
+/// published the smaller dataset without a word. The rows read are what is written (a subset
+/// may be meant), and the report says how many the export held.
+#[test]
+fn importing_part_of_an_export_says_so() {
+    let s = shards(1);
+    let parquet = s.root.join("flat");
+    let opts = ExportOptions {
+        rows_per_file: 25,
+        ..Default::default()
+    };
+    export(&Dataset::open(&s.whole).unwrap(), &parquet, &opts).unwrap();
+    let import = |out: &str| {
+        rankfeed::import::import(
+            std::slice::from_ref(&parquet),
+            &s.root.join(out),
+            None,
+            WriterOptions::default(),
+        )
+        .unwrap()
+    };
+    let all = import("all");
+    assert!(
+        !all.warnings.iter().any(|w| w.contains("missing")),
+        "{:?}",
+        all.warnings
+    );
+    std::fs::remove_file(parquet.join("part-00001.parquet")).unwrap();
+    let part = import("part");
+    assert!(
+        part.warnings
+            .iter()
+            .any(|w| w.contains("missing") && w.contains(&format!("held {}", all.rows))),
+        "{:?}",
+        part.warnings
+    );
+}

@@ -436,7 +436,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         },
     )?;
     println!(
-        "merged {} shards into {}",
+        "merged {} datasets into {}",
         a.shards.len(),
         a.output.display()
     );
