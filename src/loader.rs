@@ -45,8 +45,9 @@ pub struct LoaderOptions {
     pub prefetch_depth: usize,
     /// Length-grouped batches with this megabatch multiplier `M` (see [`crate::sample::length`]):
     /// each run of `M * batch_size` groups of the epoch order is sorted by the length the
-    /// collator pads each group to, longest first, and cut into `M` batches; the megabatch
-    /// holding the epoch's longest group comes first, so out-of-memory shows at step 0.
+    /// collator pads each group to, longest first, and cut into `M` batches; the batch
+    /// holding the epoch's longest group trades places with batch 0, so out-of-memory shows at
+    /// step 0.
     pub length_grouped: Option<usize>,
     /// Token-budget batches (see [`crate::sample::budget`]): each batch takes as many groups
     /// as fit `max_tokens` (padded: groups x group_size x padded length; packed: real
@@ -302,6 +303,8 @@ impl Plan {
 
     /// Length grouping: the positions (in the epoch order) of batch `step`'s groups (see
     /// [`crate::sample::length`]); the megabatch is sorted once and cached for its batches.
+    /// The epoch is the positions its batches hold: with `drop_last`, the short tail is left
+    /// out before sorting, as in random order (it would otherwise sort into the kept batches).
     fn grouped_span(
         &self,
         order: &EpochOrder,
@@ -310,16 +313,21 @@ impl Plan {
         mult: u64,
     ) -> Result<Vec<u64>> {
         let b = self.options.batch_size as u64;
+        let kept = if self.options.drop_last {
+            order.len() / b * b
+        } else {
+            order.len()
+        };
         let lengths = cached(&self.lengths, epoch, || {
             let mut neg = Vec::with_capacity(self.options.collate.group_size);
             Ok(LengthOrder::new(
-                (0..order.len())
+                (0..kept)
                     .map(|i| self.length_of(epoch, order.row(i), &mut neg))
                     .collect::<Result<Vec<u32>>>()?,
             ))
         })?;
-        let m = lengths.megabatch(step, mult, mult * b);
-        let key = (epoch, m);
+        let source = lengths.source_batch(step, b, mult);
+        let key = (epoch, source / mult);
         let hit = self
             .sorted
             .lock()
@@ -328,7 +336,7 @@ impl Plan {
         let sorted = match hit {
             Some(v) => v,
             None => {
-                let v = Arc::new(lengths.sorted(m, mult * b));
+                let v = Arc::new(lengths.sorted(key.1, mult * b));
                 if let Ok(mut cache) = self.sorted.lock() {
                     if cache.len() >= 8 {
                         cache.remove(0);
@@ -338,7 +346,7 @@ impl Plan {
                 v
             }
         };
-        Ok(LengthOrder::batch_in(&sorted, step, b, mult))
+        Ok(LengthOrder::batch_in(&sorted, source, b, mult))
     }
 
     /// The group length of `row` in `epoch` ([`Collator::group_len`] of its selection), with
