@@ -43,7 +43,7 @@ pub struct InputRow<'a> {
     /// Replaces the passage instruction for this row.
     pub passage_prompt: Option<Cow<'a, str>>,
     /// The batch size of this row's file in same-source batches (FlagEmbedding reads the
-    /// first row's): a positive integer.
+    /// first row's): an integer in `1..=`[`crate::limits::BATCH_SIZE`].
     pub batch_size: Option<u64>,
 }
 
@@ -182,12 +182,19 @@ fn parse_row_slow<'a>(
     let passage_prompt = opt_string("passage_prompt")?;
     let batch_size = match obj.remove("batch_size") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|b| b >= 1) => n.as_u64(),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(batch_size_ok) => n.as_u64(),
         Some(v) => {
             return Err(err(
                 Some("batch_size"),
                 RejectReason::WrongType,
-                format!("expected a positive integer or null, found {}", kind(&v)),
+                format!(
+                    "expected an integer in 1..={} or null, found {}",
+                    crate::limits::BATCH_SIZE,
+                    match &v {
+                        Value::Number(n) => n.to_string(),
+                        v => kind(v).to_string(),
+                    }
+                ),
             ))
         }
     };
@@ -304,10 +311,16 @@ impl InputRow<'_> {
                 .is_none_or(|s| s.len() == n && s.iter().all(|x| x.is_finite()))
         };
         !self.pos.is_empty()
-            && self.batch_size != Some(0)
+            && self.batch_size.is_none_or(batch_size_ok)
             && scores_ok(&self.pos_scores, self.pos.len())
             && scores_ok(&self.neg_scores, self.neg.len())
     }
+}
+
+/// A `batch_size` field within the loader's limit (a larger one would abort same-source
+/// batching on allocation).
+fn batch_size_ok(b: u64) -> bool {
+    (1..=crate::limits::BATCH_SIZE as u64).contains(&b)
 }
 
 /// A string that borrows from the input when it has no escapes.
@@ -555,6 +568,40 @@ mod tests {
         let e = parse(s).unwrap_err();
         assert_eq!(e.position.line, 7);
         (e.reason, e.field)
+    }
+
+    /// Regression (issue 18, finding 5): `"batch_size": 1000000000000000000` was accepted,
+    /// and same-source batching then aborted the process allocating such a batch. Above the
+    /// loader's batch size limit it is a reject naming the field, on both paths.
+    #[test]
+    fn batch_size_beyond_the_limit_is_a_reject_naming_the_field() {
+        let pos = InputPosition {
+            path: "t.jsonl".into(),
+            line: 7,
+            element: None,
+        };
+        let limit = crate::limits::BATCH_SIZE as u64;
+        for (b, ok) in [
+            (1, true),
+            (limit, true),
+            (limit + 1, false),
+            (1_000_000_000_000_000_000, false),
+            (u64::MAX, false),
+        ] {
+            let row = format!(r#"{{"query":"q","pos":["a"],"neg":[],"batch_size":{b}}}"#);
+            let fast = parse_row(row.as_bytes(), &pos, &mut BTreeMap::new());
+            let slow = parse_row_reference(row.as_bytes(), &pos, &mut BTreeMap::new());
+            for got in [fast, slow] {
+                match got {
+                    Ok(r) => assert!(ok && r.batch_size == Some(b), "{b}"),
+                    Err(e) => {
+                        assert!(!ok, "{b}: {e:?}");
+                        assert_eq!(e.field.as_deref(), Some("batch_size"));
+                        assert!(e.message.contains(&b.to_string()), "{}", e.message);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
