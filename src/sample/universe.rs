@@ -149,20 +149,7 @@ impl Universe {
                 ),
             ));
         }
-        if let Some((s, w)) = weights
-            .iter()
-            .enumerate()
-            .find(|(_, w)| !w.is_finite() || **w < 0.0)
-        {
-            return Err(Error::argument(
-                "weights",
-                format!("weight {w} of source {s} is not a finite number >= 0"),
-            ));
-        }
-        let total: f64 = weights.iter().sum();
-        if total <= 0.0 {
-            return Err(Error::argument("weights", "all weights are 0"));
-        }
+        check_weights(weights)?;
         if let Some(s) = (0..weights.len()).find(|&s| weights[s] > 0.0 && self.sources[s].n == 0) {
             return Err(Error::argument(
                 "weights",
@@ -267,12 +254,45 @@ impl EpochRows<'_> {
     }
 }
 
-/// Split `total` into parts proportional to `weights` (sum > 0), rounding by largest
-/// remainder (ties to the lower index), so the parts add up to `total` exactly.
+/// Mixing weights are finite numbers >= 0, not all 0: an [`Error::Argument`] naming `weights`
+/// otherwise (checked with the loader's other settings, before anything is allocated).
+pub fn check_weights(weights: &[f64]) -> Result<()> {
+    if let Some((s, w)) = weights
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !w.is_finite() || **w < 0.0)
+    {
+        return Err(Error::argument(
+            "weights",
+            format!("weight {w} of source {s} is not a finite number >= 0"),
+        ));
+    }
+    if weights.iter().all(|&w| w == 0.0) {
+        return Err(Error::argument("weights", "all weights are 0"));
+    }
+    Ok(())
+}
+
+/// Split `total` into parts proportional to `weights` (finite, >= 0, sum > 0), rounding by
+/// largest remainder (ties to the lower index), so the parts add up to `total` exactly.
+/// Weights so large that their sum, or a part before rounding, overflows (`1e308`) are scaled
+/// by the largest first: the same shares, each part at most `total`. Other weights are used
+/// as given, so their parts do not change.
 pub fn apportion(total: u64, weights: &[f64]) -> Vec<u64> {
+    let overflows = !(weights.iter().sum::<f64>() * total.max(1) as f64).is_finite();
+    let top = weights.iter().copied().fold(0.0, f64::max);
+    let scaled: Vec<f64> = if overflows {
+        weights.iter().map(|w| w / top).collect()
+    } else {
+        weights.to_vec()
+    };
+    let weights = &scaled[..];
     let sum: f64 = weights.iter().sum();
     let quotas: Vec<f64> = weights.iter().map(|w| total as f64 * w / sum).collect();
-    let mut parts: Vec<u64> = quotas.iter().map(|q| q.floor() as u64).collect();
+    let mut parts: Vec<u64> = quotas
+        .iter()
+        .map(|q| (q.floor() as u64).min(total))
+        .collect();
     let given: u64 = parts.iter().sum();
     let mut order: Vec<usize> = (0..weights.len()).filter(|&s| weights[s] > 0.0).collect();
     order.sort_by(|&a, &b| {
@@ -352,6 +372,25 @@ mod tests {
         for total in [0u64, 1, 99, 1000] {
             let p = apportion(total, &[0.2, 0.3, 0.5, 1e-9]);
             assert_eq!(p.iter().sum::<u64>(), total);
+        }
+    }
+
+    /// Regression (issue 18, finding 5): `weights=[1e308, 1, 0]` overflowed a part to
+    /// 2^64-1 rows (an epoch that never ends); such weights give their shares of the epoch.
+    #[test]
+    fn huge_weights_keep_the_epoch_length() {
+        for (w, want) in [
+            (vec![1e308, 1.0, 0.0], vec![1000, 0, 0]),
+            (vec![1e308, 1e308, 0.0], vec![500, 500, 0]),
+            (vec![f64::MAX, f64::MAX / 3.0], vec![750, 250]),
+        ] {
+            assert_eq!(apportion(1000, &w), want, "{w:?}");
+            let sizes = &[600u64, 300, 100][..w.len()];
+            let u = Universe::sources(sizes, 1).weigh(&w).unwrap();
+            assert_eq!(u.len(), sizes.iter().sum::<u64>(), "{w:?}");
+        }
+        for bad in [vec![f64::INFINITY, 1.0], vec![-0.5, 1.0], vec![0.0, -0.0]] {
+            assert!(check_weights(&bad).is_err(), "{bad:?}");
         }
     }
 }
