@@ -12,6 +12,8 @@ pub const GROUP_SIZE: usize = 1 << 16;
 pub const MAX_LEN: usize = 1 << 20;
 /// Largest `pad_to_multiple_of`.
 pub const PAD_TO_MULTIPLE_OF: usize = 1 << 16;
+/// Largest `world_size` (a padded epoch holds at least one row per rank).
+pub const WORLD_SIZE: u64 = 1 << 20;
 /// Largest `prefetch_threads`.
 pub const PREFETCH_THREADS: usize = 256;
 /// Largest length-grouping megabatch multiplier.

@@ -33,7 +33,11 @@ pub struct LoaderOptions {
     pub shard: Shard,
     /// Shuffle rows each epoch (default true).
     pub shuffle: bool,
-    /// Drop the last incomplete batch of each epoch.
+    /// Drop the last incomplete batch of each epoch (torch's `DataLoader(drop_last=True)`,
+    /// the Trainer's `dataloader_drop_last`). Length-grouped, the short tail is left out before
+    /// sorting. Same-source, each source's incomplete global batch is dropped instead of
+    /// filled, as the drop shard tail does (FlagEmbedding's rule). With `max_tokens` it is an
+    /// error: token-budget batches have no fixed size to fall short of.
     pub drop_last: bool,
     /// `max_example_num_per_dataset`: keep a seeded random subset of each larger source.
     pub max_example_num_per_dataset: Option<u64>,
@@ -127,7 +131,29 @@ impl LoaderOptions {
         for &b in self.source_batch_sizes.iter().flatten() {
             range("source_batch_sizes", b, 1, limits::BATCH_SIZE)?;
         }
+        if self.max_example_num_per_dataset == Some(0) {
+            return Err(Error::argument(
+                "max_example_num_per_dataset",
+                "0 leaves no row to train on (None: no cap)",
+            ));
+        }
+        if let Some(w) = &self.weights {
+            crate::sample::universe::check_weights(w)?;
+        }
         self.check_combination()?;
+        self.shard.check()?;
+        self.check_batch_bytes("batch_size", self.batch_size)?;
+        match self.source_batch_sizes.iter().flatten().max() {
+            Some(&b) if self.same_source => self.check_batch_bytes("source_batch_sizes", b),
+            _ => Ok(()),
+        }
+    }
+
+    /// The estimated size of a batch of `b` groups per rank, and of the prefetched batches,
+    /// against [`limits::BATCH_BYTES`] and [`limits::PREFETCH_BYTES`]; `name` is the setting
+    /// that gave `b` (`batch_size`, or a per-source batch size).
+    fn check_batch_bytes(&self, name: &'static str, b: usize) -> Result<()> {
+        let c = &self.collate;
         // A pair is at most its capped query and passage, the special tokens, sep and prompt
         // (bounded generously), padded; each of input_ids, attention_mask, token_type_ids
         // takes 8 bytes an element.
@@ -135,14 +161,13 @@ impl LoaderOptions {
         let len = qm + pm / 4 + pm + qm / 2 + 4096;
         let m = c.pad_to_multiple_of.unwrap_or(1) as u64;
         let padded = len.div_ceil(m) * m;
-        let bytes = (self.batch_size as u64) * (c.group_size as u64) * padded * 8 * 3;
+        let bytes = (b as u64) * (c.group_size as u64) * padded * 8 * 3;
         if bytes > limits::BATCH_BYTES {
             return Err(Error::argument(
-                "batch_size",
+                name,
                 format!(
-                    "batches of up to {bytes} bytes (batch_size {} x group_size {} x length {padded}) \
+                    "batches of up to {bytes} bytes ({name} {b} x group_size {} x length {padded}) \
                      exceed the limit of {} bytes",
-                    self.batch_size,
                     c.group_size,
                     limits::BATCH_BYTES
                 ),
@@ -158,7 +183,7 @@ impl LoaderOptions {
                 ),
             ));
         }
-        self.shard.check()
+        Ok(())
     }
 
     /// The batching strategies that do not combine.
@@ -183,6 +208,13 @@ impl LoaderOptions {
         }
         if self.max_tokens.is_some() && self.shard.tail == Tail::Uneven {
             return conflict("max_tokens", "the uneven shard tail (use pad or drop)");
+        }
+        if self.max_tokens.is_some() && self.drop_last {
+            return conflict(
+                "drop_last",
+                "max_tokens: token-budget batches vary in size by design, so none is an \
+                 incomplete batch to drop (leave drop_last off)",
+            );
         }
         Ok(())
     }
@@ -464,12 +496,15 @@ impl Plan {
     }
 }
 
-/// Same-source batching: the batch sources (a source, or small sources merged) and their
-/// batches.
+/// Same-source batching: the batch sources (a source, or small sources merged), their
+/// batches, and their per-rank batch sizes.
 #[derive(Debug)]
 struct SameSource {
     batches: SourceBatches,
     groups: Vec<BatchSource>,
+    /// Rows per epoch and per-rank batch size of each batch source.
+    takes: Vec<u64>,
+    sizes: Vec<u64>,
 }
 
 /// Running prefetch threads for one epoch from one step on.
@@ -515,6 +550,12 @@ impl Loader {
             ));
         }
         let schedule = schedule(&ds, &universe, &options)?;
+        if let Schedule::SameSource(ss) = &schedule {
+            if let Some(&b) = ss.sizes.iter().max() {
+                options.check_batch_bytes("source_batch_sizes", b as usize)?;
+            }
+        }
+        check_steps(&universe, &options, &schedule)?;
         Ok(Loader {
             plan: Arc::new(Plan {
                 ds,
@@ -537,10 +578,9 @@ impl Loader {
         self.plan.steps(epoch)
     }
 
-    /// Batches in the current epoch for this rank; 0 when they cannot be counted (the error
-    /// is then [`Loader::steps`]' and the next batch's).
-    pub fn steps_per_epoch(&self) -> u64 {
-        self.plan.steps(self.state.epoch).unwrap_or(0)
+    /// Batches in the current epoch for this rank ([`Loader::steps`] of the current epoch).
+    pub fn steps_per_epoch(&self) -> Result<u64> {
+        self.plan.steps(self.state.epoch)
     }
 
     /// Rows this run trains on per epoch (all ranks, before padding).
@@ -731,6 +771,52 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
     Ok(universe)
 }
 
+/// An epoch with rows but no batch is an error naming its cause (an epoch of 0 steps would
+/// train nothing, silently): more ranks than rows with the drop tail, fewer rows per rank than
+/// `batch_size` with `drop_last`, or no source filling a same-source global batch. Epochs do
+/// not change length (only their token-budget plan does, never to 0 steps while they have
+/// rows), so epoch 0 speaks for all. The uneven tail is left alone: it splits work among
+/// DataLoader workers, where a worker may have nothing to do.
+fn check_steps(universe: &Universe, o: &LoaderOptions, schedule: &Schedule) -> Result<()> {
+    let (n, w, b) = (universe.len(), o.shard.world_size, o.batch_size as u64);
+    if n == 0 || o.shard.tail == Tail::Uneven {
+        return Ok(());
+    }
+    if o.shard.tail == Tail::Drop && n < w {
+        return Err(Error::argument(
+            "world_size",
+            format!(
+                "world_size {w} is above the {n} rows of an epoch: with the drop shard tail \
+                 every rank would get 0 rows and 0 steps (use fewer ranks or shard_tail='pad')"
+            ),
+        ));
+    }
+    match schedule {
+        Schedule::SameSource(ss) if ss.batches.is_empty() => Err(Error::argument(
+            "same_source",
+            format!(
+                "no source fills a global batch of world_size {w} x its batch size (rows per \
+                 epoch {:?}, batch sizes {:?}): with the drop tail or drop_last an epoch would \
+                 have 0 steps (use smaller batch sizes, fewer ranks, or the pad tail)",
+                ss.takes, ss.sizes
+            ),
+        )),
+        Schedule::Random | Schedule::Grouped(_)
+            if o.drop_last && o.shard.samples_per_rank(n) < b =>
+        {
+            Err(Error::argument(
+                "drop_last",
+                format!(
+                    "{} rows per rank ({n} rows, world_size {w}) are fewer than batch_size {b}: \
+                     with drop_last an epoch would have 0 steps",
+                    o.shard.samples_per_rank(n)
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// How epochs are cut into batches, from the options.
 fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
     if o.same_source {
@@ -744,8 +830,18 @@ fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Sche
                 drop_threshold: o.drop_threshold,
             },
         )?;
-        let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, o.shard.tail)?;
-        return Ok(Schedule::SameSource(SameSource { batches, groups }));
+        // drop_last drops each source's incomplete global batch, as the drop tail does.
+        let tail = match o.shard.tail {
+            Tail::Pad if o.drop_last => Tail::Drop,
+            t => t,
+        };
+        let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, tail)?;
+        return Ok(Schedule::SameSource(SameSource {
+            batches,
+            groups,
+            takes,
+            sizes,
+        }));
     }
     let c = &o.collate;
     Ok(match (o.max_tokens, o.length_grouped) {

@@ -70,6 +70,18 @@ fn write(
     sources: &[u64],
     empty_neg: u64,
 ) -> Arc<Dataset> {
+    write_with(dir, facts, spec, sources, empty_neg, |_| {})
+}
+
+/// [`write`], with `edit` applied to each source's manifest entry.
+fn write_with(
+    dir: &Path,
+    facts: TokenizerFacts,
+    spec: &Spec,
+    sources: &[u64],
+    empty_neg: u64,
+    edit: impl Fn(&mut rankfeed::format::SourceStats),
+) -> Arc<Dataset> {
     let mut w = DatasetWriter::create(
         dir,
         WriterOptions {
@@ -117,6 +129,10 @@ fn write(
             rows_accepted: n,
             rows_empty_neg: if i == 0 { empty_neg } else { 0 },
             ..Default::default()
+        })
+        .map(|mut st| {
+            edit(&mut st);
+            st
         })
         .collect();
     w.finish(ManifestInfo {
@@ -461,7 +477,7 @@ fn teacher_scores_follow_the_selection() {
     let spec = small_spec(40, None);
     let ds = write(dir.path(), bert_like(), &spec, &[40], 0);
     let l = loader(&ds, |_| {});
-    for step in 0..l.steps_per_epoch() {
+    for step in 0..l.steps(0).unwrap() {
         let b = l.batch(0, step).unwrap();
         let scores = b.teacher_scores.as_ref().unwrap();
         assert_eq!(scores.len(), b.rows);
@@ -490,7 +506,7 @@ fn rows_without_negatives_are_an_error_or_skipped() {
     );
     let l = loader(&ds, |o| o.skip_rows_without_negatives = true);
     assert_eq!(l.rows_per_epoch(), 22);
-    let rows: Vec<u64> = (0..l.steps_per_epoch())
+    let rows: Vec<u64> = (0..l.steps(0).unwrap())
         .flat_map(|s| l.batch(0, s).unwrap().selections)
         .map(|s| s.row)
         .collect();
@@ -613,7 +629,7 @@ fn settings_beyond_the_limits_are_argument_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ds = write(dir.path(), bert_like(), &small_spec(30, None), &[30], 8);
     type Edit = fn(&mut LoaderOptions);
-    let cases: [(&str, Edit); 8] = [
+    let cases: [(&str, Edit); 12] = [
         ("pad_to_multiple_of", |o| {
             o.collate.pad_to_multiple_of = Some(1 << 40)
         }),
@@ -632,6 +648,25 @@ fn settings_beyond_the_limits_are_argument_errors() {
             o.batch_size = 1 << 16;
             o.collate.group_size = 1 << 10;
         }),
+        // Issue 18: a padded token-budget epoch held world_size positions (2^40: an abort).
+        ("world_size", |o| {
+            o.shard.world_size = 1 << 40;
+            o.max_tokens = Some(1000);
+        }),
+        // Issue 18, finding 6: 0 silently meant "off" (None is off).
+        ("sub_batch_size", |o| {
+            o.collate.mode = Mode::Embedder;
+            o.collate.sub_batch_size = Some(0);
+        }),
+        // Issue 18: a cap of 0 left every epoch empty.
+        ("max_example_num_per_dataset", |o| {
+            o.max_example_num_per_dataset = Some(0)
+        }),
+        // Issue 18, finding 5: per-source sizes skipped the estimate batch_size gets.
+        ("source_batch_sizes", |o| {
+            o.same_source = true;
+            o.source_batch_sizes = Some(vec![1 << 20]);
+        }),
     ];
     for (name, edit) in cases {
         let mut o = LoaderOptions::default();
@@ -647,6 +682,221 @@ fn settings_beyond_the_limits_are_argument_errors() {
         ..CollateOptions::default()
     };
     assert!(Collator::new(&ds, o).is_err());
+}
+
+/// Regression (issue 18, finding 5): a same-source batch size from the manifest (a row's
+/// `batch_size` field, maybe from a foreign writer) of 10^18 aborted the process allocating
+/// the batch; `source_batch_sizes=[2^20, 1, 1]` skipped the memory estimate `batch_size=2^20`
+/// gets and aborted too. Both are refused at loader creation, naming the source or setting.
+#[test]
+fn same_source_batch_sizes_are_bounded_like_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write_with(
+        dir.path(),
+        bert_like(),
+        &small_spec(60, None),
+        &[40, 5, 15],
+        0,
+        |st| {
+            st.path = format!("in/s{}.jsonl", st.id);
+            st.batch_size = (st.id == 1).then_some(1_000_000_000_000_000_000);
+        },
+    );
+    let same = |sizes: Option<Vec<usize>>| LoaderOptions {
+        same_source: true,
+        source_batch_sizes: sizes,
+        ..LoaderOptions::default()
+    };
+    match Loader::new(ds.clone(), same(None)).unwrap_err() {
+        rankfeed::Error::Corrupt { path, message } => {
+            assert!(path.ends_with("manifest.json"), "{path:?}");
+            assert!(message.contains("source 1 (in/s1.jsonl)"), "{message}");
+            assert!(
+                message.contains("batch_size 1000000000000000000"),
+                "{message}"
+            );
+        }
+        e => panic!("{e}"),
+    }
+    // Given sizes replace the manifest's: within the limits they work.
+    let l = Loader::new(ds.clone(), same(Some(vec![3, 2, 4]))).unwrap();
+    assert!(l.steps(0).unwrap() > 0);
+    match Loader::new(ds.clone(), same(Some(vec![1 << 20, 1, 1]))).unwrap_err() {
+        rankfeed::Error::Argument { name, message } => {
+            assert_eq!(name, "source_batch_sizes");
+            assert!(message.contains("exceed the limit"), "{message}");
+        }
+        e => panic!("{e}"),
+    }
+}
+
+/// Regression (issue 18, finding 5): `weights=[1e308, 1, 0]` made an epoch of 2^64-1 rows
+/// (the CLI bench never ended). Weights are relative: these give source 0 the whole epoch,
+/// which keeps its length. Non-finite, negative or all-zero weights are refused by name
+/// before anything is allocated (no dataset needed).
+#[test]
+fn huge_weights_keep_the_epoch_length_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = three_sources(dir.path());
+    let l = loader(&ds, |o| o.weights = Some(vec![1e308, 1.0, 0.0]));
+    assert_eq!(l.rows_per_epoch(), 60);
+    assert_eq!(l.steps(0).unwrap(), 20);
+    let rows: Vec<u64> = epoch_batches(&l, 0)
+        .concat()
+        .iter()
+        .map(|s| s.row)
+        .collect();
+    assert_eq!(rows.len(), 60);
+    assert!(
+        rows.iter().all(|&r| source(r) == 0),
+        "source 0's share is 1"
+    );
+    for bad in [
+        vec![f64::NAN, 1.0, 1.0],
+        vec![f64::INFINITY, 1.0, 1.0],
+        vec![-1.0, 1.0, 1.0],
+        vec![0.0, 0.0, 0.0],
+    ] {
+        let o = LoaderOptions {
+            weights: Some(bad.clone()),
+            ..LoaderOptions::default()
+        };
+        match o.check() {
+            Err(rankfeed::Error::Argument { name, .. }) => assert_eq!(name, "weights", "{bad:?}"),
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+}
+
+/// Regression (issue 18, finding 6): `drop_last` was silently ignored with `max_tokens` and
+/// `same_source`. Token-budget batches vary in size by design, so the combination is refused
+/// (Hugging Face has no incomplete token-budget batch to drop); same-source, each source's
+/// incomplete global batch is dropped instead of filled, as FlagEmbedding always does, so
+/// every batch is full and each row is trained at most once.
+#[test]
+fn drop_last_is_honoured_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = three_sources(dir.path());
+    let err = Loader::new(
+        ds.clone(),
+        LoaderOptions {
+            max_tokens: Some(200),
+            drop_last: true,
+            ..LoaderOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            rankfeed::Error::Argument {
+                name: "drop_last",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let sizes = [3usize, 2, 4];
+    for world in [1u64, 2] {
+        let (seen, steps) = seen_across_ranks(
+            world,
+            1,
+            &|shard| {
+                loader(&ds, |o| {
+                    o.same_source = true;
+                    o.source_batch_sizes = Some(sizes.to_vec());
+                    o.drop_last = true;
+                    o.shard = shard;
+                })
+            },
+            Tail::Pad,
+        );
+        let want: u64 = [40u64, 5, 15]
+            .iter()
+            .zip(sizes)
+            .map(|(&n, b)| n / (world * b as u64))
+            .sum();
+        assert_eq!(steps.len() as u64, want, "world {world}");
+        for ranks in &steps {
+            let s = source(ranks[0][0].row);
+            assert!(ranks.iter().all(|b| b.len() == sizes[s]), "full batches");
+        }
+        assert!(seen.values().all(|&c| c == 1), "each row at most once");
+    }
+}
+
+/// Regression (issue 18, finding 6): an epoch with rows but no batch trained nothing,
+/// silently: world_size above the rows with the drop tail, fewer rows per rank than
+/// batch_size with drop_last, no source filling a same-source global batch. Each is an
+/// error naming its cause.
+#[test]
+fn epochs_with_rows_but_no_batch_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(3, None), &[3], 0);
+    let shard = |world_size, tail| Shard {
+        rank: 0,
+        world_size,
+        tail,
+    };
+    let refused = |o: LoaderOptions| match Loader::new(ds.clone(), o) {
+        Err(rankfeed::Error::Argument { name, message }) => (name, message),
+        other => panic!("{other:?}"),
+    };
+    let (name, message) = refused(LoaderOptions {
+        shard: shard(4, Tail::Drop),
+        ..LoaderOptions::default()
+    });
+    assert_eq!(name, "world_size");
+    assert!(
+        message.contains("world_size 4") && message.contains("3 rows"),
+        "{message}"
+    );
+    let (name, message) = refused(LoaderOptions {
+        batch_size: 4,
+        drop_last: true,
+        ..LoaderOptions::default()
+    });
+    assert_eq!(name, "drop_last");
+    assert!(message.contains("batch_size 4"), "{message}");
+    let (name, _) = refused(LoaderOptions {
+        same_source: true,
+        source_batch_sizes: Some(vec![2]),
+        shard: shard(2, Tail::Drop),
+        ..LoaderOptions::default()
+    });
+    assert_eq!(name, "same_source");
+    // The uneven tail splits work among DataLoader workers: a worker may get nothing.
+    let idle = Loader::new(
+        ds.clone(),
+        LoaderOptions {
+            shard: Shard {
+                rank: 3,
+                world_size: 4,
+                tail: Tail::Uneven,
+            },
+            ..LoaderOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(idle.steps(0).unwrap(), 0);
+}
+
+/// Regression (issue 18, finding 6): `steps_per_epoch` turned errors into 0 steps; it is
+/// now a `Result`, and it is the current epoch's count (token-budget epochs differ).
+#[test]
+fn steps_per_epoch_is_the_current_epochs_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = write(dir.path(), bert_like(), &small_spec(103, None), &[103], 0);
+    let mut l = loader(&ds, |o| {
+        o.batch_size = 16;
+        o.max_tokens = Some(160);
+    });
+    let counts: Vec<u64> = (0..6).map(|e| l.steps(e).unwrap()).collect();
+    for (e, &want) in counts.iter().enumerate() {
+        l.set_epoch(e as u64);
+        let got: rankfeed::Result<u64> = l.steps_per_epoch();
+        assert_eq!(got.unwrap(), want, "epoch {e}");
+    }
 }
 
 /// The three pair layouts with a tokenizer of their kind.
@@ -681,7 +931,7 @@ fn packed_batches_are_the_padded_rows_unpadded() {
                 })
             };
             let (padded, packed) = (base(false), base(true));
-            for step in 0..padded.steps_per_epoch() {
+            for step in 0..padded.steps(1).unwrap() {
                 let a = padded.batch(1, step).unwrap();
                 let b = packed.batch(1, step).unwrap();
                 assert_eq!(a.selections, b.selections);
@@ -768,7 +1018,7 @@ fn length_grouped_batches_keep_every_guarantee() {
     }
     // Resume at any step and any thread count give the same batches.
     let l = grouped(&|_| {});
-    let all: Vec<Vec<Selection>> = (0..l.steps_per_epoch())
+    let all: Vec<Vec<Selection>> = (0..l.steps(1).unwrap())
         .map(|s| l.batch(1, s).unwrap().selections)
         .collect();
     for threads in [0, 1, 3] {
@@ -849,7 +1099,7 @@ fn length_grouped_batches_keep_every_guarantee() {
     }
     // Fewer padded cells than random order on the same epoch.
     let cells = |l: &Loader| -> u64 {
-        (0..l.steps_per_epoch())
+        (0..l.steps(1).unwrap())
             .map(|s| {
                 let b = l.batch(1, s).unwrap();
                 (b.rows * b.len) as u64

@@ -1257,7 +1257,7 @@ impl PyLoader {
                             std::hint::black_box(b?);
                             done += 1;
                         }
-                        None if l.steps_per_epoch() == 0 => break,
+                        None if l.steps_per_epoch()? == 0 => break,
                         None => {}
                     }
                 }

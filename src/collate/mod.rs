@@ -118,7 +118,8 @@ pub struct CollateOptions {
     /// Padding-free packed batches (see [`packed`]): every pair concatenated, no pad token.
     pub packed: bool,
     /// Embedder mode: cut queries and passages into chunks of this many rows, each padded to
-    /// its own longest (FlagEmbedding's `sub_batch_size`); `None` or 0: one chunk each.
+    /// its own longest (FlagEmbedding's `sub_batch_size`); `None`: one chunk each (0 is an
+    /// error).
     pub sub_batch_size: Option<usize>,
     /// Embedder mode: append the eos token to every sequence (FlagEmbedding's decoder
     /// embedders load their tokenizer with `add_eos_token=True`). Default: on for tokenizers
@@ -142,10 +143,11 @@ impl CollateOptions {
             range("pad_to_multiple_of", m, 1, limits::PAD_TO_MULTIPLE_OF)?;
         }
         if let Some(k) = self.sub_batch_size {
+            // 0 is refused, not taken as "off" (None is off): a chunk holds at least a row.
             range(
                 "sub_batch_size",
                 k,
-                0,
+                1,
                 limits::BATCH_SIZE * limits::GROUP_SIZE,
             )?;
         }

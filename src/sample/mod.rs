@@ -154,8 +154,18 @@ impl Default for Shard {
 }
 
 impl Shard {
-    /// Check rank < world_size.
+    /// Check 1 <= world_size <= [`crate::limits::WORLD_SIZE`] and rank < world_size.
     pub fn check(&self) -> Result<()> {
+        if self.world_size > crate::limits::WORLD_SIZE {
+            return Err(Error::argument(
+                "world_size",
+                format!(
+                    "{} is outside 1..={}",
+                    self.world_size,
+                    crate::limits::WORLD_SIZE
+                ),
+            ));
+        }
         if self.world_size == 0 || self.rank >= self.world_size {
             return Err(Error::argument(
                 "rank",

@@ -193,13 +193,20 @@ pub fn batch_sources(
     let sizes: Vec<u64> = match g.sizes {
         Some(s) => s.iter().map(|&b| b as u64).collect(),
         None => (0..takes.len())
-            .map(|s| {
-                sources
-                    .get(s)
-                    .and_then(|m| m.batch_size)
-                    .unwrap_or(g.default_size)
+            .map(|s| match sources.get(s).and_then(|m| m.batch_size) {
+                // The manifest may come from elsewhere: its sizes are bounded as the option.
+                Some(b) if b == 0 || b > crate::limits::BATCH_SIZE as u64 => Err(Error::corrupt(
+                    crate::format::MANIFEST_FILE,
+                    format!(
+                        "source {s} ({}): batch_size {b} is outside 1..={}",
+                        sources[s].path,
+                        crate::limits::BATCH_SIZE
+                    ),
+                )),
+                Some(b) => Ok(b),
+                None => Ok(g.default_size),
             })
-            .collect(),
+            .collect::<Result<_>>()?,
     };
     check_sizes(sizes.len(), takes.len())?;
     let path = |s: usize| sources.get(s).map_or("", |m| m.path.as_str());

@@ -100,6 +100,13 @@ pub struct SampleArgs {
     /// Leave out rows with no negatives.
     #[arg(long)]
     skip_empty_neg: bool,
+    /// Keep the epoch order unshuffled.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Drop each epoch's last incomplete batch (same-source: each source's; an error with
+    /// --max-tokens).
+    #[arg(long)]
+    drop_last: bool,
     /// Length-grouped batches with this megabatch multiplier (HF group_by_length's idea).
     #[arg(long)]
     length_grouped: Option<usize>,
@@ -144,6 +151,8 @@ impl SampleArgs {
                 tail,
             },
             skip_rows_without_negatives: self.skip_empty_neg,
+            shuffle: !self.no_shuffle,
+            drop_last: self.drop_last,
             prefetch_threads: threads,
             length_grouped: self.length_grouped,
             max_tokens: self.max_tokens,
@@ -538,7 +547,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let mut loader = Loader::new(ds, a.sample.options(a.collate.options(), a.threads)?)?;
     let first = loader.next().context("empty dataset")??;
     let open_first = t_open.elapsed();
-    if loader.steps_per_epoch() == 0 {
+    if loader.steps_per_epoch()? == 0 {
         bail!("no batches");
     }
     loader.set_state(LoaderState { epoch: 0, step: 0 });
