@@ -795,9 +795,10 @@ fn check_steps(universe: &Universe, o: &LoaderOptions, schedule: &Schedule) -> R
         Schedule::SameSource(ss) if ss.batches.is_empty() => Err(Error::argument(
             "same_source",
             format!(
-                "no source fills a global batch of world_size {w} x its batch size (rows per \
-                 epoch {:?}, batch sizes {:?}): with the drop tail or drop_last an epoch would \
-                 have 0 steps (use smaller batch sizes, fewer ranks, or the pad tail)",
+                "an epoch of {n} rows would have 0 same-source batches: the batch sources (after \
+                 small_threshold and drop_threshold) give {:?} rows each, and with the drop tail \
+                 or drop_last none fills a global batch of world_size {w} x its batch size {:?} \
+                 (use smaller batch sizes, fewer ranks, lower thresholds, or the pad tail)",
                 ss.takes, ss.sizes
             ),
         )),
