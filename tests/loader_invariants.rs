@@ -23,6 +23,8 @@
 //!
 //! `RANKFEED_LONG=<factor>` multiplies the number of datasets.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,14 +40,6 @@ use rankfeed::Dataset;
 /// Datasets in the default run, and configurations per dataset.
 const DATASETS: u64 = 100;
 const CONFIGS: u64 = 52;
-
-fn long_factor() -> u64 {
-    std::env::var("RANKFEED_LONG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1)
-}
 
 fn bert_facts() -> TokenizerFacts {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -921,7 +915,7 @@ fn longest_in_partial_megabatch(c: &Config, data: &Data) -> bool {
 #[test]
 fn every_loader_configuration_keeps_every_promise() {
     let facts = bert_facts();
-    let datasets = DATASETS * long_factor();
+    let datasets = DATASETS * support::long();
     let mut stats = Stats::default();
     let mut failures: Vec<String> = Vec::new();
     let t = std::time::Instant::now();
@@ -1078,7 +1072,7 @@ fn length_grouped_wordnet_epochs_train_every_row() {
     .unwrap();
     let ds = Arc::new(Dataset::open(&out).unwrap());
     let n = ds.len();
-    let epochs = 48 * long_factor();
+    let epochs = 48 * support::long();
     let (mut empty, mut untrained, mut checked) = (0u64, 0u64, 0u64);
     for world in 1..=4u64 {
         let loaders: Vec<Loader> = (0..world)
