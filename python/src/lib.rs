@@ -663,13 +663,15 @@ impl PyDataset {
     /// - knowledge_distillation (adds "teacher_scores"); matryoshka_scores_by_index
     ///   (Matryoshka: scores by index as the other modes, instead of the seed code's by text)
     /// - embedder mode: sub_batch_size=k (each id and mask key a list of arrays, one per chunk
-    ///   of k rows, each padded to its own longest), add_eos (append eos to every sequence;
+    ///   of k rows, each padded to its own longest; 0 is refused, None is off), add_eos
+    ///   (append eos to every sequence;
     ///   default on for tokenizers whose single template does not end with eos: decoders)
     ///
     /// Which rows, in which order:
     /// - seed, epoch (the epoch to start at), rank, world_size, shard_tail ("pad" like
     ///   DistributedSampler, "drop", or "uneven": every row exactly once), shuffle,
-    ///   drop_last (the last short batch of an epoch)
+    ///   drop_last (the last short batch of an epoch; with same_source each source's last
+    ///   partial global batch; refused with max_tokens, whose batches vary by design)
     /// - max_example_num_per_dataset (rows each larger source gives an epoch: a new seeded
     ///   subset each epoch), skip_rows_without_negatives
     /// - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups
@@ -694,6 +696,11 @@ impl PyDataset {
     /// When batches are computed (never what they hold):
     /// - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
     ///   prefetch_depth (batches computed ahead, in total)
+    ///
+    /// An epoch that has rows but would yield no batch (more ranks than rows with the drop
+    /// tail, fewer rows per rank than batch_size with drop_last, no source filling a global
+    /// batch with same_source) is a ValueError naming the setting, never an empty epoch.
+    /// weights must be finite, >= 0 and not all 0 (only their ratios count).
     ///
     /// `state_dict()` names every argument above except epoch, prefetch_threads and
     /// prefetch_depth: a checkpoint is valid only for the same batches. Numeric arguments are

@@ -233,7 +233,8 @@ fn build_row(
     })
 }
 
-/// A `batch_size` cell: a positive integer of any integer type, or null.
+/// A `batch_size` cell: a positive integer of any integer type within the loader's limit (as
+/// the JSON path's), or null.
 fn batch_size_at(a: &dyn Array, i: usize) -> std::result::Result<Option<u64>, String> {
     use arrow_array::types::{Int32Type, Int64Type, UInt32Type, UInt64Type};
     if a.is_null(i) {
@@ -247,11 +248,30 @@ fn batch_size_at(a: &dyn Array, i: usize) -> std::result::Result<Option<u64>, St
         _ => None,
     };
     match v {
-        Some(b) if b >= 1 && b <= u64::MAX as i128 => Ok(Some(b as u64)),
-        Some(b) => Err(format!("expected a positive integer, found {b}")),
+        Some(b) if u64::try_from(b).is_ok_and(super::row::batch_size_ok) => Ok(Some(b as u64)),
+        Some(b) => Err(format!(
+            "expected a positive integer up to {}, found {b}",
+            crate::limits::BATCH_SIZE
+        )),
         None => Err(format!(
             "expected an integer column, found {}",
             a.data_type()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_size_at;
+    use arrow_array::Int64Array;
+
+    /// Issue 18, finding 5 (the Parquet path): a huge `batch_size` was accepted at convert
+    /// and aborted a same-source loader; it is a reject, as on the JSON path.
+    #[test]
+    fn batch_size_beyond_the_limit_is_refused() {
+        let limit = crate::limits::BATCH_SIZE as i64;
+        let a = Int64Array::from(vec![1, limit, limit + 1, 1_000_000_000_000_000_000, 0]);
+        let got: Vec<bool> = (0..a.len()).map(|i| batch_size_at(&a, i).is_ok()).collect();
+        assert_eq!(got, [true, true, false, false, false]);
     }
 }

@@ -319,7 +319,7 @@ impl InputRow<'_> {
 
 /// A `batch_size` field within the loader's limit (a larger one would abort same-source
 /// batching on allocation).
-fn batch_size_ok(b: u64) -> bool {
+pub(crate) fn batch_size_ok(b: u64) -> bool {
     (1..=crate::limits::BATCH_SIZE as u64).contains(&b)
 }
 
