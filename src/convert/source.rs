@@ -561,6 +561,17 @@ enum ArrayState {
     AfterClose,
 }
 
+impl ArrayState {
+    /// The state after an element (empty or not) ended by `c`, a `,` or the closing `]`.
+    fn after_element(c: u8) -> ArrayState {
+        if c == b']' {
+            ArrayState::AfterClose
+        } else {
+            ArrayState::AfterComma
+        }
+    }
+}
+
 /// Open brackets tracked exactly, beyond which a closer is assumed to match (serde_json
 /// rejects anything nested deeper than 128 anyway): bounds the memory of a hostile element.
 const MAX_TRACKED_DEPTH: usize = 4096;
@@ -742,11 +753,7 @@ fn read_array(
                         return Ok(());
                     }
                     cur.index += 1;
-                    state = if c == b']' {
-                        ArrayState::AfterClose
-                    } else {
-                        ArrayState::AfterComma
-                    };
+                    state = ArrayState::after_element(c);
                 }
                 ArrayState::AfterOpen | ArrayState::AfterComma if c.is_ascii_whitespace() => {}
                 ArrayState::AfterOpen | ArrayState::AfterComma => {
@@ -760,11 +767,7 @@ fn read_array(
                             return Ok(());
                         }
                         cur.index += 1;
-                        state = if c == b']' {
-                            ArrayState::AfterClose
-                        } else {
-                            ArrayState::AfterComma
-                        };
+                        state = ArrayState::after_element(c);
                     }
                     Step::Split(comma) => {
                         cur.len = comma;
