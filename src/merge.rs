@@ -36,8 +36,10 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
         .all(|d| same_sources(&d.manifest().sources, &first.sources));
     let range = order_shards(&mut opened, same_sources)?;
     verify_all(&opened)?;
-    if same_sources && range.is_none() {
-        // What a single conversion refuses, the merge of all its shards refuses too.
+    let were_shards = opened.iter().all(|d| d.manifest().shards.is_some());
+    if same_sources && were_shards && range.is_none() {
+        // What a single conversion refuses, the merge of all its shards refuses too (a whole
+        // dataset given alone, an import say, keeps the sources it lists).
         let sources = &opened[0].manifest().sources;
         if let Some(s) = (0..sources.len()).find(|&i| {
             opened
