@@ -39,6 +39,7 @@ mod ipc;
 pub mod limits;
 pub mod loader;
 pub mod merge;
+pub mod options;
 pub mod parquet_read;
 pub mod publish;
 pub mod sample;

@@ -22,6 +22,8 @@ use crate::sample::same_source::{batch_sources, BatchSource, Grouping, SourceBat
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Tail, Universe};
 use crate::storage;
 
+pub use crate::options::Options;
+
 /// Loader settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderOptions {
@@ -47,36 +49,66 @@ pub struct LoaderOptions {
     pub prefetch_threads: usize,
     /// Batches computed ahead, in total.
     pub prefetch_depth: usize,
-    /// Length-grouped batches with this megabatch multiplier `M` (see [`crate::sample::length`]):
-    /// each run of `M * batch_size` groups of the epoch order is sorted by the length the
-    /// collator pads each group to, longest first, and cut into `M` batches; the batch
-    /// holding the epoch's longest group trades places with batch 0, so out-of-memory shows at
-    /// step 0.
-    pub length_grouped: Option<usize>,
-    /// Token-budget batches (see [`crate::sample::budget`]): each batch takes as many groups
-    /// as fit `max_tokens` (padded: groups x group_size x padded length; packed: real
-    /// tokens), at most `batch_size`; every rank takes the same number of steps. With
-    /// `length_grouped` the groups are sorted by length within megabatches first. The number
-    /// of steps varies by epoch.
-    pub max_tokens: Option<usize>,
+    /// How epochs are cut into batches.
+    pub strategy: Strategy,
     /// Weighted mixing (see [`crate::sample::universe`]): one weight per source (input file,
     /// in the manifest's order); source `s` gives each epoch `weights[s] / sum(weights)` of
     /// its rows, the epoch keeping its length.
     pub weights: Option<Vec<f64>>,
-    /// Same-source batches (see [`crate::sample::same_source`]): every global batch (all
-    /// ranks at one step) holds rows of one source.
-    pub same_source: bool,
-    /// With `same_source`: groups per rank in a batch of each source (default: the source's
-    /// `batch_size` row field, else `batch_size`).
-    pub source_batch_sizes: Option<Vec<usize>>,
-    /// With `same_source`: sources with fewer rows per epoch than this are merged with the
-    /// other small sources of their directory (FlagEmbedding's `small_threshold`; 0: none).
-    pub small_threshold: u64,
-    /// With `same_source`: a merged group of small sources with fewer rows than this is left
-    /// out (FlagEmbedding's `drop_threshold`).
-    pub drop_threshold: u64,
     /// Collation settings.
     pub collate: CollateOptions,
+}
+
+/// How epochs are cut into batches: the batching strategies, which exclude each other.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Strategy {
+    /// `batch_size` consecutive groups of the epoch order.
+    #[default]
+    Random,
+    /// Length-grouped batches with megabatch multiplier `M` (see [`crate::sample::length`]):
+    /// each run of `M * batch_size` groups of the epoch order is sorted by the length the
+    /// collator pads each group to, longest first, and cut into `M` batches; the batch
+    /// holding the epoch's longest group trades places with batch 0, so out-of-memory shows at
+    /// step 0.
+    LengthGrouped {
+        /// The multiplier `M`.
+        megabatch: usize,
+    },
+    /// Token-budget batches (see [`crate::sample::budget`]): each batch takes as many groups
+    /// as fit `max_tokens` (padded: groups x group_size x padded length; packed: real
+    /// tokens), at most `batch_size`; every rank takes the same number of steps. With a
+    /// `megabatch` the groups are sorted by length within megabatches first. The number of
+    /// steps varies by epoch.
+    TokenBudget {
+        /// The budget per batch and rank.
+        max_tokens: usize,
+        /// Length-sort within megabatches of this multiplier first.
+        megabatch: Option<usize>,
+    },
+    /// Same-source batches (see [`crate::sample::same_source`]): every global batch (all
+    /// ranks at one step) holds rows of one source.
+    SameSource {
+        /// Groups per rank in a batch of each source (default: the source's `batch_size` row
+        /// field, else `batch_size`).
+        batch_sizes: Option<Vec<usize>>,
+        /// Sources with fewer rows per epoch than this are merged with the other small
+        /// sources of their directory (FlagEmbedding's `small_threshold`; 0: none).
+        small_threshold: u64,
+        /// A merged group of small sources with fewer rows than this is left out
+        /// (FlagEmbedding's `drop_threshold`).
+        drop_threshold: u64,
+    },
+}
+
+impl Strategy {
+    /// The length-grouping multiplier, if the batches are length-sorted.
+    pub fn megabatch(&self) -> Option<usize> {
+        match self {
+            Strategy::LengthGrouped { megabatch } => Some(*megabatch),
+            Strategy::TokenBudget { megabatch, .. } => *megabatch,
+            _ => None,
+        }
+    }
 }
 
 impl Default for LoaderOptions {
@@ -91,13 +123,8 @@ impl Default for LoaderOptions {
             skip_rows_without_negatives: false,
             prefetch_threads: 1,
             prefetch_depth: 8,
-            length_grouped: None,
-            max_tokens: None,
+            strategy: Strategy::Random,
             weights: None,
-            same_source: false,
-            source_batch_sizes: None,
-            small_threshold: 0,
-            drop_threshold: 0,
             collate: CollateOptions::default(),
         }
     }
@@ -122,13 +149,17 @@ impl LoaderOptions {
             0,
             limits::PREFETCH_DEPTH,
         )?;
-        if let Some(m) = self.length_grouped {
+        if let Some(m) = self.strategy.megabatch() {
             range("length_grouped", m, 1, limits::MEGABATCH_MULT)?;
         }
-        if let Some(t) = self.max_tokens {
-            range("max_tokens", t, 1, limits::MAX_TOKENS)?;
+        if let Strategy::TokenBudget { max_tokens, .. } = self.strategy {
+            range("max_tokens", max_tokens, 1, limits::MAX_TOKENS)?;
         }
-        for &b in self.source_batch_sizes.iter().flatten() {
+        let source_sizes = match &self.strategy {
+            Strategy::SameSource { batch_sizes, .. } => batch_sizes.as_deref().unwrap_or(&[]),
+            _ => &[],
+        };
+        for &b in source_sizes {
             range("source_batch_sizes", b, 1, limits::BATCH_SIZE)?;
         }
         if self.max_example_num_per_dataset == Some(0) {
@@ -143,9 +174,9 @@ impl LoaderOptions {
         self.check_combination()?;
         self.shard.check()?;
         self.check_batch_bytes("batch_size", self.batch_size)?;
-        match self.source_batch_sizes.iter().flatten().max() {
-            Some(&b) if self.same_source => self.check_batch_bytes("source_batch_sizes", b),
-            _ => Ok(()),
+        match source_sizes.iter().max() {
+            Some(&b) => self.check_batch_bytes("source_batch_sizes", b),
+            None => Ok(()),
         }
     }
 
@@ -186,47 +217,80 @@ impl LoaderOptions {
         Ok(())
     }
 
-    /// The batching strategies that do not combine.
+    /// The settings that do not combine with the strategy.
     fn check_combination(&self) -> Result<()> {
-        let conflict = |a: &'static str, b: &str| {
-            Err(Error::argument(a, format!("{a} does not combine with {b}")))
-        };
-        if self.same_source && self.length_grouped.is_some() {
-            return conflict("same_source", "length_grouped");
-        }
-        if self.same_source && self.max_tokens.is_some() {
-            return conflict("same_source", "max_tokens");
-        }
-        for (name, set) in [
-            ("source_batch_sizes", self.source_batch_sizes.is_some()),
-            ("small_threshold", self.small_threshold > 0),
-            ("drop_threshold", self.drop_threshold > 0),
-        ] {
-            if set && !self.same_source {
-                return Err(Error::argument(name, "only applies with same_source"));
+        if let Strategy::TokenBudget { .. } = self.strategy {
+            if self.shard.tail == Tail::Uneven {
+                return Err(Error::argument(
+                    "max_tokens",
+                    "max_tokens does not combine with the uneven shard tail (use pad or drop)",
+                ));
             }
-        }
-        if self.max_tokens.is_some() && self.shard.tail == Tail::Uneven {
-            return conflict("max_tokens", "the uneven shard tail (use pad or drop)");
-        }
-        if self.max_tokens.is_some() && self.drop_last {
-            return conflict(
-                "drop_last",
-                "max_tokens: token-budget batches vary in size by design, so none is an \
-                 incomplete batch to drop (leave drop_last off)",
-            );
+            if self.drop_last {
+                return Err(Error::argument(
+                    "drop_last",
+                    "drop_last does not combine with max_tokens: token-budget batches vary in \
+                     size by design, so none is an incomplete batch to drop (leave drop_last off)",
+                ));
+            }
         }
         Ok(())
     }
 }
 
-/// Where a loader is: the next batch is `step` of `epoch`.
+/// Where a loader is: the next batch is `step` of `epoch` (counted from `offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoaderState {
     /// Epoch.
     pub epoch: u64,
-    /// Batches of that epoch already yielded.
+    /// Batches of that epoch already yielded (since `offset`).
     pub step: u64,
+    /// Positions of the epoch's global order trained on before this loader's batches of the
+    /// epoch began, by a run with another world size or batch size (elastic resumption, see
+    /// [`Loader::restore`]); the epoch's batches are cut from the rest of its order. 0 but
+    /// in a resumed epoch; every later epoch starts at 0.
+    pub offset: u64,
+}
+
+/// The keys of a checkpoint that are a position, not a setting.
+pub const POSITION: [&str; 3] = ["epoch", "step", "offset"];
+
+/// How [`Loader::restore`] continued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// At the state's batch, the batches exactly those the state's run would have had next.
+    Exact,
+    /// On another world size or batch size: from the first position of the epoch's global
+    /// order not yet trained on (`consumed` positions were, counting earlier resumptions).
+    Elastic {
+        /// Positions of the epoch's global order already trained on.
+        consumed: u64,
+    },
+}
+
+/// `v (its JSON type)`, for messages, in Python's spelling (the checkpoints' main reader).
+fn described(v: &serde_json::Value) -> String {
+    use serde_json::Value as V;
+    let (repr, ty) = match v {
+        V::Null => ("None".to_string(), "NoneType"),
+        V::Bool(b) => ((if *b { "True" } else { "False" }).to_string(), "bool"),
+        V::Number(n) if n.is_f64() => (format!("{:?}", n.as_f64().unwrap_or(f64::NAN)), "float"),
+        V::Number(n) => (n.to_string(), "int"),
+        V::String(s) => (format!("'{s}'"), "str"),
+        V::Array(_) => (v.to_string(), "list"),
+        V::Object(_) => (v.to_string(), "dict"),
+    };
+    format!("{repr} ({ty})")
+}
+
+/// A checkpoint key as a `'static` name for errors: an option's, else the extra keys'.
+fn static_name(k: &str) -> &'static str {
+    crate::options::Options::names()
+        .iter()
+        .chain(&["dataset", "rows_per_epoch", "steps_per_epoch"])
+        .find(|n| **n == k)
+        .copied()
+        .unwrap_or("state")
 }
 
 /// A megabatch's positions sorted by group length, keyed by (epoch, megabatch).
@@ -263,6 +327,8 @@ struct Plan {
     sorted: std::sync::Mutex<Vec<SortedMegabatch>>,
     /// Token budget: the epoch's batches (8 bytes a row), once computed.
     budget: EpochCache<BudgetPlan>,
+    /// Batches of epoch 0 from its start, once computed.
+    first_steps: std::sync::OnceLock<u64>,
 }
 
 /// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
@@ -286,13 +352,14 @@ fn cached<T>(
 }
 
 impl Plan {
-    fn steps(&self, epoch: u64) -> Result<u64> {
+    /// Batches of `epoch` from its position `offset` on (see [`LoaderState::offset`]).
+    fn steps(&self, epoch: u64, offset: u64) -> Result<u64> {
         let b = self.options.batch_size as u64;
         Ok(match &self.schedule {
             Schedule::Budget(_) => self.budget_plan(epoch)?.len(),
             Schedule::SameSource(ss) => ss.batches.len(),
             Schedule::Random | Schedule::Grouped(_) => {
-                let n = self.options.shard.samples_per_rank(self.universe.len());
+                let n = self.order(epoch, offset).len();
                 if self.options.drop_last {
                     n / b
                 } else {
@@ -308,9 +375,9 @@ impl Plan {
         (step * b).min(order.len())..((step + 1) * b).min(order.len())
     }
 
-    fn order(&self, epoch: u64) -> EpochOrder<'_> {
+    fn order(&self, epoch: u64, offset: u64) -> EpochOrder<'_> {
         let o = &self.options;
-        EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle)
+        EpochOrder::new(&self.universe, o.seed, epoch, o.shard, o.shuffle).after(offset)
     }
 
     /// The selection (positive, negatives) of `row` in `epoch`: a pure function of both.
@@ -406,7 +473,7 @@ impl Plan {
             return Err(Error::Internal("no token budget".into()));
         };
         cached(&self.budget, epoch, || {
-            let order = self.order(epoch);
+            let order = self.order(epoch, 0);
             let n = order.global_len();
             let (mut sizes, mut longest) = (
                 Vec::with_capacity(n as usize),
@@ -427,15 +494,15 @@ impl Plan {
         })
     }
 
-    fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
-        Ok(self.drawn(epoch, step)?.0)
+    fn selections(&self, epoch: u64, offset: u64, step: u64) -> Result<Vec<Selection>> {
+        Ok(self.drawn(epoch, offset, step)?.0)
     }
 
     /// The selections of batch `step` of `epoch`, and whether the batch is marked
     /// `no_in_batch_neg` (same-source batches of a source so named).
-    fn drawn(&self, epoch: u64, step: u64) -> Result<(Vec<Selection>, bool)> {
+    fn drawn(&self, epoch: u64, offset: u64, step: u64) -> Result<(Vec<Selection>, bool)> {
         let o = &self.options;
-        let order = self.order(epoch);
+        let order = self.order(epoch, offset);
         let mut no_in_batch_neg = false;
         let rows: Vec<u64> = match &self.schedule {
             Schedule::Random => self.span(&order, step).map(|i| order.row(i)).collect(),
@@ -474,8 +541,8 @@ impl Plan {
     /// Batch `step` of `epoch`. `next` is the step this thread computes after it: in random
     /// order its groups are prefetched before this batch is collated, so their cache misses
     /// overlap the copy.
-    fn batch(&self, epoch: u64, step: u64, next: Option<u64>) -> Result<Batch> {
-        let steps = self.steps(epoch)?;
+    fn batch(&self, epoch: u64, offset: u64, step: u64, next: Option<u64>) -> Result<Batch> {
+        let steps = self.steps(epoch, offset)?;
         if step >= steps {
             return Err(Error::OutOfRange {
                 what: "step",
@@ -483,9 +550,9 @@ impl Plan {
                 len: steps,
             });
         }
-        let (selections, no_in_batch_neg) = self.drawn(epoch, step)?;
+        let (selections, no_in_batch_neg) = self.drawn(epoch, offset, step)?;
         if let (Schedule::Random, Some(next)) = (&self.schedule, next.filter(|&n| n < steps)) {
-            let order = self.order(epoch);
+            let order = self.order(epoch, offset);
             for i in self.span(&order, next) {
                 self.ds.prefetch_group(order.row(i) as usize);
             }
@@ -566,6 +633,7 @@ impl Loader {
                 lengths: std::sync::Mutex::new(None),
                 sorted: std::sync::Mutex::new(Vec::new()),
                 budget: std::sync::Mutex::new(None),
+                first_steps: std::sync::OnceLock::new(),
             }),
             state: LoaderState::default(),
             prefetch: None,
@@ -575,12 +643,12 @@ impl Loader {
     /// Batches in `epoch` for this rank (every rank has as many). Token-budget batches plan
     /// the epoch here (once; an error reading the data shows here).
     pub fn steps(&self, epoch: u64) -> Result<u64> {
-        self.plan.steps(epoch)
+        self.plan.steps(epoch, self.offset(epoch))
     }
 
     /// Batches in the current epoch for this rank ([`Loader::steps`] of the current epoch).
     pub fn steps_per_epoch(&self) -> Result<u64> {
-        self.plan.steps(self.state.epoch)
+        self.steps(self.state.epoch)
     }
 
     /// Rows this run trains on per epoch (all ranks, before padding).
@@ -605,12 +673,12 @@ impl Loader {
 
     /// The selections of batch `step` of `epoch` (pure).
     pub fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
-        self.plan.selections(epoch, step)
+        self.plan.selections(epoch, self.offset(epoch), step)
     }
 
     /// Batch `step` of `epoch` (pure; does not move the loader).
     pub fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
-        self.plan.batch(epoch, step, None)
+        self.plan.batch(epoch, self.offset(epoch), step, None)
     }
 
     /// Collate user-chosen selections with this loader's settings.
@@ -623,23 +691,264 @@ impl Loader {
         self.state
     }
 
-    /// Continue from a saved state.
-    pub fn set_state(&mut self, state: LoaderState) {
+    /// Continue from a saved state. An offset needs the random order (the others cannot
+    /// continue from a prefix of the epoch's order) and must lie within the epoch.
+    pub fn set_state(&mut self, state: LoaderState) -> Result<()> {
+        if state.offset > 0 {
+            if self.plan.options.strategy != Strategy::Random {
+                return Err(Error::argument(
+                    "offset",
+                    "only batches in the default (random) order continue from an offset",
+                ));
+            }
+            if state.offset >= self.plan.universe.len() {
+                return Err(Error::argument(
+                    "offset",
+                    format!(
+                        "{} is not within the {} rows of an epoch",
+                        state.offset,
+                        self.plan.universe.len()
+                    ),
+                ));
+            }
+        }
         self.state = state;
         self.prefetch = None;
+        Ok(())
+    }
+
+    /// Batches of epoch 0 from its start (computed once): a setting a checkpoint records.
+    fn first_steps(&self) -> Result<u64> {
+        if let Some(&n) = self.plan.first_steps.get() {
+            return Ok(n);
+        }
+        let n = self.plan.steps(0, 0)?;
+        Ok(*self.plan.first_steps.get_or_init(|| n))
+    }
+
+    /// What a checkpoint is valid for, by name: every setting of the options
+    /// ([`Options::settings`]: all but the prefetch ones), the dataset's seal (`dataset`), and
+    /// what they imply (`rows_per_epoch`, `steps_per_epoch` of epoch 0).
+    pub fn settings(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut m = self.plan.options.options().settings();
+        m.insert(
+            "dataset".into(),
+            self.plan.ds.manifest().checksum.clone().into(),
+        );
+        m.insert("rows_per_epoch".into(), self.rows_per_epoch().into());
+        m.insert("steps_per_epoch".into(), self.first_steps()?.into());
+        Ok(m)
+    }
+
+    /// The state to checkpoint: the position ([`POSITION`]: epoch, step, offset) and
+    /// [`Loader::settings`].
+    pub fn checkpoint(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut m = self.settings()?;
+        let s = self.state;
+        m.insert("epoch".into(), s.epoch.into());
+        m.insert("step".into(), s.step.into());
+        m.insert("offset".into(), s.offset.into());
+        Ok(m)
+    }
+
+    /// Continue from a [`Loader::checkpoint`], which must have been taken with this loader's
+    /// settings: a missing or unknown key, or a setting that differs (in value or in JSON
+    /// type: 2, 2.0, "2" and true differ), is an [`Error::Argument`] naming it. The rank may
+    /// differ (a state is a position of every rank).
+    ///
+    /// Elastic: a state taken with another `world_size` or `batch_size` (or both) continues
+    /// the epoch in the default (random) order: the positions of the epoch's global order the
+    /// earlier run trained on are skipped, and the rest of the epoch is sharded and cut into
+    /// batches over this loader's ranks, so each row of the epoch trains as often as in an
+    /// uninterrupted epoch (padding or dropping only at the end of the rest, by the shard
+    /// tail). The other strategies refuse another world or batch size. A `offset` key absent
+    /// (a state written before elastic resumption) is 0.
+    pub fn restore(
+        &mut self,
+        state: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Resumed> {
+        let own = self.settings()?;
+        let bad = |k: &str| -> Error {
+            let known: Vec<&str> = POSITION
+                .iter()
+                .copied()
+                .chain(own.keys().map(|k| k.as_str()))
+                .collect();
+            Error::argument(
+                "state",
+                format!("state_dict has an unknown key {k:?} (expected {known:?})"),
+            )
+        };
+        for k in state.keys() {
+            if !POSITION.contains(&k.as_str()) && !own.contains_key(k) {
+                return Err(bad(k));
+            }
+        }
+        let uint = |k: &'static str, required: bool| -> Result<u64> {
+            match state.get(k) {
+                None if !required => Ok(0),
+                None => Err(Error::argument(k, format!("state_dict has no {k:?}"))),
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    Error::argument(
+                        k,
+                        format!(
+                            "state_dict's {k} must be a non-negative integer, got {}",
+                            described(v)
+                        ),
+                    )
+                }),
+            }
+        };
+        let (epoch, step, offset) = (
+            uint("epoch", true)?,
+            uint("step", true)?,
+            uint("offset", false)?,
+        );
+        // Settings that may differ: the rank always; world_size and batch_size when elastic
+        // (and steps_per_epoch, which they imply).
+        let mut elastic: Vec<&'static str> = Vec::new();
+        for (k, want) in &own {
+            let name = static_name(k);
+            let Some(got) = state.get(k) else {
+                return Err(Error::argument(name, format!("state_dict has no {k:?}")));
+            };
+            if got == want || name == "rank" {
+                continue;
+            }
+            let differs = Error::argument(
+                name,
+                format!(
+                    "state_dict was taken with {k} = {}, this loader has {}",
+                    described(got),
+                    described(want)
+                ),
+            );
+            match name {
+                "world_size" | "batch_size" => {
+                    if got.as_u64().is_none_or(|v| v == 0) {
+                        return Err(differs);
+                    }
+                    if self.plan.options.strategy != Strategy::Random {
+                        return Err(Error::argument(
+                            name,
+                            format!(
+                                "state_dict was taken with {k} = {}, this loader has {}: only \
+                                 the default (random) order resumes with another world_size or \
+                                 batch_size; resume with the same ones",
+                                described(got),
+                                described(want)
+                            ),
+                        ));
+                    }
+                    elastic.push(name);
+                }
+                "steps_per_epoch" => {}
+                _ => return Err(differs),
+            }
+        }
+        // Ranks differ in step counts only with the uneven tail (which splits DataLoader
+        // workers' work): there another rank's state is compared and clamped by its own.
+        let other_rank = state.get("rank") != own.get("rank");
+        let uneven_rank = other_rank && self.plan.options.shard.tail == Tail::Uneven;
+        if elastic.is_empty() {
+            if !uneven_rank && state.get("steps_per_epoch") != own.get("steps_per_epoch") {
+                let k = "steps_per_epoch";
+                return Err(Error::argument(
+                    k,
+                    format!(
+                        "state_dict was taken with {k} = {}, this loader has {}",
+                        described(&state[k]),
+                        described(&own[k])
+                    ),
+                ));
+            }
+            let steps = self
+                .plan
+                .steps(epoch, offset.min(self.plan.universe.len()))?;
+            let step = if uneven_rank { step.min(steps) } else { step };
+            let at = LoaderState {
+                epoch,
+                step,
+                offset,
+            };
+            if step > steps {
+                return Err(Error::argument(
+                    "step",
+                    format!("step {step} is beyond the {steps} batches of epoch {epoch}"),
+                ));
+            }
+            self.set_state(at)?;
+            return Ok(Resumed::Exact);
+        }
+        // The earlier run's shape: its batches of the epoch began at `offset`.
+        let world = state["world_size"].as_u64().unwrap_or(1);
+        let batch = state["batch_size"].as_u64().unwrap_or(1);
+        let n = self.plan.universe.len();
+        if offset >= n.max(1) {
+            return Err(Error::argument(
+                "offset",
+                format!("offset {offset} is not within the {n} rows of an epoch"),
+            ));
+        }
+        let shard = Shard {
+            rank: 0,
+            world_size: world,
+            tail: self.plan.options.shard.tail,
+        };
+        let per_rank = shard.samples_per_rank(n - offset);
+        let steps = if self.plan.options.drop_last {
+            per_rank / batch
+        } else {
+            per_rank.div_ceil(batch)
+        };
+        if step > steps {
+            return Err(Error::argument(
+                "step",
+                format!(
+                    "step {step} is beyond the {steps} batches of epoch {epoch} at world_size \
+                     {world} and batch_size {batch}"
+                ),
+            ));
+        }
+        if step == steps {
+            self.set_epoch(epoch + 1);
+            return Ok(Resumed::Elastic { consumed: n });
+        }
+        // Steps 0..step of every rank held the global positions below step * batch * world.
+        let consumed = offset + step * batch * world;
+        self.set_state(LoaderState {
+            epoch,
+            step: 0,
+            offset: consumed,
+        })?;
+        Ok(Resumed::Elastic { consumed })
     }
 
     /// Start epoch `epoch` from its first batch.
     pub fn set_epoch(&mut self, epoch: u64) {
-        self.set_state(LoaderState { epoch, step: 0 });
+        self.state = LoaderState {
+            epoch,
+            step: 0,
+            offset: 0,
+        };
+        self.prefetch = None;
+    }
+
+    /// The offset of `epoch`: the state's in the current epoch, else 0.
+    fn offset(&self, epoch: u64) -> u64 {
+        if epoch == self.state.epoch {
+            self.state.offset
+        } else {
+            0
+        }
     }
 
     fn start_prefetch(&mut self) -> Result<()> {
         let o = &self.plan.options;
         let threads = o.prefetch_threads;
         let per_thread = o.prefetch_depth.div_ceil(threads).max(1);
-        let (epoch, first) = (self.state.epoch, self.state.step);
-        let steps = self.plan.steps(epoch)?;
+        let (epoch, first, offset) = (self.state.epoch, self.state.step, self.state.offset);
+        let steps = self.plan.steps(epoch, offset)?;
         let mut receivers = Vec::with_capacity(threads);
         for t in 0..threads as u64 {
             let (tx, rx) = sync_channel(per_thread);
@@ -649,7 +958,7 @@ impl Loader {
                 .spawn(move || {
                     let mut step = first + t;
                     while step < steps {
-                        let batch = plan.batch(epoch, step, Some(step + threads as u64));
+                        let batch = plan.batch(epoch, offset, step, Some(step + threads as u64));
                         if tx.send(batch).is_err() {
                             return;
                         }
@@ -676,7 +985,7 @@ impl Iterator for Loader {
     /// The next batch of the current epoch; after the last one, `None` once, and the loader
     /// moves to the next epoch (so `for batch in &mut loader` is one epoch).
     fn next(&mut self) -> Option<Result<Batch>> {
-        let steps = match self.plan.steps(self.state.epoch) {
+        let steps = match self.steps(self.state.epoch) {
             Ok(s) => s,
             Err(e) => return Some(Err(e)),
         };
@@ -685,8 +994,8 @@ impl Iterator for Loader {
             return None;
         }
         let batch = if self.plan.options.prefetch_threads == 0 {
-            let (epoch, step) = (self.state.epoch, self.state.step);
-            self.plan.batch(epoch, step, Some(step + 1))
+            let (epoch, step, offset) = (self.state.epoch, self.state.step, self.state.offset);
+            self.plan.batch(epoch, offset, step, Some(step + 1))
         } else {
             let stale = self.prefetch.as_ref().is_none_or(|p| {
                 p.pid != std::process::id()
@@ -732,7 +1041,10 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
                 options.max_example_num_per_dataset.is_some(),
             ),
             ("weights", options.weights.is_some()),
-            ("same_source", options.same_source),
+            (
+                "same_source",
+                matches!(options.strategy, Strategy::SameSource { .. }),
+            ),
         ];
         if let Some((name, _)) = per_source.iter().find(|(_, on)| *on) {
             return Err(Error::argument(
@@ -820,37 +1132,44 @@ fn check_steps(universe: &Universe, o: &LoaderOptions, schedule: &Schedule) -> R
 
 /// How epochs are cut into batches, from the options.
 fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Schedule> {
-    if o.same_source {
-        let (groups, takes, sizes) = batch_sources(
-            &ds.manifest().sources,
-            &universe.takes(),
-            Grouping {
-                sizes: o.source_batch_sizes.as_deref(),
-                default_size: o.batch_size as u64,
-                small_threshold: o.small_threshold,
-                drop_threshold: o.drop_threshold,
-            },
-        )?;
-        // drop_last drops each source's incomplete global batch, as the drop tail does.
-        let tail = match o.shard.tail {
-            Tail::Pad if o.drop_last => Tail::Drop,
-            t => t,
-        };
-        let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, tail)?;
-        return Ok(Schedule::SameSource(SameSource {
-            batches,
-            groups,
-            takes,
-            sizes,
-        }));
-    }
     let c = &o.collate;
-    Ok(match (o.max_tokens, o.length_grouped) {
-        (Some(t), mult) => Schedule::Budget(Budget {
-            max_tokens: t as u64,
+    Ok(match &o.strategy {
+        Strategy::SameSource {
+            batch_sizes,
+            small_threshold,
+            drop_threshold,
+        } => {
+            let (groups, takes, sizes) = batch_sources(
+                &ds.manifest().sources,
+                &universe.takes(),
+                Grouping {
+                    sizes: batch_sizes.as_deref(),
+                    default_size: o.batch_size as u64,
+                    small_threshold: *small_threshold,
+                    drop_threshold: *drop_threshold,
+                },
+            )?;
+            // drop_last drops each source's incomplete global batch, as the drop tail does.
+            let tail = match o.shard.tail {
+                Tail::Pad if o.drop_last => Tail::Drop,
+                t => t,
+            };
+            let batches = SourceBatches::new(&takes, &sizes, o.shard.world_size, tail)?;
+            Schedule::SameSource(SameSource {
+                batches,
+                groups,
+                takes,
+                sizes,
+            })
+        }
+        Strategy::TokenBudget {
+            max_tokens,
+            megabatch,
+        } => Schedule::Budget(Budget {
+            max_tokens: *max_tokens as u64,
             max_groups: o.batch_size as u64,
             world: o.shard.world_size,
-            mult: mult.map(|m| m as u64),
+            mult: megabatch.map(|m| m as u64),
             cost: if c.packed {
                 Cost::Packed
             } else {
@@ -860,7 +1179,7 @@ fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Sche
                 }
             },
         }),
-        (None, Some(m)) => Schedule::Grouped(m as u64),
-        (None, None) => Schedule::Random,
+        Strategy::LengthGrouped { megabatch } => Schedule::Grouped(*megabatch as u64),
+        Strategy::Random => Schedule::Random,
     })
 }

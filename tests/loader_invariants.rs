@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use rankfeed::collate::{Batch, CollateOptions, Mode};
 use rankfeed::format::{SourceStats, TextSettings, TokenizerFacts};
-use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
+use rankfeed::loader::{Loader, LoaderOptions, LoaderState, Strategy as LoaderStrategy};
 use rankfeed::sample::{KeyedRng, Selection, Shard, Tail};
 use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
@@ -331,20 +331,19 @@ fn options(c: &Config, rank: u64, threads: usize) -> LoaderOptions {
         },
         ..LoaderOptions::default()
     };
-    match &c.strategy {
-        Strategy::Random => {}
-        Strategy::Grouped(m) => o.length_grouped = Some(*m),
-        Strategy::Budget { max_tokens, mult } => {
-            o.max_tokens = Some(*max_tokens);
-            o.length_grouped = *mult;
-        }
-        Strategy::SameSource { sizes, small, drop } => {
-            o.same_source = true;
-            o.source_batch_sizes = sizes.clone();
-            o.small_threshold = *small;
-            o.drop_threshold = *drop;
-        }
-    }
+    o.strategy = match &c.strategy {
+        Strategy::Random => LoaderStrategy::Random,
+        Strategy::Grouped(m) => LoaderStrategy::LengthGrouped { megabatch: *m },
+        Strategy::Budget { max_tokens, mult } => LoaderStrategy::TokenBudget {
+            max_tokens: *max_tokens,
+            megabatch: *mult,
+        },
+        Strategy::SameSource { sizes, small, drop } => LoaderStrategy::SameSource {
+            batch_sizes: sizes.clone(),
+            small_threshold: *small,
+            drop_threshold: *drop,
+        },
+    };
     o
 }
 
@@ -722,6 +721,7 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
         let next = LoaderState {
             epoch: epoch + 1,
             step: 0,
+            offset: 0,
         };
         if l.state() != next {
             return Err(format!(
@@ -733,7 +733,12 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
         let start = KeyedRng::new(&[c.seed, rank, 0x5e5]).below(steps + 1);
         let mut r = Loader::new(data.ds.clone(), options(c, rank, c.resume_threads))
             .map_err(|e| e.to_string())?;
-        r.set_state(LoaderState { epoch, step: start });
+        r.set_state(LoaderState {
+            epoch,
+            step: start,
+            offset: 0,
+        })
+        .map_err(|e| e.to_string())?;
         let rest: Vec<Batch> = r
             .by_ref()
             .collect::<rankfeed::Result<_>>()
@@ -1080,7 +1085,7 @@ fn length_grouped_wordnet_epochs_train_every_row() {
                 let o = LoaderOptions {
                     batch_size: 4,
                     seed: 42,
-                    length_grouped: Some(50),
+                    strategy: LoaderStrategy::LengthGrouped { megabatch: 50 },
                     prefetch_threads: 0,
                     shard: Shard {
                         rank,

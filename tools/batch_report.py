@@ -20,7 +20,7 @@ BIN = os.path.join(ROOT, "target", "release", "rankfeed")
 OUT = os.path.join(ROOT, "target", "batch-report")
 ASSETS = os.environ.get("RANKFEED_ASSETS", os.path.expanduser("~/.cache/rankfeed/assets"))
 COMMON = ["--batch-size", "4", "--group-size", "16", "--query-max-len", "32",
-          "--passage-max-len", "192"]
+          "--passage-max-len", "192", "--prefetch-threads", "0"]
 STRATEGIES = [
     ("random order", []),
     ("length-grouped (M=50)", ["--length-grouped", "50"]),

@@ -16,7 +16,7 @@ MS MARCO passages) and paragraphs (up to 120 words, ~130 tokens, like Wikipedia 
 passage_max_len 192. Encoder mode with the BERT tokenizer, llm mode with the Mistral tokenizer
 (tools/fetch_assets.sh). Both sides run on one core: the reference in this process
 (tokenize, prepare_for_model, pad, exactly as tests/python/reference.py), rankfeed through
-`rankfeed bench --threads 0` (sampling + collation on the calling thread).
+`rankfeed bench --prefetch-threads 0` (sampling + collation on the calling thread).
 """
 
 import argparse
@@ -124,7 +124,7 @@ def embedder(a, work):
         ref = embedder_reference_rate(tok_kind, tok_path, rows, a.seconds, b, g, qm, pm)
         out = subprocess.run([BIN, "bench", ds, "--mode", "embedder", "--batch-size", str(b),
                               "--group-size", str(g), "--query-max-len", str(qm),
-                              "--passage-max-len", str(pm), "--threads", "0",
+                              "--passage-max-len", str(pm), "--prefetch-threads", "0",
                               "--batches", str(a.batches), "--json"],
                              check=True, capture_output=True, text=True)
         r = json.loads(out.stdout)
@@ -162,7 +162,7 @@ def main():
                            check=True, stdout=subprocess.DEVNULL)
             ref = reference_rate(tok_kind, tok_path, mode, rows, a.seconds)
             out = subprocess.run([BIN, "bench", ds, "--mode", mode, "--batch-size", str(B), "--group-size", str(G),
-                                  "--query-max-len", str(QM), "--passage-max-len", str(PM), "--threads", "0",
+                                  "--query-max-len", str(QM), "--passage-max-len", str(PM), "--prefetch-threads", "0",
                                   "--batches", str(a.batches), "--json"], check=True, capture_output=True, text=True)
             r = json.loads(out.stdout)
             print(f"  {mode:8s} ({tok_kind}): reference {ref:7.1f} batches/s | rankfeed {r['batches_per_second']:7.0f} "

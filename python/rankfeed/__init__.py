@@ -8,7 +8,9 @@ bit-identical to FlagEmbedding's, as numpy arrays torch takes without a copy.
         batch["input_ids"]        # numpy int64 [B*G, L]; row b*G+g, g = 0 the positive
 """
 
+import inspect
 import sys
+import textwrap
 import time
 
 from ._rankfeed import CorruptDatasetError, Loader, __version__
@@ -16,9 +18,11 @@ from ._rankfeed import Dataset as _Dataset
 from ._rankfeed import convert as _convert
 from ._rankfeed import export as _export
 from ._rankfeed import import_parquet as _import_parquet
+from ._rankfeed import loader_options as _loader_options
 from ._rankfeed import merge as _merge
 
 __all__ = ["convert", "export", "import_parquet", "merge", "Dataset", "Loader", "CorruptDatasetError",
+           "LOADER_OPTIONS",
            "__version__"]
 
 
@@ -132,6 +136,47 @@ class Dataset(_Dataset):
 
     def __reduce__(self):
         return (Dataset, (self.path,))
+
+    def loader(self, *, epoch=None, **options):
+        return _Dataset.loader(self, epoch=epoch, **options)
+
+
+#: Every loader option, documented: name, CLI flag, help, default, and whether a checkpoint
+#: stores it. Defined once, in Rust (`rankfeed::options::Options`); the signature and the
+#: documentation of `Dataset.loader` below, the CLI's flags and the README's table derive
+#: from it.
+LOADER_OPTIONS = tuple(_loader_options())
+
+
+def _loader_doc():
+    lines = [
+        "A `Loader` of batches (dicts of numpy arrays). Every option is a keyword; one left out or",
+        "None takes its default. `epoch`: the epoch to start at.",
+        "",
+        "An epoch that has rows but would yield no batch (more ranks than rows with the drop",
+        "tail, fewer rows per rank than batch_size with drop_last, no source filling a global",
+        "batch with same_source) is a ValueError naming the option, never an empty epoch.",
+        "Numeric options are checked before anything is allocated: a negative or non-integer",
+        "value, or one beyond rankfeed's limits (batches of at most 8 GiB), is a ValueError",
+        "naming it. `state_dict()` holds every option but prefetch_threads and prefetch_depth",
+        "(they decide when batches are computed, never what they hold).",
+        "",
+        "Options:",
+    ]
+    for o in LOADER_OPTIONS:
+        default = "" if o["default"] is None else f" (default {o['default']})"
+        head = f"- {o['name']}{default}: "
+        body = " ".join(o["help"].split())
+        lines += textwrap.wrap(head + body, 96, subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+Dataset.loader.__doc__ = _loader_doc()
+Dataset.loader.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("epoch", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    + [inspect.Parameter(o["name"], inspect.Parameter.KEYWORD_ONLY, default=None)
+       for o in LOADER_OPTIONS])
 
 
 def __getattr__(name):

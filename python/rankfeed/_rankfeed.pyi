@@ -35,7 +35,7 @@ class Loader:
     def step(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> str: ...
     def batch(self, epoch: int, step: int) -> Batch: ...
     def collate(self, selections: list[Selection]) -> Batch: ...
 
@@ -55,18 +55,25 @@ class Dataset:
     def prompt(self, id: int) -> npt.NDArray[np.int32]: ...
     def stats(self) -> dict[str, Any]: ...
     def validate(self) -> None: ...
-    def loader(self, batch_size: Optional[int] = ..., group_size: Optional[int] = ..., mode: str = ...,
+    # The options are those of rankfeed::options::Options, in its order (tests/python/test_stubs.py
+    # checks it); None takes the default.
+    def loader(self, *, epoch: Optional[int] = ..., batch_size: Optional[int] = ...,
+               group_size: Optional[int] = ..., mode: Optional[str] = ...,
                query_max_len: Optional[int] = ..., passage_max_len: Optional[int] = ...,
-               seed: Optional[int] = ..., epoch: Optional[int] = ..., rank: Optional[int] = ...,
-               world_size: Optional[int] = ..., shard_tail: str = ..., shuffle: bool = ...,
-               drop_last: bool = ..., pad_to_multiple_of: Optional[int] = ...,
-               padding_side: Optional[str] = ..., pad_id: Optional[int] = ..., int32: bool = ...,
-               attention_mask: bool = ..., knowledge_distillation: bool = ...,
-               max_example_num_per_dataset: Optional[int] = ...,
-               skip_rows_without_negatives: bool = ..., prefetch_threads: Optional[int] = ...,
+               pad_to_multiple_of: Optional[int] = ..., padding_side: Optional[str] = ...,
+               pad_id: Optional[int] = ..., int32: Optional[bool] = ...,
+               attention_mask: Optional[bool] = ..., knowledge_distillation: Optional[bool] = ...,
+               matryoshka_scores_by_index: Optional[bool] = ..., packed: Optional[bool] = ...,
                sub_batch_size: Optional[int] = ..., add_eos: Optional[bool] = ...,
-               matryoshka_scores_by_index: bool = ..., prefetch_depth: Optional[int] = ...,
-               packed: bool = ..., length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
-               weights: Optional[Union[list[float], dict[str, float]]] = ..., same_source: bool = ...,
+               seed: Optional[int] = ..., rank: Optional[int] = ..., world_size: Optional[int] = ...,
+               shard_tail: Optional[str] = ..., shuffle: Optional[bool] = ...,
+               drop_last: Optional[bool] = ..., max_example_num_per_dataset: Optional[int] = ...,
+               skip_rows_without_negatives: Optional[bool] = ...,
+               weights: Optional[Union[list[float], dict[str, float]]] = ...,
+               length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
+               same_source: Optional[bool] = ...,
                source_batch_sizes: Optional[Union[list[int], dict[str, int]]] = ...,
-               small_threshold: Optional[int] = ..., drop_threshold: Optional[int] = ...) -> Loader: ...
+               small_threshold: Optional[int] = ..., drop_threshold: Optional[int] = ...,
+               prefetch_threads: Optional[int] = ..., prefetch_depth: Optional[int] = ...) -> Loader: ...
+
+def loader_options() -> list[dict[str, Any]]: ...

@@ -18,10 +18,11 @@ use numpy::{PyArray1, PyArray2};
 use pyo3::exceptions::{PyFileExistsError, PyIndexError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
-use rankfeed::collate::{Batch, CollateOptions, IdType, Ids, Mode, Side};
+use rankfeed::collate::{Batch, Ids};
 use rankfeed::convert::{ConvertOptions, OnError, TextOptions};
-use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
-use rankfeed::sample::{Selection, Shard, Tail};
+use rankfeed::loader::{Loader, LoaderState, Resumed};
+use rankfeed::options::Options;
+use rankfeed::sample::Selection;
 use rankfeed::writer::WriterOptions;
 
 #[global_allocator]
@@ -266,62 +267,6 @@ fn uint(name: &str, v: Option<&Bound<'_, PyAny>>, default: u64) -> PyResult<u64>
             bad("below 2**64")
         }
     })
-}
-
-/// [`uint`] for a size (`usize`).
-fn size(name: &str, v: Option<&Bound<'_, PyAny>>, default: usize) -> PyResult<usize> {
-    let n = uint(name, v, default as u64)?;
-    usize::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} {n} is too large")))
-}
-
-/// [`uint`] for an optional size: None stays None.
-fn opt_size(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
-    v.map(|v| size(name, Some(v), 0)).transpose()
-}
-
-/// A per-source setting: a list in the manifest's source order, or a dict keyed by a source's
-/// path as converted or its file name. Every source needs a value; an unknown key is an error.
-fn per_source<T>(
-    name: &str,
-    v: &Bound<'_, PyAny>,
-    sources: &[rankfeed::format::SourceStats],
-    item: impl Fn(&Bound<'_, PyAny>) -> PyResult<T>,
-) -> PyResult<Vec<T>> {
-    let Ok(d) = v.cast::<PyDict>() else {
-        let list: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
-            PyValueError::new_err(format!("{name} must be a list (one per source) or a dict"))
-        })?;
-        return list.iter().map(&item).collect();
-    };
-    let file_name = |p: &str| {
-        std::path::Path::new(p)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-    };
-    let mut out: Vec<Option<T>> = sources.iter().map(|_| None).collect();
-    for (k, val) in d.iter() {
-        let k: String = k.extract()?;
-        let hit = sources.iter().position(|s| s.path == k).or_else(|| {
-            sources
-                .iter()
-                .position(|s| file_name(&s.path).as_deref() == Some(&k))
-        });
-        let Some(i) = hit else {
-            let known: Vec<&str> = sources.iter().map(|s| s.path.as_str()).collect();
-            return Err(PyValueError::new_err(format!(
-                "{name}: {k:?} is not a source of this dataset (sources: {known:?})"
-            )));
-        };
-        out[i] = Some(item(&val)?);
-    }
-    out.into_iter()
-        .zip(sources)
-        .map(|(v, s)| {
-            v.ok_or_else(|| {
-                PyValueError::new_err(format!("{name}: no value for source {:?}", s.path))
-            })
-        })
-        .collect()
 }
 
 fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
@@ -647,335 +592,99 @@ impl PyDataset {
         detached(py, move || ds.validate())
     }
 
-    /// A `Loader` of batches (dicts of numpy arrays). Every argument is keyword-able; None
-    /// takes the library's default (`LoaderOptions::default()`).
-    ///
-    /// What a batch is:
-    /// - batch_size (queries per batch), group_size (1 positive + group_size-1 negatives per
-    ///   query), mode: "encoder" (cross-encoders: the tokenizer's pair template), "llm"
-    ///   (decoder rerankers), "matryoshka" (the Matryoshka reranker's layout, with
-    ///   query_lengths and prompt_lengths) or "embedder" (bi-encoders: queries and passages
-    ///   each on their own, keys query_* and passage_*, plus no_in_batch_neg)
-    /// - query_max_len, passage_max_len (token budgets per side, truncated as FlagEmbedding)
-    /// - pad_to_multiple_of, padding_side ("left"/"right"; default the tokenizer's for encoder
-    ///   and embedder, left for llm and for embedders that append eos, right for matryoshka),
-    ///   pad_id, int32 (default int64 arrays), attention_mask (default True)
-    /// - knowledge_distillation (adds "teacher_scores"); matryoshka_scores_by_index
-    ///   (Matryoshka: scores by index as the other modes, instead of the seed code's by text)
-    /// - embedder mode: sub_batch_size=k (each id and mask key a list of arrays, one per chunk
-    ///   of k rows, each padded to its own longest; 0 is refused, None is off), add_eos
-    ///   (append eos to every sequence;
-    ///   default on for tokenizers whose single template does not end with eos: decoders)
-    ///
-    /// Which rows, in which order:
-    /// - seed, epoch (the epoch to start at), rank, world_size, shard_tail ("pad" like
-    ///   DistributedSampler, "drop", or "uneven": every row exactly once), shuffle,
-    ///   drop_last (the last short batch of an epoch; with same_source each source's last
-    ///   partial global batch; refused with max_tokens, whose batches vary by design)
-    /// - max_example_num_per_dataset (rows each larger source gives an epoch: a new seeded
-    ///   subset each epoch), skip_rows_without_negatives
-    /// - length_grouped=M: batches grouped by length (megabatches of M*batch_size groups
-    ///   sorted by the length the collator pads each to, longest batch of the epoch first)
-    /// - packed: padding-free batches (input_ids [T], position_ids [T], token_type_ids [T],
-    ///   cu_seqlens [B*G+1] int32, max_seqlen; no attention_mask): flash-attn varlen's layout
-    /// - max_tokens=T: token-budget batches, as many groups (at most batch_size) as fit T
-    ///   tokens (padded: groups x group_size x padded length; packed: real tokens); every rank
-    ///   takes the same number of steps, which varies by epoch (`len(loader)`,
-    ///   `loader.steps(epoch)`)
-    /// - weights: mixing weights per source (a list in the manifest's source order, or a dict
-    ///   keyed by a source's path or file name); an epoch keeps its length and source s gives
-    ///   weights[s]/sum of it: fewer rows than it has -> a new seeded subset each epoch, more
-    ///   -> whole copies plus a subset
-    /// - same_source: every global batch (all ranks at one step) from one source;
-    ///   source_batch_sizes (list or dict, as weights) sets each source's batch size (default
-    ///   its rows' batch_size field, else batch_size); small_threshold merges sources with
-    ///   fewer rows with the other small sources of their directory, drop_threshold leaves out
-    ///   a merged group with fewer; shard_tail "drop" drops a source's last partial batch,
-    ///   "pad" fills it from its start
-    ///
-    /// When batches are computed (never what they hold):
-    /// - prefetch_threads (Rust threads computing batches ahead; 0 computes in the caller),
-    ///   prefetch_depth (batches computed ahead, in total)
-    ///
-    /// An epoch that has rows but would yield no batch (more ranks than rows with the drop
-    /// tail, fewer rows per rank than batch_size with drop_last, no source filling a global
-    /// batch with same_source) is a ValueError naming the setting, never an empty epoch.
-    /// weights must be finite, >= 0 and not all 0 (only their ratios count).
-    ///
-    /// `state_dict()` names every argument above except epoch, prefetch_threads and
-    /// prefetch_depth: a checkpoint is valid only for the same batches. Numeric arguments are
-    /// checked before anything is allocated: a negative or non-integer value, or one beyond
-    /// rankfeed's limits (e.g. pad_to_multiple_of <= 65536, batches of at most 8 GiB), is a
-    /// ValueError naming the argument.
-    #[pyo3(signature = (batch_size=None, group_size=None, mode="encoder", query_max_len=None,
-        passage_max_len=None, seed=None, epoch=None, rank=None, world_size=None, shard_tail="pad",
-        shuffle=true, drop_last=false, pad_to_multiple_of=None, padding_side=None, pad_id=None,
-        int32=false, attention_mask=true, knowledge_distillation=false,
-        max_example_num_per_dataset=None, skip_rows_without_negatives=false, prefetch_threads=None,
-        sub_batch_size=None, add_eos=None, matryoshka_scores_by_index=false,
-        prefetch_depth=None, packed=false, length_grouped=None, max_tokens=None, weights=None,
-        same_source=false, source_batch_sizes=None, small_threshold=None, drop_threshold=None))]
-    #[allow(clippy::too_many_arguments)]
+    /// A `Loader` of batches (dicts of numpy arrays) with `options` (see
+    /// `rankfeed.Dataset.loader`, whose signature and documentation are derived from
+    /// `rankfeed::options::Options`); `epoch` is the epoch to start at.
+    #[pyo3(signature = (*, epoch=None, **options))]
     fn loader(
         &self,
         py: Python<'_>,
-        batch_size: Option<Bound<'_, PyAny>>,
-        group_size: Option<Bound<'_, PyAny>>,
-        mode: &str,
-        query_max_len: Option<Bound<'_, PyAny>>,
-        passage_max_len: Option<Bound<'_, PyAny>>,
-        seed: Option<Bound<'_, PyAny>>,
         epoch: Option<Bound<'_, PyAny>>,
-        rank: Option<Bound<'_, PyAny>>,
-        world_size: Option<Bound<'_, PyAny>>,
-        shard_tail: &str,
-        shuffle: bool,
-        drop_last: bool,
-        pad_to_multiple_of: Option<Bound<'_, PyAny>>,
-        padding_side: Option<&str>,
-        pad_id: Option<Bound<'_, PyAny>>,
-        int32: bool,
-        attention_mask: bool,
-        knowledge_distillation: bool,
-        max_example_num_per_dataset: Option<Bound<'_, PyAny>>,
-        skip_rows_without_negatives: bool,
-        prefetch_threads: Option<Bound<'_, PyAny>>,
-        sub_batch_size: Option<Bound<'_, PyAny>>,
-        add_eos: Option<bool>,
-        matryoshka_scores_by_index: bool,
-        prefetch_depth: Option<Bound<'_, PyAny>>,
-        packed: bool,
-        length_grouped: Option<Bound<'_, PyAny>>,
-        max_tokens: Option<Bound<'_, PyAny>>,
-        weights: Option<Bound<'_, PyAny>>,
-        same_source: bool,
-        source_batch_sizes: Option<Bound<'_, PyAny>>,
-        small_threshold: Option<Bound<'_, PyAny>>,
-        drop_threshold: Option<Bound<'_, PyAny>>,
+        options: Option<Bound<'_, PyDict>>,
     ) -> PyResult<PyLoader> {
-        let sources = &self.inner.manifest().sources;
-        let weights = weights
-            .map(|w| {
-                per_source("weights", &w, sources, |v| {
-                    v.extract::<f64>()
-                        .map_err(|_| PyValueError::new_err(format!("weights: {v} is not a number")))
-                })
-            })
-            .transpose()?;
-        let source_batch_sizes = source_batch_sizes
-            .map(|b| {
-                per_source("source_batch_sizes", &b, sources, |v| {
-                    size("source_batch_sizes", Some(v), 0)
-                })
-            })
-            .transpose()?;
-        let tail = TAILS
-            .iter()
-            .find(|(name, _)| *name == shard_tail)
-            .map(|&(_, t)| t)
-            .ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "shard_tail {shard_tail:?}: expected 'pad', 'drop' or 'uneven'"
-                ))
-            })?;
-        let d = LoaderOptions::default();
-        let dc = &d.collate;
-        let pad_id = match uint("pad_id", pad_id.as_ref(), 0)? {
-            _ if pad_id.is_none() => None,
-            n => Some(
-                i32::try_from(n)
-                    .map_err(|_| PyValueError::new_err(format!("pad_id {n} is not an int32")))?,
-            ),
-        };
-        let options = LoaderOptions {
-            batch_size: size("batch_size", batch_size.as_ref(), d.batch_size)?,
-            seed: uint("seed", seed.as_ref(), d.seed)?,
-            shard: Shard {
-                rank: uint("rank", rank.as_ref(), d.shard.rank)?,
-                world_size: uint("world_size", world_size.as_ref(), d.shard.world_size)?,
-                tail,
-            },
-            shuffle,
-            drop_last,
-            max_example_num_per_dataset: max_example_num_per_dataset
-                .as_ref()
-                .map(|v| uint("max_example_num_per_dataset", Some(v), 0))
-                .transpose()?,
-            skip_rows_without_negatives,
-            prefetch_threads: size(
-                "prefetch_threads",
-                prefetch_threads.as_ref(),
-                d.prefetch_threads,
-            )?,
-            prefetch_depth: size("prefetch_depth", prefetch_depth.as_ref(), d.prefetch_depth)?,
-            length_grouped: opt_size("length_grouped", length_grouped.as_ref())?,
-            max_tokens: opt_size("max_tokens", max_tokens.as_ref())?,
-            weights,
-            same_source,
-            source_batch_sizes,
-            small_threshold: uint("small_threshold", small_threshold.as_ref(), 0)?,
-            drop_threshold: uint("drop_threshold", drop_threshold.as_ref(), 0)?,
-            collate: CollateOptions {
-                mode: parse::<Mode>(mode)?,
-                query_max_len: size("query_max_len", query_max_len.as_ref(), dc.query_max_len)?,
-                passage_max_len: size(
-                    "passage_max_len",
-                    passage_max_len.as_ref(),
-                    dc.passage_max_len,
-                )?,
-                group_size: size("group_size", group_size.as_ref(), dc.group_size)?,
-                pad_to_multiple_of: opt_size("pad_to_multiple_of", pad_to_multiple_of.as_ref())?,
-                padding_side: padding_side.map(parse::<Side>).transpose()?,
-                pad_id,
-                id_type: if int32 { IdType::I32 } else { IdType::I64 },
-                attention_mask,
-                knowledge_distillation,
-                packed,
-                sub_batch_size: opt_size("sub_batch_size", sub_batch_size.as_ref())?,
-                add_eos,
-                matryoshka_scores_by_index,
-            },
-        };
         let epoch = uint("epoch", epoch.as_ref(), 0)?;
+        let map = match &options {
+            Some(d) => match py_to_json(d.as_any())? {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+            None => serde_json::Map::new(),
+        };
         let ds = self.inner.clone();
-        let mut loader = detached(py, move || Loader::new(ds, options))?;
+        let mut loader = detached(py, move || {
+            let options = Options::from_json(&map)?.resolve(&ds.manifest().sources)?;
+            Loader::new(ds, options)
+        })?;
         loader.set_epoch(epoch);
         PyLoader::new(py, loader)
     }
 }
 
-/// The spelling of each shard tail, as `Dataset.loader(shard_tail=...)` takes it and as a
-/// checkpoint stores it (stable names, not `Debug` output).
-const TAILS: [(&str, Tail); 3] = [
-    ("pad", Tail::Pad),
-    ("drop", Tail::Drop),
-    ("uneven", Tail::Uneven),
-];
-/// The spelling of each mode, as `Mode::from_str` parses it (a checkpoint stores these).
-const MODES: [(&str, Mode); 4] = [
-    ("encoder", Mode::Encoder),
-    ("llm", Mode::Llm),
-    ("matryoshka", Mode::Matryoshka),
-    ("embedder", Mode::Embedder),
-];
-/// The spelling of each padding side, as `Side::from_str` parses it.
-const SIDES: [(&str, Side); 2] = [("left", Side::Left), ("right", Side::Right)];
-
-/// The name of `value` in `table`.
-fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], value: T) -> &'static str {
-    table
-        .iter()
-        .find(|(_, v)| *v == value)
-        .map_or("?", |(n, _)| n)
+/// The loader's options, documented (`rankfeed::options::docs`): what Python derives
+/// `Dataset.loader`'s signature and docstring from, and the tests check the stubs against.
+#[pyfunction]
+fn loader_options<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    json_to_py(py, &rankfeed::options::docs())
 }
 
-/// Every setting a checkpoint is valid for, named as `Dataset.loader`'s arguments, with stable
-/// values: the one list of them. The options are destructured without `..`, so a new option
-/// does not compile until it is listed here or said not to change the batches.
-fn settings(loader: &Loader, steps_per_epoch: u64) -> Vec<(&'static str, serde_json::Value)> {
-    let LoaderOptions {
-        batch_size,
-        seed,
-        shard: Shard {
-            rank,
-            world_size,
-            tail,
-        },
-        shuffle,
-        drop_last,
-        max_example_num_per_dataset,
-        skip_rows_without_negatives,
-        // When batches are computed, never what they hold (the loader's module docs).
-        prefetch_threads: _,
-        prefetch_depth: _,
-        length_grouped,
-        max_tokens,
-        weights,
-        same_source,
-        source_batch_sizes,
-        small_threshold,
-        drop_threshold,
-        collate:
-            CollateOptions {
-                mode,
-                query_max_len,
-                passage_max_len,
-                group_size,
-                pad_to_multiple_of,
-                padding_side,
-                pad_id,
-                id_type,
-                attention_mask,
-                knowledge_distillation,
-                packed,
-                sub_batch_size,
-                add_eos,
-                matryoshka_scores_by_index,
-            },
-    } = loader.options();
-    vec![
-        (
-            "dataset",
-            loader.dataset().manifest().checksum.clone().into(),
-        ),
-        ("seed", (*seed).into()),
-        ("batch_size", (*batch_size).into()),
-        ("group_size", (*group_size).into()),
-        ("mode", name_of(&MODES, *mode).into()),
-        ("query_max_len", (*query_max_len).into()),
-        ("passage_max_len", (*passage_max_len).into()),
-        ("pad_to_multiple_of", (*pad_to_multiple_of).into()),
-        (
-            "padding_side",
-            padding_side.map(|s| name_of(&SIDES, s)).into(),
-        ),
-        ("pad_id", (*pad_id).into()),
-        ("int32", (*id_type == IdType::I32).into()),
-        ("attention_mask", (*attention_mask).into()),
-        ("rank", (*rank).into()),
-        ("world_size", (*world_size).into()),
-        ("shard_tail", name_of(&TAILS, *tail).into()),
-        ("shuffle", (*shuffle).into()),
-        ("drop_last", (*drop_last).into()),
-        (
-            "max_example_num_per_dataset",
-            (*max_example_num_per_dataset).into(),
-        ),
-        (
-            "skip_rows_without_negatives",
-            (*skip_rows_without_negatives).into(),
-        ),
-        ("knowledge_distillation", (*knowledge_distillation).into()),
-        ("sub_batch_size", (*sub_batch_size).into()),
-        ("add_eos", (*add_eos).into()),
-        (
-            "matryoshka_scores_by_index",
-            (*matryoshka_scores_by_index).into(),
-        ),
-        ("packed", (*packed).into()),
-        ("length_grouped", (*length_grouped).into()),
-        ("max_tokens", (*max_tokens).into()),
-        ("weights", weights.clone().into()),
-        ("same_source", (*same_source).into()),
-        ("source_batch_sizes", source_batch_sizes.clone().into()),
-        ("small_threshold", (*small_threshold).into()),
-        ("drop_threshold", (*drop_threshold).into()),
-        ("rows_per_epoch", loader.rows_per_epoch().into()),
-        ("steps_per_epoch", steps_per_epoch.into()),
-    ]
-}
-
-/// A Python value as JSON (for a type-aware comparison: 2, 2.0, "2" and True all differ).
-fn py_to_json(v: &Bound<'_, PyAny>) -> Option<serde_json::Value> {
-    let s: String = v
-        .py()
-        .import("json")
-        .ok()?
-        .call_method1("dumps", (v,))
-        .ok()?
-        .extract()
-        .ok()?;
-    serde_json::from_str(&s).ok()
+/// A Python value as JSON, keeping its type: None, bool, int (any integer type, numpy's too),
+/// float, str, list/tuple and dict with str keys; anything else is a ValueError. So 2, 2.0,
+/// "2" and True stay apart, and numpy scalars are taken as the numbers they are.
+fn py_to_json(v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+    use pyo3::types::{PyBool, PyFloat, PyString};
+    use serde_json::Value as V;
+    if v.is_none() {
+        return Ok(V::Null);
+    }
+    if let Ok(b) = v.cast::<PyBool>() {
+        return Ok(V::Bool(b.is_true()));
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(V::String(s.extract::<String>()?));
+    }
+    let is_numpy_bool = v
+        .get_type()
+        .name()
+        .is_ok_and(|n| n == "bool_" || n == "bool");
+    if is_numpy_bool {
+        return Ok(V::Bool(v.is_truthy()?));
+    }
+    if v.hasattr("__index__")? {
+        let n: i128 = v.call_method0("__index__")?.extract()?;
+        return Ok(if let Ok(u) = u64::try_from(n) {
+            V::from(u)
+        } else if let Ok(i) = i64::try_from(n) {
+            V::from(i)
+        } else {
+            return Err(PyValueError::new_err(format!("{n} is beyond 64 bits")));
+        });
+    }
+    if v.cast::<PyFloat>().is_ok() || v.hasattr("__float__")? {
+        let f: f64 = v.call_method0("__float__")?.extract()?;
+        return serde_json::Number::from_f64(f)
+            .map(V::Number)
+            .ok_or_else(|| PyValueError::new_err(format!("{f} is not a finite number")));
+    }
+    if let Ok(d) = v.cast::<PyDict>() {
+        let mut m = serde_json::Map::new();
+        for (k, val) in d.iter() {
+            let k: String = k
+                .extract()
+                .map_err(|_| PyValueError::new_err(format!("a dict key {k} is not a str")))?;
+            m.insert(k, py_to_json(&val)?);
+        }
+        return Ok(V::Object(m));
+    }
+    if v.cast::<PyList>().is_ok() || v.cast::<PyTuple>().is_ok() {
+        let items: Vec<Bound<'_, PyAny>> = v.extract()?;
+        return Ok(V::Array(
+            items.iter().map(py_to_json).collect::<PyResult<_>>()?,
+        ));
+    }
+    Err(PyValueError::new_err(format!(
+        "{} is not a number, string, bool, None, list or dict",
+        described(v)
+    )))
 }
 
 /// `repr(v) (type)`, for messages.
@@ -1119,9 +828,8 @@ struct PyLoader {
     /// Updated while `inner` is held; locked only to copy it, never across a GIL release.
     mirror: Mutex<Mirror>,
     rows_per_epoch: u64,
-    /// What a checkpoint is valid for (see [`settings`]).
-    settings: Vec<(&'static str, serde_json::Value)>,
-    /// `settings` as a Python dict, copied by `state_dict`.
+    /// What a checkpoint is valid for ([`Loader::settings`]), as a Python dict copied by
+    /// `state_dict`.
     settings_py: Py<PyDict>,
     /// Threads done with the loader that wait for the GIL (see the type's docs).
     returning: AtomicUsize,
@@ -1135,23 +843,14 @@ impl PyLoader {
         // Token budgets plan the first epoch here: its step count is a setting a checkpoint
         // must match, and a data error shows now rather than at the first batch.
         let l = &mut loader;
-        let (first_steps, steps) = detached(py, move || {
-            let first = l.steps(0)?;
-            let epoch = l.state().epoch;
-            Ok((first, if epoch == 0 { first } else { l.steps(epoch)? }))
-        })?;
-        let settings = settings(&loader, first_steps);
-        let settings_py = PyDict::new(py);
-        for (k, v) in &settings {
-            settings_py.set_item(*k, json_to_py(py, v)?)?;
-        }
+        let (settings, steps) = detached(py, move || Ok((l.settings()?, l.steps_per_epoch()?)))?;
+        let settings_py = json_to_py(py, &settings)?.cast_into::<PyDict>()?;
         Ok(PyLoader {
             mirror: Mutex::new(Mirror {
                 state: loader.state(),
                 steps: Some(steps),
             }),
             rows_per_epoch: loader.rows_per_epoch(),
-            settings,
             settings_py: settings_py.unbind(),
             inner: FairLock::new(loader),
             returning: AtomicUsize::new(0),
@@ -1329,57 +1028,33 @@ impl PyLoader {
         let d = PyDict::new(py);
         d.set_item("epoch", state.epoch)?;
         d.set_item("step", state.step)?;
+        d.set_item("offset", state.offset)?;
         d.update(self.settings_py.bind(py).as_mapping())?;
         Ok(d)
     }
 
     /// Resume from `state_dict()`. Strict: a missing or unknown key, or a setting that differs
     /// from this loader's (in value or in type: 2, 2.0, "2" and True differ), is a ValueError
-    /// that names it.
-    fn load_state_dict(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
-        let known: Vec<&str> = ["epoch", "step"]
-            .into_iter()
-            .chain(self.settings.iter().map(|(k, _)| *k))
-            .collect();
-        for k in state.keys() {
-            let k: String = k.extract()?;
-            if !known.contains(&k.as_str()) {
-                return Err(PyValueError::new_err(format!(
-                    "state_dict has an unknown key {k:?} (expected {known:?})"
-                )));
-            }
-        }
-        let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
-            state
-                .get_item(k)?
-                .ok_or_else(|| PyValueError::new_err(format!("state_dict has no {k:?}")))
+    /// that names it; the rank may differ. A state taken with another world_size or
+    /// batch_size continues the epoch from the rows not yet trained on, re-striped over this
+    /// loader's ranks (default order only; the other strategies refuse it). Returns "exact"
+    /// or "elastic".
+    fn load_state_dict(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<&'static str> {
+        let state = match py_to_json(state.as_any())? {
+            serde_json::Value::Object(m) => m,
+            _ => return Err(PyValueError::new_err("a state is a dict")),
         };
-        for (k, want) in &self.settings {
-            let got = get(k)?;
-            if py_to_json(&got).as_ref() != Some(want) {
-                let want = json_to_py(py, want)?;
-                return Err(PyValueError::new_err(format!(
-                    "state_dict was taken with {k} = {}, this loader has {}",
-                    described(&got),
-                    described(&want)
-                )));
-            }
-        }
-        let epoch = uint("epoch", Some(&get("epoch")?), 0)?;
-        let step = uint("step", Some(&get("step")?), 0)?;
-        let steps = self.steps(py, epoch)?;
-        if step > steps {
-            return Err(PyValueError::new_err(format!(
-                "step {step} is beyond the {steps} batches of epoch {epoch}"
-            )));
-        }
         let mut l = self.lock(py)?;
         let l: &mut Loader = &mut l;
-        py.detach(|| {
-            l.set_state(LoaderState { epoch, step });
+        detached(py, || {
+            let r = l.restore(&state);
             self.publish(l);
-        });
-        Ok(())
+            r
+        })
+        .map(|r| match r {
+            Resumed::Exact => "exact",
+            Resumed::Elastic { .. } => "elastic",
+        })
     }
 
     /// Batch `step` of `epoch`, without moving the loader.
@@ -1437,6 +1112,8 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export, m)?)?;
     m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(loader_options, m)?)?;
+    m.add("_LOADER_POSITION", rankfeed::loader::POSITION.to_vec())?;
     m.add(
         "CorruptDatasetError",
         m.py().get_type::<CorruptDatasetError>(),

@@ -28,8 +28,10 @@ use crate::storage;
 pub use embedder::{EmbedderArrays, Padded};
 use scores::push_scores;
 
-/// Which pair layout to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which pair layout to build. Spelled in lower case (`"encoder"`, ...) by every front-end and
+/// checkpoint (serde, `FromStr`, `Display`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Cross-encoders (BERT, XLM-R, ...): the tokenizer's pair template.
     Encoder,
@@ -41,45 +43,18 @@ pub enum Mode {
     /// the tokenizer's single-sequence template, padded separately.
     Embedder,
 }
+crate::options::named!(Mode, "mode");
 
-impl std::str::FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Mode> {
-        match s {
-            "encoder" => Ok(Mode::Encoder),
-            "llm" => Ok(Mode::Llm),
-            "matryoshka" => Ok(Mode::Matryoshka),
-            "embedder" => Ok(Mode::Embedder),
-            _ => Err(Error::argument(
-                "mode",
-                format!("{s:?}: expected encoder, llm, matryoshka or embedder"),
-            )),
-        }
-    }
-}
-
-/// Where padding goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where padding goes (`"left"` or `"right"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     /// Pad after the tokens.
     Right,
     /// Pad before the tokens.
     Left,
 }
-
-impl std::str::FromStr for Side {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Side> {
-        match s {
-            "right" => Ok(Side::Right),
-            "left" => Ok(Side::Left),
-            _ => Err(Error::argument(
-                "padding_side",
-                format!("{s:?}: expected left or right"),
-            )),
-        }
-    }
-}
+crate::options::named!(Side, "padding_side");
 
 /// Integer type of the id arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

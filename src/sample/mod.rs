@@ -118,8 +118,10 @@ impl Permutation {
     }
 }
 
-/// What to do with the rows that do not divide evenly among the ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with the rows that do not divide evenly among the ranks (`"pad"`, `"drop"`,
+/// `"uneven"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Tail {
     /// Pad by repeating rows from the start of the epoch order, so every rank gets the same
     /// count (torch `DistributedSampler(drop_last=False)`, the default).
@@ -131,6 +133,8 @@ pub enum Tail {
     /// epoch; for splitting work among DataLoader workers, not for DDP ranks.
     Uneven,
 }
+
+crate::options::named!(Tail, "shard_tail");
 
 /// Distributed sharding of an epoch, as torch's `DistributedSampler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +199,7 @@ pub struct EpochOrder<'u> {
     perm: Permutation,
     shard: Shard,
     shuffle: bool,
+    offset: u64,
 }
 
 impl<'u> EpochOrder<'u> {
@@ -205,12 +210,26 @@ impl<'u> EpochOrder<'u> {
             perm: Permutation::new(universe.len(), &[seed, epoch, 0xe90c4]),
             shard,
             shuffle,
+            offset: 0,
         }
+    }
+
+    /// The rest of the epoch after its first `offset` positions (consumed by a run with
+    /// another world size or batch size): the remaining rows, in the same order, sharded
+    /// and padded or cut as a whole epoch is (elastic resumption).
+    pub fn after(mut self, offset: u64) -> Self {
+        self.offset = offset.min(self.rows.len());
+        self
+    }
+
+    /// Rows of the epoch from the offset on.
+    fn remaining(&self) -> u64 {
+        self.rows.len() - self.offset
     }
 
     /// Number of rows this rank sees in the epoch.
     pub fn len(&self) -> u64 {
-        self.shard.samples_per_rank(self.rows.len())
+        self.shard.samples_per_rank(self.remaining())
     }
 
     /// Whether this rank sees no rows.
@@ -228,7 +247,7 @@ impl<'u> EpochOrder<'u> {
     /// the universe padded to a multiple of the world size, or cut to one, by the tail policy
     /// (`Uneven` keeps it as is).
     pub fn global_len(&self) -> u64 {
-        let (n, w) = (self.rows.len(), self.shard.world_size);
+        let (n, w) = (self.remaining(), self.shard.world_size);
         match self.shard.tail {
             Tail::Pad => n.div_ceil(w) * w,
             Tail::Drop => n / w * w,
@@ -239,7 +258,7 @@ impl<'u> EpochOrder<'u> {
     /// The row at position `p` of the global order (padding repeats from its start).
     #[inline]
     pub fn global_row(&self, p: u64) -> u64 {
-        let p = p % self.rows.len();
+        let p = self.offset + p % self.remaining();
         let j = if self.shuffle { self.perm.apply(p) } else { p };
         self.rows.row(j)
     }

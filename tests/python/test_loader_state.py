@@ -18,7 +18,11 @@ LONG = int(os.environ.get("RANKFEED_LONG", "1"))
 # The arguments that change when batches are computed, never what they hold, and the start.
 NOT_SETTINGS = {"epoch", "prefetch_threads", "prefetch_depth"}
 # Keys of a state that are no argument: the position and what the arguments imply.
-DERIVED = {"epoch", "step", "dataset", "rows_per_epoch", "steps_per_epoch"}
+DERIVED = {"epoch", "step", "offset", "dataset", "rows_per_epoch", "steps_per_epoch"}
+# A state is a position of every rank: the rank may differ.
+RANK = {"rank"}
+# Settings an elastic resumption may change, in the default (random) order.
+ELASTIC = {"world_size", "batch_size"}
 # For each loader argument, values to draw from (the first is the default).
 VALUES = {
     "batch_size": [None, 2, 3, 5],
@@ -146,12 +150,18 @@ def make(ds, args):
         return None
 
 
+def random_order(args):
+    return args["length_grouped"] is None and args["max_tokens"] is None and not args["same_source"]
+
+
 def test_a_state_is_accepted_only_for_the_same_batches(three):
     """Seeded pairs of argument sets A, B (B: A with 1-3 arguments drawn again): B accepts A's
-    state iff they differ only in NOT_SETTINGS, a refusal names an argument that differs, and
-    an accepted state gives B exactly A's next batches."""
+    state iff they differ only in NOT_SETTINGS and the rank, or also in world_size and
+    batch_size with both in the default order (elastic); a refusal names an argument that
+    differs, and a state accepted with only NOT_SETTINGS changed gives B exactly A's next
+    batches."""
     rng = random.Random(18)
-    pairs, refused, accepted, invalid = 0, 0, 0, 0
+    pairs, refused, accepted, elastic, invalid = 0, 0, 0, 0, 0
     while pairs < 150 * LONG:
         a_args = draw(rng, {k: v[0] for k, v in VALUES.items()})
         b_args = draw(rng, a_args)
@@ -164,17 +174,27 @@ def test_a_state_is_accepted_only_for_the_same_batches(three):
         step = rng.randrange(len(a))
         state = {**a.state_dict(), "step": step}
         a.load_state_dict(state)
+        may = NOT_SETTINGS | RANK
+        if random_order(a_args) and random_order(b_args):
+            may = may | ELASTIC
         try:
-            b.load_state_dict(state)
+            how = b.load_state_dict(state)
         except ValueError as e:
             refused += 1
             named = str(e).split(" = ")[0].rsplit(" ", 1)[-1]
-            assert named in changed - NOT_SETTINGS, (str(e), changed)
+            assert named in changed - NOT_SETTINGS - RANK, (str(e), changed)
             continue
         accepted += 1
-        assert not changed - NOT_SETTINGS, f"accepted although {changed} changed"
+        assert not changed - may, f"accepted although {changed} changed"
+        if changed & ELASTIC:
+            elastic += 1
+            assert how == "elastic" and b.state_dict()["step"] == 0, (how, b.state_dict())
+            continue
+        assert how == "exact"
+        if changed - NOT_SETTINGS:
+            continue  # another rank: its own batches
         for _ in range(min(3, len(a) - step)):
             assert equal_batches(next(a), next(b)), (a_args, b_args)
-    print(f"state pairs: {pairs} ({accepted} accepted with the same batches, {refused} refused "
+    print(f"state pairs: {pairs} ({accepted} accepted, {elastic} of them elastic; {refused} refused "
           f"naming a changed argument; {invalid} invalid draws skipped)")
-    assert refused and accepted
+    assert refused and accepted and elastic

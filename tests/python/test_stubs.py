@@ -66,7 +66,14 @@ def test_stubs_match_the_extension():
                                for d in stub.decorator_list), f"{qual} is a property"
                     checked.append(qual)
                     continue
-                assert stub_params(stub, True) == real_params(member, True), qual
+                real = real_params(member, True)
+                if qual == "Dataset.loader":
+                    # (*, epoch, **options): the stub lists the options, as the one definition
+                    # of them (rankfeed::options::Options) has them.
+                    assert real == [("epoch", "KEYWORD_ONLY", True), ("options", "VAR_KEYWORD", False)]
+                    real = real[:1] + [(o["name"], "KEYWORD_ONLY", True)
+                                       for o in _rankfeed.loader_options()]
+                assert stub_params(stub, True) == real, qual
                 checked.append(qual)
             if obj.__text_signature__:
                 assert stub_params(stubs[f"{name}.__init__"], True) == real_params(obj, False)
@@ -102,3 +109,19 @@ def test_python_wrappers_take_what_the_extension_takes():
         wrapper = inspect.signature(getattr(rankfeed, name)).parameters
         real = inspect.signature(getattr(_rankfeed, name)).parameters
         assert list(wrapper) == list(real), name
+
+
+def test_readme_options_table_is_the_generated_one():
+    # The README's table of every loader option is tools/options_table.py's output, from the
+    # one definition of the options: it cannot drift.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("options_table", ROOT / "tools" / "options_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- options:begin -->\n", "<!-- options:end -->"
+    held = readme[readme.index(begin) + len(begin):readme.index(end)].strip()
+    assert held == mod.table(), "README's options table differs: run python3 tools/options_table.py"
+    names = [o["name"] for o in rankfeed.LOADER_OPTIONS]
+    assert len(names) == len(set(names)) == len(mod.table().splitlines()) - 2
+    print(f"README options table: {len(names)} options, as generated")

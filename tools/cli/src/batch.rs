@@ -6,166 +6,39 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use rankfeed::collate::{CollateOptions, Collator, IdType, Mode, Side};
-use rankfeed::loader::{Loader, LoaderOptions, LoaderState};
-use rankfeed::sample::{sample_group, Selection, Shard, Tail};
+use rankfeed::collate::{CollateOptions, Collator, Mode};
+use rankfeed::loader::{Loader, LoaderOptions};
+use rankfeed::options::Options;
+use rankfeed::sample::{sample_group, Selection};
 use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::Dataset;
 
 use crate::npy;
 
-#[derive(clap::Args, Clone)]
-pub struct CollateArgs {
-    /// Layout: encoder (cross-encoders), llm (decoder rerankers), matryoshka, embedder
-    /// (bi-encoders: queries and passages on their own).
-    #[arg(long, default_value = "encoder")]
-    mode: Mode,
-    /// query_max_len.
-    #[arg(long, default_value_t = CollateOptions::default().query_max_len)]
-    query_max_len: usize,
-    /// passage_max_len.
-    #[arg(long, default_value_t = CollateOptions::default().passage_max_len)]
-    passage_max_len: usize,
-    /// train_group_size: one positive and G-1 negatives per query.
-    #[arg(long, default_value_t = CollateOptions::default().group_size)]
-    group_size: usize,
-    /// Round the padded length up to a multiple of this.
-    #[arg(long)]
-    pad_to_multiple_of: Option<usize>,
-    /// left or right (default: the tokenizer's for encoder, left for llm, right for matryoshka).
-    #[arg(long)]
-    padding_side: Option<Side>,
-    /// Pad id (default: the tokenizer's pad, else unk, else eos).
-    #[arg(long)]
-    pad_id: Option<i32>,
-    /// int32 arrays instead of int64.
-    #[arg(long)]
-    int32: bool,
-    /// Leave out attention_mask.
-    #[arg(long)]
-    no_attention_mask: bool,
-    /// Gather teacher scores (knowledge distillation).
-    #[arg(long)]
-    knowledge_distillation: bool,
-    /// Padding-free packed batches: input_ids [T], position_ids, cu_seqlens (flash-attn varlen).
-    #[arg(long)]
-    packed: bool,
-    /// Embedder mode: chunks of this many rows, each padded to its own longest.
-    #[arg(long)]
-    sub_batch_size: Option<usize>,
-    /// Embedder mode: append eos to every sequence (default: on for decoder tokenizers).
-    #[arg(long)]
-    add_eos: Option<bool>,
-    /// Matryoshka mode: teacher scores by index instead of the seed code's by-text rule.
-    #[arg(long)]
-    matryoshka_scores_by_index: bool,
+/// The loader's options as the CLI takes them: every field of `rankfeed::options::Options`
+/// (flattened from its one definition), resolved against the dataset's sources.
+fn loader_options(ds: &Dataset, o: &Options) -> Result<LoaderOptions> {
+    Ok(o.resolve(&ds.manifest().sources)?)
 }
 
-impl CollateArgs {
-    pub fn options(&self) -> CollateOptions {
-        CollateOptions {
-            mode: self.mode,
-            query_max_len: self.query_max_len,
-            passage_max_len: self.passage_max_len,
-            group_size: self.group_size,
-            pad_to_multiple_of: self.pad_to_multiple_of,
-            padding_side: self.padding_side,
-            pad_id: self.pad_id,
-            id_type: if self.int32 { IdType::I32 } else { IdType::I64 },
-            attention_mask: !self.no_attention_mask,
-            knowledge_distillation: self.knowledge_distillation,
-            packed: self.packed,
-            sub_batch_size: self.sub_batch_size,
-            add_eos: self.add_eos,
-            matryoshka_scores_by_index: self.matryoshka_scores_by_index,
-        }
+/// The collation part of the options, for commands that collate given selections: a sampling
+/// option set to anything but its default is an error (it would be ignored).
+fn collate_options(ds: &Dataset, o: &Options) -> Result<CollateOptions> {
+    let lo = loader_options(ds, o)?;
+    let sampling = |l: &LoaderOptions| LoaderOptions {
+        collate: CollateOptions::default(),
+        prefetch_threads: 0,
+        prefetch_depth: 0,
+        ..l.clone()
+    };
+    let default = Options::default().resolve(&ds.manifest().sources)?;
+    if sampling(&lo) != sampling(&default) {
+        bail!(
+            "sampling options (--batch-size, --seed, --world-size, --length-grouped, ...) do not \
+             apply here: the selections say which groups to collate"
+        );
     }
-}
-
-/// How the loader cuts epochs into batches (the options of `rankfeed::loader::LoaderOptions`).
-#[derive(clap::Args, Clone)]
-pub struct SampleArgs {
-    /// Queries per batch (with --max-tokens: at most this many).
-    #[arg(long, default_value_t = LoaderOptions::default().batch_size)]
-    batch_size: usize,
-    #[arg(long, default_value_t = LoaderOptions::default().seed)]
-    seed: u64,
-    #[arg(long, default_value_t = 0)]
-    rank: u64,
-    #[arg(long, default_value_t = 1)]
-    world_size: u64,
-    /// Rows that do not divide among the ranks: pad, drop or uneven.
-    #[arg(long, default_value = "pad")]
-    shard_tail: String,
-    /// Leave out rows with no negatives.
-    #[arg(long)]
-    skip_empty_neg: bool,
-    /// Keep the epoch order unshuffled.
-    #[arg(long)]
-    no_shuffle: bool,
-    /// Drop each epoch's last incomplete batch (same-source: each source's; an error with
-    /// --max-tokens).
-    #[arg(long)]
-    drop_last: bool,
-    /// Length-grouped batches with this megabatch multiplier (HF group_by_length's idea).
-    #[arg(long)]
-    length_grouped: Option<usize>,
-    /// Token-budget batches: as many groups as fit this many tokens (padded cells, or real
-    /// tokens with --packed).
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Mixing weights, one per source in the manifest's order (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    weights: Option<Vec<f64>>,
-    /// Every global batch from one source.
-    #[arg(long)]
-    same_source: bool,
-    /// With --same-source: batch size per source (comma-separated, manifest order).
-    #[arg(long, value_delimiter = ',')]
-    source_batch_sizes: Option<Vec<usize>>,
-    /// With --same-source: merge sources with fewer rows than this per directory.
-    #[arg(long, default_value_t = 0)]
-    small_threshold: u64,
-    /// With --same-source: leave out merged small sources with fewer rows than this.
-    #[arg(long, default_value_t = 0)]
-    drop_threshold: u64,
-    /// Rows each larger source gives an epoch (a new seeded subset each epoch).
-    #[arg(long)]
-    max_example_num_per_dataset: Option<u64>,
-}
-
-impl SampleArgs {
-    fn options(&self, collate: CollateOptions, threads: usize) -> Result<LoaderOptions> {
-        let tail = match self.shard_tail.as_str() {
-            "pad" => Tail::Pad,
-            "drop" => Tail::Drop,
-            "uneven" => Tail::Uneven,
-            other => bail!("--shard-tail {other:?}: expected pad, drop or uneven"),
-        };
-        Ok(LoaderOptions {
-            batch_size: self.batch_size,
-            seed: self.seed,
-            shard: Shard {
-                rank: self.rank,
-                world_size: self.world_size,
-                tail,
-            },
-            skip_rows_without_negatives: self.skip_empty_neg,
-            shuffle: !self.no_shuffle,
-            drop_last: self.drop_last,
-            prefetch_threads: threads,
-            length_grouped: self.length_grouped,
-            max_tokens: self.max_tokens,
-            weights: self.weights.clone(),
-            same_source: self.same_source,
-            source_batch_sizes: self.source_batch_sizes.clone(),
-            small_threshold: self.small_threshold,
-            drop_threshold: self.drop_threshold,
-            max_example_num_per_dataset: self.max_example_num_per_dataset,
-            collate,
-            ..LoaderOptions::default()
-        })
-    }
+    Ok(lo.collate)
 }
 
 #[derive(clap::Args)]
@@ -195,9 +68,7 @@ pub struct ShowArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    sample: SampleArgs,
-    #[command(flatten)]
-    collate: CollateArgs,
+    options: Options,
 }
 
 pub fn run_show(a: ShowArgs) -> Result<()> {
@@ -205,7 +76,7 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
         return show_step(&a);
     };
     let ds = Dataset::open(&a.dir)?;
-    let opts = a.collate.options();
+    let opts = loader_options(&ds, &a.options)?.collate;
     let collator = Collator::new(&ds, opts.clone())?;
     let group = ds.group(row as usize)?;
     let sel = match (a.pos, &a.neg) {
@@ -217,7 +88,7 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
         (pos, neg) => {
             let mut drawn = Vec::new();
             let p = sample_group(
-                a.sample.seed,
+                a.options.seed,
                 a.epoch,
                 row,
                 group.pos.len(),
@@ -295,9 +166,9 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
     if a.json {
         let v = serde_json::json!({
             "row": sel.row,
-            "mode": format!("{:?}", opts.mode).to_lowercase(),
+            "mode": opts.mode.to_string(),
             "pad_id": collator.pad_id(),
-            "padding_side": format!("{:?}", collator.side()).to_lowercase(),
+            "padding_side": collator.side().to_string(),
             "pairs": items,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -345,7 +216,11 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
 /// `show --step K`: the groups of batch K as the loader draws them.
 fn show_step(a: &ShowArgs) -> Result<()> {
     let ds = Arc::new(Dataset::open(&a.dir)?);
-    let loader = Loader::new(ds.clone(), a.sample.options(a.collate.options(), 0)?)?;
+    let options = LoaderOptions {
+        prefetch_threads: 0,
+        ..loader_options(&ds, &a.options)?
+    };
+    let loader = Loader::new(ds.clone(), options)?;
     let step = a.step.context("--row or --step")?;
     let steps = loader.steps(a.epoch)?;
     let b = loader.batch(a.epoch, step)?;
@@ -413,13 +288,14 @@ pub struct CollateCmdArgs {
     /// Output directory: one folder per batch (0, 1, ...) of .npy arrays.
     #[arg(short, long)]
     output: PathBuf,
+    /// Collation options (the sampling ones do not apply: the selections are given).
     #[command(flatten)]
-    collate: CollateArgs,
+    options: Options,
 }
 
 pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
     let ds = Dataset::open(&a.dir)?;
-    let collator = Collator::new(&ds, a.collate.options())?;
+    let collator = Collator::new(&ds, collate_options(&ds, &a.options)?)?;
     let text = std::fs::read(&a.selections)
         .with_context(|| format!("reading {}", a.selections.display()))?;
     let batches: Vec<Vec<serde_json::Value>> =
@@ -512,16 +388,13 @@ pub struct BenchArgs {
     /// Batches to time (they wrap into following epochs).
     #[arg(long, default_value_t = 20000)]
     batches: u64,
-    /// Prefetch threads (0: everything on the calling thread, i.e. one core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// The loader's options (--prefetch-threads 0: everything on the calling thread, i.e.
+    /// one core).
     #[command(flatten)]
-    sample: SampleArgs,
-    #[command(flatten)]
-    collate: CollateArgs,
+    options: Options,
 }
 
 /// The real-token fraction no padded layout can beat: every group padded only to its own
@@ -544,13 +417,13 @@ fn padded_bound(loader: &Loader, n: u64) -> Result<f64> {
 pub fn run_bench(a: BenchArgs) -> Result<()> {
     let t_open = Instant::now();
     let ds = Arc::new(Dataset::open(&a.dir)?);
-    let mut loader = Loader::new(ds, a.sample.options(a.collate.options(), a.threads)?)?;
+    let mut loader = Loader::new(ds.clone(), loader_options(&ds, &a.options)?)?;
     let first = loader.next().context("empty dataset")??;
     let open_first = t_open.elapsed();
     if loader.steps_per_epoch()? == 0 {
         bail!("no batches");
     }
-    loader.set_state(LoaderState { epoch: 0, step: 0 });
+    loader.set_epoch(0);
     let (mut n, mut real, mut cells, mut bytes, mut overlong) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut groups = 0u64;
     let t = Instant::now();
@@ -573,7 +446,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let bound = padded_bound(&loader, n.min(loader.steps(0)?))?;
     let mix = epoch_mix(&loader)?;
     let budget_fill = a
-        .sample
+        .options
         .max_tokens
         .map(|t| cells as f64 / n.max(1) as f64 / t as f64);
     let v = serde_json::json!({
@@ -588,7 +461,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         "overlong_pairs": overlong,
         "open_plus_first_batch_ms": open_first.as_secs_f64() * 1e3,
         "first_batch_shape": [first.rows, first.len],
-        "threads": a.threads,
+        "threads": a.options.prefetch_threads,
         "groups_per_batch": groups as f64 / n.max(1) as f64,
         "budget_fill": budget_fill,
         "source_share": mix.share,
@@ -602,8 +475,8 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         writeln!(
             out,
             "{n} batches of {} x {} in {secs:.3} s: {:.0} batches/s, {:.2} M real tokens/s, padding efficiency {:.1}% (padded bound {:.1}%), output {:.2} GB/s ({:.0} KB/batch), {} over-length pairs; open + first batch {:.2} ms",
-            a.sample.batch_size,
-            a.collate.group_size,
+            a.options.batch_size,
+            a.options.group_size,
             n as f64 / secs,
             real as f64 / secs / 1e6,
             100.0 * real as f64 / cells.max(1) as f64,
