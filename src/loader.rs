@@ -804,6 +804,19 @@ impl Loader {
             uint("step", true)?,
             uint("offset", false)?,
         );
+        let mut missing: Vec<&str> = own
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| !state.contains_key(*k))
+            .collect();
+        missing.sort_by_key(|k| *k != "dataset");
+        if let Some(first) = missing.first() {
+            let list: Vec<String> = missing.iter().map(|k| format!("{k:?}")).collect();
+            return Err(Error::argument(
+                static_name(first),
+                format!("state_dict has no {}", list.join(", ")),
+            ));
+        }
         // Settings that may differ: the rank always; world_size and batch_size when elastic
         // (and steps_per_epoch, which they imply).
         let mut elastic: Vec<&'static str> = Vec::new();

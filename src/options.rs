@@ -293,7 +293,16 @@ impl Options {
             // One at a time, so that an error names its option.
             let one = serde_json::Map::from_iter([(k.clone(), v.clone())]);
             if let Err(e) = serde_json::from_value::<Options>(one.into()) {
-                return Err(Error::argument(name, format!("{v}: {e}")));
+                let e = e.to_string();
+                let integer = e.contains("expected u") || e.contains("expected i");
+                let message = if integer && v.as_i64().is_some_and(|n| n < 0) {
+                    format!("must be non-negative, got {v}")
+                } else if integer && v.is_f64() {
+                    format!("must be an integer, got {v}")
+                } else {
+                    format!("{v}: {e}")
+                };
+                return Err(Error::argument(name, message));
             }
             given.insert(k.clone(), v.clone());
         }

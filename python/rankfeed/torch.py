@@ -19,6 +19,16 @@ no copy of it can know how far the consumer got (a worker's batches are computed
 continue an interrupted epoch exactly, `load_state_dict(state)` (or a StatefulDataLoader's)
 before the next loop; `set_epoch(e)` starts the next pass at epoch e.
 
+Elastic resume: a state taken with another world_size and/or batch_size continues the epoch
+from the rows not yet trained on, when the batches are in the default (random) order (no
+length_grouped, max_tokens or same_source): the epoch's global order is cut after the positions
+the earlier run consumed (every rank's batches so far), and the rest is sharded over this run's
+ranks and cut into this run's batches (`Loader.load_state_dict` decides; the state's `offset`
+is that cut). So every row of an epoch is trained once across 1 -> N -> M process resumes
+(padding or dropping only at the end of the epoch, by shard_tail). Any other differing setting
+(seed, dataset, group_size, a strategy, ...) is a ValueError naming it, and so is another
+world_size or batch_size with the other strategies.
+
 Where each pass starts is kept in a small locked file that the iterable and its copies in the
 workers share (any start method: fork, spawn, forkserver); a pass's workers recognise each
 other by the DataLoader iterator's base seed. The file is removed with the iterable.
@@ -38,11 +48,18 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import Dataset
+from ._rankfeed import _LOADER_POSITION
 
 _META = ("rows", "pos", "neg", "overlong")
-_STATE_KEYS = ("epoch", "next", "settings")
+_STATE_KEYS = ("epoch", "next", "offset", "settings")
+# Keys a state may lack (a state written before elastic resumption has no offset: 0).
+_OPTIONAL_KEYS = ("offset",)
+# Settings that may differ between a state and this run: the rank always (a state is a
+# position of every rank); world_size and batch_size (and steps_per_epoch, which they imply)
+# when the Loader can re-stripe the rest of the epoch (it decides, see `_resolve`).
+_ELASTIC = ("rank", "world_size", "batch_size", "steps_per_epoch")
 # Loader state keys that are a position, not a setting.
-_POSITION = ("epoch", "step")
+_POSITION = tuple(_LOADER_POSITION)
 
 
 def _remove(path, pid):
@@ -84,17 +101,18 @@ def check_settings(got, want, what, ignore=()):
 class _Passes:
     """Where passes start, shared by an iterable and its copies (see the module docs).
 
-    The file holds `start` (where the next pass starts when `fresh`: set by the constructor,
-    `set_epoch` and `load_state_dict`) and the last passes, each with the id its workers share,
-    its epoch, the workers that joined it and those that finished it. A new pass starts at
-    `start` when fresh, else at the epoch after the last pass."""
+    The file holds `start` ([epoch, next, offset] where the next pass starts when `fresh`: set
+    by the constructor, `set_epoch` and `load_state_dict`) and the last passes, each with the
+    id its workers share, its epoch, first batch and offset, the workers that joined it and
+    those that finished it. A new pass starts at `start` when fresh, else at the epoch after
+    the last pass (offset 0)."""
 
     HISTORY = 64
 
-    def __init__(self, epoch, nxt):
+    def __init__(self, epoch, nxt, offset=0):
         fd, self.path = tempfile.mkstemp(prefix="rankfeed-passes-", suffix=".json")
         os.close(fd)
-        self._state = {"start": [epoch, nxt], "fresh": True, "passes": []}
+        self._state = {"start": [epoch, nxt, offset], "fresh": True, "passes": []}
         with self._locked():
             pass
         weakref.finalize(self, _remove, self.path, os.getpid())
@@ -125,30 +143,32 @@ class _Passes:
         with self._locked() as s:
             return json.loads(json.dumps(s))
 
-    def set(self, epoch, nxt):
+    def set(self, epoch, nxt, offset=0):
         with self._locked() as s:
-            s["start"], s["fresh"] = [epoch, nxt], True
+            s["start"], s["fresh"] = [epoch, nxt, offset], True
 
     def open(self, ident, worker, workers, explicit=None):
-        """The (epoch, next) a pass starts at, for worker `worker` of `workers` of the pass
-        `ident`: joins the pass when another of its workers opened it. `explicit`: this copy's
-        own position (restored in a worker by a StatefulDataLoader), recorded as such."""
+        """The (epoch, next, offset) a pass starts at, for worker `worker` of `workers` of the
+        pass `ident`: joins the pass when another of its workers opened it. `explicit`: this
+        copy's own position (restored in a worker by a StatefulDataLoader), recorded as such."""
         with self._locked() as s:
             for p in reversed(s["passes"]):
                 if p["id"] == ident and worker not in p["joined"]:
                     p["joined"].append(worker)
-                    return tuple(explicit) if explicit else (p["epoch"], p["start"])
+                    return (tuple(explicit) if explicit
+                            else (p["epoch"], p["start"], p.get("offset", 0)))
             if explicit:
-                epoch, start = explicit
+                epoch, start, offset = explicit
             elif s["fresh"] or not s["passes"]:
-                epoch, start = s["start"]
+                epoch, start, offset = s["start"]
             else:
-                epoch, start = s["passes"][-1]["epoch"] + 1, 0
+                epoch, start, offset = s["passes"][-1]["epoch"] + 1, 0, 0
             s["fresh"] = False
-            s["passes"].append({"id": ident, "epoch": epoch, "start": start, "joined": [worker],
-                                "done": [], "workers": workers, "pid": os.getpid()})
+            s["passes"].append({"id": ident, "epoch": epoch, "start": start, "offset": offset,
+                                "joined": [worker], "done": [], "workers": workers,
+                                "pid": os.getpid()})
             del s["passes"][:-self.HISTORY]
-            return epoch, start
+            return epoch, start, offset
 
     def done(self, ident, worker):
         with self._locked() as s:
@@ -160,6 +180,10 @@ class _Passes:
 
 def _complete(p):
     return len(p["done"]) >= p["workers"]
+
+
+def _uint(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class RankfeedIterable(IterableDataset):
@@ -175,11 +199,24 @@ class RankfeedIterable(IterableDataset):
     number of workers); `set_epoch(e)` starts the next pass at epoch e. `epoch` is the epoch of
     the pass in progress, or of the next one once a pass is complete.
 
-    Resume: `state_dict()` / `load_state_dict()` hold (epoch, next batch) and the settings they
-    are valid for; restoring is O(1) (no batch is computed again). torchdata's
-    `StatefulDataLoader` calls them in each worker. In the main process, `state_dict()` during
-    a pass run by DataLoader workers raises: the position is in the workers (take the
-    StatefulDataLoader's state_dict instead).
+    Resume: `state_dict()` / `load_state_dict()` hold the position (`epoch`, `next` batch,
+    `offset`: where the epoch's batches were cut from its global order, 0 but after an elastic
+    resume) and the settings it is valid for; restoring is O(1) (no batch is computed again).
+    Elastic: a state taken with another world_size and/or batch_size continues the epoch from
+    the positions of its global order not yet trained on, re-striped over this run's ranks, in
+    the default (random) order; the pass of that epoch then has the batches left (`len()`), the
+    next epoch is whole again. The rank may always differ (a state is a position of every
+    rank). Every other setting must be the same (a ValueError names the first that differs,
+    before anything is trained; so does another world or batch size with length_grouped,
+    max_tokens or same_source). A state without `offset` (an older one) has offset 0.
+
+    torchdata's `StatefulDataLoader` calls `state_dict` / `load_state_dict` in each worker:
+    there a state resumes only with the same world_size and batch_size (each worker holds its
+    own position, not the epoch's); for an elastic resume with workers, load a state taken in
+    the main process (`RankfeedIterable.state_dict()` without workers, or
+    `rankfeed.hf.RankfeedDataLoader.state_dict()`, which counts the batches it hands out) into
+    the iterable before the loop. In the main process, `state_dict()` during a pass run by
+    DataLoader workers raises: the position is in the workers.
 
     rank and world_size default to torch.distributed's when it is initialized, read each time
     they are needed (a pass, `len()`, `state_dict()`), so an iterable made before
@@ -197,12 +234,12 @@ class RankfeedIterable(IterableDataset):
         self.loader_kwargs = loader_kwargs
         epoch = loader_kwargs.pop("epoch", 0)
         self._probes = {}    # (rank, world) -> a Loader that counts batches (not pickled)
-        self._facts = {}     # (rank, world) -> {"settings": ..., "steps": {epoch: n}}
-        self._pos = None     # [epoch, next] of the last pass run by this copy
+        self._facts = {}     # (rank, world) -> {"settings": ..., "steps": {(epoch, offset): n}}
+        self._pos = None     # [epoch, next, offset] of the last pass run by this copy
         self._ident = None   # that pass's id
         self._loaded = None  # in a worker: the position load_state_dict gave this copy
         self._count = 0      # passes this copy opened (with the base seed: a pass's id)
-        self._passes = _Passes(int(epoch), 0)
+        self._passes = _Passes(int(epoch), 0, 0)
         self.shard(rank, world_size)
 
     def __getstate__(self):
@@ -234,13 +271,22 @@ class RankfeedIterable(IterableDataset):
                                          epoch=epoch, prefetch_threads=prefetch_threads,
                                          **self.loader_kwargs)
 
+    def _loader_at(self, rank, world, epoch, step, offset, prefetch_threads=0):
+        """A Loader whose next batch is `step` of `epoch`, that epoch cut at `offset`."""
+        # Made at another epoch than the state's, so that its len() / steps() count the batches
+        # from `offset` (the Python Loader keeps its count when a state moves only the offset).
+        loader = self._loader(rank, world, epoch + 1, prefetch_threads)
+        loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "step": step,
+                                "offset": offset})
+        return loader
+
     def _fact(self, rank, world):
         key = (rank, world)
         if key not in self._facts:
             probe = self._loader(rank, world, 0)
             self._probes[key] = probe
             settings = {k: v for k, v in probe.state_dict().items() if k not in _POSITION}
-            self._facts[key] = {"settings": settings, "steps": {0: len(probe)}}
+            self._facts[key] = {"settings": settings, "steps": {(0, 0): len(probe)}}
         return self._facts[key]
 
     def settings(self):
@@ -248,43 +294,62 @@ class RankfeedIterable(IterableDataset):
         size (those of `Dataset.loader(...).state_dict()`)."""
         return dict(self._fact(*self._rank())["settings"])
 
-    def _steps(self, rank, world, epoch):
+    def _steps(self, rank, world, epoch, offset=0):
         fact = self._fact(rank, world)
-        if epoch not in fact["steps"]:
-            probe = self._probes.get((rank, world)) or self._loader(rank, world, 0)
-            self._probes[(rank, world)] = probe
-            fact["steps"] = {**fact["steps"], epoch: probe.steps(epoch)}
-        return fact["steps"][epoch]
+        key = (epoch, offset)
+        if key not in fact["steps"]:
+            if offset:
+                n = self._loader_at(rank, world, epoch, 0, offset).steps(epoch)
+            else:
+                probe = self._probes.get((rank, world)) or self._loader(rank, world, 0)
+                self._probes[(rank, world)] = probe
+                n = probe.steps(epoch)
+            fact["steps"] = {**fact["steps"], key: n}
+        return fact["steps"][key]
 
-    def steps(self, epoch):
-        """Batches of this rank in `epoch` (epoch-dependent only with max_tokens)."""
-        return self._steps(*self._rank(), int(epoch))
+    def steps(self, epoch, offset=None):
+        """Batches of this rank in `epoch` (epoch-dependent only with max_tokens), from its
+        cut `offset` on (None: the offset of the pass in progress or of the next pass when it
+        is of `epoch`, else 0)."""
+        epoch = int(epoch)
+        if offset is None:
+            cur_epoch, cur_offset = self._current()
+            offset = cur_offset if cur_epoch == epoch else 0
+        return self._steps(*self._rank(), epoch, int(offset))
+
+    def _current(self):
+        """(epoch, offset) of the pass in progress, or of the next pass."""
+        s = self._passes.read()
+        if s["fresh"] or not s["passes"]:
+            return s["start"][0], s["start"][2]
+        last = s["passes"][-1]
+        if _complete(last):
+            return last["epoch"] + 1, 0
+        return last["epoch"], last.get("offset", 0)
 
     @property
     def epoch(self):
         """The epoch of the pass in progress, or of the next pass."""
-        s = self._passes.read()
-        if s["fresh"] or not s["passes"]:
-            return s["start"][0]
-        last = s["passes"][-1]
-        return last["epoch"] + 1 if _complete(last) else last["epoch"]
+        return self._current()[0]
 
     def __len__(self):
         """Batches of this rank in `epoch` (the same on every rank with shard_tail "pad", and
-        in every epoch except with max_tokens)."""
-        return self.steps(self.epoch)
+        in every epoch except with max_tokens); after an elastic resume, those left in the
+        resumed epoch."""
+        epoch, offset = self._current()
+        return self._steps(*self._rank(), epoch, offset)
 
     def set_epoch(self, epoch):
         """Start the next pass at the first batch of `epoch`."""
         self._start_at(int(epoch), 0)
 
-    def _start_at(self, epoch, nxt):
+    def _start_at(self, epoch, nxt, offset=0):
         self._loaded = None
-        self._passes.set(epoch, nxt)
+        self._passes.set(epoch, nxt, offset)
 
     def _position(self):
-        """(epoch, next) for `state_dict`: this copy's pass when it is the last one (always in
-        a worker), else where the next pass starts."""
+        """[epoch, next, offset] for `state_dict`: this copy's pass when it is the last one
+        (always in a worker), else where the next pass starts."""
         if get_worker_info() is not None:
             return self._pos if self._pos is not None else self._passes.read()["start"]
         s = self._passes.read()
@@ -292,7 +357,7 @@ class RankfeedIterable(IterableDataset):
             return s["start"]
         last = s["passes"][-1]
         if _complete(last):
-            return [last["epoch"] + 1, 0]
+            return [last["epoch"] + 1, 0, 0]
         if self._pos is not None and last["id"] == self._ident and last["pid"] == os.getpid():
             return self._pos
         raise RuntimeError(
@@ -301,36 +366,63 @@ class RankfeedIterable(IterableDataset):
             "num_workers=0)")
 
     def state_dict(self):
-        """The position (epoch, next batch) and the settings it is valid for."""
-        epoch, nxt = self._position()
-        return {"epoch": epoch, "next": nxt, "settings": self.settings()}
+        """The position (`epoch`, `next` batch, `offset` of the epoch's cut) and the settings
+        it is valid for."""
+        epoch, nxt, offset = self._position()
+        return {"epoch": epoch, "next": nxt, "offset": offset, "settings": self.settings()}
+
+    def _parse(self, state, what):
+        """(epoch, next, offset, settings) of a state, checked for its keys and types."""
+        if not isinstance(state, dict):
+            raise ValueError(f"{what} must be a dict, got {_described(state)}")
+        missing = [k for k in _STATE_KEYS if k not in state and k not in _OPTIONAL_KEYS]
+        unknown = [k for k in state if k not in _STATE_KEYS]
+        if missing or unknown:
+            raise ValueError(f"{what}: missing keys {missing}, unknown keys {unknown}")
+        epoch, nxt, offset = state["epoch"], state["next"], state.get("offset", 0)
+        for name, v in (("epoch", epoch), ("next", nxt), ("offset", offset)):
+            if not _uint(v):
+                raise ValueError(f"{what}: {name} must be a non-negative int, got {_described(v)}")
+        return epoch, nxt, offset, state["settings"]
+
+    def _resolve(self, epoch, nxt, offset, settings, what):
+        """Where this rank continues a state's position: (epoch, next, offset, how), `how`
+        "exact" or "elastic" (another world_size and/or batch_size, see the class docs).
+        Settings that must be the same are checked here; the Loader of this rank decides the
+        rest (and raises, naming the setting, when it cannot continue)."""
+        rank, world = self._rank()
+        check_settings(settings, self.settings(), what, ignore=_ELASTIC)
+        loader = self._loader(rank, world, epoch + 1)
+        try:
+            how = loader.load_state_dict({**settings, "epoch": epoch, "step": nxt,
+                                          "offset": offset})
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        st = loader.state_dict()
+        epoch, nxt, offset = st["epoch"], st["step"], st["offset"]
+        if nxt >= self._steps(rank, world, epoch, offset):
+            epoch, nxt, offset = epoch + 1, 0, 0
+        return epoch, nxt, offset, how
 
     def load_state_dict(self, state):
         """Resume at `state` (from `state_dict()`) at the next pass; strict: missing or
-        unknown keys, or other settings (in value or type), are a ValueError naming them."""
-        if not isinstance(state, dict):
-            raise ValueError(f"RankfeedIterable state must be a dict, got {_described(state)}")
-        missing = [k for k in _STATE_KEYS if k not in state]
-        unknown = [k for k in state if k not in _STATE_KEYS]
-        if missing or unknown:
-            raise ValueError(f"RankfeedIterable state: missing keys {missing}, unknown keys {unknown}")
-        check_settings(state["settings"], self.settings(), "RankfeedIterable state")
-        epoch, nxt = state["epoch"], state["next"]
-        for name, v in (("epoch", epoch), ("next", nxt)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"RankfeedIterable state: {name} must be a non-negative int, "
-                                 f"got {_described(v)}")
+        unknown keys, or other settings (in value or type), are a ValueError naming them;
+        another world_size or batch_size resumes elastically (see the class docs). Returns
+        "exact" or "elastic"."""
+        what = "RankfeedIterable state"
+        epoch, nxt, offset, settings = self._parse(state, what)
         info = get_worker_info()
         if info is not None:
             # A StatefulDataLoader restoring this worker: its own position, for its next pass.
-            self._loaded = (epoch, nxt)
-            self._pos = [epoch, nxt]
-            return
-        steps = self.steps(epoch)
-        if nxt > steps:
-            raise ValueError(f"RankfeedIterable state: next {nxt} is beyond the "
-                             f"{steps} batches of epoch {epoch}")
-        self._start_at(*((epoch + 1, 0) if nxt == steps else (epoch, nxt)))
+            check_settings(settings, self.settings(), what + " (in a DataLoader worker: "
+                           "elastic resumption is for a state loaded in the main process)",
+                           ignore=("rank",))
+            self._loaded = (epoch, nxt, offset)
+            self._pos = [epoch, nxt, offset]
+            return "exact"
+        epoch, nxt, offset, how = self._resolve(epoch, nxt, offset, settings, what)
+        self._start_at(epoch, nxt, offset)
+        return how
 
     def _tensors(self, batch):
         # Embedder batches with sub_batch_size hold lists of arrays (one per chunk).
@@ -351,25 +443,25 @@ class RankfeedIterable(IterableDataset):
             # many passes as the others.
             workers, worker, ident = info.num_workers, info.id, [info.seed - info.id, self._count]
         loaded, self._loaded = self._loaded, None
-        epoch, start = self._passes.open(ident, worker, workers, explicit=loaded)
-        self._pos, self._ident = [epoch, start], ident
-        return self._batches(rank, world, epoch, start, workers, worker, ident)
+        epoch, start, offset = self._passes.open(ident, worker, workers, explicit=loaded)
+        self._pos, self._ident = [epoch, start, offset], ident
+        return self._batches(rank, world, epoch, start, offset, workers, worker, ident)
 
-    def _batches(self, rank, world, epoch, start, workers, worker, ident):
-        steps = self._steps(rank, world, epoch)
+    def _batches(self, rank, world, epoch, start, offset, workers, worker, ident):
+        steps = self._steps(rank, world, epoch, offset)
         if workers == 1:
-            loader = self._loader(rank, world, epoch, self.prefetch_threads)
-            loader.load_state_dict({**loader.state_dict(), "epoch": epoch,
-                                    "step": min(start, steps)})
+            loader = self._loader_at(rank, world, epoch, min(start, steps), offset,
+                                     self.prefetch_threads)
             for k, batch in enumerate(loader, start + 1):
-                self._pos = [epoch, k]
+                self._pos = [epoch, k, offset]
                 yield self._tensors(batch)
         else:
-            # Worker w: batches w, w+W, ... of the rank's sequence, computed directly (O(1)).
-            # State: this worker resumes at `next + worker` (see load_state_dict).
-            loader = self._loader(rank, world, epoch, 0)
+            # Worker w: batches w, w+W, ... of the rank's sequence, computed directly (O(1)),
+            # by a loader at this pass's offset. State: this worker resumes at `next + worker`
+            # (see load_state_dict).
+            loader = self._loader_at(rank, world, epoch, 0, offset)
             for k in range(start + worker, steps, workers):
-                self._pos = [epoch, k + workers - worker]
+                self._pos = [epoch, k + workers - worker, offset]
                 yield self._tensors(loader.batch(epoch, k))
-            self._pos = [epoch, steps]
+            self._pos = [epoch, steps, offset]
         self._passes.done(ident, worker)

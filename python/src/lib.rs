@@ -620,6 +620,13 @@ impl PyDataset {
     }
 }
 
+/// Run the `rankfeed` command line on `argv` (the program name first) with the GIL released;
+/// returns the exit code. The package's `rankfeed` console script calls it.
+#[pyfunction]
+fn _cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> PyResult<u8> {
+    guard(|| Ok(py.detach(move || rankfeed_cli::run(argv))))
+}
+
 /// The loader's options, documented (`rankfeed::options::docs`): what Python derives
 /// `Dataset.loader`'s signature and docstring from, and the tests check the stubs against.
 #[pyfunction]
@@ -656,7 +663,9 @@ fn py_to_json(v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
         } else if let Ok(i) = i64::try_from(n) {
             V::from(i)
         } else {
-            return Err(PyValueError::new_err(format!("{n} is beyond 64 bits")));
+            return Err(PyValueError::new_err(format!(
+                "must be below 2**64 (a 64-bit integer), got {n}"
+            )));
         });
     }
     if v.cast::<PyFloat>().is_ok() || v.hasattr("__float__")? {
@@ -671,7 +680,9 @@ fn py_to_json(v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
             let k: String = k
                 .extract()
                 .map_err(|_| PyValueError::new_err(format!("a dict key {k} is not a str")))?;
-            m.insert(k, py_to_json(&val)?);
+            let v = py_to_json(&val)
+                .map_err(|e| PyValueError::new_err(format!("{k}: {}", e.value(val.py()))))?;
+            m.insert(k, v);
         }
         return Ok(V::Object(m));
     }
@@ -902,7 +913,8 @@ impl PyLoader {
     fn publish(&self, loader: &Loader) {
         let old = self.mirror();
         let state = loader.state();
-        let steps = if old.state.epoch == state.epoch && old.steps.is_some() {
+        let same_segment = old.state.epoch == state.epoch && old.state.offset == state.offset;
+        let steps = if same_segment && old.steps.is_some() {
             old.steps
         } else {
             loader.steps(state.epoch).ok()
@@ -1113,6 +1125,7 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(loader_options, m)?)?;
+    m.add_function(wrap_pyfunction!(_cli, m)?)?;
     m.add("_LOADER_POSITION", rankfeed::loader::POSITION.to_vec())?;
     m.add(
         "CorruptDatasetError",

@@ -107,14 +107,16 @@ def test_trainer_resume_trains_on_exactly_the_same_batches(small, tmp_path):
 def test_trainer_refuses_a_resume_under_other_settings(small, tmp_path):
     # Regression: rankfeed_state.json held only (epoch, next), so a resume on 2 processes, or
     # with another seed or batch size, trained on other batches (some rows twice, some never).
+    # Another world or batch size now resumes elastically (tests/python/test_elastic.py); the
+    # settings that change the epoch's order or its groups are refused.
     out = tmp_path / "run"
     trainer_run(small, out, stop_at=3, save_steps=3)
     ckpt = out / "checkpoint-3"
     state = json.loads((ckpt / "rankfeed_state.json").read_text())
     assert state["settings"]["world_size"] == 1 and state["settings"]["dataset"]
-    changes = [("batch_size", dict(batch_size=2)), ("seed", dict(seed=99)),
-               ("world_size", dict(rank=0, world_size=2)), ("group_size", dict(group_size=3)),
-               ("pad_to_multiple_of", dict(pad_to_multiple_of=8))]
+    changes = [("seed", dict(seed=99)), ("group_size", dict(group_size=3)),
+               ("pad_to_multiple_of", dict(pad_to_multiple_of=8)),
+               ("shuffle", dict(shuffle=False))]
     for name, change in changes:
         seen = []
         with pytest.raises(ValueError, match=f"taken with {name} = "):
@@ -181,9 +183,11 @@ def test_state_validation_is_strict(small):
         data.load_state_dict({"epoch": 0, "next": 5})
     with pytest.raises(ValueError, match="unknown keys \\['extra'\\]"):
         data.load_state_dict({**good, "extra": 1})
-    other = RankfeedIterable(small, **{**KW, "batch_size": 8}).state_dict()
-    with pytest.raises(ValueError, match="batch_size = 8"):
+    other = RankfeedIterable(small, **{**KW, "group_size": 3}).state_dict()
+    with pytest.raises(ValueError, match="group_size = 3"):
         data.load_state_dict(other)
+    # Another batch size resumes elastically (the rest of the epoch, re-cut).
+    data.load_state_dict(RankfeedIterable(small, **{**KW, "batch_size": 8}).state_dict())
     loader = rankfeed.Dataset(small).loader(**KW)
     with pytest.raises(ValueError, match='state_dict has no "dataset"'):
         loader.load_state_dict({"epoch": 0, "step": 5})
@@ -265,13 +269,15 @@ def test_threads_never_deadlock(small):
 @pytest.mark.parametrize("arg,value,match", [
     ("pad_to_multiple_of", 2**40, "pad_to_multiple_of"),
     ("prefetch_depth", 2**40, "prefetch_depth"),
-    ("passage_max_len", -1, "passage_max_len must be non-negative"),
-    ("batch_size", -4, "batch_size must be non-negative"),
+    ("passage_max_len", -1, "passage_max_len: must be non-negative"),
+    ("batch_size", -4, "batch_size: must be non-negative"),
     ("batch_size", 0, "batch_size"),
-    ("group_size", 2**70, "group_size must be below 2\\*\\*64"),
-    ("batch_size", 1.5, "batch_size must be an integer"),
+    ("group_size", 2**70, "group_size: must be below 2\\*\\*64"),
+    ("batch_size", 1.5, "batch_size: must be an integer"),
     ("batch_size", 100_000, "batch_size"),
-    ("seed", -1, "seed must be non-negative"),
+    ("seed", -1, "seed: must be non-negative"),
+    ("batch_size", "4", "batch_size: \"4\": invalid type: string"),
+    ("no_such_option", 1, "unknown option \"no_such_option\""),
 ])
 def test_bad_numbers_are_value_errors_naming_the_argument(small, arg, value, match):
     # Regression: 2**40 aborted the interpreter; -1 was an OverflowError.
