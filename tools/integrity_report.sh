@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p rankfeed-cli
-cargo test --release -p rankfeed --test fuzz_rows --test corruption --test integrity \
+# --workspace (as tools/test builds): the same features, so nothing is compiled again.
+cargo test --release --workspace --exclude rankfeed-python --test fuzz_rows --test corruption --test integrity \
   --test derive --test shards --test import_trust -- --nocapture 2>&1 \
   | grep --line-buffered -E '^(fuzz|corruption|derivation|shards level|import trust|  |200 MB|test result)'
-cargo test --release -p rankfeed-cli --test crash -- --nocapture --test-threads 1 2>&1 \
+cargo test --release --workspace --exclude rankfeed-python --test crash -- --nocapture --test-threads 1 2>&1 \
   | grep --line-buffered -E '(crash points|kill -9|test result)'
 python3 tools/bounded_inputs.py target/release/rankfeed

@@ -14,5 +14,5 @@ out=${1:-target/quickstart/wordnet-bert}
 ./target/release/rankfeed inspect "$out" --verify
 # Stream batches as a cross-encoder trainer would take them (B=4, G=8), on one core.
 ./target/release/rankfeed bench "$out" --mode encoder --batch-size 4 --group-size 8 \
-  --query-max-len 32 --passage-max-len 128 --batches 20000
+  --query-max-len 32 --passage-max-len 128 --batches 20000 --prefetch-threads 0
 ./target/release/rankfeed show "$out" --row 0 --group-size 3 --tokenizer data/sample/bert/tokenizer.json

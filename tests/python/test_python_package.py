@@ -5,6 +5,7 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -203,3 +204,24 @@ def test_zero_copy_and_flat_memory(dataset):
     grown = _rss_bytes() - before
     assert seen == 110_000
     assert grown < 16 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 100k batches"
+
+
+def test_pip_install_puts_the_rankfeed_command_on_path(rankfeed_bin, dataset):
+    # Regression (issue 19): every `rankfeed ...` line of the README failed with "command not
+    # found" after `pip install ./python`; the package now installs a `rankfeed` console script
+    # running the same CLI code as target/release/rankfeed.
+    import subprocess
+    import sysconfig
+    script = pathlib.Path(sysconfig.get_path("scripts")) / "rankfeed"
+    assert script.exists(), f"no console script at {script}"
+    for args in (["--version"], ["inspect", str(dataset)], ["show", str(dataset), "--row", "3"]):
+        via_pip = subprocess.run([script, *args], capture_output=True, text=True)
+        native = subprocess.run([rankfeed_bin, *args], capture_output=True, text=True)
+        assert via_pip.returncode == native.returncode == 0, via_pip.stderr
+        timing = re.compile(r"[\d.]+ ms")  # inspect prints how long opening took
+        assert timing.sub("ms", via_pip.stdout) == timing.sub("ms", native.stdout), args
+    bad = subprocess.run([script, "bench", str(dataset), "--batch-size", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "batch_size" in bad.stderr, bad.stderr
+    usage = subprocess.run([script, "no-such-command"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Usage" in usage.stderr

@@ -1,0 +1,551 @@
+//! The `rankfeed` command line, as a library: the `rankfeed` binary runs [`run`], and so does
+//! the Python package's `rankfeed` console script (`pip install ./python` puts the command on
+//! PATH without a second build).
+
+mod batch;
+mod npy;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rankfeed::convert::{self, ConvertOptions, OnError, TextOptions};
+use rankfeed::stats::{dataset_stats, Distribution};
+use rankfeed::tokenizer::TextTokenizer;
+use rankfeed::writer::WriterOptions;
+use rankfeed::{Dataset, Manifest};
+
+#[derive(Parser)]
+#[command(
+    name = "rankfeed",
+    version,
+    about = "Pre-tokenized, memory-mapped reranker training data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert FlagEmbedding JSON/JSONL (files or directories, optionally .gz/.zst) into a dataset.
+    Convert(ConvertArgs),
+    /// Show a dataset's counts, dedup ratio, per-source stats and length distributions.
+    Inspect(InspectArgs),
+    /// Show the exact ids the model will see for one group (decoded with --tokenizer).
+    Show(batch::ShowArgs),
+    /// Collate given selections into .npy arrays (for your own sampler, and parity tests).
+    Collate(batch::CollateCmdArgs),
+    /// Measure the loader: batches/s, real tokens/s, padding efficiency, output GB/s.
+    Bench(batch::BenchArgs),
+    /// Export a dataset to Parquet (flat: one row per query with tokens; tables: passages/groups/prompts).
+    Export(ExportArgs),
+    /// Import pre-tokenized Parquet (rankfeed's export, flat or tables, or ids made elsewhere) without tokenizing.
+    Import(ImportArgs),
+    /// Merge datasets (e.g. shards converted with --shard K/N) into one, without tokenizing again.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Output directory of part-NNNNN.parquet files.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// flat or tables.
+    #[arg(long, default_value = "flat")]
+    layout: String,
+    /// Rows per Parquet file.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows_per_file: usize,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Parquet files or directories of them.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output dataset directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The tokenizer.json the ids were made with: needed when the Parquet carries no rankfeed
+    /// metadata (Spark and Polars drop it); when it does, every carried tokenizer fact, the
+    /// separator ids and the default prompts are checked against it (without it, only
+    /// against themselves).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Dataset directories, in order.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// Output dataset directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Policy {
+    /// Stop at the first bad row; write nothing.
+    Fail,
+    /// Skip bad rows, list them in DIR/rejects.jsonl and the manifest.
+    Skip,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Input files or directories.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// tokenizer.json (tokenizer_config.json beside it is read when present).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output dataset directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// query_instruction_for_rerank: queries become FORMAT(instruction, query).
+    #[arg(long)]
+    query_instruction: Option<String>,
+    /// query_instruction_format (Python str.format; a literal \n becomes a newline).
+    #[arg(long, default_value = rankfeed::format::DEFAULT_INSTRUCTION_FORMAT)]
+    query_instruction_format: String,
+    /// passage_instruction_for_rerank.
+    #[arg(long)]
+    passage_instruction: Option<String>,
+    /// passage_instruction_format.
+    #[arg(long, default_value = rankfeed::format::DEFAULT_INSTRUCTION_FORMAT)]
+    passage_instruction_format: String,
+    /// sep_token of the LLM modes (taken literally).
+    #[arg(long, default_value = rankfeed::format::DEFAULT_SEP_TOKEN)]
+    sep_token: String,
+    /// Default prompt for rows without `prompt` (both LLM modes; each has its own built-in default).
+    #[arg(long)]
+    default_prompt: Option<String>,
+    /// Which row fields give per-row instructions: reranker (query_prompt, passage_prompt) or
+    /// embedder (prompt as the query instruction). Matters only with an instruction; the
+    /// dataset then serves that kind of training.
+    #[arg(long, default_value = "reranker")]
+    convention: String,
+    /// What to do with a bad row.
+    #[arg(long, value_enum, default_value = "fail")]
+    on_error: Policy,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Tokenizer threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Rows per Arrow record batch.
+    #[arg(long, default_value_t = rankfeed::format::DEFAULT_ROWS_PER_BATCH)]
+    rows_per_batch: usize,
+    /// Convert only the K-th of N equal byte ranges of the inputs (K/N, from 0; line-aligned,
+    /// so one large file shards evenly); `rankfeed merge` joins the shards into exactly the
+    /// single conversion's dataset.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Longest line (or JSON array element) read, in bytes; a longer one is a `line_too_long`
+    /// row under --on-error, and never held in memory.
+    #[arg(long, default_value_t = rankfeed::convert::source::DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (k, n) = s.split_once('/').ok_or("expected K/N")?;
+    let (k, n) = (
+        k.parse::<usize>().map_err(|e| e.to_string())?,
+        n.parse::<usize>().map_err(|e| e.to_string())?,
+    );
+    if k >= n {
+        return Err(format!("need K < N, got {k}/{n}"));
+    }
+    Ok((k, n))
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// Dataset directory.
+    dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Also check every row, id and checksum (linear in the data).
+    #[arg(long)]
+    verify: bool,
+}
+
+/// Run the command line on `args` (the program name first, as `std::env::args_os`); returns
+/// the exit code. `--help`, `--version` and usage errors print as clap does.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code().clamp(0, 255) as u8;
+        }
+    };
+    let result = match cli.command {
+        Command::Convert(a) => run_convert(a),
+        Command::Inspect(a) => run_inspect(a),
+        Command::Show(a) => batch::run_show(a),
+        Command::Collate(a) => batch::run_collate(a),
+        Command::Bench(a) => batch::run_bench(a),
+        Command::Export(a) => run_export(a),
+        Command::Import(a) => run_import(a),
+        Command::Merge(a) => run_merge(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) if is_broken_pipe(&e) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            1
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run_convert(a: ConvertArgs) -> Result<()> {
+    if let Some(n) = a.threads {
+        rankfeed::convert::configure_threads(n)
+            .map_err(|e| anyhow::anyhow!("configuring {n} threads: {e}"))?;
+    }
+    let tokenizer = TextTokenizer::from_file(&a.tokenizer)?;
+    let options = ConvertOptions {
+        text: TextOptions {
+            query_instruction: a.query_instruction,
+            query_instruction_format: a.query_instruction_format,
+            passage_instruction: a.passage_instruction,
+            passage_instruction_format: a.passage_instruction_format,
+            sep_token: a.sep_token,
+            default_prompt: a.default_prompt,
+            convention: a.convention.parse()?,
+        },
+        on_error: match a.on_error {
+            Policy::Fail => OnError::Fail,
+            Policy::Skip => OnError::Skip,
+        },
+        writer: WriterOptions {
+            rows_per_batch: a.rows_per_batch,
+            overwrite: a.overwrite,
+        },
+        shard: a.shard,
+        max_line_bytes: a.max_line_bytes,
+        ..ConvertOptions::default()
+    };
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let report = convert::convert(&a.inputs, &tokenizer, &a.output, &options, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_read);
+        let secs = p.elapsed.as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{} rows ({:.0}/s), {:.2}M tokens/s, {} rejected",
+            p.rows,
+            p.rows as f64 / secs,
+            p.tokens as f64 / secs / 1e6,
+            p.rejected
+        ));
+    });
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("converting into {}", a.output.display()))?;
+    report_cleaned(&report.cleaned);
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let m = &report.manifest;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({
+            "output": a.output,
+            "seconds": report.elapsed.as_secs_f64(),
+            "tokens_tokenized": report.tokens_tokenized,
+            "texts_tokenized": report.texts_tokenized,
+            "tokens_per_second": report.tokens_tokenized as f64 / report.elapsed.as_secs_f64(),
+            "counts": m.counts,
+            "dedup_ratio": m.counts.dedup_ratio(),
+            "sources": m.sources,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    let secs = report.elapsed.as_secs_f64();
+    writeln!(out, "wrote {}", a.output.display())?;
+    writeln!(
+        out,
+        "  {:.2} s, {} texts tokenized, {:.0} rows/s, {:.3}M tokens/s",
+        secs,
+        report.texts_tokenized,
+        m.counts.groups as f64 / secs,
+        report.tokens_tokenized as f64 / secs / 1e6
+    )?;
+    write_summary(&mut out, m)?;
+    Ok(())
+}
+
+/// Say which stale staging directories (left by killed runs) were removed.
+fn report_cleaned(cleaned: &[PathBuf]) {
+    for p in cleaned {
+        eprintln!(
+            "removed {}: the staging directory of an interrupted run",
+            p.display()
+        );
+    }
+}
+
+fn write_summary(out: &mut impl Write, m: &Manifest) -> Result<()> {
+    let c = &m.counts;
+    if let Some(r) = m.shards {
+        writeln!(
+            out,
+            "  holds {r} of a sharded conversion: merge it with the other shards before training"
+        )?;
+    }
+    writeln!(
+        out,
+        "  groups {}  unique passages {}  passage refs {}  prompts {}",
+        c.groups, c.passages, c.passage_refs, c.prompts
+    )?;
+    writeln!(
+        out,
+        "  dedup ratio {:.2} (refs per unique passage); {:.2}x fewer passage tokens stored",
+        c.dedup_ratio(),
+        if c.passage_tokens == 0 {
+            1.0
+        } else {
+            c.passage_ref_tokens as f64 / c.passage_tokens as f64
+        }
+    )?;
+    for s in &m.sources {
+        writeln!(
+            out,
+            "  source {} {}: read {}, accepted {}, rejected {}{}{}",
+            s.id,
+            s.path,
+            s.rows_read,
+            s.rows_accepted,
+            s.rows_rejected,
+            if s.rows_empty_neg > 0 {
+                format!(", {} with no negatives", s.rows_empty_neg)
+            } else {
+                String::new()
+            },
+            if s.unknown_fields.is_empty() {
+                String::new()
+            } else {
+                format!(", unknown fields ignored: {:?}", s.unknown_fields)
+            }
+        )?;
+        for (reason, n) in &s.rejected_by_reason {
+            writeln!(out, "      rejected {reason}: {n}")?;
+        }
+    }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let ds = Dataset::open(&a.dir)?;
+    let options = rankfeed::export::ExportOptions {
+        layout: a.layout.parse()?,
+        rows_per_file: a.rows_per_file,
+        overwrite: a.overwrite,
+        ..Default::default()
+    };
+    let r = rankfeed::export::export(&ds, &a.output, &options)?;
+    report_cleaned(&r.cleaned);
+    let secs = r.elapsed.as_secs_f64();
+    let input: u64 = ds.manifest().files.values().map(|f| f.bytes).sum();
+    println!(
+        "exported {} rows into {} files under {} ({:.1} MB Parquet) in {:.2} s: {:.0} MB/s of dataset read",
+        r.rows,
+        r.files.len(),
+        a.output.display(),
+        r.bytes as f64 / 1e6,
+        secs,
+        input as f64 / 1e6 / secs
+    );
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> Result<()> {
+    let tokenizer = a
+        .tokenizer
+        .as_ref()
+        .map(TextTokenizer::from_file)
+        .transpose()?;
+    let r = rankfeed::import::import(
+        &a.inputs,
+        &a.output,
+        tokenizer.as_ref(),
+        WriterOptions {
+            overwrite: a.overwrite,
+            ..WriterOptions::default()
+        },
+    )?;
+    report_cleaned(&r.cleaned);
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    let secs = r.elapsed.as_secs_f64();
+    println!(
+        "imported {} rows from {} Parquet files ({:.1} MB) in {:.2} s: {:.0} MB/s",
+        r.rows,
+        r.files,
+        r.bytes as f64 / 1e6,
+        secs,
+        r.bytes as f64 / 1e6 / secs
+    );
+    write_summary(&mut std::io::stdout().lock(), &r.manifest)?;
+    Ok(())
+}
+
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let m = rankfeed::merge::merge(
+        &a.shards,
+        &a.output,
+        WriterOptions {
+            overwrite: a.overwrite,
+            ..WriterOptions::default()
+        },
+    )?;
+    println!(
+        "merged {} datasets into {}",
+        a.shards.len(),
+        a.output.display()
+    );
+    write_summary(&mut std::io::stdout().lock(), &m)?;
+    Ok(())
+}
+
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let ds = Dataset::open(&a.dir)?;
+    let open_time = t.elapsed();
+    let verify_time = if a.verify {
+        let t = std::time::Instant::now();
+        ds.validate()?;
+        Some(t.elapsed())
+    } else {
+        None
+    };
+    let stats = dataset_stats(&ds)?;
+    let m = ds.manifest();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({
+            "dir": a.dir,
+            "format_version": m.format_version,
+            "counts": m.counts,
+            "dedup_ratio": m.counts.dedup_ratio(),
+            "sources": m.sources,
+            "shards": m.shards,
+            "tokenizer": m.tokenizer,
+            "text": m.text,
+            "stats": stats,
+            "open_ms": open_time.as_secs_f64() * 1e3,
+            "verified": verify_time.is_some(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{} (format v{}, written by rankfeed {})",
+        a.dir.display(),
+        m.format_version,
+        m.tool_version
+    )?;
+    writeln!(out, "  opened in {}", ms(open_time))?;
+    if let Some(v) = verify_time {
+        writeln!(out, "  verified every row, id and checksum in {}", ms(v))?;
+    }
+    if let Some(t) = &m.tokenizer {
+        writeln!(
+            out,
+            "  tokenizer {} ({}, vocab {}), pair specials {}, token_type_ids {}, bos {:?} eos {:?} pad {:?} unk {:?}",
+            t.fingerprint,
+            t.model,
+            t.vocab_size,
+            t.num_special_pair(),
+            t.has_token_type_ids,
+            t.bos_id,
+            t.eos_id,
+            t.pad_id,
+            t.unk_id
+        )?;
+    }
+    write_summary(&mut out, m)?;
+    let width = if std::io::stdout().is_terminal() {
+        40
+    } else {
+        30
+    };
+    for (title, d) in [
+        ("query tokens", &stats.query_tokens),
+        ("passage tokens (unique passages)", &stats.passage_tokens),
+        ("positives per query", &stats.pos_per_query),
+        ("negatives per query", &stats.neg_per_query),
+    ] {
+        draw(&mut out, title, d, width)?;
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn draw(out: &mut impl Write, title: &str, d: &Distribution, width: usize) -> Result<()> {
+    writeln!(
+        out,
+        "\n{title}: n {}  min {}  p50 {}  mean {:.1}  p90 {}  p99 {}  max {}",
+        d.count, d.min, d.p50, d.mean, d.p90, d.p99, d.max
+    )?;
+    let top = d.buckets.iter().map(|b| b.2).max().unwrap_or(0).max(1);
+    for &(lo, hi, n) in &d.buckets {
+        let label = if lo == hi {
+            format!("{lo}")
+        } else {
+            format!("{lo}-{hi}")
+        };
+        let len = (n as f64 / top as f64 * width as f64).round() as usize;
+        let bar = "█".repeat(len.max(usize::from(n > 0)));
+        writeln!(out, "  {label:>13} | {bar:<width$} {n}")?;
+    }
+    Ok(())
+}
