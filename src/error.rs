@@ -204,7 +204,7 @@ pub enum Error {
         message: String,
     },
     /// The output path exists and overwriting was not asked for.
-    #[error("{} already exists (use overwrite to replace it)", path.display())]
+    #[error("{} already exists (pass --overwrite on the command line, or overwrite=True in Python, to replace it)", path.display())]
     Exists {
         /// The output path.
         path: PathBuf,

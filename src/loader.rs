@@ -656,6 +656,42 @@ impl Loader {
         self.plan.universe.len()
     }
 
+    /// Token budgets: the share of `epoch`'s batches (this rank's) that hold `batch_size`
+    /// groups, the most a batch takes, so that `batch_size` and not `max_tokens` ended them;
+    /// None for the other strategies. Near 1, the budget is not reached: raise `batch_size`.
+    pub fn budget_capped(&self, epoch: u64) -> Result<Option<f64>> {
+        let Schedule::Budget(_) = self.plan.schedule else {
+            return Ok(None);
+        };
+        let plan = self.plan.budget_plan(epoch)?;
+        let cap = self.plan.options.batch_size;
+        let rank = self.plan.options.shard.rank;
+        let capped = (0..plan.len())
+            .filter(|&k| plan.batch(k, rank).len() >= cap)
+            .count();
+        Ok(Some(capped as f64 / plan.len().max(1) as f64))
+    }
+
+    /// Notes on settings that do not do what they seem to (each a sentence naming the
+    /// setting): `max_tokens` that `batch_size` keeps batches from reaching.
+    pub fn notes(&self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        if let (Some(share), Strategy::TokenBudget { max_tokens, .. }) =
+            (self.budget_capped(0)?, &self.plan.options.strategy)
+        {
+            if share >= 0.5 {
+                notes.push(format!(
+                    "max_tokens {max_tokens} is not reached: {:.0}% of the batches end at \
+                     batch_size {} groups first (batch_size is the most groups a batch takes: \
+                     raise it to fill the token budget)",
+                    100.0 * share,
+                    self.plan.options.batch_size
+                ));
+            }
+        }
+        Ok(notes)
+    }
+
     /// The collator in use.
     pub fn collator(&self) -> &Collator {
         &self.plan.collator

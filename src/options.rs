@@ -553,10 +553,16 @@ pub fn docs() -> Vec<OptionDoc> {
                 .or(arg.get_help())
                 .map(|h| h.to_string())
                 .unwrap_or_default();
-            let default = arg
-                .get_default_values()
-                .first()
-                .map(|d| d.to_string_lossy().into_owned());
+            // The library's default (false for the flags clap gives none), else clap's.
+            let default = match settings.get(name) {
+                Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(v)) => Some(v.clone()),
+                Some(v) => Some(v.to_string()),
+                None => arg
+                    .get_default_values()
+                    .first()
+                    .map(|d| d.to_string_lossy().into_owned()),
+            };
             OptionDoc {
                 name,
                 flag: format!("--{}", arg.get_long().unwrap_or(name)),

@@ -39,8 +39,23 @@ impl std::fmt::Debug for TextTokenizer {
 
 impl TextTokenizer {
     /// Load `path` (a tokenizer.json).
+    ///
+    /// A directory (a Hugging Face model directory) stands for its `tokenizer.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        let mut path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            let inside = path.join("tokenizer.json");
+            if !inside.is_file() {
+                return Err(Error::Tokenizer {
+                    path,
+                    message: "is a directory without a tokenizer.json: pass the path of a \
+                              tokenizer.json file (Hugging Face model directories hold one; \
+                              `tokenizer.save_pretrained(dir)` writes one for a fast tokenizer)"
+                        .into(),
+                });
+            }
+            path = inside;
+        }
         let err = |message: String| Error::Tokenizer {
             path: path.clone(),
             message,

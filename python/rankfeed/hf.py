@@ -155,6 +155,7 @@ class RankfeedTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.train_dataset, RankfeedIterable):
             raise TypeError("RankfeedTrainer needs train_dataset=RankfeedIterable(...)")
+        self._custom_score_fn = score_fn is not None
         self.score_fn = score_fn or (lambda outputs, inputs: outputs.logits.reshape(-1))
         self._rankfeed_resume = None
         self._rankfeed_global_step = None
@@ -281,12 +282,37 @@ class RankfeedTrainer(transformers.Trainer):
         for k in _META:
             inputs.pop(k, None)
         teacher = inputs.pop("teacher_scores", None)
-        outputs = model(**inputs)
-        scores = self.score_fn(outputs, inputs)
+        if "cu_seqlens" in inputs:
+            outputs, scores = None, self._packed_scores(model, inputs)
+        else:
+            outputs = model(**inputs)
+            scores = self.score_fn(outputs, inputs)
         loss = group_loss(scores, self.train_dataset.group_size, teacher)
         return (loss, outputs) if return_outputs else loss
 
+    def _packed_scores(self, model, inputs):
+        """Packed batches (`packed=True`): each pair scored on its own through
+        `rankfeed.packing` (block-diagonal attention, per-family positions, the score at each
+        pair's first or last token). A model it does not know is a ValueError there."""
+        from . import packing
+        if self.args.world_size > 1:
+            raise ValueError(
+                "rankfeed: packed batches under DDP are not supported by RankfeedTrainer yet "
+                "(rankfeed.packing runs the model's base and head separately, outside DDP's "
+                "forward): use padded batches (length_grouped=M recovers most of the padding)")
+        yes_id = getattr(self.score_fn, "yes_id", None)
+        if self._custom_score_fn and yes_id is None:
+            raise ValueError(
+                "rankfeed: a custom score_fn does not apply to packed batches (their pairs are "
+                "scored one by one by rankfeed.packing): pass score_fn=yes_token_score(yes_id) "
+                "for LLM rerankers, nothing for cross-encoders, or use padded batches")
+        return packing.packed_scores(model, inputs, yes_id=yes_id)
+
 
 def yes_token_score(yes_id):
-    """`score_fn` for LLM rerankers: the logit of the "Yes" token at the last position."""
-    return lambda outputs, inputs: outputs.logits[:, -1, yes_id]
+    """`score_fn` for LLM rerankers: the logit of the "Yes" token at the last position (left
+    padding; with packed batches, at each pair's last token)."""
+    def score(outputs, inputs):
+        return outputs.logits[:, -1, yes_id]
+    score.yes_id = yes_id
+    return score

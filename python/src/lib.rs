@@ -854,7 +854,14 @@ impl PyLoader {
         // Token budgets plan the first epoch here: its step count is a setting a checkpoint
         // must match, and a data error shows now rather than at the first batch.
         let l = &mut loader;
-        let (settings, steps) = detached(py, move || Ok((l.settings()?, l.steps_per_epoch()?)))?;
+        let (settings, steps, notes) = detached(py, move || {
+            Ok((l.settings()?, l.steps_per_epoch()?, l.notes()?))
+        })?;
+        for note in notes {
+            // A UserWarning: the settings work, but not as they seem to.
+            let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+            PyErr::warn(py, &category, &std::ffi::CString::new(note)?, 1)?;
+        }
         let settings_py = json_to_py(py, &settings)?.cast_into::<PyDict>()?;
         Ok(PyLoader {
             mirror: Mutex::new(Mirror {

@@ -225,3 +225,40 @@ def test_pip_install_puts_the_rankfeed_command_on_path(rankfeed_bin, dataset):
     assert bad.returncode == 1 and "batch_size" in bad.stderr, bad.stderr
     usage = subprocess.run([script, "no-such-command"], capture_output=True, text=True)
     assert usage.returncode == 2 and "Usage" in usage.stderr
+
+
+def test_first_hour_messages(tmp_path, rankfeed_bin, dataset):
+    # Regressions (issue 19, 7 and 8): each message below cost a new user time.
+    import subprocess
+    import warnings
+
+    def run(*args):
+        return subprocess.run([rankfeed_bin, *map(str, args)], capture_output=True, text=True)
+
+    # The overwrite hint names the flag; a model directory stands for its tokenizer.json, and
+    # a directory without one says what to pass.
+    again = run("convert", SAMPLE, "--tokenizer", BERT, "-o", dataset)
+    assert again.returncode == 1 and "--overwrite" in again.stderr, again.stderr
+    via_dir = run("convert", SAMPLE, "--tokenizer", BERT.parent, "-o", tmp_path / "d")
+    assert via_dir.returncode == 0, via_dir.stderr
+    no_tok = run("convert", SAMPLE, "--tokenizer", tmp_path, "-o", tmp_path / "e")
+    assert no_tok.returncode == 1 and "without a tokenizer.json" in no_tok.stderr
+    # max_tokens capped by batch_size: a note (CLI) and a UserWarning (Python).
+    capped = run("show", dataset, "--step", "0", "--max-tokens", "16384", "--length-grouped", "50")
+    assert capped.returncode == 0 and "max_tokens 16384 is not reached" in capped.stderr
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rankfeed.Dataset(dataset).loader(max_tokens=16384)
+    assert any("raise it to fill the token budget" in str(x.message) for x in w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rankfeed.Dataset(dataset).loader(max_tokens=16384, batch_size=256)
+    # Teacher scores as written (0.707, not 0.7070000171661377); the embedder query labelled.
+    fixture = ROOT / "tests" / "fixtures" / "roundtrip.jsonl"
+    scored = tmp_path / "scored"
+    assert run("convert", fixture, "--tokenizer", BERT, "-o", scored).returncode == 0
+    shown = run("show", scored, "--row", "0", "--group-size", "2")
+    scores = re.findall(r"teacher score (\S+)", shown.stdout)
+    assert scores and all(len(s.split(".")[-1]) <= 8 for s in scores), shown.stdout
+    emb = run("show", scored, "--row", "0", "--mode", "embedder", "--group-size", "2")
+    assert "\nquery: " in emb.stdout and "null" not in emb.stdout, emb.stdout

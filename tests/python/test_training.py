@@ -379,3 +379,73 @@ def test_length_grouped_loader_from_python(small):
     assert grouped.state_dict()["length_grouped"] == 5
     with pytest.raises(ValueError, match="length_grouped"):
         ds.loader(length_grouped=0, **kw)
+
+
+# --- issue 19: packed batches through the Trainer -------------------------------------------
+
+def packed_trainer_losses(small, out, *, model, packed, steps, score_fn=None, **data_kw):
+    """The loss of each of the first `steps` training steps of a RankfeedTrainer."""
+    from rankfeed.hf import RankfeedTrainer
+    losses = []
+
+    class Recording(RankfeedTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            losses.append(float(loss))
+            return loss
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, learning_rate=1e-3, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, seed=1, disable_tqdm=True)
+    data = RankfeedIterable(small, packed=packed, **{**KW, **data_kw})
+    Recording(model=model, args=args, train_dataset=data, score_fn=score_fn).train()
+    return losses
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=32, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_trainer_trains_packed_batches_as_padded_ones(small, tmp_path):
+    # Regression (issue 19): RankfeedTrainer on packed batches raised TypeError (cu_seqlens)
+    # for cross-encoders and IndexError for LLM rerankers with yes_token_score. Now each pair
+    # is scored on its own: every step's loss equals the padded batches' (same model, same
+    # groups), so the weights follow the same path.
+    from rankfeed.hf import yes_token_score
+    def bert_without_dropout():  # dropout draws other masks for other tensor shapes
+        config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                         max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(config)
+
+    cases = [("encoder", bert_without_dropout, None), ("llm", tiny_llama, yes_token_score(9))]
+    for mode, make, score_fn in cases:
+        got = {packed: packed_trainer_losses(small, tmp_path / f"{mode}-{packed}", model=make(),
+                                             packed=packed, steps=8, score_fn=score_fn, mode=mode)
+               for packed in (False, True)}
+        assert len(got[True]) == 8
+        assert np.allclose(got[True], got[False], atol=1e-5), (mode, got)
+        print(f"packed trainer ({mode}): 8 steps, losses equal the padded run's "
+              f"(max diff {max(abs(a - b) for a, b in zip(got[True], got[False])):.1e})")
+
+
+def test_trainer_packed_resume_is_exact(small, tmp_path):
+    # 50 steps on packed batches, interrupted at 25 and resumed: the same batches.
+    full, _ = trainer_run(small, tmp_path / "full", stop_at=50, packed=True)
+    assert len(full) == 50
+    out = tmp_path / "cut"
+    head, _ = trainer_run(small, out, stop_at=25, save_steps=25, packed=True)
+    tail, _ = trainer_run(small, out, stop_at=50, resume=str(out / "checkpoint-25"), packed=True)
+    assert head + tail == full
+
+
+def test_trainer_refuses_a_custom_score_fn_on_packed_batches(small, tmp_path):
+    with pytest.raises(ValueError, match="custom score_fn does not apply to packed batches"):
+        packed_trainer_losses(small, tmp_path / "x", model=tiny_bert(), packed=True, steps=1,
+                              score_fn=lambda outputs, inputs: outputs.logits.reshape(-1))

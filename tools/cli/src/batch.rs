@@ -139,7 +139,11 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
             v["prompt_length"] = pair.prompt_length.into();
         }
         if let Some(s) = &scores {
-            v["teacher_score"] = s[k].into();
+            // The f32 as written (0.707), not its f64 widening (0.7070000171661377).
+            v["teacher_score"] = s[k]
+                .to_string()
+                .parse::<f64>()
+                .map_or(serde_json::Value::Null, Into::into);
         }
         if let Some(t) = &tok {
             v["text"] = t.decode(&ids)?.into();
@@ -187,12 +191,17 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
         group.source
     )?;
     for v in &items {
+        let what = match v["passage_id"].as_i64() {
+            Some(p) => format!(
+                "{} {} (passage {p})",
+                v["role"].as_str().unwrap_or(""),
+                v["index"]
+            ),
+            None => "query".to_string(), // embedder mode: the query on its own
+        };
         writeln!(
             out,
-            "\n{} {} (passage {}): {} ids{}{}",
-            v["role"].as_str().unwrap_or(""),
-            v["index"],
-            v["passage_id"],
+            "\n{what}: {} ids{}{}",
             v["length"],
             if v["overlong"].as_bool() == Some(true) {
                 ", OVER LENGTH: the query alone exceeds the budget"
@@ -221,6 +230,9 @@ fn show_step(a: &ShowArgs) -> Result<()> {
         ..loader_options(&ds, &a.options)?
     };
     let loader = Loader::new(ds.clone(), options)?;
+    for note in loader.notes()? {
+        eprintln!("note: {note}");
+    }
     let step = a.step.context("--row or --step")?;
     let steps = loader.steps(a.epoch)?;
     let b = loader.batch(a.epoch, step)?;
@@ -418,6 +430,9 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     let t_open = Instant::now();
     let ds = Arc::new(Dataset::open(&a.dir)?);
     let mut loader = Loader::new(ds.clone(), loader_options(&ds, &a.options)?)?;
+    for note in loader.notes()? {
+        eprintln!("note: {note}");
+    }
     let first = loader.next().context("empty dataset")??;
     let open_first = t_open.elapsed();
     if loader.steps_per_epoch()? == 0 {
