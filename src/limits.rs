@@ -20,6 +20,9 @@ pub const PREFETCH_THREADS: usize = 256;
 pub const MEGABATCH_MULT: usize = 1 << 16;
 /// Largest `max_tokens`.
 pub const MAX_TOKENS: usize = 1 << 40;
+/// Largest epoch a loader starts or resumes at (far beyond any run; keeps `epoch + 1` from
+/// wrapping around).
+pub const EPOCH: u64 = 1 << 48;
 /// Largest `prefetch_depth`.
 pub const PREFETCH_DEPTH: usize = 4096;
 /// Largest size of one batch's arrays (an upper estimate from the settings), in bytes.

@@ -712,7 +712,9 @@ impl Loader {
         self.plan.selections(epoch, self.offset(epoch), step)
     }
 
-    /// Batch `step` of `epoch` (pure; does not move the loader).
+    /// Batch `step` of `epoch` (pure; does not move the loader). In the current epoch, steps
+    /// count from the state's offset (after an elastic [`Loader::restore`], the batches are
+    /// cut from the rest of the epoch).
     pub fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
         self.plan.batch(epoch, self.offset(epoch), step, None)
     }
@@ -795,10 +797,13 @@ impl Loader {
     /// Elastic: a state taken with another `world_size` or `batch_size` (or both) continues
     /// the epoch in the default (random) order: the positions of the epoch's global order the
     /// earlier run trained on are skipped, and the rest of the epoch is sharded and cut into
-    /// batches over this loader's ranks, so each row of the epoch trains as often as in an
-    /// uninterrupted epoch (padding or dropping only at the end of the rest, by the shard
-    /// tail). The other strategies refuse another world or batch size. A `offset` key absent
-    /// (a state written before elastic resumption) is 0.
+    /// batches over this loader's ranks. With the uneven tail each row of the epoch trains
+    /// exactly as often as in an uninterrupted epoch; with pad or drop, the tail is applied to
+    /// the rest of the epoch on the new world size, so a resumption can repeat (pad) or leave
+    /// out (drop) up to `world_size - 1` rows of that epoch more than an uninterrupted epoch
+    /// would (as a DistributedSampler over the rest would). The other strategies refuse
+    /// another world or batch size. An `offset` key absent (a state written before elastic
+    /// resumption) is 0.
     pub fn restore(
         &mut self,
         state: &serde_json::Map<String, serde_json::Value>,
@@ -835,6 +840,29 @@ impl Loader {
                 }),
             }
         };
+        if state
+            .get("epoch")
+            .and_then(|e| e.as_u64())
+            .is_some_and(|e| e > limits::EPOCH)
+        {
+            return Err(Error::argument(
+                "epoch",
+                format!("state_dict's epoch is beyond {}", limits::EPOCH),
+            ));
+        }
+        // The rank may differ, but it is a rank: a non-negative integer (bounded below).
+        if let Some(r) = state.get("rank") {
+            if r.as_u64().is_none_or(|r| r >= limits::WORLD_SIZE) {
+                return Err(Error::argument(
+                    "rank",
+                    format!(
+                        "state_dict's rank must be a rank (0..{}), got {}",
+                        limits::WORLD_SIZE,
+                        described(r)
+                    ),
+                ));
+            }
+        }
         let (epoch, step, offset) = (
             uint("epoch", true)?,
             uint("step", true)?,
@@ -874,7 +902,12 @@ impl Loader {
             );
             match name {
                 "world_size" | "batch_size" => {
-                    if got.as_u64().is_none_or(|v| v == 0) {
+                    let most = if name == "world_size" {
+                        limits::WORLD_SIZE
+                    } else {
+                        limits::BATCH_SIZE as u64
+                    };
+                    if got.as_u64().is_none_or(|v| v == 0 || v > most) {
                         return Err(differs);
                     }
                     if self.plan.options.strategy != Strategy::Random {

@@ -49,7 +49,9 @@ where
                 let (k, v) = kv
                     .split_once('=')
                     .ok_or_else(|| format!("{kv:?}: expected source=value"))?;
-                map.insert(k.trim().to_string(), item(v)?);
+                if map.insert(k.trim().to_string(), item(v)?).is_some() {
+                    return Err(format!("{:?} is given twice", k.trim()));
+                }
             }
             Ok(PerSource::Map(map))
         } else {
@@ -73,20 +75,47 @@ impl<T: Clone> PerSource<T> {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
         };
+        let known: Vec<&str> = sources.iter().map(|s| s.path.as_str()).collect();
         let mut out: Vec<Option<T>> = vec![None; sources.len()];
+        let mut by: Vec<Option<&str>> = vec![None; sources.len()];
         for (k, v) in map {
-            let hit = sources.iter().position(|s| &s.path == k).or_else(|| {
-                sources
-                    .iter()
-                    .position(|s| file_name(&s.path).as_deref() == Some(k))
-            });
-            let Some(i) = hit else {
-                let known: Vec<&str> = sources.iter().map(|s| s.path.as_str()).collect();
+            let i = match sources.iter().position(|s| &s.path == k) {
+                Some(i) => i,
+                None => {
+                    // A file name must name one source.
+                    let hits: Vec<usize> = (0..sources.len())
+                        .filter(|&i| file_name(&sources[i].path).as_deref() == Some(k))
+                        .collect();
+                    match hits[..] {
+                        [i] => i,
+                        [] => {
+                            return Err(Error::argument(
+                                name,
+                                format!(
+                                    "{k:?} is not a source of this dataset (sources: {known:?})"
+                                ),
+                            ))
+                        }
+                        _ => {
+                            let which: Vec<&str> = hits.iter().map(|&i| known[i]).collect();
+                            return Err(Error::argument(
+                                name,
+                                format!("{k:?} is the file name of several sources ({which:?}): key them by path"),
+                            ));
+                        }
+                    }
+                }
+            };
+            if let Some(first) = by[i] {
                 return Err(Error::argument(
                     name,
-                    format!("{k:?} is not a source of this dataset (sources: {known:?})"),
+                    format!(
+                        "{first:?} and {k:?} both name the source {:?}: give it one value",
+                        known[i]
+                    ),
                 ));
-            };
+            }
+            by[i] = Some(k);
             out[i] = Some(v.clone());
         }
         out.into_iter()
@@ -294,11 +323,22 @@ impl Options {
             let one = serde_json::Map::from_iter([(k.clone(), v.clone())]);
             if let Err(e) = serde_json::from_value::<Options>(one.into()) {
                 let e = e.to_string();
-                let integer = e.contains("expected u") || e.contains("expected i");
-                let message = if integer && v.as_i64().is_some_and(|n| n < 0) {
+                let unsigned = e.contains("expected u");
+                let integer = unsigned || e.contains("expected i");
+                let message = if unsigned && v.as_i64().is_some_and(|n| n < 0) {
                     format!("must be non-negative, got {v}")
                 } else if integer && v.is_f64() {
                     format!("must be an integer, got {v}")
+                } else if e.contains("untagged enum PerSource") {
+                    let item = if name == "weights" {
+                        "a finite number >= 0"
+                    } else {
+                        "a positive integer"
+                    };
+                    format!(
+                        "{v}: must be a list (one value per source, in the manifest's order) or a \
+                         dict keyed by source path or file name, each value {item}"
+                    )
                 } else {
                     format!("{v}: {e}")
                 };
@@ -697,6 +737,42 @@ mod tests {
             o.weights,
             Some(PerSource::Map(BTreeMap::from([("a".into(), 1.0)])))
         );
+    }
+
+    /// Regression (review of issue 18): two keys naming one source, or a file name shared by
+    /// several sources, were resolved silently (the key sorting last won).
+    #[test]
+    fn per_source_keys_name_each_source_once() {
+        let sources: Vec<SourceStats> = ["a/p.jsonl", "b/q.jsonl", "c/x.jsonl", "d/x.jsonl"]
+            .iter()
+            .map(|p| SourceStats {
+                path: p.to_string(),
+                ..SourceStats::default()
+            })
+            .collect();
+        let map = |kv: &[(&str, f64)]| {
+            PerSource::Map(kv.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+        };
+        let err = |p: PerSource<f64>| p.resolve("weights", &sources).unwrap_err().to_string();
+        let all = [
+            ("a/p.jsonl", 1.0),
+            ("q.jsonl", 1.0),
+            ("c/x.jsonl", 1.0),
+            ("d/x.jsonl", 2.0),
+        ];
+        assert_eq!(
+            map(&all).resolve("weights", &sources).unwrap(),
+            vec![1.0, 1.0, 1.0, 2.0]
+        );
+        let twice = [&all[..], &[("p.jsonl", 0.0)]].concat();
+        assert!(
+            err(map(&twice)).contains("both name the source"),
+            "{}",
+            err(map(&twice))
+        );
+        let ambiguous = [("a/p.jsonl", 1.0), ("q.jsonl", 1.0), ("x.jsonl", 1.0)];
+        assert!(err(map(&ambiguous)).contains("several sources"));
+        assert!("p.jsonl=1,p.jsonl=0".parse::<PerSource<f64>>().is_err());
     }
 
     #[test]

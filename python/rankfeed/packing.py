@@ -354,7 +354,9 @@ def padded_scores(model, batch, *, yes_id=None):
     """The reference: per-row scores ``[B*G]`` of a padded batch (the same loader, unpacked).
 
     Encoders: the model's own ``logits`` given ``input_ids``, ``attention_mask`` and
-    ``token_type_ids`` (RoBERTa/XLM-R derive positions from the pad id, as they do). Decoders:
+    ``token_type_ids`` (RoBERTa/XLM-R derive positions from the pad id, as they do). A packed
+    batch equals this for right-padded encoder batches (the tokenizers' default): BERT counts
+    positions over the pads of a left-padded row, so its scores shift. Decoders:
     positions counted over real tokens (``cumsum(attention_mask) - 1``, so left padding does not
     shift them), ``use_cache=False``, and the score (``yes_id`` logit, else the score head) at
     each row's last real token, for left or right padding.

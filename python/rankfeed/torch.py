@@ -233,13 +233,15 @@ class RankfeedIterable(IterableDataset):
         self.prefetch_threads = prefetch_threads
         self.loader_kwargs = loader_kwargs
         epoch = loader_kwargs.pop("epoch", 0)
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {_described(epoch)}")
         self._probes = {}    # (rank, world) -> a Loader that counts batches (not pickled)
         self._facts = {}     # (rank, world) -> {"settings": ..., "steps": {(epoch, offset): n}}
         self._pos = None     # [epoch, next, offset] of the last pass run by this copy
         self._ident = None   # that pass's id
         self._loaded = None  # in a worker: the position load_state_dict gave this copy
         self._count = 0      # passes this copy opened (with the base seed: a pass's id)
-        self._passes = _Passes(int(epoch), 0, 0)
+        self._passes = _Passes(epoch, 0, 0)
         self.shard(rank, world_size)
 
     def __getstate__(self):
@@ -263,7 +265,8 @@ class RankfeedIterable(IterableDataset):
                 rank = dist.get_rank() if rank is None else rank
                 world = dist.get_world_size() if world is None else world
             else:
-                rank, world = rank or 0, world or 1
+                rank = 0 if rank is None else rank
+                world = 1 if world is None else world
         return rank, world
 
     def _loader(self, rank, world, epoch, prefetch_threads=0):

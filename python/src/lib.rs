@@ -603,6 +603,7 @@ impl PyDataset {
         options: Option<Bound<'_, PyDict>>,
     ) -> PyResult<PyLoader> {
         let epoch = uint("epoch", epoch.as_ref(), 0)?;
+        check_epoch(epoch)?;
         let map = match &options {
             Some(d) => match py_to_json(d.as_any())? {
                 serde_json::Value::Object(m) => m,
@@ -634,6 +635,17 @@ fn loader_options<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
     json_to_py(py, &rankfeed::options::docs())
 }
 
+/// An epoch to start at: at most [`rankfeed::limits::EPOCH`].
+fn check_epoch(epoch: u64) -> PyResult<()> {
+    if epoch > rankfeed::limits::EPOCH {
+        return Err(PyValueError::new_err(format!(
+            "epoch {epoch} is beyond {}",
+            rankfeed::limits::EPOCH
+        )));
+    }
+    Ok(())
+}
+
 /// A Python value as JSON, keeping its type: None, bool, int (any integer type, numpy's too),
 /// float, str, list/tuple and dict with str keys; anything else is a ValueError. So 2, 2.0,
 /// "2" and True stay apart, and numpy scalars are taken as the numbers they are.
@@ -642,6 +654,14 @@ fn py_to_json(v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
     use serde_json::Value as V;
     if v.is_none() {
         return Ok(V::Null);
+    }
+    // numpy arrays (and anything array-like with tolist, e.g. weights=np.array([...])): their
+    // Python values.
+    if v.hasattr("__array__")? && v.hasattr("tolist")? && v.hasattr("ndim")? {
+        let ndim: usize = v.getattr("ndim")?.extract()?;
+        if ndim > 0 {
+            return py_to_json(&v.call_method0("tolist")?);
+        }
     }
     if let Ok(b) = v.cast::<PyBool>() {
         return Ok(V::Bool(b.is_true()));
@@ -1029,6 +1049,7 @@ impl PyLoader {
     /// Start `epoch` from its first batch.
     fn set_epoch(&self, py: Python<'_>, epoch: &Bound<'_, PyAny>) -> PyResult<()> {
         let epoch = uint("epoch", Some(epoch), 0)?;
+        check_epoch(epoch)?;
         let mut l = self.lock(py)?;
         let l: &mut Loader = &mut l;
         py.detach(|| {
@@ -1076,7 +1097,8 @@ impl PyLoader {
         })
     }
 
-    /// Batch `step` of `epoch`, without moving the loader.
+    /// Batch `step` of `epoch`, without moving the loader (of the current epoch's batches: after
+    /// an elastic `load_state_dict` they are cut from the rest of the epoch).
     fn batch<'py>(&self, py: Python<'py>, epoch: u64, step: u64) -> PyResult<Bound<'py, PyDict>> {
         let mut guard_ = self.lock(py)?;
         let l: &mut Loader = &mut guard_;

@@ -117,6 +117,12 @@ impl CollateOptions {
         if let Some(m) = self.pad_to_multiple_of {
             range("pad_to_multiple_of", m, 1, limits::PAD_TO_MULTIPLE_OF)?;
         }
+        if let Some(p) = self.pad_id.filter(|&p| p < 0) {
+            return Err(crate::error::Error::argument(
+                "pad_id",
+                format!("must be non-negative (a token id), got {p}"),
+            ));
+        }
         if let Some(k) = self.sub_batch_size {
             // 0 is refused, not taken as "off" (None is off): a chunk holds at least a row.
             range(

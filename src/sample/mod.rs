@@ -170,7 +170,13 @@ impl Shard {
                 ),
             ));
         }
-        if self.world_size == 0 || self.rank >= self.world_size {
+        if self.world_size == 0 {
+            return Err(Error::argument(
+                "world_size",
+                "0 ranks: world_size is at least 1",
+            ));
+        }
+        if self.rank >= self.world_size {
             return Err(Error::argument(
                 "rank",
                 format!(

@@ -198,3 +198,30 @@ def test_a_state_is_accepted_only_for_the_same_batches(three):
     print(f"state pairs: {pairs} ({accepted} accepted, {elastic} of them elastic; {refused} refused "
           f"naming a changed argument; {invalid} invalid draws skipped)")
     assert refused and accepted and elastic
+
+
+def test_hostile_states_and_options_are_refused_by_name(three):
+    # Regressions (review of issue 18): a tampered rank, an elastic world or batch size beyond
+    # the limits, an epoch that would wrap, per-source errors without the option's shape,
+    # numpy arrays as weights, a negative pad id, world_size 0 named as rank.
+    import numpy as np
+    l = three.loader(batch_size=2)
+    state = l.state_dict()
+    for key, value, match in (("rank", "x", "rank must be a rank"),
+                              ("rank", -1, "rank must be a rank"),
+                              ("world_size", 2**63, "taken with world_size"),
+                              ("batch_size", 2**62, "taken with batch_size"),
+                              ("epoch", 2**64 - 1, "epoch is beyond")):
+        with pytest.raises(ValueError, match=match):
+            l.load_state_dict({**state, key: value})
+    with pytest.raises(ValueError, match="epoch .* is beyond"):
+        three.loader(epoch=2**63)
+    with pytest.raises(ValueError, match="source_batch_sizes: .* must be a list"):
+        three.loader(same_source=True, source_batch_sizes=[-1, 2, 2])
+    with pytest.raises(ValueError, match="weights: .* must be a list"):
+        three.loader(weights=[1, "a", 1])
+    assert three.loader(weights=np.array([1.0, 2.0, 1.0])).state_dict()["weights"] == [1.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="pad_id: must be non-negative"):
+        three.loader(pad_id=-5)
+    with pytest.raises(ValueError, match="world_size: 0 ranks"):
+        three.loader(world_size=0)
