@@ -252,6 +252,16 @@ pub struct LoaderState {
     pub offset: u64,
 }
 
+/// Batches of `batch` rows a rank's `rows` are cut into (the last one short, or dropped
+/// with `drop_last`).
+fn batches(rows: u64, batch: u64, drop_last: bool) -> u64 {
+    if drop_last {
+        rows / batch
+    } else {
+        rows.div_ceil(batch)
+    }
+}
+
 /// The keys of a checkpoint that are a position, not a setting.
 pub const POSITION: [&str; 3] = ["epoch", "step", "offset"];
 
@@ -359,12 +369,7 @@ impl Plan {
             Schedule::Budget(_) => self.budget_plan(epoch)?.len(),
             Schedule::SameSource(ss) => ss.batches.len(),
             Schedule::Random | Schedule::Grouped(_) => {
-                let n = self.order(epoch, offset).len();
-                if self.options.drop_last {
-                    n / b
-                } else {
-                    n.div_ceil(b)
-                }
+                batches(self.order(epoch, offset).len(), b, self.options.drop_last)
             }
         })
     }
@@ -809,20 +814,17 @@ impl Loader {
         state: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Resumed> {
         let own = self.settings()?;
-        let bad = |k: &str| -> Error {
-            let known: Vec<&str> = POSITION
-                .iter()
-                .copied()
-                .chain(own.keys().map(|k| k.as_str()))
-                .collect();
-            Error::argument(
-                "state",
-                format!("state_dict has an unknown key {k:?} (expected {known:?})"),
-            )
-        };
         for k in state.keys() {
             if !POSITION.contains(&k.as_str()) && !own.contains_key(k) {
-                return Err(bad(k));
+                let known: Vec<&str> = POSITION
+                    .iter()
+                    .copied()
+                    .chain(own.keys().map(|k| k.as_str()))
+                    .collect();
+                return Err(Error::argument(
+                    "state",
+                    format!("state_dict has an unknown key {k:?} (expected {known:?})"),
+                ));
             }
         }
         let uint = |k: &'static str, required: bool| -> Result<u64> {
@@ -882,13 +884,12 @@ impl Loader {
             ));
         }
         // Settings that may differ: the rank always; world_size and batch_size when elastic
-        // (and steps_per_epoch, which they imply).
+        // (and steps_per_epoch, which they imply: compared below when not elastic).
         let mut elastic: Vec<&'static str> = Vec::new();
+        let mut steps_differ = None;
         for (k, want) in &own {
             let name = static_name(k);
-            let Some(got) = state.get(k) else {
-                return Err(Error::argument(name, format!("state_dict has no {k:?}")));
-            };
+            let got = &state[k]; // present: checked above
             if got == want || name == "rank" {
                 continue;
             }
@@ -924,7 +925,7 @@ impl Loader {
                     }
                     elastic.push(name);
                 }
-                "steps_per_epoch" => {}
+                "steps_per_epoch" => steps_differ = Some(differs),
                 _ => return Err(differs),
             }
         }
@@ -933,16 +934,8 @@ impl Loader {
         let other_rank = state.get("rank") != own.get("rank");
         let uneven_rank = other_rank && self.plan.options.shard.tail == Tail::Uneven;
         if elastic.is_empty() {
-            if !uneven_rank && state.get("steps_per_epoch") != own.get("steps_per_epoch") {
-                let k = "steps_per_epoch";
-                return Err(Error::argument(
-                    k,
-                    format!(
-                        "state_dict was taken with {k} = {}, this loader has {}",
-                        described(&state[k]),
-                        described(&own[k])
-                    ),
-                ));
+            if let Some(differs) = steps_differ.filter(|_| !uneven_rank) {
+                return Err(differs);
             }
             let steps = self
                 .plan
@@ -978,11 +971,7 @@ impl Loader {
             tail: self.plan.options.shard.tail,
         };
         let per_rank = shard.samples_per_rank(n - offset);
-        let steps = if self.plan.options.drop_last {
-            per_rank / batch
-        } else {
-            per_rank.div_ceil(batch)
-        };
+        let steps = batches(per_rank, batch, self.plan.options.drop_last);
         if step > steps {
             return Err(Error::argument(
                 "step",

@@ -54,10 +54,6 @@ _META = ("rows", "pos", "neg", "overlong")
 _STATE_KEYS = ("epoch", "next", "offset", "settings")
 # Keys a state may lack (a state written before elastic resumption has no offset: 0).
 _OPTIONAL_KEYS = ("offset",)
-# Settings that may differ between a state and this run: the rank always (a state is a
-# position of every rank); world_size and batch_size (and steps_per_epoch, which they imply)
-# when the Loader can re-stripe the rest of the epoch (it decides, see `_resolve`).
-_ELASTIC = ("rank", "world_size", "batch_size", "steps_per_epoch")
 # Loader state keys that are a position, not a setting.
 _POSITION = tuple(_LOADER_POSITION)
 
@@ -382,6 +378,8 @@ class RankfeedIterable(IterableDataset):
         unknown = [k for k in state if k not in _STATE_KEYS]
         if missing or unknown:
             raise ValueError(f"{what}: missing keys {missing}, unknown keys {unknown}")
+        if not isinstance(state["settings"], dict):
+            raise ValueError(f"{what}: settings must be a dict, got {_described(state['settings'])}")
         epoch, nxt, offset = state["epoch"], state["next"], state.get("offset", 0)
         for name, v in (("epoch", epoch), ("next", nxt), ("offset", offset)):
             if not _uint(v):
@@ -394,8 +392,8 @@ class RankfeedIterable(IterableDataset):
         Settings that must be the same are checked here; the Loader of this rank decides the
         rest (and raises, naming the setting, when it cannot continue)."""
         rank, world = self._rank()
-        check_settings(settings, self.settings(), what, ignore=_ELASTIC)
-        loader = self._loader(rank, world, epoch + 1)
+        # The Loader checks the settings (keys, values and types; what may differ elastically).
+        loader = self._loader(rank, world, epoch)
         try:
             how = loader.load_state_dict({**settings, "epoch": epoch, "step": nxt,
                                           "offset": offset})

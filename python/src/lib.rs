@@ -875,7 +875,10 @@ impl PyLoader {
         // must match, and a data error shows now rather than at the first batch.
         let l = &mut loader;
         let (settings, steps, notes) = detached(py, move || {
-            Ok((l.settings()?, l.steps_per_epoch()?, l.notes()?))
+            // Epoch 0 first (the settings count its batches, the notes read its plan), then
+            // the starting epoch: a token-budget plan is computed once each.
+            let (settings, notes) = (l.settings()?, l.notes()?);
+            Ok((settings, l.steps_per_epoch()?, notes))
         })?;
         for note in notes {
             // A UserWarning: the settings work, but not as they seem to.
