@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::collate::{CollateOptions, IdType, Mode, Side};
+use crate::collate::{CollateOptions, IdType, Mode, Side, Truncation};
 use crate::error::{Error, Result};
 use crate::format::SourceStats;
 use crate::loader::{LoaderOptions, Strategy};
@@ -151,6 +151,13 @@ pub struct Options {
     /// Token budget of a passage (truncated as FlagEmbedding).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::DEFAULT.passage_max_len))]
     pub passage_max_len: usize,
+    /// How encoder pairs are cut to query_max_len + passage_max_len tokens: "flag_embedding"
+    /// (the query to its own budget first, then the passage: FlagEmbedding's rerankers) or
+    /// "longest_first" (Hugging Face tokenizers' rule: the longer side first; what
+    /// sentence-transformers' CrossEncoder does).
+    #[serde(skip_serializing_if = "Truncation::is_default")]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::DEFAULT.truncation))]
+    pub truncation: Truncation,
     /// Round the padded length up to a multiple of this (at most 65536).
     #[cfg_attr(feature = "cli", arg(long))]
     pub pad_to_multiple_of: Option<usize>,
@@ -269,6 +276,7 @@ impl Options {
         mode: Mode::Encoder,
         query_max_len: 32,
         passage_max_len: 128,
+        truncation: Truncation::FlagEmbedding,
         pad_to_multiple_of: None,
         padding_side: None,
         pad_id: None,
@@ -367,6 +375,7 @@ impl Options {
             mode,
             query_max_len,
             passage_max_len,
+            truncation,
             pad_to_multiple_of,
             padding_side,
             pad_id,
@@ -450,6 +459,7 @@ impl Options {
                 mode,
                 query_max_len,
                 passage_max_len,
+                truncation,
                 group_size,
                 pad_to_multiple_of,
                 padding_side,
@@ -492,6 +502,7 @@ impl LoaderOptions {
                     mode,
                     query_max_len,
                     passage_max_len,
+                    truncation,
                     group_size,
                     pad_to_multiple_of,
                     padding_side,
@@ -511,6 +522,7 @@ impl LoaderOptions {
             mode,
             query_max_len,
             passage_max_len,
+            truncation,
             pad_to_multiple_of,
             padding_side,
             pad_id,
@@ -688,7 +700,7 @@ mod tests {
     #[test]
     fn names_are_the_fields_and_settings_leave_out_prefetch() {
         let names = Options::names();
-        assert_eq!(names.len(), 32);
+        assert_eq!(names.len(), 33);
         assert_eq!(names[0], "batch_size");
         let s = Options::DEFAULT.settings();
         let left_out: Vec<_> = names.iter().filter(|n| !s.contains_key(**n)).collect();

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rankfeed::collate::{Batch, CollateOptions, Mode};
+use rankfeed::collate::{Batch, CollateOptions, Mode, Truncation};
 use rankfeed::format::{SourceStats, TextSettings, TokenizerFacts};
 use rankfeed::loader::{Loader, LoaderOptions, LoaderState, Strategy as LoaderStrategy};
 use rankfeed::sample::{KeyedRng, Selection, Shard, Tail};
@@ -257,6 +257,7 @@ struct Config {
     pad_to_multiple_of: Option<usize>,
     query_max_len: usize,
     passage_max_len: usize,
+    truncation: Truncation,
 }
 
 fn gen_config(d: u64, i: u64, data: &Data) -> Config {
@@ -301,6 +302,11 @@ fn gen_config(d: u64, i: u64, data: &Data) -> Config {
         pad_to_multiple_of: [None, None, Some(2), Some(8)][rng.below(4) as usize],
         query_max_len: 2 + rng.below(30) as usize,
         passage_max_len: 2 + rng.below(60) as usize,
+        truncation: [
+            Truncation::FlagEmbedding,
+            Truncation::FlagEmbedding,
+            Truncation::LongestFirst,
+        ][rng.below(3) as usize],
     }
 }
 
@@ -324,6 +330,7 @@ fn options(c: &Config, rank: u64, threads: usize) -> LoaderOptions {
             mode: Mode::Encoder,
             query_max_len: c.query_max_len,
             passage_max_len: c.passage_max_len,
+            truncation: c.truncation,
             group_size: c.group_size,
             pad_to_multiple_of: c.pad_to_multiple_of,
             packed: c.packed,

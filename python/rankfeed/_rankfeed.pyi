@@ -60,7 +60,7 @@ class Dataset:
     def loader(self, *, epoch: Optional[int] = ..., batch_size: Optional[int] = ...,
                group_size: Optional[int] = ..., mode: Optional[str] = ...,
                query_max_len: Optional[int] = ..., passage_max_len: Optional[int] = ...,
-               pad_to_multiple_of: Optional[int] = ..., padding_side: Optional[str] = ...,
+               truncation: Optional[str] = ..., pad_to_multiple_of: Optional[int] = ..., padding_side: Optional[str] = ...,
                pad_id: Optional[int] = ..., int32: Optional[bool] = ...,
                attention_mask: Optional[bool] = ..., knowledge_distillation: Optional[bool] = ...,
                matryoshka_scores_by_index: Optional[bool] = ..., packed: Optional[bool] = ...,

@@ -134,29 +134,17 @@ class RankfeedDataLoader(DataLoader):
             self._epoch, self._next, self._offset = self._epoch + 1, 0, 0
 
 
-class RankfeedTrainer(transformers.Trainer):
-    """`transformers.Trainer` trained on a `RankfeedIterable` (`train_dataset`).
+class RankfeedTrainerMixin:
+    """What every rankfeed-fed `transformers.Trainer` shares (RankfeedTrainer here, the
+    sentence-transformers trainers of `rankfeed.st`): the train DataLoader over a
+    `RankfeedIterable` sharded by the Trainer's rank, epoch advance, exact and elastic resume
+    through `rankfeed_state.json` in each checkpoint, and the Trainer's step plan after an
+    elastic resume. Put it before the Trainer class in the bases and call `_rankfeed_init()`
+    once `train_dataset` is set."""
 
-    `score_fn(model_outputs, inputs) -> [B*G]` scores: by default `outputs.logits` flattened
-    (a sequence-classification head with one label, as cross-encoders); for an LLM reranker
-    pass e.g. `yes_token_score(yes_id)` (the logit of "Yes" at the last position: left padding).
-
-    Elastic resume: a checkpoint taken on another number of processes and/or with another
-    batch_size continues its epoch from the rows not yet trained on (default random order; see
-    `RankfeedIterable`). The Trainer's step count goes on from the checkpoint's `global_step`;
-    rankfeed tells the Trainer how many update steps are left (the rest of the resumed epoch at
-    this world size, then whole epochs up to `num_train_epochs`, or up to `max_steps`), so that
-    the run ends at the end of the last epoch, and which of its epochs is the resumed one
-    (`set_epoch` then names rankfeed's epochs; the Trainer's fractional `state.epoch` may differ
-    from rankfeed's epoch after such a resume). Limitation: the learning-rate schedule is made
-    again for the resumed run's total steps (its step count goes on from the checkpoint's)."""
-
-    def __init__(self, *args, score_fn=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def _rankfeed_init(self):
         if not isinstance(self.train_dataset, RankfeedIterable):
-            raise TypeError("RankfeedTrainer needs train_dataset=RankfeedIterable(...)")
-        self._custom_score_fn = score_fn is not None
-        self.score_fn = score_fn or (lambda outputs, inputs: outputs.logits.reshape(-1))
+            raise TypeError(f"{type(self).__name__} needs train_dataset=RankfeedIterable(...)")
         self._rankfeed_resume = None
         self._rankfeed_global_step = None
         self._rankfeed_loader = None
@@ -260,8 +248,10 @@ class RankfeedTrainer(transformers.Trainer):
         shift = epoch - g // per_epoch
         return last - shift + 1, per_epoch, max_steps, shift
 
-    def set_initial_training_values(self, args, dataloader, total_train_batch_size):
-        values = list(super().set_initial_training_values(args, dataloader, total_train_batch_size))
+    def set_initial_training_values(self, args, dataloader, *rest):
+        # transformers 4.x passes total_train_batch_size too; both return num_train_epochs,
+        # num_update_steps_per_epoch first and max_steps last.
+        values = list(super().set_initial_training_values(args, dataloader, *rest))
         loader = self._rankfeed_loader
         if (self._rankfeed_global_step is not None and loader is dataloader
                 and loader._resume is not None):
@@ -277,6 +267,29 @@ class RankfeedTrainer(transformers.Trainer):
         if self._rankfeed_loader is not None and self.args.should_save and os.path.isdir(folder):
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(self._rankfeed_loader.state_dict(), f)
+
+class RankfeedTrainer(RankfeedTrainerMixin, transformers.Trainer):
+    """`transformers.Trainer` trained on a `RankfeedIterable` (`train_dataset`).
+
+    `score_fn(model_outputs, inputs) -> [B*G]` scores: by default `outputs.logits` flattened
+    (a sequence-classification head with one label, as cross-encoders); for an LLM reranker
+    pass e.g. `yes_token_score(yes_id)` (the logit of "Yes" at the last position: left padding).
+
+    Elastic resume: a checkpoint taken on another number of processes and/or with another
+    batch_size continues its epoch from the rows not yet trained on (default random order; see
+    `RankfeedIterable`). The Trainer's step count goes on from the checkpoint's `global_step`;
+    rankfeed tells the Trainer how many update steps are left (the rest of the resumed epoch at
+    this world size, then whole epochs up to `num_train_epochs`, or up to `max_steps`), so that
+    the run ends at the end of the last epoch, and which of its epochs is the resumed one
+    (`set_epoch` then names rankfeed's epochs; the Trainer's fractional `state.epoch` may differ
+    from rankfeed's epoch after such a resume). Limitation: the learning-rate schedule is made
+    again for the resumed run's total steps (its step count goes on from the checkpoint's)."""
+
+    def __init__(self, *args, score_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rankfeed_init()
+        self._custom_score_fn = score_fn is not None
+        self.score_fn = score_fn or (lambda outputs, inputs: outputs.logits.reshape(-1))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for k in _META:

@@ -56,6 +56,32 @@ pub enum Side {
 }
 crate::options::named!(Side, "padding_side");
 
+/// How a pair is cut to its token budget (encoder mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// FlagEmbedding's rerankers: the query cut to `query_max_len + passage_max_len / 4`, the
+    /// passage to `passage_max_len + query_max_len / 2`, then the pair's passage (only) cut so
+    /// the pair holds `query_max_len + passage_max_len` tokens.
+    #[default]
+    FlagEmbedding,
+    /// Hugging Face tokenizers' `truncation="longest_first"` with
+    /// `max_length = query_max_len + passage_max_len` (special tokens included), what
+    /// sentence-transformers' CrossEncoder does: no separate query cut; when the pair is too
+    /// long, the longer of query and passage is cut first, both to about half the budget when
+    /// both are long.
+    LongestFirst,
+}
+crate::options::named!(Truncation, "truncation");
+
+impl Truncation {
+    /// Whether this is the default (checkpoints leave the default out, so states written
+    /// before the option existed still resume).
+    pub fn is_default(&self) -> bool {
+        *self == Truncation::default()
+    }
+}
+
 /// Integer type of the id arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdType {
@@ -75,6 +101,8 @@ pub struct CollateOptions {
     pub query_max_len: usize,
     /// `passage_max_len`.
     pub passage_max_len: usize,
+    /// How encoder pairs are cut (the other modes follow FlagEmbedding's layouts).
+    pub truncation: Truncation,
     /// `train_group_size`: 1 positive + G-1 negatives per query.
     pub group_size: usize,
     /// Round the padded length up to a multiple of this.
@@ -132,6 +160,15 @@ impl CollateOptions {
                 limits::BATCH_SIZE * limits::GROUP_SIZE,
             )?;
         }
+        if self.truncation != Truncation::FlagEmbedding && self.mode != Mode::Encoder {
+            return Err(Error::argument(
+                "truncation",
+                format!(
+                    "\"{}\" applies to encoder pairs; {} mode follows FlagEmbedding's layout",
+                    self.truncation, self.mode
+                ),
+            ));
+        }
         if self.packed && self.mode == Mode::Embedder {
             return Err(Error::argument(
                 "packed",
@@ -159,6 +196,7 @@ impl Default for CollateOptions {
             mode: Mode::Encoder,
             query_max_len: 32,
             passage_max_len: 128,
+            truncation: Truncation::FlagEmbedding,
             group_size: 8,
             pad_to_multiple_of: None,
             padding_side: None,
@@ -346,6 +384,32 @@ impl<'a> Pair<'a> {
     }
 }
 
+/// The lengths Hugging Face tokenizers' `longest_first` truncation keeps of a pair of `a`
+/// and `b` tokens when `budget` tokens (special tokens excluded) fit: nothing is cut when the
+/// pair fits; else the shorter is kept whole when the longer can take the rest (and is at
+/// least as long), else both are cut to half the budget (the second gets the odd token).
+/// The rule of `tokenizers`' `truncate_encodings` (0.19-0.22), which transformers' fast
+/// tokenizers and sentence-transformers' CrossEncoder apply.
+pub fn longest_first(a: usize, b: usize, budget: usize) -> (usize, usize) {
+    if a + b <= budget {
+        return (a, b);
+    }
+    if budget == 0 {
+        return (0, 0);
+    }
+    let swap = a > b;
+    let mut n1 = a.min(b);
+    let mut n2 = if n1 > budget { n1 } else { n1.max(budget - n1) };
+    if n1 + n2 > budget {
+        n1 = budget / 2;
+        n2 = n1 + budget % 2;
+    }
+    if swap {
+        std::mem::swap(&mut n1, &mut n2);
+    }
+    (a.min(n1), b.min(n2))
+}
+
 /// Element types of the id arrays.
 trait IdElem: Copy + Default {
     fn from_i32(v: i32) -> Self;
@@ -462,6 +526,16 @@ impl Collator {
                 _ => 0,
             })
             .sum();
+        let budget = options.query_max_len + options.passage_max_len;
+        if options.truncation == Truncation::LongestFirst && budget < fixed_len {
+            return Err(Error::argument(
+                "truncation",
+                format!(
+                    "longest_first cuts pairs to query_max_len + passage_max_len = {budget} \
+                     tokens, fewer than the pair template's {fixed_len} special tokens"
+                ),
+            ));
+        }
         Ok(Collator {
             // Decoders take no token_type_ids (their pair template may still type B as 1).
             token_type_ids: (options.mode == Mode::Encoder
@@ -521,6 +595,16 @@ impl Collator {
         match self.options.mode {
             // A passage on its own (what length grouping measures in embedder mode).
             Mode::Embedder => return self.single(passage, pm),
+            Mode::Encoder if self.options.truncation == Truncation::LongestFirst => {
+                let (a, b) = longest_first(
+                    query.len(),
+                    passage.len(),
+                    (qm + pm).saturating_sub(self.fixed_len),
+                );
+                pair.query = &query[..a];
+                pair.passage = &passage[..b];
+                pair.len = self.fixed_len + a + b;
+            }
             Mode::Encoder => {
                 let total = q.len() + p.len() + self.fixed_len;
                 if total > qm + pm {
@@ -650,12 +734,20 @@ impl Collator {
 
     /// Longest passage prefix a pair can use.
     fn passage_cap(&self) -> usize {
-        self.options.passage_max_len + self.options.query_max_len / 2
+        let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
+        match self.options.truncation {
+            Truncation::LongestFirst => usize::MAX, // see query_cap
+            Truncation::FlagEmbedding => pm + qm / 2,
+        }
     }
 
     /// Longest query prefix a pair can use (the rest is cut in every mode).
     fn query_cap(&self) -> usize {
         let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
+        if self.options.truncation == Truncation::LongestFirst {
+            // The rule compares the whole lengths: no cap before it.
+            return usize::MAX;
+        }
         match self.options.mode {
             Mode::Matryoshka | Mode::Embedder => qm,
             _ => qm + pm / 4,
@@ -700,7 +792,9 @@ impl Collator {
                 ds.prefetch_passage(id);
             }
             let query = &group.query[..group.query.len().min(q_cap)];
-            storage::prefetch(query);
+            // At most the pair budget (the query is uncapped under longest_first).
+            let budget = self.options.query_max_len + self.options.passage_max_len;
+            storage::prefetch(&query[..query.len().min(budget)]);
             queries.push((query, self.prompt_of(ds, group.prompt)?));
         }
         let passages = ids
@@ -853,4 +947,54 @@ fn pick(list: &[i32], i: u32, row: u64, what: &str) -> Result<i32> {
             ),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_first;
+    use crate::sample::KeyedRng;
+    use tokenizers::utils::truncation::{
+        truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+    };
+    use tokenizers::{Encoding, Token};
+
+    fn encoding(n: usize) -> Encoding {
+        let tokens = (0..n)
+            .map(|i| Token::new(i as u32, String::new(), (0, 0)))
+            .collect();
+        Encoding::from_tokens(tokens, 0)
+    }
+
+    /// `longest_first` is the `tokenizers` crate's own rule: a seeded generator over the two
+    /// lengths and the budget (small values, where the cases meet, and large ones).
+    #[test]
+    fn longest_first_is_the_tokenizers_rule() {
+        let long: u64 = std::env::var("RANKFEED_LONG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let cases = 20_000 * long.max(1);
+        let mut rng = KeyedRng::new(&[0x10f1]);
+        for i in 0..cases {
+            let scale = [4u64, 16, 64, 600][(i % 4) as usize];
+            let (a, b, budget) = (
+                rng.below(scale) as usize,
+                rng.below(scale) as usize,
+                rng.below(scale) as usize,
+            );
+            let params = TruncationParams {
+                max_length: budget,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            };
+            let (x, y) = truncate_encodings(encoding(a), Some(encoding(b)), &params).unwrap();
+            let want = (x.get_ids().len(), y.unwrap().get_ids().len());
+            assert_eq!(
+                longest_first(a, b, budget),
+                want,
+                "a={a} b={b} budget={budget}"
+            );
+        }
+    }
 }
