@@ -155,7 +155,6 @@ pub struct Options {
     /// (the query to its own budget first, then the passage: FlagEmbedding's rerankers) or
     /// "longest_first" (Hugging Face tokenizers' rule: the longer side first; what
     /// sentence-transformers' CrossEncoder does).
-    #[serde(skip_serializing_if = "Truncation::is_default")]
     #[cfg_attr(feature = "cli", arg(long, default_value_t = Options::DEFAULT.truncation))]
     pub truncation: Truncation,
     /// Round the padded length up to a multiple of this (at most 65536).
@@ -355,6 +354,12 @@ impl Options {
             given.insert(k.clone(), v.clone());
         }
         serde_json::from_value(given.into()).map_err(|e| Error::argument("options", e.to_string()))
+    }
+
+    /// Settings added after checkpoints existed, each with the value every state written
+    /// before it was taken with (its default): a state without the key has that value.
+    pub fn added_later() -> [(&'static str, serde_json::Value); 1] {
+        [("truncation", serde_json::json!("flag_embedding"))]
     }
 
     /// The settings a checkpoint stores: every option but the prefetch ones, by name.
@@ -705,6 +710,10 @@ mod tests {
         let s = Options::DEFAULT.settings();
         let left_out: Vec<_> = names.iter().filter(|n| !s.contains_key(**n)).collect();
         assert_eq!(left_out, [&"prefetch_threads", &"prefetch_depth"]);
+        // A setting added later has its value for the states written before it.
+        for (k, v) in Options::added_later() {
+            assert_eq!(s[k], v, "{k}");
+        }
     }
 
     #[test]

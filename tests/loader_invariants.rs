@@ -1024,6 +1024,7 @@ fn length_grouped_trains_every_row_when_the_longest_group_is_in_the_last_megabat
         pad_to_multiple_of: None,
         query_max_len: 32,
         passage_max_len: 128,
+        truncation: Truncation::FlagEmbedding,
     };
     let l = Loader::new(data.ds.clone(), options(&c, 0, 0)).unwrap();
     let batches: Vec<Vec<u64>> = (0..l.steps(0).unwrap())

@@ -240,11 +240,10 @@ class RankfeedTrainerMixin:
             for e in range(epoch + 1, epochs):
                 n = whole(e)
                 max_steps += n if e < epochs - 1 or fraction >= 1 else math.ceil(fraction * n)
-        # The Trainer's first epoch is G // per_epoch: make it rankfeed's when an integer
-        # per_epoch gives it, else shift the epochs the Trainer names.
-        per_epoch = g + 1 if epoch == 0 else max(g // epoch, 1)
-        if g // per_epoch != epoch:
-            per_epoch = max(whole(epoch), 1)
+        # The Trainer's epochs: epochs_trained = G // per_epoch, and (transformers 5) each epoch
+        # runs at most per_epoch updates, so per_epoch covers the rest of the resumed epoch and
+        # every whole epoch; `shift` then maps the Trainer's epoch numbers to rankfeed's.
+        per_epoch = max([first, 1] + [whole(e) for e in range(epoch, min(last, epoch + 64) + 1)])
         shift = epoch - g // per_epoch
         return last - shift + 1, per_epoch, max_steps, shift
 

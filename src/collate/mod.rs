@@ -74,14 +74,6 @@ pub enum Truncation {
 }
 crate::options::named!(Truncation, "truncation");
 
-impl Truncation {
-    /// Whether this is the default (checkpoints leave the default out, so states written
-    /// before the option existed still resume).
-    pub fn is_default(&self) -> bool {
-        *self == Truncation::default()
-    }
-}
-
 /// Integer type of the id arrays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdType {

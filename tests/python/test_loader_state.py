@@ -30,6 +30,7 @@ VALUES = {
     "mode": ["encoder", "llm", "matryoshka", "embedder"],
     "query_max_len": [None, 8],
     "passage_max_len": [None, 24],
+    "truncation": ["flag_embedding", "longest_first"],
     "seed": [None, 1, 2],
     "epoch": [None, 1],
     "rank": [None, 1],
@@ -86,6 +87,16 @@ def test_every_batch_argument_is_a_checkpoint_setting(three):
     assert set(state) - DERIVED == set(args) - NOT_SETTINGS
     print(f"settings: {len(set(state) - DERIVED)} of {len(args)} arguments "
           f"(not: {sorted(NOT_SETTINGS)})")
+
+
+def test_a_state_from_before_the_truncation_option_was_taken_with_its_default(three):
+    # States written before `truncation` existed lack the key: they were taken with
+    # FlagEmbedding's truncation, resume with it, and are refused with longest_first.
+    state = three.loader().state_dict()
+    del state["truncation"]
+    assert three.loader().load_state_dict({**state, "step": 1}) == "exact"
+    with pytest.raises(ValueError, match="taken with truncation = "):
+        three.loader(truncation="longest_first").load_state_dict(state)
 
 
 def test_other_padding_is_refused_even_when_the_steps_match(three):

@@ -25,7 +25,7 @@ def make_trainer(kind, model_dir, data, out, *, max_steps=50, save_steps=None, s
     seen = [] if seen is None else seen
     losses = [] if losses is None else losses
     torch.manual_seed(0)
-    common = dict(output_dir=str(out), max_steps=max_steps, learning_rate=5e-4, report_to=[],
+    common = dict(output_dir=str(out), max_steps=max_steps, learning_rate=3e-3 if kind == "ce" else 5e-4, report_to=[],
                   save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                   logging_strategy="no", use_cpu=True, seed=1, dataloader_num_workers=0,
                   disable_tqdm=True, per_device_train_batch_size=batch_size, warmup_steps=0,
@@ -47,7 +47,7 @@ def make_trainer(kind, model_dir, data, out, *, max_steps=50, save_steps=None, s
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             seen.append((inputs["rows"].tolist(), inputs["pos"].tolist(), inputs["neg"].tolist()))
             value = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            losses.append(float(value[0] if return_outputs else value))
+            losses.append(float((value[0] if return_outputs else value).detach()))
             return value
 
     class Stop(transformers.TrainerCallback):

@@ -1,5 +1,6 @@
 """Real training with rankfeed.st's trainers on the bundled WordNet sample: the loss decreases
-over 50 steps; a run stopped at a checkpoint and resumed trains on exactly the batches of the
+over 50 steps (on the sample's first 32 rows, which a tiny random-weight model learns in that
+many steps; on all 2,998 it stays near ln G for hundreds); a run stopped at a checkpoint and resumed trains on exactly the batches of the
 uninterrupted run (also across an epoch boundary); two processes (torchrun, gloo, CPU) train
 on disjoint rows with the same number of steps."""
 
@@ -32,14 +33,30 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir("bert", tmp_path_factory.mktemp("m") / "bert")
 
 
+def head_of_sample(tmp_path, n):
+    src = tmp_path / f"head{n}.jsonl"
+    with open(src, "w") as f, gzip.open(SAMPLE, "rt") as g:
+        for _, line in zip(range(n), g):
+            f.write(line)
+    data = tmp_path / f"head{n}"
+    rankfeed.convert([str(src)], str(hf_tokenizer("bert")[1]), str(data))
+    return data
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_training_decreases_the_loss_and_resumes_on_the_same_batches(wordnet, model_dir,
-                                                                     tmp_path, kind):
-    full, losses = run(kind, model_dir, wordnet, tmp_path / "full", max_steps=50)
-    assert len(full) == 50
+def test_training_decreases_the_loss(model_dir, tmp_path, kind):
+    _, losses = run(kind, model_dir, head_of_sample(tmp_path, 32), tmp_path / "run",
+                    max_steps=50)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     print(f"\n{kind}: loss {first:.4f} (steps 1-10) -> {last:.4f} (steps 41-50)")
-    assert last < first * 0.9, (first, last)
+    assert last < first * 0.5, (first, last)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_resumed_run_trains_on_the_uninterrupted_runs_batches(wordnet, model_dir, tmp_path,
+                                                                kind):
+    full, _ = run(kind, model_dir, wordnet, tmp_path / "full", max_steps=50)
+    assert len(full) == 50
     rows = [r for b in full for r in b[0]]
     assert len(set(rows)) == len(rows), "50 batches of 8 stay within the first epoch"
     out = tmp_path / "stopped"
@@ -55,12 +72,7 @@ def test_training_decreases_the_loss_and_resumes_on_the_same_batches(wordnet, mo
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_across_an_epoch_boundary(tmp_path, model_dir, kind):
     # A small dataset (90 rows: 12 batches of 8, the last padded) and 30 steps: 2.5 epochs.
-    src = tmp_path / "small.jsonl"
-    with open(src, "w") as f, gzip.open(SAMPLE, "rt") as g:
-        for _, line in zip(range(90), g):
-            f.write(line)
-    data = tmp_path / "small"
-    rankfeed.convert([str(src)], str(hf_tokenizer("bert")[1]), str(data))
+    data = head_of_sample(tmp_path, 90)
     full, _ = run(kind, model_dir, data, tmp_path / "full", max_steps=30)
     epoch = 12
     assert sorted(r for b in full[:epoch] for r in b[0])[:90] == list(range(90))
