@@ -259,6 +259,24 @@ class RankfeedTrainerMixin:
             loader._epoch_shift = shift
         return tuple(values)
 
+    def _run_epoch(self, *args, **kwargs):
+        """transformers 5 runs every epoch on the batch count and update count it computed
+        once, before training (those of the first epoch's pass): give each epoch its own (the
+        rest of a resumed epoch, or a whole epoch, whose length varies with max_tokens), so
+        gradient accumulation syncs at each epoch's last batch."""
+        loader = self._rankfeed_loader
+        if loader is not None and "epoch" in kwargs and "steps_in_epoch" in kwargs:
+            epoch = int(kwargs["epoch"]) + loader._epoch_shift
+            if loader._resume is not None and loader._resume[0] == epoch:
+                _, nxt, offset = loader._resume
+                batches = loader._steps(epoch, offset) - nxt
+            else:
+                batches = loader._steps(epoch, 0)
+            ga = max(self.args.gradient_accumulation_steps, 1)
+            kwargs["steps_in_epoch"] = batches
+            kwargs["num_update_steps_per_epoch"] = max(-(-batches // ga), 1)
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         super()._save_checkpoint(model, trial, *args, **kwargs)
         folder = os.path.join(self._get_output_dir(trial=trial),

@@ -57,8 +57,7 @@ from .torch import RankfeedIterable, _META
 # None or the teacher scores [B, G]; "pairs": (query, passage) for each of the B*G pairs with one
 # label each; "lists": (query, [passages]) with a list of B label tensors [G].
 LOSS_INPUTS = {
-    "MultipleNegativesRankingLoss": "columns",
-    "CachedMultipleNegativesRankingLoss": "columns",
+    "MultipleNegativesRankingLoss": "columns",  # one query per device only (in-batch pairs)
     "MarginMSELoss": "columns",
     "GroupCrossEntropyLoss": "columns",
     "BinaryCrossEntropyLoss": "pairs",
@@ -69,8 +68,15 @@ LOSS_INPUTS = {
     "LambdaLoss": "lists",
     "RankNetLoss": "lists",
 }
-# Losses whose labels are teacher scores (their loaders gather them: knowledge_distillation).
-TEACHER_LOSSES = ("MarginMSELoss", "MSELoss", "DistillKLDivLoss")
+# Cross-encoder losses refused, and why.
+REFUSED = {
+    "CachedMultipleNegativesRankingLoss": "its backward pass tokenizes the pairs again, outside "
+    "the step (and its pairs are in-batch negatives): use GroupCrossEntropyLoss",
+}
+# Losses whose labels are teacher scores (their loaders gather them: knowledge_distillation),
+# of the cross-encoder and of the bi-encoder (whose MSELoss distills embeddings, not scores).
+TEACHER_LOSSES = ("MarginMSELoss", "MSELoss")
+BI_TEACHER_LOSSES = ("MarginMSELoss", "DistillKLDivLoss")
 
 
 class GroupCrossEntropyLoss(torch.nn.Module):
@@ -157,9 +163,8 @@ class _Pretokenized:
                 raise ValueError(
                     f"rankfeed.st: the loss pairs query {qk[1]} with a passage of query "
                     f"{pk[1] // self.group} (in-batch negatives), a pair the rankfeed batch does not "
-                    "hold: use the group's own hard negatives (e.g. "
-                    "MultipleNegativesRankingLoss(model, num_negatives=0), or "
-                    "rankfeed.st.GroupCrossEntropyLoss)")
+                    "hold: train on the groups' own hard negatives with "
+                    "rankfeed.st.GroupCrossEntropyLoss")
             rows.append(pk[1])
         n = next(iter(self.features.values())).shape[0]
         if rows == list(range(n)):
@@ -205,6 +210,7 @@ class _RankfeedST(RankfeedTrainerMixin):
     sentence-transformers arguments rankfeed replaces, the batch's bookkeeping keys."""
 
     _mode = None
+    _teacher_losses = ()
 
     def __init__(self, model=None, args=None, train_dataset=None, *, group_size=None,
                  max_length=None, loader_options=None, **kwargs):
@@ -245,7 +251,7 @@ class _RankfeedST(RankfeedTrainerMixin):
         return int(n)
 
     def _wants_teacher(self):
-        return _loss_name(self.loss) in TEACHER_LOSSES
+        return _loss_name(self.loss) in self._teacher_losses
 
     def _rankfeed_dataset(self, data, group_size, max_length, options):
         if isinstance(data, RankfeedIterable):
@@ -313,6 +319,7 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
     (1 for the positive, 0 for the negatives); `labels="relevance"` or `"teacher"` chooses."""
 
     _mode = "encoder"
+    _teacher_losses = TEACHER_LOSSES
     _probe = [("a", "b")]
 
     def __init__(self, *args, loss_inputs=None, labels=None, **kwargs):
@@ -329,6 +336,9 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
         return self._labels == "teacher" or (self._labels is None and super()._wants_teacher())
 
     def _loss_format(self):
+        if _loss_name(self.loss) in REFUSED:
+            raise ValueError(f"rankfeed.st: {_loss_name(self.loss)} is not supported: "
+                             f"{REFUSED[_loss_name(self.loss)]}")
         fmt = self._loss_inputs or LOSS_INPUTS.get(_loss_name(self.loss))
         if fmt is None:
             raise ValueError(
@@ -383,6 +393,9 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
         return inputs, labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "input_ids" not in inputs:  # not a rankfeed batch: an eval_dataset's texts
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         features, teacher = self._batch(inputs)
         loss_fn = self.loss
         if model == self.model_wrapped and hasattr(loss_fn, "model") and loss_fn.model != model:
@@ -412,6 +425,7 @@ class RankfeedSentenceTransformerTrainer(_RankfeedST, SentenceTransformerTrainer
     negative_{G-1} (and `label`: the teacher scores [B, G], with knowledge_distillation)."""
 
     _mode = "embedder"
+    _teacher_losses = BI_TEACHER_LOSSES
     _probe = ["a"]
 
     def _loader_defaults(self, max_length):
@@ -439,6 +453,9 @@ class RankfeedSentenceTransformerTrainer(_RankfeedST, SentenceTransformerTrainer
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not any(k.startswith("query_") for k in inputs):  # an eval_dataset's features
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         features, teacher = self._batch(inputs)
         if any(isinstance(v, list) for v in features.values()):
             raise ValueError("rankfeed.st: sub_batch_size batches are not supported")

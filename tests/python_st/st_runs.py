@@ -12,7 +12,7 @@ from rankfeed import st
 
 
 def make_trainer(kind, model_dir, data, out, *, max_steps=50, save_steps=None, stop_at=None,
-                 batch_size=8, group_size=4, seen=None, losses=None, loss=None, **options):
+                 batch_size=8, group_size=4, seen=None, losses=None, loss=None, ga=1, **options):
     """A RankfeedCrossEncoderTrainer (kind "ce") or RankfeedSentenceTransformerTrainer ("bi")
     on `data` (a dataset path) writing checkpoints to `out`."""
     from sentence_transformers import SentenceTransformer
@@ -29,7 +29,7 @@ def make_trainer(kind, model_dir, data, out, *, max_steps=50, save_steps=None, s
                   save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                   logging_strategy="no", use_cpu=True, seed=1, dataloader_num_workers=0,
                   disable_tqdm=True, per_device_train_batch_size=batch_size, warmup_steps=0,
-                  lr_scheduler_type="constant")
+                  lr_scheduler_type="constant", gradient_accumulation_steps=ga)
     if kind == "ce":
         model = CrossEncoder(model_dir, device="cpu")
         model.max_seq_length = 96
@@ -45,7 +45,9 @@ def make_trainer(kind, model_dir, data, out, *, max_steps=50, save_steps=None, s
 
     class Recording(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            seen.append((inputs["rows"].tolist(), inputs["pos"].tolist(), inputs["neg"].tolist()))
+            # What trained, and in which optimizer step (the Trainer's global_step before it).
+            seen.append((inputs["rows"].tolist(), inputs["pos"].tolist(), inputs["neg"].tolist(),
+                         self.state.global_step))
             value = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             losses.append(float((value[0] if return_outputs else value).detach()))
             return value

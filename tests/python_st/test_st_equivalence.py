@@ -250,6 +250,9 @@ def test_pairs_outside_the_batch_and_unknown_losses_are_refused(tmp_path, models
             super().__init__()
             self.model = model
 
+    with pytest.raises(ValueError, match="backward pass"):
+        st.RankfeedCrossEncoderTrainer(model=model, args=args, train_dataset=path, group_size=3,
+                                       loss=ce_losses.CachedMultipleNegativesRankingLoss(model))
     with pytest.raises(ValueError, match="loss_inputs"):
         st.RankfeedCrossEncoderTrainer(model=model, args=args, train_dataset=path,
                                        group_size=3, loss=Custom(model))
@@ -263,3 +266,31 @@ def test_pairs_outside_the_batch_and_unknown_losses_are_refused(tmp_path, models
         with pytest.raises(ValueError, match=next(iter(bad))):
             st.RankfeedCrossEncoderTrainer(model=model, args=a, train_dataset=path,
                                            loss=st.GroupCrossEntropyLoss(model))
+
+
+def test_evaluate_on_a_text_eval_dataset_takes_sentence_transformers_path(tmp_path, models):
+    # Regression: compute_loss took every batch for a rankfeed one, so evaluate() with a
+    # datasets.Dataset eval set failed (KeyError) at the first evaluation.
+    from datasets import Dataset
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    rows, path = case_data(tmp_path, "bert", 2)
+    ce = CrossEncoder(models["bert"], device="cpu")
+    ce.max_seq_length = 32
+    evalset = Dataset.from_dict({"query": [r["query"] for r in rows[:6]],
+                                 "passage": [r["pos"][0] for r in rows[:6]],
+                                 "label": [1.0] * 6})
+    args = CrossEncoderTrainingArguments(output_dir=str(tmp_path / "ce"), report_to=[],
+                                         per_device_train_batch_size=2)
+    trainer = st.RankfeedCrossEncoderTrainer(model=ce, args=args, train_dataset=path,
+                                             group_size=2, eval_dataset=evalset,
+                                             loss=ce_losses.BinaryCrossEntropyLoss(ce))
+    assert trainer.evaluate()["eval_loss"] > 0
+    bi = SentenceTransformer(models["bert"], device="cpu")
+    evalset = Dataset.from_dict({"anchor": [r["query"] for r in rows[:6]],
+                                 "positive": [r["pos"][0] for r in rows[:6]]})
+    args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "bi"), report_to=[],
+                                                per_device_train_batch_size=2)
+    trainer = st.RankfeedSentenceTransformerTrainer(model=bi, args=args, train_dataset=path,
+                                                    group_size=2, eval_dataset=evalset,
+                                                    loss=MultipleNegativesRankingLoss(bi))
+    assert trainer.evaluate()["eval_loss"] > 0

@@ -83,6 +83,19 @@ def test_resume_across_an_epoch_boundary(tmp_path, model_dir, kind):
     assert head + tail == full
 
 
+def test_resume_with_gradient_accumulation(tmp_path, model_dir):
+    # Regression (transformers 5): every epoch ran on the batch count of the first pass, so
+    # after a mid-epoch resume the optimizer stepped after other batches, and the run ended
+    # early. 90 rows: 12 batches an epoch, 5 per update (3 updates an epoch, the last of 2).
+    data = head_of_sample(tmp_path, 90)
+    full, _ = run("ce", model_dir, data, tmp_path / "full", max_steps=8, ga=5)
+    assert len(full) == 12 + 12 + 10
+    out = tmp_path / "stopped"
+    head, _ = run("ce", model_dir, data, out, max_steps=8, ga=5, stop_at=2, save_steps=2)
+    tail, _ = run("ce", model_dir, data, out, max_steps=8, ga=5, resume=str(out / "checkpoint-2"))
+    assert head + tail == full, "the same batches in the same optimizer steps"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_processes_train_disjoint_rows_with_equal_steps(wordnet, model_dir, tmp_path, kind):
     result = tmp_path / "result"
