@@ -815,19 +815,11 @@ impl Loader {
     ) -> Result<Resumed> {
         let own = self.settings()?;
         // A state written before a setting existed was taken with its default.
-        let mut filled;
-        let state = if Options::added_later()
-            .iter()
-            .any(|(k, _)| !state.contains_key(*k))
-        {
-            filled = state.clone();
-            for (k, v) in Options::added_later() {
-                filled.entry(k).or_insert(v);
-            }
-            &filled
-        } else {
-            state
-        };
+        let mut filled = state.clone();
+        for (k, v) in Options::added_later() {
+            filled.entry(k).or_insert(v);
+        }
+        let state = &filled;
         for k in state.keys() {
             if !POSITION.contains(&k.as_str()) && !own.contains_key(k) {
                 let known: Vec<&str> = POSITION

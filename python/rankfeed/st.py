@@ -166,12 +166,11 @@ class _Pretokenized:
                     "hold: train on the groups' own hard negatives with "
                     "rankfeed.st.GroupCrossEntropyLoss")
             rows.append(pk[1])
-        n = next(iter(self.features.values())).shape[0]
-        if rows == list(range(n)):
+        ids = self.features["input_ids"]
+        if rows == list(range(ids.shape[0])):
             out = dict(self.features)
         else:
-            index = torch.as_tensor(rows, dtype=torch.long,
-                                    device=next(iter(self.features.values())).device)
+            index = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
             out = {k: v.index_select(0, index) for k, v in self.features.items()}
         return {**_trim(out), **self.extra}
 
@@ -250,8 +249,9 @@ class _RankfeedST(RankfeedTrainerMixin):
             raise ValueError("rankfeed.st: the model has no max_seq_length: pass max_length=")
         return int(n)
 
-    def _wants_teacher(self):
-        return _loss_name(self.loss) in self._teacher_losses
+    def _wants_teacher(self, loss=None):
+        """Whether `loss` (default the trainer's) trains on teacher scores."""
+        return _loss_name(self.loss if loss is None else loss) in self._teacher_losses
 
     def _rankfeed_dataset(self, data, group_size, max_length, options):
         if isinstance(data, RankfeedIterable):
@@ -332,17 +332,20 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
         super().__init__(*args, **kwargs)
         self._loss_format()  # a loss without a known format fails here, not at the first step
 
-    def _wants_teacher(self):
-        return self._labels == "teacher" or (self._labels is None and super()._wants_teacher())
+    def _wants_teacher(self, loss=None):
+        return self._labels == "teacher" or (self._labels is None
+                                             and super()._wants_teacher(loss))
 
-    def _loss_format(self):
-        if _loss_name(self.loss) in REFUSED:
-            raise ValueError(f"rankfeed.st: {_loss_name(self.loss)} is not supported: "
-                             f"{REFUSED[_loss_name(self.loss)]}")
-        fmt = self._loss_inputs or LOSS_INPUTS.get(_loss_name(self.loss))
+    def _loss_format(self, loss=None):
+        """The input format of `loss` (default the trainer's): a ValueError for a refused loss
+        or one of no known format."""
+        name = _loss_name(self.loss if loss is None else loss)
+        if name in REFUSED:
+            raise ValueError(f"rankfeed.st: {name} is not supported: {REFUSED[name]}")
+        fmt = self._loss_inputs or LOSS_INPUTS.get(name)
         if fmt is None:
             raise ValueError(
-                f"rankfeed.st: which inputs {_loss_name(self.loss)} takes is not known: pass "
+                f"rankfeed.st: which inputs {name} takes is not known: pass "
                 "loss_inputs='columns' (query, passage_1..passage_G), 'pairs' ((query, passage) "
                 "with one label each) or 'lists' ((query, [passages]) with a label list)")
         return fmt
@@ -350,10 +353,10 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
     def _check_iterable(self, settings):
         max_length = getattr(self.model, "max_seq_length", None)
         budget = settings["query_max_len"] + settings["passage_max_len"]
-        if settings.get("truncation", "flag_embedding") != "longest_first" or budget != max_length:
+        if settings["truncation"] != "longest_first" or budget != max_length:
             warnings.warn(
                 f"rankfeed.st: the RankfeedIterable cuts pairs to {budget} tokens by "
-                f"{settings.get('truncation', 'flag_embedding')!r} truncation; sentence-"
+                f"{settings['truncation']!r} truncation; sentence-"
                 f"transformers cuts them to the model's max_seq_length ({max_length}) by "
                 "longest_first: pairs that are cut differ from its own", stacklevel=3)
 
@@ -365,13 +368,13 @@ class RankfeedCrossEncoderTrainer(_RankfeedST, CrossEncoderTrainer):
     def rankfeed_loss_inputs(self, loss, batch_size, group_size, teacher):
         """(inputs, labels) for `loss` on a batch of `batch_size` groups of `group_size`: the
         text stand-ins in the loss's format and its labels."""
-        fmt = self._loss_inputs or LOSS_INPUTS.get(_loss_name(loss)) or self._loss_format()
+        fmt = self._loss_format(loss)
         b_, g_ = range(batch_size), range(group_size)
         queries = [_Text("query", b) for b in b_]
         pair = [[_Text("pair", b * group_size + g) for g in g_] for b in b_]
-        use_teacher = self._labels == "teacher" or (
-            self._labels is None and (_loss_name(loss) in TEACHER_LOSSES
-                                      or (fmt != "pairs" and teacher is not None)))
+        # Lists and columns also train on teacher scores when the batches carry them.
+        use_teacher = self._wants_teacher(loss) or (
+            self._labels is None and fmt != "pairs" and teacher is not None)
         if use_teacher and teacher is None:
             raise ValueError(
                 f"rankfeed.st: {_loss_name(loss)} needs teacher scores: the batches carry none "

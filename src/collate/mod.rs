@@ -763,6 +763,8 @@ impl Collator {
         let mut queries = Vec::with_capacity(selections.len());
         let mut out_scores = scores.then(|| Vec::with_capacity(n));
         let q_cap = self.query_cap();
+        // What a query prefetches: at most the pair budget (uncapped under longest_first).
+        let q_prefetch = self.options.query_max_len + self.options.passage_max_len;
         for sel in selections {
             let row = sel.row as usize;
             let group = match out_scores.as_mut() {
@@ -784,9 +786,7 @@ impl Collator {
                 ds.prefetch_passage(id);
             }
             let query = &group.query[..group.query.len().min(q_cap)];
-            // At most the pair budget (the query is uncapped under longest_first).
-            let budget = self.options.query_max_len + self.options.passage_max_len;
-            storage::prefetch(&query[..query.len().min(budget)]);
+            storage::prefetch(&query[..query.len().min(q_prefetch)]);
             queries.push((query, self.prompt_of(ds, group.prompt)?));
         }
         let passages = ids
