@@ -658,15 +658,26 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             .map_err(|e| Error::io(&path, e))?;
     }
     if len.max(text.len() as u64) > format::MAX_MANIFEST_BYTES {
-        return Err(Error::corrupt(
-            &path,
-            format!(
-                "larger than {} bytes: not a manifest",
-                format::MAX_MANIFEST_BYTES
-            ),
-        ));
+        return Err(manifest_too_large(&path));
     }
-    let value: serde_json::Value = serde_json::from_slice(&text)
+    parse_manifest(&path, &text)
+}
+
+pub(crate) fn manifest_too_large(path: &Path) -> Error {
+    Error::corrupt(
+        path,
+        format!(
+            "larger than {} bytes: not a manifest",
+            format::MAX_MANIFEST_BYTES
+        ),
+    )
+}
+
+/// Check and parse a manifest's bytes (read from `path`, named in errors): JSON, this format,
+/// a supported version, sealed.
+pub(crate) fn parse_manifest(path: &Path, text: &[u8]) -> Result<Manifest> {
+    let path = path.to_path_buf();
+    let value: serde_json::Value = serde_json::from_slice(text)
         .map_err(|e| Error::corrupt(&path, format!("not valid JSON: {e}")))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(format::FORMAT_NAME) {
         return Err(Error::corrupt(
@@ -690,7 +701,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     }
     let manifest: Manifest = serde_json::from_value(value)
         .map_err(|e| Error::corrupt(&path, format!("invalid manifest: {e}")))?;
-    Manifest::check_seal(&text, &manifest.checksum).map_err(|m| Error::corrupt(&path, m))?;
+    Manifest::check_seal(text, &manifest.checksum).map_err(|m| Error::corrupt(&path, m))?;
     Ok(manifest)
 }
 

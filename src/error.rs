@@ -203,6 +203,14 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// An object-store request that failed for good (after retries), naming the object.
+    #[error("{url}: {message}")]
+    Remote {
+        /// The object's URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The output path exists and overwriting was not asked for.
     #[error("{} already exists (pass --overwrite on the command line, or overwrite=True in Python, to replace it)", path.display())]
     Exists {

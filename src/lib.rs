@@ -15,6 +15,7 @@
 //!   dataset  (open + validate; typed zero-copy views of groups, passages, prompts)
 //!      |
 //!   format   (the on-disk layout and manifest; no I/O)      storage (mmap, prefetch; the only unsafe)
+//!   remote   (feature `remote`: datasets in object storage, through a verified local cache)
 //!   ipc      (Arrow IPC file layout parsed with every offset checked)
 //! ```
 //!
@@ -24,6 +25,7 @@
 //!   that pair building needs.
 //! - [`loader::Loader`] yields [`collate::Batch`]es, bit-identical to FlagEmbedding's.
 //! - [`export::export`], [`import::import`], [`merge::merge`]: Parquet and shards.
+//! - `remote::open` / `remote::upload` (feature `remote`): datasets at `s3://` URLs.
 
 #![deny(missing_docs)]
 
@@ -42,6 +44,8 @@ pub mod merge;
 pub mod options;
 pub mod parquet_read;
 pub mod publish;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod sample;
 pub mod stats;
 pub mod storage;

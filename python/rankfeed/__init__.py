@@ -17,11 +17,16 @@ from ._rankfeed import CorruptDatasetError, Loader, __version__
 from ._rankfeed import Dataset as _Dataset
 from ._rankfeed import convert as _convert
 from ._rankfeed import export as _export
+from ._rankfeed import fetch as _fetch
+from ._rankfeed import is_url
+from ._rankfeed import remove_url
+from ._rankfeed import upload as _upload
 from ._rankfeed import import_parquet as _import_parquet
 from ._rankfeed import loader_options as _loader_options
 from ._rankfeed import merge as _merge
 
-__all__ = ["convert", "export", "import_parquet", "merge", "Dataset", "Loader", "CorruptDatasetError",
+__all__ = ["convert", "export", "import_parquet", "merge", "fetch", "upload", "remove_url", "is_url",
+           "Dataset", "Loader", "CorruptDatasetError",
            "LOADER_OPTIONS",
            "__version__"]
 
@@ -32,25 +37,51 @@ def _paths(p):
     return [str(x) for x in p]
 
 
-def export(dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=False):
+def _dir(p):
+    return None if p is None else str(p)
+
+
+def export(dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=False, cache_dir=None):
     """Export a dataset directory to Parquet under `out`: layout "flat" (one row per query with
-    token lists) or "tables" (passages/, groups/, prompts/). Spark and Polars read it as is."""
-    return _export(str(dataset), str(out), layout=layout, rows_per_file=rows_per_file, overwrite=overwrite)
+    token lists) or "tables" (passages/, groups/, prompts/). Spark and Polars read it as is.
+    `dataset` and `out` may be URLs (s3://...): an export uploaded there ends with a `_SUCCESS`
+    marker, written last."""
+    return _export(str(dataset), str(out), layout=layout, rows_per_file=rows_per_file, overwrite=overwrite,
+                   cache_dir=_dir(cache_dir))
 
 
-def import_parquet(inputs, out, *, tokenizer=None, overwrite=False):
+def import_parquet(inputs, out, *, tokenizer=None, overwrite=False, cache_dir=None):
     """Import pre-tokenized Parquet into a dataset at `out`, without tokenizing: flat files or
     directories (list or large_list, int32 or int64 ids), or a `tables` export directory.
     Rows follow the `row` column when there is one. `tokenizer` (a tokenizer.json) supplies the
     tokenizer facts when the files carry no rankfeed metadata (Spark and Polars drop it): the
-    import refuses without either."""
+    import refuses without either. Inputs and `out` may be URLs (s3://...)."""
     return _import_parquet(_paths(inputs), str(out), overwrite=overwrite,
-                           tokenizer=str(tokenizer) if tokenizer is not None else None)
+                           tokenizer=str(tokenizer) if tokenizer is not None else None,
+                           cache_dir=_dir(cache_dir))
 
 
-def merge(shards, out, *, overwrite=False):
-    """Merge dataset directories (e.g. shards from `convert(..., shard=(k, n))`) into one."""
-    return _merge(_paths(shards), str(out), overwrite=overwrite)
+def merge(shards, out, *, overwrite=False, cache_dir=None):
+    """Merge dataset directories (e.g. shards from `convert(..., shard=(k, n))`) into one.
+    Shards and `out` may be URLs (s3://...)."""
+    return _merge(_paths(shards), str(out), overwrite=overwrite, cache_dir=_dir(cache_dir))
+
+
+def fetch(url, *, cache_dir=None, cache_max_bytes=None):
+    """Fetch the dataset at `url` (s3://bucket/prefix) into the local cache, verified file by
+    file against its sealed manifest as it streams in (a no-op when the cache holds it).
+    Returns a dict: `path` of the local copy, `seal`, `downloaded`, `files`, `bytes`,
+    `requests`, `retries`, `waited_seconds` (for another process's download), `seconds`,
+    `evicted`. The cache is `cache_dir`, else $RANKFEED_CACHE, else ~/.cache/rankfeed/datasets;
+    `cache_max_bytes` evicts whole datasets, least recently used first."""
+    return _fetch(str(url), cache_dir=_dir(cache_dir), cache_max_bytes=cache_max_bytes)
+
+
+def upload(dataset, url, *, overwrite=False):
+    """Upload the dataset directory `dataset` to `url`, every file checked against the manifest
+    as it is read and the manifest last (a reader never sees a partial dataset). Replacing a
+    dataset deletes its manifest first: an interrupted upload leaves no dataset, never a mix."""
+    return _upload(str(dataset), str(url), overwrite=overwrite)
 
 
 class _Progress:
@@ -76,7 +107,7 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
             passage_instruction=None, passage_instruction_format=None, sep_token=None,
             default_prompt=None, on_error="fail", overwrite=False, threads=None,
             rows_per_batch=None, progress=None, shard=None, max_line_bytes=None,
-            convention="reranker"):
+            convention="reranker", cache_dir=None):
     """Convert FlagEmbedding-style JSON/JSONL (files or directories, optionally .gz/.zst) into a
     dataset directory at `out`; returns a summary dict (counts, dedup ratio, per-source stats).
 
@@ -95,7 +126,10 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
     `convention` names the row fields that give per-row instructions when an instruction is
     set: "reranker" (`query_prompt`, `passage_prompt`) or "embedder" (`prompt` as the query
     instruction, as FlagEmbedding's embedder datasets); the dataset then serves that kind of
-    training. Without instructions one dataset serves both."""
+    training. Without instructions one dataset serves both. Inputs may be URLs (s3://bucket/key
+    or a prefix read as a directory; downloaded first and recorded under their URLs) and so may
+    `out` (written locally, then uploaded with the manifest last); `cache_dir` holds the scratch
+    copies."""
     inputs = _paths(inputs)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -109,7 +143,8 @@ def convert(inputs, tokenizer, out, *, query_instruction=None, query_instruction
                         default_prompt=default_prompt, on_error=on_error, overwrite=overwrite,
                         threads=threads, rows_per_batch=rows_per_batch, progress=callback,
                         shard=tuple(shard) if shard is not None else None,
-                        max_line_bytes=max_line_bytes, convention=convention)
+                        max_line_bytes=max_line_bytes, convention=convention,
+                        cache_dir=_dir(cache_dir))
     finally:
         if isinstance(callback, _Progress) and callback.last:
             sys.stderr.write("\n")
@@ -132,9 +167,18 @@ class Dataset(_Dataset):
 
     A loader may be used from several threads: each call works or raises; `len()`, `step`,
     `epoch` and `state_dict()` never wait for the loader, and the calls that do wait, with the
-    GIL released, in the order they asked."""
+    GIL released, in the order they asked.
+
+    `path` may be a URL (s3://bucket/prefix): the dataset is fetched into the local cache
+    (`cache_dir`, else $RANKFEED_CACHE, else ~/.cache/rankfeed/datasets), verified as it
+    streams in, then mapped; `ds.url` and `ds.fetch_report` say what happened, and
+    `cache_max_bytes` evicts whole datasets, least recently used first."""
 
     def __reduce__(self):
+        # A dataset opened from a URL travels as its URL (another machine fetches it into its
+        # own cache; this one finds it cached).
+        if self.url is not None:
+            return (_open_url, (self.url, self.cache_dir))
         return (Dataset, (self.path,))
 
     def loader(self, *, epoch=None, **options):
@@ -145,6 +189,10 @@ class Dataset(_Dataset):
 #: stores it. Defined once, in Rust (`rankfeed::options::Options`); the signature and the
 #: documentation of `Dataset.loader` below, the CLI's flags and the README's table derive
 #: from it.
+def _open_url(url, cache_dir):
+    return Dataset(url, cache_dir=cache_dir)
+
+
 LOADER_OPTIONS = tuple(_loader_options())
 
 

@@ -22,6 +22,7 @@ use rankfeed::collate::{Batch, Ids};
 use rankfeed::convert::{ConvertOptions, OnError, TextOptions};
 use rankfeed::loader::{Loader, LoaderState, Resumed};
 use rankfeed::options::Options;
+use rankfeed::remote::{Cache, Output, OutputKind};
 use rankfeed::sample::Selection;
 use rankfeed::writer::WriterOptions;
 
@@ -43,7 +44,9 @@ fn to_py(e: rankfeed::Error) -> PyErr {
         return CorruptDatasetError::new_err(msg);
     }
     match e {
-        E::Io { .. } | E::Arrow(_) | E::Parquet { .. } => PyOSError::new_err(msg),
+        E::Io { .. } | E::Arrow(_) | E::Parquet { .. } | E::Remote { .. } => {
+            PyOSError::new_err(msg)
+        }
         E::Exists { .. } => PyFileExistsError::new_err(msg),
         E::OutOfRange { .. } => PyIndexError::new_err(msg),
         E::Internal(_) => PyRuntimeError::new_err(msg),
@@ -278,13 +281,13 @@ fn parse<T: std::str::FromStr<Err = rankfeed::Error>>(s: &str) -> PyResult<T> {
 #[pyo3(signature = (inputs, tokenizer, out, *, query_instruction=None, query_instruction_format=None,
     passage_instruction=None, passage_instruction_format=None, sep_token=None,
     default_prompt=None, on_error="fail", overwrite=false, threads=None, rows_per_batch=None, progress=None,
-    shard=None, max_line_bytes=None, convention="reranker"))]
+    shard=None, max_line_bytes=None, convention="reranker", cache_dir=None))]
 #[allow(clippy::too_many_arguments)]
 fn convert<'py>(
     py: Python<'py>,
-    inputs: Vec<PathBuf>,
+    inputs: Vec<String>,
     tokenizer: PathBuf,
-    out: PathBuf,
+    out: String,
     query_instruction: Option<String>,
     query_instruction_format: Option<String>,
     passage_instruction: Option<String>,
@@ -299,7 +302,13 @@ fn convert<'py>(
     shard: Option<(usize, usize)>,
     max_line_bytes: Option<usize>,
     convention: &str,
+    cache_dir: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let cache = Cache::new(cache_dir, None);
+    let output = detached(py, || {
+        Output::new(&out, OutputKind::Dataset, overwrite, &cache)
+    })?;
+    let inputs = detached(py, || rankfeed::remote::inputs(&inputs, &cache))?;
     let on_error = match on_error {
         "fail" => OnError::Fail,
         "skip" => OnError::Skip,
@@ -330,8 +339,9 @@ fn convert<'py>(
         on_error,
         writer: WriterOptions {
             rows_per_batch: rows_per_batch.unwrap_or(rankfeed::format::DEFAULT_ROWS_PER_BATCH),
-            overwrite,
+            overwrite: output.overwrite_local(),
         },
+        input_names: inputs.names.clone(),
         shard,
         max_line_bytes: max_line_bytes.unwrap_or(rankfeed::convert::source::DEFAULT_MAX_LINE_BYTES),
         cancel: Some(Arc::new(AtomicBool::new(false))),
@@ -345,7 +355,7 @@ fn convert<'py>(
         rankfeed::tokenizer::TextTokenizer::from_file(&tokenizer)
     })?;
     let report = detached(py, || {
-        rankfeed::convert::convert(&inputs, &tok, &out, &options, &mut |p| {
+        rankfeed::convert::convert(&inputs.paths, &tok, output.path(), &options, &mut |p| {
             let result = Python::attach(|py| {
                 py.check_signals()?;
                 if let Some(cb) = &progress {
@@ -377,7 +387,9 @@ fn convert<'py>(
         return Err(e);
     }
     let report = report?;
+    let uploaded = detached(py, || output.finish())?;
     let summary = serde_json::json!({
+        "uploaded": uploaded.map(upload_json),
         "output": out,
         "seconds": report.elapsed.as_secs_f64(),
         "texts_tokenized": report.texts_tokenized,
@@ -393,28 +405,35 @@ fn convert<'py>(
 
 /// Export a dataset to Parquet (`layout` "flat" or "tables"); returns a summary dict.
 #[pyfunction]
-#[pyo3(signature = (dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=false))]
+#[pyo3(signature = (dataset, out, *, layout="flat", rows_per_file=1_000_000, overwrite=false, cache_dir=None))]
 fn export<'py>(
     py: Python<'py>,
-    dataset: PathBuf,
-    out: PathBuf,
+    dataset: String,
+    out: String,
     layout: &str,
     rows_per_file: usize,
     overwrite: bool,
+    cache_dir: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let options = rankfeed::export::ExportOptions {
-        layout: parse(layout)?,
-        rows_per_file,
-        overwrite,
-        ..Default::default()
-    };
-    let r = detached(py, move || {
-        let ds = rankfeed::Dataset::open(&dataset)?;
-        rankfeed::export::export(&ds, &out, &options)
+    let cache = Cache::new(cache_dir, None);
+    let layout = parse(layout)?;
+    let (r, uploaded) = detached(py, move || {
+        let output = Output::new(&out, OutputKind::Tree, overwrite, &cache)?;
+        let options = rankfeed::export::ExportOptions {
+            layout,
+            rows_per_file,
+            overwrite: output.overwrite_local(),
+            ..Default::default()
+        };
+        let (dir, _fetched) = rankfeed::remote::resolve(&dataset, &cache)?;
+        let ds = rankfeed::Dataset::open(&dir)?;
+        let r = rankfeed::export::export(&ds, output.path(), &options)?;
+        Ok::<_, rankfeed::Error>((r, output.finish()?))
     })?;
     json_to_py(
         py,
         &serde_json::json!({
+            "uploaded": uploaded.map(upload_json),
             "files": r.files,
             "bytes": r.bytes,
             "rows": r.rows,
@@ -426,31 +445,37 @@ fn export<'py>(
 /// Import pre-tokenized Parquet (flat files or directories, or a tables directory) into a
 /// dataset; `tokenizer` supplies the tokenizer facts when the files carry no rankfeed metadata.
 #[pyfunction]
-#[pyo3(signature = (inputs, out, *, tokenizer=None, overwrite=false))]
+#[pyo3(signature = (inputs, out, *, tokenizer=None, overwrite=false, cache_dir=None))]
 fn import_parquet<'py>(
     py: Python<'py>,
-    inputs: Vec<PathBuf>,
-    out: PathBuf,
+    inputs: Vec<String>,
+    out: String,
     tokenizer: Option<PathBuf>,
     overwrite: bool,
+    cache_dir: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let r = detached(py, move || {
+    let cache = Cache::new(cache_dir, None);
+    let (r, uploaded) = detached(py, move || {
         let tok = tokenizer
             .map(rankfeed::tokenizer::TextTokenizer::from_file)
             .transpose()?;
-        rankfeed::import::import(
-            &inputs,
-            &out,
+        let output = Output::new(&out, OutputKind::Dataset, overwrite, &cache)?;
+        let inputs = rankfeed::remote::inputs(&inputs, &cache)?;
+        let r = rankfeed::import::import(
+            &inputs.paths,
+            output.path(),
             tok.as_ref(),
             WriterOptions {
-                overwrite,
+                overwrite: output.overwrite_local(),
                 ..WriterOptions::default()
             },
-        )
+        )?;
+        Ok::<_, rankfeed::Error>((r, output.finish()?))
     })?;
     json_to_py(
         py,
         &serde_json::json!({
+            "uploaded": uploaded.map(upload_json),
             "rows": r.rows,
             "files": r.files,
             "bytes": r.bytes,
@@ -464,40 +489,147 @@ fn import_parquet<'py>(
 /// Merge datasets (shards of one conversion, joined in shard order; or whole datasets,
 /// concatenated in order) into one, without tokenizing again. Every input is verified first.
 #[pyfunction]
-#[pyo3(signature = (shards, out, *, overwrite=false))]
+#[pyo3(signature = (shards, out, *, overwrite=false, cache_dir=None))]
 fn merge<'py>(
     py: Python<'py>,
-    shards: Vec<PathBuf>,
-    out: PathBuf,
+    shards: Vec<String>,
+    out: String,
     overwrite: bool,
+    cache_dir: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let cache = Cache::new(cache_dir, None);
     let m = detached(py, move || {
-        rankfeed::merge::merge(
-            &shards,
-            &out,
+        let output = Output::new(&out, OutputKind::Dataset, overwrite, &cache)?;
+        let mut paths = Vec::new();
+        let mut fetched = Vec::new();
+        for s in &shards {
+            let (p, f) = rankfeed::remote::resolve(s, &cache)?;
+            paths.push(p);
+            fetched.extend(f);
+        }
+        let m = rankfeed::merge::merge(
+            &paths,
+            output.path(),
             WriterOptions {
-                overwrite,
+                overwrite: output.overwrite_local(),
                 ..WriterOptions::default()
             },
-        )
+        )?;
+        drop(fetched);
+        output.finish()?;
+        Ok::<_, rankfeed::Error>(m)
     })?;
     json_to_py(py, &m.counts)
+}
+
+fn upload_json(r: rankfeed::remote::UploadReport) -> serde_json::Value {
+    serde_json::json!({"files": r.files, "bytes": r.bytes, "deleted": r.deleted, "seconds": r.seconds})
+}
+
+fn fetch_json(r: &rankfeed::remote::FetchReport) -> serde_json::Value {
+    serde_json::json!({
+        "seal": r.seal, "downloaded": r.downloaded, "files": r.files, "bytes": r.bytes,
+        "requests": r.requests, "retries": r.retries, "waited_seconds": r.waited_seconds,
+        "seconds": r.seconds, "evicted": r.evicted,
+    })
+}
+
+/// Fetch the dataset at `url` into the cache (a no-op on a hit); returns the local copy's
+/// path and what the fetch did.
+#[pyfunction]
+#[pyo3(signature = (url, *, cache_dir=None, cache_max_bytes=None))]
+fn fetch<'py>(
+    py: Python<'py>,
+    url: String,
+    cache_dir: Option<PathBuf>,
+    cache_max_bytes: Option<u64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let cache = Cache::new(cache_dir, cache_max_bytes);
+    let f = detached(py, || rankfeed::remote::fetch(&url, &cache))?;
+    let mut v = fetch_json(&f.report);
+    v["path"] = serde_json::json!(f.dir);
+    json_to_py(py, &v)
+}
+
+/// Delete every object under `url` (a dataset's manifest first); returns the count.
+#[pyfunction]
+fn remove_url(py: Python<'_>, url: String) -> PyResult<u64> {
+    detached(py, || rankfeed::remote::remove_tree(&url))
+}
+
+/// Whether `s` is an object-store URL rather than a local path.
+#[pyfunction]
+fn is_url(s: &str) -> bool {
+    rankfeed::remote::is_url(s)
+}
+
+/// Upload the dataset directory `dataset` to `url`, the manifest last.
+#[pyfunction]
+#[pyo3(signature = (dataset, url, *, overwrite=false))]
+fn upload<'py>(
+    py: Python<'py>,
+    dataset: PathBuf,
+    url: String,
+    overwrite: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let r = detached(py, || rankfeed::remote::upload(&dataset, &url, overwrite))?;
+    json_to_py(py, &upload_json(r))
 }
 
 /// A converted dataset, memory-mapped.
 #[pyclass(name = "Dataset", module = "rankfeed._rankfeed", frozen, subclass)]
 struct PyDataset {
     inner: Arc<rankfeed::Dataset>,
+    /// The URL it was opened from, and what the fetch did.
+    remote: Option<(String, Option<PathBuf>, rankfeed::remote::FetchReport)>,
 }
 
 #[pymethods]
 impl PyDataset {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, cache_dir=None, cache_max_bytes=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        cache_dir: Option<PathBuf>,
+        cache_max_bytes: Option<u64>,
+    ) -> PyResult<Self> {
+        let arg = path.to_string_lossy().into_owned();
+        if rankfeed::remote::is_url(&arg) {
+            let cache = Cache::new(cache_dir.clone(), cache_max_bytes);
+            let (inner, report) = detached(py, || rankfeed::remote::open(&arg, &cache))?;
+            return Ok(PyDataset {
+                inner: Arc::new(inner),
+                remote: Some((arg, cache_dir, report)),
+            });
+        }
         let inner = detached(py, || rankfeed::Dataset::open(&path))?;
         Ok(PyDataset {
             inner: Arc::new(inner),
+            remote: None,
         })
+    }
+
+    /// The URL the dataset was opened from (None for a local directory).
+    #[getter]
+    fn url(&self) -> Option<String> {
+        self.remote.as_ref().map(|r| r.0.clone())
+    }
+
+    /// The cache directory given for a URL (None: the default one).
+    #[getter]
+    fn cache_dir(&self) -> Option<PathBuf> {
+        self.remote.as_ref().and_then(|r| r.1.clone())
+    }
+
+    /// What opening a URL did (downloaded or a cache hit, files, bytes, requests, retries,
+    /// seconds); None for a local directory.
+    #[getter]
+    fn fetch_report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.remote
+            .as_ref()
+            .map(|r| json_to_py(py, &fetch_json(&r.2)))
+            .transpose()
     }
 
     fn __len__(&self) -> usize {
@@ -1156,6 +1288,10 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export, m)?)?;
     m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(fetch, m)?)?;
+    m.add_function(wrap_pyfunction!(upload, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_url, m)?)?;
+    m.add_function(wrap_pyfunction!(is_url, m)?)?;
     m.add_function(wrap_pyfunction!(loader_options, m)?)?;
     m.add_function(wrap_pyfunction!(_cli, m)?)?;
     m.add("_LOADER_POSITION", rankfeed::loader::POSITION.to_vec())?;

@@ -102,6 +102,10 @@ pub struct ConvertOptions {
     /// Set to `true` (from a progress callback, a signal handler, another thread) to stop the
     /// conversion: it returns [`Error::Interrupted`] within one chunk, nothing is written.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Names to record for inputs under these local paths instead of the paths (inputs
+    /// downloaded from object storage are recorded under their URLs): `(local, name)`, a
+    /// source at `local/rest` is recorded as `name/rest`.
+    pub input_names: Vec<(PathBuf, String)>,
 }
 
 impl Default for ConvertOptions {
@@ -114,8 +118,23 @@ impl Default for ConvertOptions {
             shard: None,
             max_line_bytes: source::DEFAULT_MAX_LINE_BYTES,
             cancel: None,
+            input_names: Vec::new(),
         }
     }
+}
+
+/// The name recorded for a source at `path` (see [`ConvertOptions::input_names`]).
+fn recorded_name(path: &Path, names: &[(PathBuf, String)]) -> String {
+    for (local, name) in names {
+        if let Ok(rest) = path.strip_prefix(local) {
+            return if rest.as_os_str().is_empty() {
+                name.clone()
+            } else {
+                format!("{name}/{}", rest.display())
+            };
+        }
+    }
+    path.display().to_string()
 }
 
 /// Progress of a running conversion.
@@ -257,7 +276,7 @@ pub fn convert(
             ..p.clone()
         })
     })?;
-    let stats = source_stats(&sources, read_stats, &sink, options.shard.is_some())?;
+    let stats = source_stats(&sources, read_stats, &sink, options)?;
     let (texts_tokenized, tokens_tokenized, tokenize_time) = (
         sink.texts_tokenized,
         sink.tokens_tokenized,
@@ -369,8 +388,9 @@ fn source_stats(
     sources: &[SourceFile],
     read_stats: Vec<ReadStats>,
     sink: &Sink<'_>,
-    sharded: bool,
+    options: &ConvertOptions,
 ) -> Result<Vec<SourceStats>> {
+    let sharded = options.shard.is_some();
     let mut stats = Vec::with_capacity(sources.len());
     for (i, (src, rs)) in sources.iter().zip(read_stats).enumerate() {
         if rs.rows_read == 0 && !sharded {
@@ -388,7 +408,7 @@ fn source_stats(
         }
         stats.push(SourceStats {
             id: i as u32,
-            path: src.path.display().to_string(),
+            path: recorded_name(&src.path, &options.input_names),
             bytes: src.bytes,
             rows_read: rs.rows_read,
             rows_accepted: sink.accepted[i],

@@ -1,7 +1,9 @@
 """The README is a contract: every ```python block in it runs, in order, in one namespace, in a
 directory holding `train.jsonl` and `tokenizer.json`, for a BERT tokenizer (token_type_ids)
 and an XLM-R one (none). The prelude gives the blocks what the README says the user brings:
-`model` (a tiny randomly initialised cross-encoder) and `optimizer`; and `spark` (local)."""
+`model` (a tiny randomly initialised cross-encoder) and `optimizer`; `spark` (local); and an S3
+API server (moto's, on 127.0.0.1) holding the bucket `rankfeed-test`, reached through the
+standard AWS environment variables."""
 
 import pathlib
 import re
@@ -36,8 +38,18 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from s3support import MotoServer
+    server = MotoServer(str(tmp_path_factory.mktemp("moto")))
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("tok", ["bert", "xlmr"])
-def test_readme_python_blocks_run(tok, tmp_path, monkeypatch, spark):
+def test_readme_python_blocks_run(tok, tmp_path, monkeypatch, spark, s3):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
     tokenizer = pathlib.Path(tokenizer_path(tok)) if tok == "xlmr" else ROOT / "data/sample/bert/tokenizer.json"
     shutil.copy(ROOT / "tests/fixtures/roundtrip.jsonl", tmp_path / "train.jsonl")
     lines = (tmp_path / "train.jsonl").read_text().splitlines(keepends=True)

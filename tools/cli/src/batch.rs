@@ -75,7 +75,7 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
     let Some(row) = a.row else {
         return show_step(&a);
     };
-    let ds = Dataset::open(&a.dir)?;
+    let ds = crate::open_dataset(&a.dir)?;
     let opts = loader_options(&ds, &a.options)?.collate;
     let collator = Collator::new(&ds, opts.clone())?;
     let group = ds.group(row as usize)?;
@@ -224,7 +224,7 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
 
 /// `show --step K`: the groups of batch K as the loader draws them.
 fn show_step(a: &ShowArgs) -> Result<()> {
-    let ds = Arc::new(Dataset::open(&a.dir)?);
+    let ds = Arc::new(crate::open_dataset(&a.dir)?);
     let options = LoaderOptions {
         prefetch_threads: 0,
         ..loader_options(&ds, &a.options)?
@@ -306,7 +306,7 @@ pub struct CollateCmdArgs {
 }
 
 pub fn run_collate(a: CollateCmdArgs) -> Result<()> {
-    let ds = Dataset::open(&a.dir)?;
+    let ds = crate::open_dataset(&a.dir)?;
     let collator = Collator::new(&ds, collate_options(&ds, &a.options)?)?;
     let text = std::fs::read(&a.selections)
         .with_context(|| format!("reading {}", a.selections.display()))?;
@@ -428,7 +428,7 @@ fn padded_bound(loader: &Loader, n: u64) -> Result<f64> {
 
 pub fn run_bench(a: BenchArgs) -> Result<()> {
     let t_open = Instant::now();
-    let ds = Arc::new(Dataset::open(&a.dir)?);
+    let ds = Arc::new(crate::open_dataset(&a.dir)?);
     let mut loader = Loader::new(ds.clone(), loader_options(&ds, &a.options)?)?;
     for note in loader.notes()? {
         eprintln!("note: {note}");

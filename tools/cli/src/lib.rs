@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rankfeed::convert::{self, ConvertOptions, OnError, TextOptions};
+use rankfeed::remote::{self, Cache, Output, OutputKind};
 use rankfeed::stats::{dataset_stats, Distribution};
 use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::writer::WriterOptions;
@@ -27,6 +28,58 @@ use rankfeed::{Dataset, Manifest};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Cache of datasets opened from URLs (s3://...); default $RANKFEED_CACHE, else
+    /// ~/.cache/rankfeed/datasets. Also the scratch space of outputs written to URLs.
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Evict cached datasets, least recently used first, beyond this many bytes.
+    #[arg(long, global = true)]
+    cache_max_bytes: Option<u64>,
+}
+
+static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+
+/// The cache of this run (from --cache-dir / --cache-max-bytes).
+fn cache() -> &'static Cache {
+    CACHE.get_or_init(|| Cache::new(None, None))
+}
+
+/// Open a dataset argument: a directory, or a URL fetched through the cache (what the fetch
+/// did is said on stderr).
+pub(crate) fn open_dataset(dir: &std::path::Path) -> Result<Dataset> {
+    let arg = dir.to_string_lossy();
+    if !remote::is_url(&arg) {
+        return Ok(Dataset::open(dir)?);
+    }
+    let (ds, r) = remote::open(&arg, cache()).with_context(|| format!("opening {arg}"))?;
+    say_fetched(&arg, &r);
+    Ok(ds)
+}
+
+fn say_fetched(url: &str, r: &remote::FetchReport) {
+    if r.downloaded {
+        eprintln!(
+            "fetched {url}: {} files, {:.1} MB in {:.2} s ({:.0} MB/s), verified, cached as {}",
+            r.files,
+            r.bytes as f64 / 1e6,
+            r.seconds,
+            r.bytes as f64 / 1e6 / r.seconds.max(1e-9),
+            r.seal
+        );
+    } else {
+        eprintln!("opened {url} from the cache ({})", r.seal);
+    }
+}
+
+fn say_uploaded(url: &str, r: Option<remote::UploadReport>) {
+    if let Some(r) = r {
+        eprintln!(
+            "uploaded {url}: {} files, {:.1} MB in {:.2} s",
+            r.files,
+            r.bytes as f64 / 1e6,
+            r.seconds
+        );
+    }
 }
 
 #[derive(Subcommand)]
@@ -205,6 +258,7 @@ where
             return e.exit_code().clamp(0, 255) as u8;
         }
     };
+    let _ = CACHE.set(Cache::new(cli.cache_dir, cli.cache_max_bytes));
     let result = match cli.command {
         Command::Convert(a) => run_convert(a),
         Command::Inspect(a) => run_inspect(a),
@@ -241,6 +295,13 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("configuring {n} threads: {e}"))?;
     }
     let tokenizer = TextTokenizer::from_file(&a.tokenizer)?;
+    let output = Output::new(
+        &a.output.to_string_lossy(),
+        OutputKind::Dataset,
+        a.overwrite,
+        cache(),
+    )?;
+    let inputs = remote::inputs(&strings(&a.inputs), cache())?;
     let options = ConvertOptions {
         text: TextOptions {
             query_instruction: a.query_instruction,
@@ -257,10 +318,11 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         },
         writer: WriterOptions {
             rows_per_batch: a.rows_per_batch,
-            overwrite: a.overwrite,
+            overwrite: output.overwrite_local(),
         },
         shard: a.shard,
         max_line_bytes: a.max_line_bytes,
+        input_names: inputs.names.clone(),
         ..ConvertOptions::default()
     };
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
@@ -270,20 +332,28 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let report = convert::convert(&a.inputs, &tokenizer, &a.output, &options, &mut |p| {
-        bar.set_length(p.bytes_total);
-        bar.set_position(p.bytes_read);
-        let secs = p.elapsed.as_secs_f64().max(1e-9);
-        bar.set_message(format!(
-            "{} rows ({:.0}/s), {:.2}M tokens/s, {} rejected",
-            p.rows,
-            p.rows as f64 / secs,
-            p.tokens as f64 / secs / 1e6,
-            p.rejected
-        ));
-    });
+    let report = convert::convert(
+        &inputs.paths,
+        &tokenizer,
+        output.path(),
+        &options,
+        &mut |p| {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_read);
+            let secs = p.elapsed.as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "{} rows ({:.0}/s), {:.2}M tokens/s, {} rejected",
+                p.rows,
+                p.rows as f64 / secs,
+                p.tokens as f64 / secs / 1e6,
+                p.rejected
+            ));
+        },
+    );
     bar.finish_and_clear();
     let report = report.with_context(|| format!("converting into {}", a.output.display()))?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
     report_cleaned(&report.cleaned);
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -316,6 +386,13 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     )?;
     write_summary(&mut out, m)?;
     Ok(())
+}
+
+fn strings(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Say which stale staging directories (left by killed runs) were removed.
@@ -379,14 +456,22 @@ fn write_summary(out: &mut impl Write, m: &Manifest) -> Result<()> {
 }
 
 fn run_export(a: ExportArgs) -> Result<()> {
-    let ds = Dataset::open(&a.dir)?;
+    let ds = open_dataset(&a.dir)?;
+    let output = Output::new(
+        &a.output.to_string_lossy(),
+        OutputKind::Tree,
+        a.overwrite,
+        cache(),
+    )?;
     let options = rankfeed::export::ExportOptions {
         layout: a.layout.parse()?,
         rows_per_file: a.rows_per_file,
-        overwrite: a.overwrite,
+        overwrite: output.overwrite_local(),
         ..Default::default()
     };
-    let r = rankfeed::export::export(&ds, &a.output, &options)?;
+    let r = rankfeed::export::export(&ds, output.path(), &options)?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
     report_cleaned(&r.cleaned);
     let secs = r.elapsed.as_secs_f64();
     let input: u64 = ds.manifest().files.values().map(|f| f.bytes).sum();
@@ -408,15 +493,24 @@ fn run_import(a: ImportArgs) -> Result<()> {
         .as_ref()
         .map(TextTokenizer::from_file)
         .transpose()?;
+    let output = Output::new(
+        &a.output.to_string_lossy(),
+        OutputKind::Dataset,
+        a.overwrite,
+        cache(),
+    )?;
+    let inputs = remote::inputs(&strings(&a.inputs), cache())?;
     let r = rankfeed::import::import(
-        &a.inputs,
-        &a.output,
+        &inputs.paths,
+        output.path(),
         tokenizer.as_ref(),
         WriterOptions {
-            overwrite: a.overwrite,
+            overwrite: output.overwrite_local(),
             ..WriterOptions::default()
         },
     )?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
     report_cleaned(&r.cleaned);
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -435,14 +529,33 @@ fn run_import(a: ImportArgs) -> Result<()> {
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
+    let output = Output::new(
+        &a.output.to_string_lossy(),
+        OutputKind::Dataset,
+        a.overwrite,
+        cache(),
+    )?;
+    let mut shards = Vec::new();
+    let mut fetched = Vec::new();
+    for s in strings(&a.shards) {
+        let (path, f) = remote::resolve(&s, cache())?;
+        if let Some(f) = f {
+            say_fetched(&s, &f.report);
+            fetched.push(f);
+        }
+        shards.push(path);
+    }
     let m = rankfeed::merge::merge(
-        &a.shards,
-        &a.output,
+        &shards,
+        output.path(),
         WriterOptions {
-            overwrite: a.overwrite,
+            overwrite: output.overwrite_local(),
             ..WriterOptions::default()
         },
     )?;
+    drop(fetched);
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
     println!(
         "merged {} datasets into {}",
         a.shards.len(),
@@ -454,7 +567,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
 
 fn run_inspect(a: InspectArgs) -> Result<()> {
     let t = std::time::Instant::now();
-    let ds = Dataset::open(&a.dir)?;
+    let ds = open_dataset(&a.dir)?;
     let open_time = t.elapsed();
     let verify_time = if a.verify {
         let t = std::time::Instant::now();
