@@ -190,7 +190,7 @@ impl Location {
         let parsed = url::Url::parse(&url)
             .map_err(|e| Error::argument("url", format!("{url}: not a URL ({e})")))?;
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
-            "s3" | "s3a" => Arc::new(s3_store(&url)?),
+            "s3" | "s3a" => s3_store_cached(&parsed)?,
             "file" => Arc::new(object_store::local::LocalFileSystem::new()),
             other => {
                 return Err(Error::argument(
@@ -245,6 +245,32 @@ impl Location {
             message: what,
         }
     }
+}
+
+/// The S3 store of a bucket, built once per process and configuration: building a client
+/// loads the system's CA certificates (milliseconds), which a warm open should not pay each
+/// time. Keyed by the bucket URL and the `AWS_*` environment; a forked child builds its own.
+fn s3_store_cached(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static STORES: Mutex<Option<HashMap<String, (u32, Arc<dyn ObjectStore>)>>> = Mutex::new(None);
+    let bucket = format!("s3://{}", url.host_str().unwrap_or(""));
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect();
+    env.sort();
+    let key = format!("{bucket}\n{env:?}");
+    let pid = std::process::id();
+    let mut stores = STORES.lock().unwrap_or_else(|e| e.into_inner());
+    let map = stores.get_or_insert_with(HashMap::new);
+    if let Some((p, store)) = map.get(&key) {
+        if *p == pid {
+            return Ok(store.clone());
+        }
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(s3_store(&bucket)?);
+    map.insert(key, (pid, store.clone()));
+    Ok(store)
 }
 
 fn s3_store(url: &str) -> Result<object_store::aws::AmazonS3> {
@@ -920,27 +946,31 @@ async fn put_file(loc: &Location, name: &str, path: &Path) -> Result<(u64, Strin
     Ok((total, format!("{:016x}", hasher.digest())))
 }
 
-/// Download the input files named by `urls` (objects, or prefixes of objects: "directories")
-/// into `dir`, for a conversion or an import that reads local files. Returns, per URL, the
-/// local path to read (a file, or a directory holding the prefix's objects under their
-/// relative names) and the name to record for it (the URL).
-pub fn download_inputs(urls: &[String], dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+/// One input object to fetch: where it goes, and its placeholder's size.
+struct Pending {
+    loc: Location,
+    key: String,
+    size: u64,
+    path: PathBuf,
+}
+
+/// List the input objects named by `urls` (objects, or prefixes of objects: "directories")
+/// and lay them out under `dir` as placeholders of their sizes (sparse files). Returns, per
+/// URL, the local path to read (a file, or a directory holding the prefix's objects under
+/// their relative names) and the name to record for it (the URL), and what to download.
+fn plan_inputs(urls: &[String], dir: &Path) -> Result<(Vec<(PathBuf, String)>, Vec<Pending>)> {
     let rt = runtime()?;
     let mut out = Vec::new();
+    let mut pending = Vec::new();
     for (i, url) in urls.iter().enumerate() {
         let loc = Location::parse(url)?;
         let local_root = dir.join(i.to_string());
         let key = Key::from(loc.prefix.as_str());
-        let local = rt.block_on(async {
-            let counters = Counters::default();
+        let objects: Vec<(String, u64, PathBuf)> = rt.block_on(async {
             match loc.store.head(&key).await {
                 Ok(meta) => {
                     let name = loc.prefix.rsplit('/').next().unwrap_or("input").to_string();
-                    std::fs::create_dir_all(&local_root).map_err(|e| Error::io(&local_root, e))?;
-                    let path = local_root.join(&name);
-                    let whole = loc.root();
-                    download_file(&whole, &loc.prefix, meta.size, &path, &counters).await?;
-                    Ok(path)
+                    Ok(vec![(loc.prefix.clone(), meta.size, local_root.join(name))])
                 }
                 Err(object_store::Error::NotFound { .. }) => {
                     let listed: Vec<object_store::ObjectMeta> = loc
@@ -955,27 +985,56 @@ pub fn download_inputs(urls: &[String], dir: &Path) -> Result<Vec<(PathBuf, Stri
                             message: "no such object, and no objects under it".into(),
                         });
                     }
-                    let whole = loc.root();
-                    for meta in listed {
-                        let full = meta.location.as_ref().to_string();
-                        let rel = full
-                            .strip_prefix(loc.prefix.as_str())
-                            .unwrap_or(&full)
-                            .trim_start_matches('/');
-                        let path = local_root.join(rel);
-                        if let Some(parent) = path.parent() {
-                            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                        }
-                        download_file(&whole, &full, meta.size, &path, &counters).await?;
-                    }
-                    Ok(local_root.clone())
+                    Ok(listed
+                        .into_iter()
+                        .map(|meta| {
+                            let full = meta.location.as_ref().to_string();
+                            let rel = full
+                                .strip_prefix(loc.prefix.as_str())
+                                .unwrap_or(&full)
+                                .trim_start_matches('/')
+                                .to_string();
+                            (full, meta.size, local_root.join(rel))
+                        })
+                        .collect())
                 }
                 Err(e) => Err(loc.err("", e)),
             }
         })?;
+        let single = objects.len() == 1 && objects[0].0 == loc.prefix;
+        for (key, size, path) in objects {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            File::create(&path)
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| Error::io(&path, e))?;
+            pending.push(Pending {
+                loc: loc.root(),
+                key,
+                size,
+                path,
+            });
+        }
+        let local = if single {
+            pending.last().map(|p| p.path.clone()).unwrap_or(local_root)
+        } else {
+            local_root
+        };
         out.push((local, url.trim_end_matches('/').to_string()));
     }
-    Ok(out)
+    Ok((out, pending))
+}
+
+fn download_pending(pending: &[&Pending]) -> Result<()> {
+    let rt = runtime()?;
+    let counters = Counters::default();
+    rt.block_on(async {
+        for p in pending {
+            download_file(&p.loc, &p.key, p.size, &p.path, &counters).await?;
+        }
+        Ok(())
+    })
 }
 
 /// A scratch directory in the cache (`CACHE/.work.rankfeed-tmp-PID-SEQ`), removed when dropped;
@@ -1006,8 +1065,10 @@ pub struct Inputs {
 }
 
 /// Resolve input arguments: local paths stay; URLs (objects, or prefixes read as directories)
-/// are downloaded first.
-pub fn inputs(args: &[String], cache: &Cache) -> Result<Inputs> {
+/// are downloaded first. For shard `(k, n)` of a conversion, only the objects the shard opens
+/// are downloaded (see [`crate::convert::source::shard_touches`]); the others are left as
+/// placeholders of their sizes, which fix every shard's byte range as on the store.
+pub fn inputs(args: &[String], cache: &Cache, shard: Option<(usize, usize)>) -> Result<Inputs> {
     let urls: Vec<String> = args.iter().filter(|a| is_url(a)).cloned().collect();
     if urls.is_empty() {
         return Ok(Inputs {
@@ -1017,20 +1078,40 @@ pub fn inputs(args: &[String], cache: &Cache) -> Result<Inputs> {
         });
     }
     let scratch = Scratch::new(cache)?;
-    let mut fetched = download_inputs(&urls, scratch.path())?.into_iter();
+    let (fetched, pending) = plan_inputs(&urls, scratch.path())?;
+    let mut fetched = fetched.into_iter();
     let mut paths = Vec::new();
     let mut names = Vec::new();
     for a in args {
         if is_url(a) {
             let (local, url) = fetched
                 .next()
-                .ok_or_else(|| Error::Internal("an input URL was not downloaded".into()))?;
+                .ok_or_else(|| Error::Internal("an input URL was not listed".into()))?;
             paths.push(local.clone());
             names.push((local, url));
         } else {
             paths.push(PathBuf::from(a));
         }
     }
+    let needed: Vec<&Pending> = match shard {
+        Some((k, n)) if n > 0 && k < n => {
+            // The converter's own expansion and order, on the placeholders (sizes only).
+            let sources = crate::convert::source::discover(&paths)?;
+            let sizes: Vec<u64> = sources.iter().map(|s| s.bytes).collect();
+            let touched: std::collections::HashSet<&Path> = sources
+                .iter()
+                .zip(crate::convert::source::shard_touches(&sizes, k, n))
+                .filter(|(_, t)| *t)
+                .map(|(s, _)| s.path.as_path())
+                .collect();
+            pending
+                .iter()
+                .filter(|p| touched.contains(p.path.as_path()))
+                .collect()
+        }
+        _ => pending.iter().collect(),
+    };
+    download_pending(&needed)?;
     Ok(Inputs {
         paths,
         names,

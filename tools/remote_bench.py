@@ -9,10 +9,11 @@ server (moto's) on 127.0.0.1 that this script starts and stops:
 - `rankfeed.spark.convert_sharded` on a Spark standalone cluster with 1 and 2 workers (inputs
   from and output to the server) vs one local `convert` of the same inputs, and the merge.
 
-The corpus is the WordNet sample replicated with perturbed text (`--copies`, default 160:
-about 480k rows; every copy's texts differ, so the dedup ratio stays the sample's).
+The corpus is the WordNet sample replicated with perturbed text (`--copies`, default 40:
+about 120k rows, 121 MB of JSON lines; every copy's texts differ, so the dedup ratio stays
+the sample's), written as 16 part files as Spark writes them.
 
-    python3 tools/remote_bench.py [--copies 160] [--rounds 3] [--no-spark]
+    python3 tools/remote_bench.py [--copies 40] [--rounds 3] [--no-spark]
 """
 
 import argparse
@@ -49,15 +50,20 @@ OPENER = textwrap.dedent("""
 """)
 
 
-def corpus(path, copies):
+def corpus(path, copies, parts=16):
     rows = [json.loads(x) for x in gzip.open(SAMPLE, "rt")]
-    with open(path, "w") as f:
-        for c in range(copies):
-            for r in rows:
-                r2 = dict(r, query=f"{r['query']} #{c}", pos=[f"{p} #{c}" for p in r["pos"]],
-                          neg=[f"{n} #{c}" for n in r["neg"]])
-                f.write(json.dumps(r2) + "\n")
-    return len(rows) * copies
+    os.makedirs(path)
+    files = [open(os.path.join(path, f"part-{i:05d}.jsonl"), "w") for i in range(parts)]
+    n = 0
+    for c in range(copies):
+        for r in rows:
+            r2 = dict(r, query=f"{r['query']} #{c}", pos=[f"{p} #{c}" for p in r["pos"]],
+                      neg=[f"{x} #{c}" for x in r["neg"]])
+            files[n * parts // (len(rows) * copies)].write(json.dumps(r2) + "\n")
+            n += 1
+    for f in files:
+        f.close()
+    return n
 
 
 def spread(xs):
@@ -66,7 +72,7 @@ def spread(xs):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--copies", type=int, default=160)
+    p.add_argument("--copies", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-spark", action="store_true")
     a = p.parse_args()
@@ -74,8 +80,9 @@ def main():
     s3 = MotoServer(work)
     os.environ.update(s3.env())
     try:
-        src = os.path.join(work, "corpus.jsonl")
+        src = os.path.join(work, "corpus")
         rows = corpus(src, a.copies)
+        src_bytes = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
         local = os.path.join(work, "local")
         t = time.perf_counter()
         rankfeed.convert([src], BERT, local, progress=False)
@@ -84,7 +91,8 @@ def main():
         size = sum(os.path.getsize(os.path.join(local, f)) for f in files)
         url = f"s3://{BUCKET}/bench/ds"
         rankfeed.upload(local, url)
-        print(f"corpus: {rows} rows, dataset {size / 1e6:.1f} MB in {len(files)} files; local convert {convert_s:.1f} s")
+        print(f"corpus: {rows} rows, {src_bytes / 1e6:.0f} MB of JSON lines in 16 files; dataset "
+              f"{size / 1e6:.1f} MB in {len(files)} files; local convert {convert_s:.1f} s")
 
         # Cold open vs boto3, interleaved.
         import boto3
@@ -142,29 +150,40 @@ def main():
 
         if not a.no_spark:
             from spark_cluster import SparkCluster, run_driver
-            client.upload_file(src, BUCKET, "bench/in/corpus.jsonl")
-            inputs = [f"s3://{BUCKET}/bench/in/corpus.jsonl"]
+            for f in sorted(os.listdir(src)):
+                client.upload_file(os.path.join(src, f), BUCKET, f"bench/in/{f}")
+            inputs = [f"s3://{BUCKET}/bench/in/"]
             t = time.perf_counter()
             rankfeed.convert(inputs, BERT, os.path.join(work, "single"), progress=False,
                              cache_dir=os.path.join(work, "c"))
             single = time.perf_counter() - t
+            # One thread, as one Spark task with 1 core has (a separate process: the thread
+            # count is fixed once per process).
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import sys, rankfeed; rankfeed.convert([sys.argv[1]], "
+                            "sys.argv[2], sys.argv[3], progress=False, threads=1, cache_dir=sys.argv[4])",
+                            inputs[0], BERT, os.path.join(work, "single1"), os.path.join(work, "c1")], check=True)
+            single1 = time.perf_counter() - t
             shards = [f"s3://{BUCKET}/bench/shards/s{k}" for k in range(8)]
             for k, s in enumerate(shards):
                 rankfeed.convert(inputs, BERT, s, shard=(k, 8), progress=False, cache_dir=os.path.join(work, "c"))
             t = time.perf_counter()
             rankfeed.merge(shards, f"s3://{BUCKET}/bench/merged", cache_dir=os.path.join(work, "m"))
             merge_s = time.perf_counter() - t
-            print(f"one local convert of the S3 input (download + convert + nothing uploaded): {single:.1f} s; "
+            print(f"one local convert of the S3 inputs (download + convert, to a local directory): {single:.1f} s "
+                  f"with 2 threads, {single1:.1f} s with 1; "
                   f"merge of 8 shards from S3 to S3 (download, verify, merge, upload): {merge_s:.1f} s")
             for workers in (1, 2):
                 cluster = SparkCluster(os.path.join(work, f"spark{workers}"), workers=workers, env=s3.env())
                 try:
                     r = run_driver(cluster, inputs, BERT, f"s3://{BUCKET}/bench/spark{workers}", shards=8,
-                                   cores=workers, env=s3.env(), cache_dir=os.path.join(work, f"sc{workers}"))
+                                   cores=workers, env=s3.env(), cache_dir=os.path.join(work, f"sc{workers}"),
+                                   threads=1)
                 finally:
                     cluster.stop()
-                print(f"Spark standalone, {workers} worker(s) x 1 core, 8 shards, S3 to S3: "
-                      f"{r['seconds']:.1f} s ({single / r['seconds']:.2f}x one local convert)")
+                print(f"Spark standalone, {workers} worker(s) x 1 core (1 tokenizer thread a task), 8 shards, S3 to S3: "
+                      f"{r['seconds']:.1f} s ({single1 / r['seconds']:.2f}x one local 1-thread convert, "
+                      f"{single / r['seconds']:.2f}x the 2-thread one)")
     finally:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)

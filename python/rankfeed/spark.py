@@ -10,8 +10,8 @@ the shards in order into one dataset, without tokenizing again.
                     "s3://datasets/train-rf", num_shards=64, query_instruction="...")
 
 Inputs and output are local paths or URLs (s3://...). With URLs, each task downloads the
-inputs into its executor's scratch space (the rankfeed cache, `cache_dir` or $RANKFEED_CACHE),
-converts its shard and uploads it under `out + ".shards"`; the driver merges the shards from
+input objects its byte range touches into its executor's scratch space (the rankfeed cache,
+`cache_dir` or $RANKFEED_CACHE), converts its shard and uploads it under `out + ".shards"`; the driver merges the shards from
 there (reading them through its cache) and uploads the result, manifest last; the shards are
 then removed unless keep_shards. Executors need `pip install rankfeed` and the AWS
 environment (AWS_ENDPOINT_URL, keys or a role), e.g. through `spark.executorEnv.*`. With local

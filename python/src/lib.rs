@@ -308,7 +308,7 @@ fn convert<'py>(
     let output = detached(py, || {
         Output::new(&out, OutputKind::Dataset, overwrite, &cache)
     })?;
-    let inputs = detached(py, || rankfeed::remote::inputs(&inputs, &cache))?;
+    let inputs = detached(py, || rankfeed::remote::inputs(&inputs, &cache, shard))?;
     let on_error = match on_error {
         "fail" => OnError::Fail,
         "skip" => OnError::Skip,
@@ -460,7 +460,7 @@ fn import_parquet<'py>(
             .map(rankfeed::tokenizer::TextTokenizer::from_file)
             .transpose()?;
         let output = Output::new(&out, OutputKind::Dataset, overwrite, &cache)?;
-        let inputs = rankfeed::remote::inputs(&inputs, &cache)?;
+        let inputs = rankfeed::remote::inputs(&inputs, &cache, None)?;
         let r = rankfeed::import::import(
             &inputs.paths,
             output.path(),

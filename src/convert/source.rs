@@ -105,19 +105,19 @@ pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<
             format!("{k}/{n}: need 0 <= k < n"),
         ));
     }
+    let sizes: Vec<u64> = sources.iter().map(|s| s.bytes).collect();
+    let touched = shard_touches(&sizes, k, n);
     let bounds = ShardBounds {
-        total: sources.iter().map(|s| s.bytes).sum(),
+        total: sizes.iter().sum(),
         n,
     };
     let (lo, hi) = (bounds.bound(k), bounds.bound(k + 1));
     let mut warnings = Vec::new();
     let mut offset = 0u64;
-    for src in sources.iter_mut() {
+    for (src, touched) in sources.iter_mut().zip(touched) {
         let start = offset;
         offset += src.bytes;
-        // A file outside the range has no line, row group or first byte in it (an empty
-        // file is still classified: its first byte may be owned at the very end).
-        if src.bytes > 0 && (offset <= lo || start >= hi) {
+        if !touched {
             src.part = Part::Nothing;
             continue;
         }
@@ -156,6 +156,27 @@ pub fn plan_shard(sources: &mut [SourceFile], k: usize, n: usize) -> Result<Vec<
         };
     }
     Ok(warnings)
+}
+
+/// Which of the input files of these sizes (in input order) shard `k` of `n` opens: the
+/// others have no line, row group or first byte in its range and are never opened (an empty
+/// file is always classified: its first byte may be owned at the very end). Inputs fetched
+/// from object storage for one shard are downloaded only where this holds.
+pub fn shard_touches(sizes: &[u64], k: usize, n: usize) -> Vec<bool> {
+    let bounds = ShardBounds {
+        total: sizes.iter().sum(),
+        n: n.max(1),
+    };
+    let (lo, hi) = (bounds.bound(k), bounds.bound(k + 1));
+    let mut offset = 0u64;
+    sizes
+        .iter()
+        .map(|&bytes| {
+            let start = offset;
+            offset += bytes;
+            bytes == 0 || (offset > lo && start < hi)
+        })
+        .collect()
 }
 
 /// The `n` byte ranges of a sharded conversion: shard `j` holds bytes

@@ -74,7 +74,7 @@ DRIVER = r"""
 import json, os, sys, time
 from pyspark.sql import SparkSession
 from rankfeed.spark import convert_sharded
-master, inputs, tokenizer, out, shards, cores, cache = sys.argv[1:8]
+master, inputs, tokenizer, out, shards, cores, cache, extra = sys.argv[1:9]
 env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.startswith("RANKFEED_")}
 b = (SparkSession.builder.master(master).appName("rankfeed-convert")
      .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
@@ -92,17 +92,18 @@ while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < int(cores) and time.ti
 where = sorted(set(sc.parallelize(range(8), 8).map(lambda _: os.getcwd().split(os.sep)[-3]).collect()))
 t = time.time()
 summary = convert_sharded(spark, json.loads(inputs), tokenizer, out, num_shards=int(shards),
-                          cache_dir=cache or None, overwrite=True)
+                          cache_dir=cache or None, overwrite=True, **json.loads(extra))
 print(json.dumps({"seconds": time.time() - t, "workers": where, "counts": summary}))
 spark.stop()
 """
 
 
-def run_driver(cluster, inputs, tokenizer, out, *, shards, cores, env, cache_dir=""):
+def run_driver(cluster, inputs, tokenizer, out, *, shards, cores, env, cache_dir="", **convert_kwargs):
     """Run convert_sharded in a separate driver process on `cluster`; returns its summary
     (seconds, the worker directories tasks ran in, the merge counts)."""
     proc = subprocess.run([sys.executable, "-c", DRIVER, cluster.master_url, json.dumps(inputs),
-                           str(tokenizer), out, str(shards), str(cores), str(cache_dir)],
+                           str(tokenizer), out, str(shards), str(cores), str(cache_dir),
+                           json.dumps(convert_kwargs)],
                           capture_output=True, text=True, env={**os.environ, **env, "SPARK_LOCAL_IP": "127.0.0.1",
                                                                "PYSPARK_PYTHON": sys.executable},
                           timeout=900)

@@ -84,6 +84,16 @@ def data_gets(s3, prefix):
     return counts
 
 
+def report(line):
+    """Print `line` and keep it in target/reports/remote.txt, which tools/test prints after
+    the suite (pytest hides a passing test's output)."""
+    print("\n" + line)
+    path = ROOT / "target" / "reports" / "remote.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
 def entries(cache):
     return sorted(p for p in os.listdir(cache) if len(p) == 16 and os.path.isdir(os.path.join(cache, p)))
 
@@ -347,7 +357,7 @@ def test_eight_processes_opening_at_once_download_each_file_once(env, s3, local,
     warm = open_at_once(u, cache, 8, env)
     assert not any(r["report"]["downloaded"] for r in warm)
     assert data_gets(s3, prefix)["manifest.json"] == 16
-    print(f"\n8 processes, first batch: cold max {max(r['first_batch'] for r in cold):.3f} s, "
+    report(f"8 processes opening at once: 1 download, each data file fetched once; first batch: cold max {max(r['first_batch'] for r in cold):.3f} s, "
           f"warm max {max(r['first_batch'] for r in warm):.3f} s")
 
 
@@ -405,7 +415,9 @@ def test_faults_are_retried_or_a_clean_error_and_never_a_corrupt_cache(env, s3, 
     assert entries(cache) == []
     injected["flip"] += proxy.counts["flip"]
     proxy.stop()
-    print(f"\nfaults injected {injected} (total {sum(injected.values())}); {totals}")
+    report(f"fault proxy: faults injected {injected} (total {sum(injected.values())}); opens {totals['opens']}, "
+           f"exact {totals['ok']}, clean errors {totals['clean_errors']}, rankfeed-level retries "
+           f"{totals['retries']} (object_store retries within requests too), corrupt caches {totals['corrupt_caches']}")
     assert totals["corrupt_caches"] == 0
     assert all(n > 0 for n in injected.values()), injected
     assert totals["ok"] >= totals["opens"] // 2, totals
@@ -435,8 +447,8 @@ def test_kill_9_of_the_downloader_leaves_nothing_trusted(env, s3, local, tmp_pat
         leftovers = [n for n in os.listdir(cache) if "rankfeed-tmp" in n]
         assert leftovers == [], leftovers  # the killed download's staging directory is gone
     proxy.stop()
-    print(f"\nkill -9: {killed} of {5 * LONG} downloaders killed; the next open found a complete copy "
-          f"{hits} times and downloaded it otherwise; 0 corrupt caches")
+    report(f"kill -9: {killed} of {5 * LONG} downloaders killed at random moments; the next open found a "
+           f"complete copy {hits} times and downloaded it otherwise; 0 corrupt caches, 0 staging leftovers")
     assert killed >= 1
 
 
@@ -466,4 +478,35 @@ def test_an_interrupted_replacement_leaves_no_dataset_or_the_new_one_never_a_mix
         new, old = rankfeed.Dataset(other).manifest, rankfeed.Dataset(local).manifest
         assert ds.manifest in (new, old)
         outcomes["new" if ds.manifest == new else "old"] += 1
-    print(f"\ninterrupted replacements: {outcomes}")
+    report(f"kill -9 of an uploader replacing a dataset, {sum(outcomes.values())} times: URL left with "
+           f"no dataset {outcomes['none']}, the old {outcomes['old']}, the new {outcomes['new']}; a mix 0")
+
+
+def test_a_shard_downloads_only_the_input_objects_it_reads(env, s3, tmp_path):
+    import gzip
+    lines = gzip.open(SAMPLE, "rt").read().splitlines(keepends=True)
+    client = MotoClient()
+    prefix = url("parts").split(f"{BUCKET}/", 1)[1]
+    for i in range(6):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/part-{i:05d}.jsonl", Body="".join(lines[i::6]).encode())
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/_SUCCESS", Body=b"")
+    src = f"s3://{BUCKET}/{prefix}/"
+    cache = tmp_path / "c"
+    single = url("single")
+    rankfeed.convert([src], BERT, single, progress=False, cache_dir=cache)
+    before = data_gets(s3, prefix)
+    assert before == {"_SUCCESS": 1, **{f"part-{i:05d}.jsonl": 1 for i in range(6)}}
+    shards = []
+    for k in range(3):
+        s = url(f"shard{k}")
+        rankfeed.convert([src], BERT, s, shard=(k, 3), progress=False, cache_dir=cache)
+        shards.append(s)
+    gets = data_gets(s3, prefix)
+    fetched_by_shards = sum(gets.values()) - sum(before.values())
+    assert fetched_by_shards <= 6 + 2, gets  # each file once, plus at most the 2 cut at a boundary
+    merged = url("merged")
+    rankfeed.merge(shards, merged, cache_dir=cache)
+    a = rankfeed.Dataset(single, cache_dir=cache)
+    b = rankfeed.Dataset(merged, cache_dir=cache)
+    for f in DATA_FILES + ("manifest.json",):
+        assert open(os.path.join(a.path, f), "rb").read() == open(os.path.join(b.path, f), "rb").read(), f

@@ -301,7 +301,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         a.overwrite,
         cache(),
     )?;
-    let inputs = remote::inputs(&strings(&a.inputs), cache())?;
+    let inputs = remote::inputs(&strings(&a.inputs), cache(), a.shard)?;
     let options = ConvertOptions {
         text: TextOptions {
             query_instruction: a.query_instruction,
@@ -499,7 +499,7 @@ fn run_import(a: ImportArgs) -> Result<()> {
         a.overwrite,
         cache(),
     )?;
-    let inputs = remote::inputs(&strings(&a.inputs), cache())?;
+    let inputs = remote::inputs(&strings(&a.inputs), cache(), None)?;
     let r = rankfeed::import::import(
         &inputs.paths,
         output.path(),
