@@ -158,9 +158,11 @@ pub struct Fetched {
 }
 
 /// Open the dataset at `url` through `cache`: [`fetch`], then [`Dataset::open`] of the copy.
-pub fn open(url: &str, cache: &Cache) -> Result<(Dataset, FetchReport)> {
+/// Keep the [`Fetched`] while the dataset is in use: it holds the entry's shared lock, so no
+/// other process's eviction removes the copy meanwhile.
+pub fn open(url: &str, cache: &Cache) -> Result<(Dataset, Fetched)> {
     let (fetched, ds) = fetch_and_open(url, cache)?;
-    Ok((ds, fetched.report))
+    Ok((ds, fetched))
 }
 
 /// Resolve a dataset argument: a URL is fetched through `cache`; a local path is returned as
@@ -178,7 +180,8 @@ pub fn resolve(arg: &str, cache: &Cache) -> Result<(PathBuf, Option<Fetched>)> {
 #[derive(Clone)]
 struct Location {
     store: Arc<dyn ObjectStore>,
-    prefix: String,
+    /// The URL's path as a key (percent-decoded; the store encodes it again in requests).
+    prefix: Key,
     url: String,
     /// `scheme://host`: object URLs are `{base}/{key}`.
     base: String,
@@ -201,7 +204,9 @@ impl Location {
                 ))
             }
         };
-        let prefix = parsed.path().trim_matches('/').to_string();
+        let prefix = Key::from_url_path(parsed.path()).map_err(|e| {
+            Error::argument("url", format!("{url}: not a usable object path ({e})"))
+        })?;
         let base = format!("{}://{}", parsed.scheme(), parsed.host_str().unwrap_or(""));
         Ok(Location {
             store,
@@ -211,27 +216,31 @@ impl Location {
         })
     }
 
+    /// The key of `name` (`/`-separated) under the prefix.
     fn key(&self, name: &str) -> Key {
-        if self.prefix.is_empty() {
-            Key::from(name)
-        } else {
-            Key::from(format!("{}/{name}", self.prefix))
-        }
+        name.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |k, p| k.join(p))
+    }
+
+    /// The prefix as a listing prefix (`None`: the whole bucket).
+    fn list_prefix(&self) -> Option<&Key> {
+        (!self.prefix.as_ref().is_empty()).then_some(&self.prefix)
     }
 
     fn object_url(&self, name: &str) -> String {
-        format!("{}/{}", self.base, self.key(name))
+        self.key_url(&self.key(name))
     }
 
-    /// The same store with no prefix: names are whole keys.
-    fn root(&self) -> Location {
-        Location {
-            prefix: String::new(),
-            ..self.clone()
-        }
+    fn key_url(&self, key: &Key) -> String {
+        format!("{}/{}", self.base, key)
     }
 
     fn err(&self, name: &str, e: object_store::Error) -> Error {
+        self.key_err(&self.key(name), e)
+    }
+
+    fn key_err(&self, key: &Key, e: object_store::Error) -> Error {
         let what = match &e {
             object_store::Error::NotFound { .. } => "no such object".to_string(),
             object_store::Error::PermissionDenied { .. } => format!("access denied: {e}"),
@@ -241,9 +250,20 @@ impl Location {
             _ => e.to_string(),
         };
         Error::Remote {
-            url: self.object_url(name),
+            url: self.key_url(key),
             message: what,
         }
+    }
+
+    /// Refuse a destructive operation on a whole bucket.
+    fn require_prefix(&self, what: &str) -> Result<()> {
+        if self.prefix.as_ref().is_empty() {
+            return Err(Error::argument(
+                "url",
+                format!("{}: {what} needs a prefix below the bucket", self.url),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -253,7 +273,9 @@ impl Location {
 fn s3_store_cached(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    static STORES: Mutex<Option<HashMap<String, (u32, Arc<dyn ObjectStore>)>>> = Mutex::new(None);
+    /// Configuration key -> (the process that built it, the store).
+    type Stores = HashMap<String, (u32, Arc<dyn ObjectStore>)>;
+    static STORES: Mutex<Option<Stores>> = Mutex::new(None);
     let bucket = format!("s3://{}", url.host_str().unwrap_or(""));
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with("AWS_"))
@@ -485,6 +507,8 @@ fn fetch_and_open(url: &str, cache: &Cache) -> Result<(Fetched, Dataset)> {
             rt.block_on(download(&loc, &manifest, staging.path(), &counters))?;
             std::fs::write(staging.path().join(format::MANIFEST_FILE), &manifest_bytes)
                 .map_err(|e| Error::io(staging.path(), e))?;
+            // The copy passes the open's checks before it is published.
+            Dataset::open(staging.path())?;
             staging.commit()?;
             report.downloaded = true;
             ds = Some(Dataset::open(&entry)?);
@@ -499,7 +523,9 @@ fn fetch_and_open(url: &str, cache: &Cache) -> Result<(Fetched, Dataset)> {
     report.requests = counters.requests.load(Ordering::Relaxed);
     report.retries = counters.retries.load(Ordering::Relaxed);
     if let Some(max) = cache.max_bytes {
-        report.evicted = evict(&cache.dir, max, &seal)?;
+        // Another process may be evicting too: what it removed first is skipped, and an error
+        // here never fails this fetch, whose copy is complete and locked.
+        report.evicted = evict(&cache.dir, max, &seal).unwrap_or_default();
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok((
@@ -575,7 +601,8 @@ async fn download(
         let path = dir.join(name);
         let mut attempt = 0;
         loop {
-            let sum = download_file(loc, name, entry.bytes, &path, counters).await?;
+            let sum =
+                download_file(loc, &loc.key(name), entry.bytes, None, &path, counters).await?;
             if sum == entry.xxh3_64 {
                 break;
             }
@@ -599,27 +626,31 @@ async fn download(
     Ok(())
 }
 
-/// Stream one object into `path` in ordered ranged parts; returns its xxh3-64.
+/// Stream one object into `path` in ordered ranged parts; returns its xxh3-64. With `etag`
+/// (from a listing), every part must come from that version of the object.
 async fn download_file(
     loc: &Location,
-    name: &str,
+    key: &Key,
     size: u64,
+    etag: Option<&str>,
     path: &Path,
     counters: &Counters,
 ) -> Result<String> {
     let mut file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let part = download_part_bytes();
-    let parts: Vec<Range<u64>> = (0..size.div_ceil(part))
-        .map(|i| i * part..((i + 1) * part).min(size))
-        .collect();
-    if parts.is_empty() {
+    // Lazily: a manifest may claim any size; the first part's size check refuses a lie.
+    let parts = (0..size.div_ceil(part)).map(move |i| {
+        let start = i.saturating_mul(part);
+        start..start.saturating_add(part).min(size)
+    });
+    if size == 0 {
         // An empty file: one plain GET (a zero-length range cannot be asked for).
-        let b = get_part(loc, name, None, 0, counters).await?;
+        let b = get_part(loc, key, None, 0, etag, counters).await?;
         hasher.update(&b);
     }
     let mut stream = futures::stream::iter(parts)
-        .map(|r| get_part(loc, name, Some(r), size, counters))
+        .map(|r| get_part(loc, key, Some(r), size, etag, counters))
         .buffered(PARALLEL_PARTS);
     while let Some(part) = stream.next().await {
         let part = part?;
@@ -632,22 +663,23 @@ async fn download_file(
 /// One ranged GET (or the whole object for `None`), retried; the object's size must be `size`.
 async fn get_part(
     loc: &Location,
-    name: &str,
+    key: &Key,
     range: Option<Range<u64>>,
     size: u64,
+    etag: Option<&str>,
     counters: &Counters,
 ) -> Result<bytes::Bytes> {
-    let key = loc.key(name);
     let want = range.as_ref().map_or(0, |r| r.end - r.start);
     let mut attempt = 0;
     loop {
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let options = GetOptions {
             range: range.clone().map(GetRange::Bounded),
+            if_match: etag.map(str::to_string),
             ..Default::default()
         };
         let got = async {
-            let r = loc.store.get_opts(&key, options).await?;
+            let r = loc.store.get_opts(key, options).await?;
             let total = r.meta.size;
             r.bytes().await.map(|b| (total, b))
         }
@@ -655,22 +687,29 @@ async fn get_part(
         let failure = match got {
             Ok((total, _)) if total != size => {
                 return Err(Error::corrupt(
-                    loc.object_url(name),
+                    loc.key_url(key),
                     format!(
-                        "the object is {total} bytes, the manifest says {size} (not the sealed \
-                         file; was the dataset replaced while it was read?)"
+                        "the object is {total} bytes, {size} were expected (not the sealed or \
+                         listed object; was it replaced while it was read?)"
                     ),
                 ))
             }
             Ok((_, b)) if b.len() as u64 == want => return Ok(b),
             Ok((_, b)) => format!("{} bytes arrived of {want}", b.len()),
+            Err(object_store::Error::Precondition { .. }) => {
+                return Err(Error::Remote {
+                    url: loc.key_url(key),
+                    message: "the object changed while it was read (its ETag no longer matches)"
+                        .into(),
+                })
+            }
             Err(e) if transient(&e) => e.to_string(),
-            Err(e) => return Err(loc.err(name, e)),
+            Err(e) => return Err(loc.key_err(key, e)),
         };
         attempt += 1;
         if attempt >= ATTEMPTS {
             return Err(Error::Remote {
-                url: loc.object_url(name),
+                url: loc.key_url(key),
                 message: format!("gave up after {ATTEMPTS} attempts: {failure}"),
             });
         }
@@ -690,8 +729,10 @@ fn evict(dir: &Path, max: u64, keep: &str) -> Result<Vec<String>> {
         if name.len() != 16 || !name.bytes().all(|b| b.is_ascii_hexdigit()) || !e.path().is_dir() {
             continue;
         }
-        let size: u64 = std::fs::read_dir(e.path())
-            .map_err(|err| Error::io(e.path(), err))?
+        let Ok(files) = std::fs::read_dir(e.path()) else {
+            continue; // evicted by another process meanwhile
+        };
+        let size: u64 = files
             .filter_map(|f| f.ok()?.metadata().ok())
             .map(|m| m.len())
             .sum();
@@ -711,15 +752,17 @@ fn evict(dir: &Path, max: u64, keep: &str) -> Result<Vec<String>> {
             continue;
         }
         let lock = Lock::open(dir.join(format!("{name}.lock")))?;
-        if !lock.try_exclusive() {
-            continue; // open elsewhere
+        if !lock.try_exclusive() || !dir.join(&name).is_dir() {
+            continue; // open elsewhere, or evicted by another process meanwhile
         }
         // Out of the entry's name first (one rename), then removed: a crash in between leaves
         // a staging directory of a dead process, which the next download there removes.
         let staging = Staging::new(&dir.join(&name), true)?;
         let doomed = staging.path().to_path_buf();
         drop(staging);
-        std::fs::rename(dir.join(&name), &doomed).map_err(|e| Error::io(&doomed, e))?;
+        if std::fs::rename(dir.join(&name), &doomed).is_err() {
+            continue;
+        }
         std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         total -= size;
         evicted.push(name);
@@ -755,6 +798,7 @@ pub fn upload(dir: &Path, url: &str, overwrite: bool) -> Result<UploadReport> {
     let mut report = rt.block_on(async {
         let mut report = UploadReport::default();
         let old = match loc.store.get(&loc.key(format::MANIFEST_FILE)).await {
+            Ok(r) if r.meta.size > format::MAX_MANIFEST_BYTES => Some(bytes::Bytes::new()),
             Ok(r) => Some(
                 r.bytes()
                     .await
@@ -819,19 +863,19 @@ pub fn upload(dir: &Path, url: &str, overwrite: bool) -> Result<UploadReport> {
 pub fn upload_tree(dir: &Path, url: &str, overwrite: bool) -> Result<UploadReport> {
     let start = Instant::now();
     let loc = Location::parse(url)?;
+    loc.require_prefix("uploading a tree of files")?;
     let mut files = Vec::new();
     walk(dir, dir, &mut files)?;
     let rt = runtime()?;
     let mut report = rt.block_on(async {
         let mut report = UploadReport::default();
-        let prefix = (!loc.prefix.is_empty()).then(|| Key::from(loc.prefix.as_str()));
         let existing: Vec<Key> = loc
             .store
-            .list(prefix.as_ref())
+            .list(loc.list_prefix())
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| loc.err("", e))?;
+            .map_err(|e| loc.key_err(&loc.prefix, e))?;
         if !existing.is_empty() {
             if !overwrite {
                 return Err(Error::Exists {
@@ -845,7 +889,7 @@ pub fn upload_tree(dir: &Path, url: &str, overwrite: bool) -> Result<UploadRepor
                 loc.store
                     .delete(&key)
                     .await
-                    .map_err(|e| loc.err(key.as_ref(), e))?;
+                    .map_err(|e| loc.key_err(&key, e))?;
                 report.deleted += 1;
             }
         }
@@ -929,17 +973,25 @@ async fn put_file(loc: &Location, name: &str, path: &Path) -> Result<(u64, Strin
         let mut writer =
             object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES as usize);
         writer.put(first.into());
-        loop {
-            writer
-                .wait_for_capacity(PARALLEL_PARTS)
-                .await
-                .map_err(|e| loc.err(name, e))?;
-            let part = read_part(&mut file)?;
-            if part.is_empty() {
-                break;
+        let parts: Result<()> = async {
+            loop {
+                writer
+                    .wait_for_capacity(PARALLEL_PARTS)
+                    .await
+                    .map_err(|e| loc.err(name, e))?;
+                let part = read_part(&mut file)?;
+                if part.is_empty() {
+                    return Ok(());
+                }
+                total += part.len() as u64;
+                writer.put(part.into());
             }
-            total += part.len() as u64;
-            writer.put(part.into());
+        }
+        .await;
+        if let Err(e) = parts {
+            // No orphaned parts left in the store.
+            let _ = writer.abort().await;
+            return Err(e);
         }
         writer.finish().await.map_err(|e| loc.err(name, e))?;
     }
@@ -949,8 +1001,9 @@ async fn put_file(loc: &Location, name: &str, path: &Path) -> Result<(u64, Strin
 /// One input object to fetch: where it goes, and its placeholder's size.
 struct Pending {
     loc: Location,
-    key: String,
+    key: Key,
     size: u64,
+    etag: Option<String>,
     path: PathBuf,
 }
 
@@ -958,68 +1011,74 @@ struct Pending {
 /// and lay them out under `dir` as placeholders of their sizes (sparse files). Returns, per
 /// URL, the local path to read (a file, or a directory holding the prefix's objects under
 /// their relative names) and the name to record for it (the URL), and what to download.
-fn plan_inputs(urls: &[String], dir: &Path) -> Result<(Vec<(PathBuf, String)>, Vec<Pending>)> {
+/// Per input URL, the local path to read and the name to record.
+type Named = Vec<(PathBuf, String)>;
+
+fn plan_inputs(urls: &[String], dir: &Path) -> Result<(Named, Vec<Pending>)> {
     let rt = runtime()?;
     let mut out = Vec::new();
     let mut pending = Vec::new();
     for (i, url) in urls.iter().enumerate() {
         let loc = Location::parse(url)?;
         let local_root = dir.join(i.to_string());
-        let key = Key::from(loc.prefix.as_str());
-        let objects: Vec<(String, u64, PathBuf)> = rt.block_on(async {
-            match loc.store.head(&key).await {
-                Ok(meta) => {
-                    let name = loc.prefix.rsplit('/').next().unwrap_or("input").to_string();
-                    Ok(vec![(loc.prefix.clone(), meta.size, local_root.join(name))])
-                }
+        let (single, listed) = rt.block_on(async {
+            match loc.store.head(&loc.prefix).await {
+                Ok(meta) => Ok((true, vec![meta])),
                 Err(object_store::Error::NotFound { .. }) => {
                     let listed: Vec<object_store::ObjectMeta> = loc
                         .store
-                        .list(Some(&key))
+                        .list(loc.list_prefix())
                         .try_collect()
                         .await
-                        .map_err(|e| loc.err("", e))?;
+                        .map_err(|e| loc.key_err(&loc.prefix, e))?;
                     if listed.is_empty() {
                         return Err(Error::Remote {
                             url: loc.url.clone(),
                             message: "no such object, and no objects under it".into(),
                         });
                     }
-                    Ok(listed
-                        .into_iter()
-                        .map(|meta| {
-                            let full = meta.location.as_ref().to_string();
-                            let rel = full
-                                .strip_prefix(loc.prefix.as_str())
-                                .unwrap_or(&full)
-                                .trim_start_matches('/')
-                                .to_string();
-                            (full, meta.size, local_root.join(rel))
-                        })
-                        .collect())
+                    Ok((false, listed))
                 }
-                Err(e) => Err(loc.err("", e)),
+                Err(e) => Err(loc.key_err(&loc.prefix, e)),
             }
         })?;
-        let single = objects.len() == 1 && objects[0].0 == loc.prefix;
-        for (key, size, path) in objects {
+        for meta in listed {
+            // Local names from the key's parts below the prefix (no `..` or empty part can
+            // occur in a key); a single object keeps its last part.
+            let parts: Vec<String> = if single {
+                meta.location
+                    .filename()
+                    .map(|f| vec![f.to_string()])
+                    .unwrap_or_else(|| vec!["input".into()])
+            } else {
+                match meta.location.prefix_match(&loc.prefix) {
+                    Some(rest) => rest.map(|p| p.as_ref().to_string()).collect(),
+                    None => continue,
+                }
+            };
+            if parts.is_empty() {
+                continue;
+            }
+            let path = parts
+                .iter()
+                .fold(local_root.clone(), |p, part| p.join(part));
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
             }
             File::create(&path)
-                .and_then(|f| f.set_len(size))
+                .and_then(|f| f.set_len(meta.size))
                 .map_err(|e| Error::io(&path, e))?;
             pending.push(Pending {
-                loc: loc.root(),
-                key,
-                size,
+                loc: loc.clone(),
+                key: meta.location,
+                size: meta.size,
+                etag: meta.e_tag,
                 path,
             });
         }
-        let local = if single {
-            pending.last().map(|p| p.path.clone()).unwrap_or(local_root)
-        } else {
-            local_root
+        let local = match (single, pending.last()) {
+            (true, Some(p)) => p.path.clone(),
+            _ => local_root,
         };
         out.push((local, url.trim_end_matches('/').to_string()));
     }
@@ -1031,7 +1090,15 @@ fn download_pending(pending: &[&Pending]) -> Result<()> {
     let counters = Counters::default();
     rt.block_on(async {
         for p in pending {
-            download_file(&p.loc, &p.key, p.size, &p.path, &counters).await?;
+            download_file(
+                &p.loc,
+                &p.key,
+                p.size,
+                p.etag.as_deref(),
+                &p.path,
+                &counters,
+            )
+            .await?;
         }
         Ok(())
     })
@@ -1166,13 +1233,11 @@ impl Output {
                         }
                     }
                     OutputKind::Tree => {
-                        let prefix =
-                            (!loc.prefix.is_empty()).then(|| Key::from(loc.prefix.as_str()));
-                        let mut list = loc.store.list(prefix.as_ref());
+                        let mut list = loc.store.list(loc.list_prefix());
                         match list.next().await {
                             None => Ok(false),
                             Some(Ok(_)) => Ok(true),
-                            Some(Err(e)) => Err(loc.err("", e)),
+                            Some(Err(e)) => Err(loc.key_err(&loc.prefix, e)),
                         }
                     }
                 }
@@ -1228,22 +1293,22 @@ impl Output {
 /// one); returns how many were deleted.
 pub fn remove_tree(url: &str) -> Result<u64> {
     let loc = Location::parse(url)?;
+    loc.require_prefix("removing")?;
     let rt = runtime()?;
     rt.block_on(async {
-        let prefix = (!loc.prefix.is_empty()).then(|| Key::from(loc.prefix.as_str()));
         let mut keys: Vec<Key> = loc
             .store
-            .list(prefix.as_ref())
+            .list(loc.list_prefix())
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| loc.err("", e))?;
+            .map_err(|e| loc.key_err(&loc.prefix, e))?;
         let manifest = loc.key(format::MANIFEST_FILE);
         keys.sort_by_key(|k| *k != manifest);
         for key in &keys {
             match loc.store.delete(key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(loc.err(key.as_ref(), e)),
+                Err(e) => return Err(loc.key_err(key, e)),
             }
         }
         Ok(keys.len() as u64)

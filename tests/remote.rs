@@ -110,7 +110,7 @@ fn eight_openers_at_once_download_once() {
                 barrier.wait();
                 let (ds, report) = remote::open(&u, &cache).unwrap();
                 assert_eq!(ds.len(), 3);
-                report.downloaded
+                report.report.downloaded
             })
         })
         .collect();

@@ -175,10 +175,11 @@ class Dataset(_Dataset):
     `cache_max_bytes` evicts whole datasets, least recently used first."""
 
     def __reduce__(self):
-        # A dataset opened from a URL travels as its URL (another machine fetches it into its
-        # own cache; this one finds it cached).
+        # A dataset opened from a URL travels as its URL and seal: another machine fetches it
+        # into its own cache, this one finds it cached, and a URL replaced meanwhile is
+        # refused rather than read as other rows.
         if self.url is not None:
-            return (_open_url, (self.url, self.cache_dir))
+            return (_open_url, (self.url, self.cache_dir, self.fetch_report["seal"]))
         return (Dataset, (self.path,))
 
     def loader(self, *, epoch=None, **options):
@@ -189,8 +190,13 @@ class Dataset(_Dataset):
 #: stores it. Defined once, in Rust (`rankfeed::options::Options`); the signature and the
 #: documentation of `Dataset.loader` below, the CLI's flags and the README's table derive
 #: from it.
-def _open_url(url, cache_dir):
-    return Dataset(url, cache_dir=cache_dir)
+def _open_url(url, cache_dir, seal=None):
+    ds = Dataset(url, cache_dir=cache_dir)
+    if seal is not None and ds.fetch_report["seal"] != seal:
+        raise CorruptDatasetError(
+            f"{url} holds another dataset (seal {ds.fetch_report['seal']}) than the one pickled "
+            f"(seal {seal}): it was replaced meanwhile")
+    return ds
 
 
 LOADER_OPTIONS = tuple(_loader_options())

@@ -581,7 +581,9 @@ fn upload<'py>(
 struct PyDataset {
     inner: Arc<rankfeed::Dataset>,
     /// The URL it was opened from, and what the fetch did.
-    remote: Option<(String, Option<PathBuf>, rankfeed::remote::FetchReport)>,
+    /// The fetch holds the cache entry's shared lock while the dataset lives (no eviction
+    /// elsewhere removes the copy).
+    remote: Option<(String, Option<PathBuf>, rankfeed::remote::Fetched)>,
 }
 
 #[pymethods]
@@ -597,10 +599,10 @@ impl PyDataset {
         let arg = path.to_string_lossy().into_owned();
         if rankfeed::remote::is_url(&arg) {
             let cache = Cache::new(cache_dir.clone(), cache_max_bytes);
-            let (inner, report) = detached(py, || rankfeed::remote::open(&arg, &cache))?;
+            let (inner, fetched) = detached(py, || rankfeed::remote::open(&arg, &cache))?;
             return Ok(PyDataset {
                 inner: Arc::new(inner),
-                remote: Some((arg, cache_dir, report)),
+                remote: Some((arg, cache_dir, fetched)),
             });
         }
         let inner = detached(py, || rankfeed::Dataset::open(&path))?;
@@ -628,7 +630,7 @@ impl PyDataset {
     fn fetch_report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         self.remote
             .as_ref()
-            .map(|r| json_to_py(py, &fetch_json(&r.2)))
+            .map(|r| json_to_py(py, &fetch_json(&r.2.report)))
             .transpose()
     }
 

@@ -150,6 +150,10 @@ def test_a_replaced_dataset_is_fetched_again_and_the_old_copy_never_used(env, lo
     assert second.fetch_report["seal"] != first.fetch_report["seal"]
     assert second.manifest == rankfeed.Dataset(other).manifest
     assert len(entries(cache)) == 2
+    import pickle
+    with pytest.raises(rankfeed.CorruptDatasetError, match="replaced meanwhile"):
+        pickle.loads(pickle.dumps(first))  # pinned to its seal, not to the URL
+    assert pickle.loads(pickle.dumps(second)).path == second.path
 
 
 def test_a_changed_cache_copy_is_downloaded_again(env, local, tmp_path):
@@ -186,6 +190,13 @@ def test_the_cache_evicts_whole_datasets_least_recently_used(env, local, tmp_pat
     # The entry just opened stays even when it alone is over the limit.
     r = rankfeed.fetch(urls[1], cache_dir=cache, cache_max_bytes=1)
     assert r["downloaded"] and entries(cache) == [r["seal"]]
+    # An entry a live Dataset holds (its shared lock) is never evicted.
+    held = rankfeed.Dataset(urls[1], cache_dir=cache)
+    r0 = rankfeed.fetch(urls[0], cache_dir=cache, cache_max_bytes=1)
+    assert r0["evicted"] == [] and set(entries(cache)) == {held.fetch_report["seal"], r0["seal"]}
+    del held
+    r0 = rankfeed.fetch(urls[0], cache_dir=cache, cache_max_bytes=1)
+    assert r0["evicted"] == [r["seal"]]
 
 
 def test_permanent_errors_name_the_object(env, local, tmp_path):
@@ -195,6 +206,8 @@ def test_permanent_errors_name_the_object(env, local, tmp_path):
         rankfeed.Dataset("s3://no-such-bucket/ds", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="not supported"):
         rankfeed.Dataset("ftp://host/ds", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a prefix below the bucket"):
+        rankfeed.remove_url(f"s3://{BUCKET}")
     # A file the manifest lists but the store lacks.
     u = url("ds")
     rankfeed.upload(local, u)
@@ -221,7 +234,7 @@ def test_an_object_that_is_not_the_sealed_one_is_refused(env, local, tmp_path):
     with pytest.raises(rankfeed.CorruptDatasetError, match=r"groups.arrow: xxh3-64 .* differs"):
         rankfeed.Dataset(u, cache_dir=tmp_path / "c")
     MotoClient().put_object(Bucket=BUCKET, Key=key, Body=bytes(body[:-3]))
-    with pytest.raises(rankfeed.CorruptDatasetError, match=r"groups.arrow: the object is \d+ bytes, the manifest says"):
+    with pytest.raises(rankfeed.CorruptDatasetError, match=r"groups.arrow: the object is \d+ bytes, \d+ were expected"):
         rankfeed.Dataset(u, cache_dir=tmp_path / "c")
     assert entries(tmp_path / "c") == []
 
@@ -510,3 +523,17 @@ def test_a_shard_downloads_only_the_input_objects_it_reads(env, s3, tmp_path):
     b = rankfeed.Dataset(merged, cache_dir=cache)
     for f in DATA_FILES + ("manifest.json",):
         assert open(os.path.join(a.path, f), "rb").read() == open(os.path.join(b.path, f), "rb").read(), f
+
+
+def test_object_names_that_need_encoding_are_read_as_they_are(env, local, tmp_path):
+    # Regression (review): keys from a listing were percent-encoded a second time.
+    import gzip
+    prefix = url("odd names").split(f"{BUCKET}/", 1)[1]
+    body = gzip.open(SAMPLE, "rb").read()
+    MotoClient().put_object(Bucket=BUCKET, Key=f"{prefix}/a b~1.jsonl", Body=body)
+    out = url("ds")
+    base = f"s3://{BUCKET}/" + prefix.replace(" ", "%20")
+    rankfeed.convert([base + "/"], BERT, out, progress=False, cache_dir=tmp_path)
+    assert rankfeed.Dataset(out, cache_dir=tmp_path).manifest["counts"] == rankfeed.Dataset(local).manifest["counts"]
+    rankfeed.convert([base + "/a%20b~1.jsonl"], BERT, out, progress=False, cache_dir=tmp_path, overwrite=True)
+    assert rankfeed.Dataset(out, cache_dir=tmp_path).manifest["counts"] == rankfeed.Dataset(local).manifest["counts"]

@@ -51,8 +51,10 @@ pub(crate) fn open_dataset(dir: &std::path::Path) -> Result<Dataset> {
     if !remote::is_url(&arg) {
         return Ok(Dataset::open(dir)?);
     }
-    let (ds, r) = remote::open(&arg, cache()).with_context(|| format!("opening {arg}"))?;
-    say_fetched(&arg, &r);
+    let (ds, fetched) = remote::open(&arg, cache()).with_context(|| format!("opening {arg}"))?;
+    say_fetched(&arg, &fetched.report);
+    // Held to the end of the command: no eviction elsewhere removes the copy while it is read.
+    std::mem::forget(fetched);
     Ok(ds)
 }
 
