@@ -297,6 +297,12 @@ fn s3_store_cached(url: &url::Url) -> Result<Arc<dyn ObjectStore>> {
 
 fn s3_store(url: &str) -> Result<object_store::aws::AmazonS3> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey as K};
+    // reqwest is built without a bundled crypto provider: rustls's ring provider is the
+    // process default (an `Err` only means some other code installed one first, which serves).
+    static TLS: std::sync::Once = std::sync::Once::new();
+    TLS.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
     let mut b = AmazonS3Builder::from_env().with_url(url);
     if b.get_config_value(&K::AccessKeyId).is_none() {
         for (k, v) in aws_profile() {
