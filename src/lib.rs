@@ -29,6 +29,7 @@
 
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod collate;
 pub mod convert;
 pub mod dataset;

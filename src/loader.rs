@@ -45,6 +45,10 @@ pub struct LoaderOptions {
     pub max_example_num_per_dataset: Option<u64>,
     /// Leave out rows with no negatives (otherwise they are an error when group_size >= 2).
     pub skip_rows_without_negatives: bool,
+    /// Never draw a negative whose passage is one of the row's positives (same passage id
+    /// after dedup): negatives are drawn from the row's others, by the same rule. A row left
+    /// with none counts as a row without negatives.
+    pub exclude_false_negatives: bool,
     /// Background threads computing batches (0: compute in the caller's thread).
     pub prefetch_threads: usize,
     /// Batches computed ahead, in total.
@@ -121,6 +125,7 @@ impl Default for LoaderOptions {
             drop_last: false,
             max_example_num_per_dataset: None,
             skip_rows_without_negatives: false,
+            exclude_false_negatives: false,
             prefetch_threads: 1,
             prefetch_depth: 8,
             strategy: Strategy::Random,
@@ -393,15 +398,7 @@ impl Plan {
         storage::prefetch(&group.pos[..group.pos.len().min(64)]);
         storage::prefetch(&group.neg[..group.neg.len().min(64)]);
         let mut neg = Vec::with_capacity(o.collate.group_size.saturating_sub(1));
-        let pos = sample_group(
-            o.seed,
-            epoch,
-            row,
-            group.pos.len(),
-            group.neg.len(),
-            o.collate.group_size,
-            &mut neg,
-        )?;
+        let pos = draw_group(o, epoch, row, &group, &mut neg)?;
         Ok(Selection { row, pos, neg })
     }
 
@@ -466,8 +463,7 @@ impl Plan {
     fn draw(&self, epoch: u64, row: u64, neg: &mut Vec<u32>) -> Result<(GroupIds<'_>, u32)> {
         let o = &self.options;
         let g = self.ds.group_ids(row as usize)?;
-        let (n_pos, n_neg) = (g.pos.len(), g.neg.len());
-        let pos = sample_group(o.seed, epoch, row, n_pos, n_neg, o.collate.group_size, neg)?;
+        let pos = draw_group(o, epoch, row, &g, neg)?;
         Ok((g, pos))
     }
 
@@ -1103,13 +1099,47 @@ impl Iterator for Loader {
     }
 }
 
+/// Indices of the negatives of `g` that are not one of its positives (same passage id).
+fn true_negatives(g: &GroupIds<'_>) -> Vec<u32> {
+    (0..g.neg.len() as u32)
+        .filter(|&j| !g.pos.contains(&g.neg[j as usize]))
+        .collect()
+}
+
+/// Whether some negative of `g` is one of its positives.
+fn has_false_negative(g: &GroupIds<'_>) -> bool {
+    g.neg.iter().any(|n| g.pos.contains(n))
+}
+
+/// Draw the group of `row` in `epoch` ([`sample_group`]); with `exclude_false_negatives`, from
+/// the negatives that are not positives of the row, their indices mapped back to the row's
+/// `neg` (a row without false negatives draws exactly as without the option).
+fn draw_group(
+    o: &LoaderOptions,
+    epoch: u64,
+    row: u64,
+    g: &GroupIds<'_>,
+    neg: &mut Vec<u32>,
+) -> Result<u32> {
+    let g_size = o.collate.group_size;
+    if o.exclude_false_negatives && g_size >= 2 && has_false_negative(g) {
+        let keep = true_negatives(g);
+        let pos = sample_group(o.seed, epoch, row, g.pos.len(), keep.len(), g_size, neg)?;
+        for j in neg.iter_mut() {
+            *j = keep[*j as usize];
+        }
+        return Ok(pos);
+    }
+    sample_group(o.seed, epoch, row, g.pos.len(), g.neg.len(), g_size, neg)
+}
+
 /// The rows a run trains on: by source when the manifest counts each source's rows, with
 /// rows without negatives left out when asked, capped and weighted.
 fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
     let m = ds.manifest();
     let accepted: Vec<u64> = m.sources.iter().map(|s| s.rows_accepted).collect();
     let by_source = accepted.iter().sum::<u64>() == ds.len() as u64 && !accepted.is_empty();
-    let universe = if by_source {
+    let mut universe = if by_source {
         Universe::sources(&accepted, options.seed)
     } else {
         let per_source = [
@@ -1131,8 +1161,35 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
         }
         Universe::all(ds.len() as u64)
     };
-    let empty_neg: u64 = m.sources.iter().map(|s| s.rows_empty_neg).sum();
     let g = options.collate.group_size;
+    let mut empty_neg: u64 = m.sources.iter().map(|s| s.rows_empty_neg).sum();
+    if options.exclude_false_negatives && g >= 2 {
+        // Rows whose every negative is a positive have no negative left: one pass over the
+        // passage id lists (not the tokens).
+        let mut none_left = 0u64;
+        for r in 0..ds.len() {
+            let ids = ds.group_ids(r)?;
+            if !ids.neg.is_empty() && true_negatives(&ids).is_empty() {
+                none_left += 1;
+            }
+        }
+        if none_left > 0 {
+            if options.skip_rows_without_negatives {
+                universe = universe.filter(|r| {
+                    let ids = ds.group_ids(r as usize)?;
+                    Ok(ids.neg.is_empty() || !true_negatives(&ids).is_empty())
+                })?;
+            } else {
+                return Err(Error::argument(
+                    "exclude_false_negatives",
+                    format!(
+                        "{none_left} rows have negatives that are all positives of their row, so                          none is left for group_size {g}; skip them with                          skip_rows_without_negatives (CLI: --skip-empty-neg), or find them with                          `rankfeed audit`"
+                    ),
+                ));
+            }
+        }
+        empty_neg += none_left;
+    }
     let mut universe = if g >= 2 && (empty_neg > 0 || !by_source) {
         if options.skip_rows_without_negatives {
             universe.filter(|r| Ok(!ds.group_ids(r as usize)?.neg.is_empty()))?

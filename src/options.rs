@@ -220,6 +220,11 @@ pub struct Options {
     /// Leave out rows with no negatives (otherwise an error when group_size >= 2).
     #[cfg_attr(feature = "cli", arg(long, alias = "skip-empty-neg"))]
     pub skip_rows_without_negatives: bool,
+    /// Never draw a negative that is one of the row's positives (the same passage after dedup;
+    /// `rankfeed audit` counts them): negatives come from the row's others. Rows left with none
+    /// count as rows without negatives.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub exclude_false_negatives: bool,
     /// Mixing weights, one per source (a list in the manifest's source order, or keyed by a
     /// source's path or file name): an epoch keeps its length and source s gives
     /// weights[s]/sum of it (fewer rows than it has: a new seeded subset each epoch; more:
@@ -294,6 +299,7 @@ impl Options {
         drop_last: false,
         max_example_num_per_dataset: None,
         skip_rows_without_negatives: false,
+        exclude_false_negatives: false,
         weights: None,
         length_grouped: None,
         max_tokens: None,
@@ -358,8 +364,11 @@ impl Options {
 
     /// Settings added after checkpoints existed, each with the value every state written
     /// before it was taken with (its default): a state without the key has that value.
-    pub fn added_later() -> [(&'static str, serde_json::Value); 1] {
-        [("truncation", serde_json::json!("flag_embedding"))]
+    pub fn added_later() -> [(&'static str, serde_json::Value); 2] {
+        [
+            ("truncation", serde_json::json!("flag_embedding")),
+            ("exclude_false_negatives", serde_json::json!(false)),
+        ]
     }
 
     /// The settings a checkpoint stores: every option but the prefetch ones, by name.
@@ -399,6 +408,7 @@ impl Options {
             drop_last,
             max_example_num_per_dataset,
             skip_rows_without_negatives,
+            exclude_false_negatives,
             weights,
             length_grouped,
             max_tokens,
@@ -456,6 +466,7 @@ impl Options {
             drop_last,
             max_example_num_per_dataset,
             skip_rows_without_negatives,
+            exclude_false_negatives,
             prefetch_threads,
             prefetch_depth,
             strategy,
@@ -498,6 +509,7 @@ impl LoaderOptions {
             drop_last,
             max_example_num_per_dataset,
             skip_rows_without_negatives,
+            exclude_false_negatives,
             prefetch_threads,
             prefetch_depth,
             strategy,
@@ -546,6 +558,7 @@ impl LoaderOptions {
             drop_last,
             max_example_num_per_dataset,
             skip_rows_without_negatives,
+            exclude_false_negatives,
             weights: weights.map(PerSource::List),
             prefetch_threads,
             prefetch_depth,
@@ -705,7 +718,7 @@ mod tests {
     #[test]
     fn names_are_the_fields_and_settings_leave_out_prefetch() {
         let names = Options::names();
-        assert_eq!(names.len(), 33);
+        assert_eq!(names.len(), 34);
         assert_eq!(names[0], "batch_size");
         let s = Options::DEFAULT.settings();
         let left_out: Vec<_> = names.iter().filter(|n| !s.contains_key(**n)).collect();

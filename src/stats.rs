@@ -30,7 +30,7 @@ pub struct Distribution {
 
 /// Accumulates a [`Distribution`] with exact counts up to 65535 and buckets above.
 #[derive(Debug, Clone)]
-struct Accumulator {
+pub(crate) struct Accumulator {
     exact: Vec<u64>,
     big: Vec<u64>,
     count: u64,
@@ -44,9 +44,10 @@ const EXACT: u64 = 1 << 16;
 const EXACT_BUCKETS_BELOW: u64 = 33;
 
 impl Accumulator {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Accumulator {
-            exact: vec![0; EXACT as usize],
+            // Grown to the largest exact value seen: cheap to keep one per source.
+            exact: Vec::new(),
             big: vec![0; 64],
             count: 0,
             sum: 0,
@@ -56,8 +57,11 @@ impl Accumulator {
     }
 
     #[inline]
-    fn add(&mut self, v: u64) {
+    pub(crate) fn add(&mut self, v: u64) {
         if v < EXACT {
+            if v as usize >= self.exact.len() {
+                self.exact.resize(v as usize + 1, 0);
+            }
             self.exact[v as usize] += 1;
         } else {
             self.big[bucket_of(v)] += 1;
@@ -68,7 +72,7 @@ impl Accumulator {
         self.max = self.max.max(v);
     }
 
-    fn finish(&self) -> Distribution {
+    pub(crate) fn finish(&self) -> Distribution {
         if self.count == 0 {
             return Distribution::default();
         }

@@ -68,6 +68,8 @@ class Dataset:
     def prompt(self, id: int) -> npt.NDArray[np.int32]: ...
     def stats(self) -> dict[str, Any]: ...
     def validate(self) -> None: ...
+    def audit(self, *, against: Optional[Dataset] = ..., examples: int = ...,
+              **options: Any) -> dict[str, Any]: ...
     # The options are those of rankfeed::options::Options, in its order (tests/python/test_stubs.py
     # checks it); None takes the default.
     def loader(self, *, epoch: Optional[int] = ..., batch_size: Optional[int] = ...,
@@ -82,6 +84,7 @@ class Dataset:
                shard_tail: Optional[str] = ..., shuffle: Optional[bool] = ...,
                drop_last: Optional[bool] = ..., max_example_num_per_dataset: Optional[int] = ...,
                skip_rows_without_negatives: Optional[bool] = ...,
+               exclude_false_negatives: Optional[bool] = ...,
                weights: Optional[Union[list[float], dict[str, float]]] = ...,
                length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
                same_source: Optional[bool] = ...,

@@ -726,6 +726,33 @@ impl PyDataset {
         detached(py, move || ds.validate())
     }
 
+    /// The audit of `rankfeed audit` as a dict (see `rankfeed.Dataset.audit`): findings with
+    /// counts and example rows, truncation at the loader `options` given, and with `against`
+    /// (another Dataset) the exact overlap with it.
+    #[pyo3(signature = (*, against=None, examples=rankfeed::audit::DEFAULT_EXAMPLES, **options))]
+    fn audit<'py>(
+        &self,
+        py: Python<'py>,
+        against: Option<PyRef<'_, PyDataset>>,
+        examples: usize,
+        options: Option<Bound<'_, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let map = match &options {
+            Some(d) => match py_to_json(d.as_any())? {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+            None => serde_json::Map::new(),
+        };
+        let ds = self.inner.clone();
+        let other = against.map(|o| o.inner.clone());
+        let report = detached(py, move || {
+            let options = Options::from_json(&map)?;
+            rankfeed::audit::audit(&ds, &options, other.as_deref(), examples)
+        })?;
+        json_to_py(py, &report)
+    }
+
     /// A `Loader` of batches (dicts of numpy arrays) with `options` (see
     /// `rankfeed.Dataset.loader`, whose signature and documentation are derived from
     /// `rankfeed::options::Options`); `epoch` is the epoch to start at.

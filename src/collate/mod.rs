@@ -361,6 +361,12 @@ impl<'a> Pair<'a> {
         self.len == 0
     }
 
+    /// Query and passage tokens kept after truncation (a single sequence, as the embedder
+    /// mode builds them, holds its tokens on the passage side).
+    pub fn kept(&self) -> (usize, usize) {
+        (self.query.len(), self.passage.len())
+    }
+
     /// The ids, concatenated.
     pub fn ids(&self) -> Vec<i32> {
         let mut out = Vec::with_capacity(self.len);

@@ -34,6 +34,8 @@ def stub_params(fn, method):
     defaults = [None] * (len(positional) - len(a.defaults)) + a.defaults
     params = [(p.arg, "POSITIONAL_OR_KEYWORD", d is not None) for p, d in zip(positional, defaults)]
     params += [(p.arg, "KEYWORD_ONLY", d is not None) for p, d in zip(a.kwonlyargs, a.kw_defaults)]
+    if a.kwarg:
+        params.append((a.kwarg.arg, "VAR_KEYWORD", False))
     return params[1:] if method else params
 
 

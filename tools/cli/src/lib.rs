@@ -90,6 +90,9 @@ enum Command {
     Convert(ConvertArgs),
     /// Show a dataset's counts, dedup ratio, per-source stats and length distributions.
     Inspect(InspectArgs),
+    /// Audit a dataset: false negatives, duplicate and conflicting queries, score inversions,
+    /// missing or constant scores, truncation at the loader settings, overlap with another dataset.
+    Audit(AuditArgs),
     /// Show the exact ids the model will see for one group (decoded with --tokenizer).
     Show(batch::ShowArgs),
     /// Collate given selections into .npy arrays (for your own sampler, and parity tests).
@@ -235,6 +238,25 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 }
 
 #[derive(clap::Args)]
+struct AuditArgs {
+    /// Dataset directory (or URL).
+    dir: PathBuf,
+    /// Another dataset (e.g. the evaluation set) to report exact query and passage overlap with.
+    #[arg(long)]
+    against: Option<PathBuf>,
+    /// Rows listed per finding.
+    #[arg(long, default_value_t = rankfeed::audit::DEFAULT_EXAMPLES)]
+    examples: usize,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// The loader settings truncation is measured at (mode, budgets, truncation rule; the rest
+    /// does not change the audit).
+    #[command(flatten)]
+    options: rankfeed::options::Options,
+}
+
+#[derive(clap::Args)]
 struct InspectArgs {
     /// Dataset directory.
     dir: PathBuf,
@@ -264,6 +286,7 @@ where
     let result = match cli.command {
         Command::Convert(a) => run_convert(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Audit(a) => run_audit(a),
         Command::Show(a) => batch::run_show(a),
         Command::Collate(a) => batch::run_collate(a),
         Command::Bench(a) => batch::run_bench(a),
@@ -564,6 +587,21 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         a.output.display()
     );
     write_summary(&mut std::io::stdout().lock(), &m)?;
+    Ok(())
+}
+
+fn run_audit(a: AuditArgs) -> Result<()> {
+    let ds = open_dataset(&a.dir)?;
+    let other = a.against.as_deref().map(open_dataset).transpose()?;
+    let t = std::time::Instant::now();
+    let report = rankfeed::audit::audit(&ds, &a.options, other.as_ref(), a.examples)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        write!(out, "{}", report.summary())?;
+        writeln!(out, "  audited in {}", ms(t.elapsed()))?;
+    }
     Ok(())
 }
 
