@@ -502,6 +502,10 @@ pub struct Manifest {
     /// conversion (and for merged shards that add up to one). See [`ShardRange`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardRange>,
+    /// How a derived dataset was made (`rankfeed mine` records its settings and the seal of
+    /// the dataset it read); absent for conversions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<serde_json::Value>,
     /// Size and checksum of each .arrow file (and rejects.jsonl when present).
     pub files: BTreeMap<String, FileEntry>,
     /// The seal: xxh3-64 of the manifest's bytes with this value zeroed (see the module docs).

@@ -42,6 +42,7 @@ mod ipc;
 pub mod limits;
 pub mod loader;
 pub mod merge;
+pub mod mine;
 pub mod options;
 pub mod parquet_read;
 pub mod publish;

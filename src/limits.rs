@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 
 /// Largest `batch_size`.
 pub const BATCH_SIZE: usize = 1 << 20;
+/// Largest `range_max` of `rankfeed mine` (candidates ranked per row).
+pub const MINE_RANGE: usize = 1 << 20;
 /// Largest `group_size`.
 pub const GROUP_SIZE: usize = 1 << 16;
 /// Largest `query_max_len` and `passage_max_len`.

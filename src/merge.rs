@@ -50,7 +50,26 @@ pub fn merge(shards: &[PathBuf], out: &Path, options: WriterOptions) -> Result<c
         }
     }
     let first = opened[0].manifest();
+    // Shards of one derivation (e.g. `rankfeed mine --shard`) keep its record; shards derived
+    // differently are not one dataset.
+    let provenance = first.provenance.clone();
+    if let Some(ds) = opened
+        .iter()
+        .find(|d| d.manifest().provenance != provenance)
+    {
+        if same_sources {
+            return Err(Error::input(
+                ds.dir(),
+                format!(
+                    "was derived differently from {} (manifest provenance): not shards of one run",
+                    opened[0].dir().display()
+                ),
+            ));
+        }
+    }
+    let keep = opened.iter().all(|d| d.manifest().provenance == provenance);
     let mut w = DatasetWriter::create(out, options)?;
+    w.set_provenance(if keep { provenance } else { None });
     for id in DEFAULT_PROMPTS {
         w.add_prompt(opened[0].prompt_tokens(id)?)?;
     }
@@ -244,7 +263,7 @@ fn copy_groups(ds: &Dataset, w: &mut DatasetWriter, base: u32) -> Result<()> {
 }
 
 /// The lines of `ds`'s rejects.jsonl, appended to `w`'s.
-fn copy_rejects(ds: &Dataset, w: &mut DatasetWriter) -> Result<()> {
+pub(crate) fn copy_rejects(ds: &Dataset, w: &mut DatasetWriter) -> Result<()> {
     if !ds.manifest().files.contains_key(format::REJECTS_FILE) {
         return Ok(());
     }

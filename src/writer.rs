@@ -310,6 +310,7 @@ pub struct DatasetWriter {
     passage_ids: InternMap,
     prompt_ids: InternMap,
     counts: Counts,
+    provenance: Option<serde_json::Value>,
 }
 
 /// xxh3-128 of a token list -> its id. The key is already a hash: the map does not hash again.
@@ -359,6 +360,7 @@ impl DatasetWriter {
             passage_ids: InternMap::default(),
             prompt_ids: InternMap::default(),
             counts: Counts::default(),
+            provenance: None,
         })
     }
 
@@ -498,6 +500,12 @@ impl DatasetWriter {
         self.staging.cleaned()
     }
 
+    /// Record how the dataset was derived (the manifest's `provenance`: e.g. the settings of
+    /// `rankfeed mine`).
+    pub fn set_provenance(&mut self, provenance: Option<serde_json::Value>) {
+        self.provenance = provenance;
+    }
+
     /// Counts so far.
     pub fn counts(&self) -> &Counts {
         &self.counts
@@ -527,6 +535,7 @@ impl DatasetWriter {
             text: info.text,
             sources: info.sources,
             shards: info.shards,
+            provenance: self.provenance.take(),
             files,
             checksum: String::new(),
         };

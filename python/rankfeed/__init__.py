@@ -23,9 +23,10 @@ from ._rankfeed import remove_url
 from ._rankfeed import upload as _upload
 from ._rankfeed import import_parquet as _import_parquet
 from ._rankfeed import loader_options as _loader_options
+from ._rankfeed import _mine
 from ._rankfeed import merge as _merge
 
-__all__ = ["convert", "export", "import_parquet", "merge", "fetch", "upload", "remove_url", "is_url",
+__all__ = ["convert", "export", "import_parquet", "merge", "mine", "fetch", "upload", "remove_url", "is_url",
            "Dataset", "Loader", "CorruptDatasetError",
            "LOADER_OPTIONS",
            "__version__"]
@@ -65,6 +66,24 @@ def merge(shards, out, *, overwrite=False, cache_dir=None):
     """Merge dataset directories (e.g. shards from `convert(..., shard=(k, n))`) into one.
     Shards and `out` may be URLs (s3://...)."""
     return _merge(_paths(shards), str(out), overwrite=overwrite, cache_dir=_dir(cache_dir))
+
+
+def mine(dataset, out, *, query_embeddings=None, passage_embeddings=None, shard=None,
+         overwrite=False, cache_dir=None, **options):
+    """Mine hard negatives for every row of `dataset` (a Dataset or a path) into a new dataset
+    at `out` (see `rankfeed mine --help` for the options: num_negatives, range_min, range_max,
+    min_score, max_score, margin, relative_margin, sampling, seed, k1, b). BM25 over the token
+    ids, or exact inner products of `query_embeddings` (one row per dataset row) and
+    `passage_embeddings` (one row per passage id), float32 2-D arrays. `shard=(k, n)` mines
+    rows k*len/n..(k+1)*len/n (merge the outputs). Returns the report."""
+    if not isinstance(dataset, _Dataset):
+        dataset = Dataset(str(dataset))
+    np = __import__("numpy")
+    as32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+    return _mine(dataset, str(out), query_embeddings=as32(query_embeddings),
+                 passage_embeddings=as32(passage_embeddings),
+                 shard=None if shard is None else tuple(shard), overwrite=overwrite,
+                 cache_dir=_dir(cache_dir), **options)
 
 
 def fetch(url, *, cache_dir=None, cache_max_bytes=None):

@@ -522,6 +522,72 @@ fn merge<'py>(
     json_to_py(py, &m.counts)
 }
 
+/// Mine hard negatives for every row of `dataset` into a new dataset at `out` (see
+/// `rankfeed.mine`); returns the report.
+#[pyfunction]
+#[pyo3(signature = (dataset, out, *, query_embeddings=None, passage_embeddings=None, shard=None, overwrite=false, cache_dir=None, **options))]
+#[allow(clippy::too_many_arguments)]
+fn _mine<'py>(
+    py: Python<'py>,
+    dataset: PyRef<'_, PyDataset>,
+    out: String,
+    query_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
+    passage_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
+    shard: Option<(u64, u64)>,
+    overwrite: bool,
+    cache_dir: Option<PathBuf>,
+    options: Option<Bound<'_, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    use rankfeed::mine::{Bm25Params, Embeddings, MineOptions, Retriever};
+    let map = match &options {
+        Some(d) => py_to_json(d.as_any())?,
+        None => serde_json::Value::Object(serde_json::Map::new()),
+    };
+    let options: MineOptions =
+        serde_json::from_value(map).map_err(|e| PyValueError::new_err(format!("mine: {e}")))?;
+    let emb = |a: numpy::PyReadonlyArray2<'py, f32>| {
+        let a = a.as_array();
+        Embeddings {
+            values: a.iter().copied().collect(),
+            dim: a.ncols(),
+        }
+    };
+    let retriever = match (query_embeddings, passage_embeddings) {
+        (Some(q), Some(p)) => Retriever::Dense {
+            queries: emb(q),
+            passages: emb(p),
+        },
+        (None, None) => Retriever::Bm25(Bm25Params {
+            k1: options.k1,
+            b: options.b,
+        }),
+        _ => {
+            return Err(PyValueError::new_err(
+                "query_embeddings and passage_embeddings go together",
+            ))
+        }
+    };
+    let ds = dataset.inner.clone();
+    let cache = Cache::new(cache_dir, None);
+    let report = detached(py, move || {
+        let output = Output::new(&out, OutputKind::Dataset, overwrite, &cache)?;
+        let r = rankfeed::mine::mine(
+            &ds,
+            &retriever,
+            &options,
+            shard,
+            output.path(),
+            WriterOptions {
+                overwrite: output.overwrite_local(),
+                ..WriterOptions::default()
+            },
+        )?;
+        output.finish()?;
+        Ok::<_, rankfeed::Error>(r)
+    })?;
+    json_to_py(py, &report)
+}
+
 fn upload_json(r: rankfeed::remote::UploadReport) -> serde_json::Value {
     serde_json::json!({"files": r.files, "bytes": r.bytes, "deleted": r.deleted, "seconds": r.seconds})
 }
@@ -1317,6 +1383,7 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export, m)?)?;
     m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(_mine, m)?)?;
     m.add_function(wrap_pyfunction!(fetch, m)?)?;
     m.add_function(wrap_pyfunction!(upload, m)?)?;
     m.add_function(wrap_pyfunction!(remove_url, m)?)?;

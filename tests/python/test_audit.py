@@ -1,4 +1,4 @@
-"""`rankfeed audit` and `Dataset.audit` (issue 22) on text converted with real tokenizers: a crafted
+"""`rankfeed audit` and `Dataset.audit` (issue 22; also the README's `rankfeed mine` lines) on text converted with real tokenizers: a crafted
 file with one defect of each kind gives the known counts in encoder and LLM modes (the LLM
 layouts with the default prompt conversion stores), the CLI's --json equals Python's dict, the
 README's `rankfeed audit` lines run as written, and `exclude_false_negatives` keeps every false
@@ -107,11 +107,12 @@ def test_excluded_false_negatives_never_reach_a_batch(crafted):
     assert CAT in drawn
 
 
-def test_the_readme_audit_lines_run(tmp_path, rankfeed_bin):
+def test_the_readme_audit_and_mine_lines_run(tmp_path, rankfeed_bin):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    lines = [l.split("#")[0].strip() for b in blocks for l in b.splitlines() if l.startswith("rankfeed audit")]
-    assert len(lines) >= 2, lines
+    lines = [l.split("#")[0].strip() for b in blocks for l in b.splitlines()
+             if l.startswith(("rankfeed audit", "rankfeed mine", "rankfeed merge data/train-mined"))]
+    assert len(lines) >= 6, lines
     rankfeed.convert([str(ROOT / "tests/fixtures/roundtrip.jsonl")], str(BERT), str(tmp_path / "data/train"))
     for line in lines:
         cmd = line.replace("rankfeed ", f"{rankfeed_bin} ", 1)
@@ -119,3 +120,6 @@ def test_the_readme_audit_lines_run(tmp_path, rankfeed_bin):
         assert p.returncode == 0, (line, p.stderr)
     report = json.loads((tmp_path / "audit.json").read_text())
     assert report["against"]["queries"]["rows"] == report["rows"]
+    # The shards mined and merged are the whole run, byte for byte.
+    for f in ("groups.arrow", "passages.arrow", "prompts.arrow", "manifest.json"):
+        assert (tmp_path / "data/train-mined-merged" / f).read_bytes() == (tmp_path / "data/train-mined" / f).read_bytes(), f

@@ -93,6 +93,8 @@ enum Command {
     /// Audit a dataset: false negatives, duplicate and conflicting queries, score inversions,
     /// missing or constant scores, truncation at the loader settings, overlap with another dataset.
     Audit(AuditArgs),
+    /// Mine hard negatives for every row (BM25 over token ids, or given embeddings) into a new dataset.
+    Mine(MineArgs),
     /// Show the exact ids the model will see for one group (decoded with --tokenizer).
     Show(batch::ShowArgs),
     /// Collate given selections into .npy arrays (for your own sampler, and parity tests).
@@ -257,6 +259,32 @@ struct AuditArgs {
 }
 
 #[derive(clap::Args)]
+struct MineArgs {
+    /// Dataset directory (or URL): the rows, and the passages mined from.
+    dir: PathBuf,
+    /// Output dataset directory (or URL).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Dense retrieval: float32 query embeddings, one row per dataset row (.npy, rows x dim).
+    #[arg(long, requires = "passage_embeddings")]
+    query_embeddings: Option<PathBuf>,
+    /// Dense retrieval: float32 passage embeddings, one row per passage id (.npy).
+    #[arg(long, requires = "query_embeddings")]
+    passage_embeddings: Option<PathBuf>,
+    /// Mine rows K*n/N..(K+1)*n/N only (merge the N outputs with `rankfeed merge`).
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    options: rankfeed::mine::MineOptions,
+}
+
+#[derive(clap::Args)]
 struct InspectArgs {
     /// Dataset directory.
     dir: PathBuf,
@@ -287,6 +315,7 @@ where
         Command::Convert(a) => run_convert(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Audit(a) => run_audit(a),
+        Command::Mine(a) => run_mine(a),
         Command::Show(a) => batch::run_show(a),
         Command::Collate(a) => batch::run_collate(a),
         Command::Bench(a) => batch::run_bench(a),
@@ -587,6 +616,57 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         a.output.display()
     );
     write_summary(&mut std::io::stdout().lock(), &m)?;
+    Ok(())
+}
+
+fn run_mine(a: MineArgs) -> Result<()> {
+    use rankfeed::mine::{Bm25Params, Retriever};
+    let ds = open_dataset(&a.dir)?;
+    let retriever = match (&a.query_embeddings, &a.passage_embeddings) {
+        (Some(q), Some(p)) => Retriever::Dense {
+            queries: npy::read_f32_2d(q)?,
+            passages: npy::read_f32_2d(p)?,
+        },
+        _ => Retriever::Bm25(Bm25Params {
+            k1: a.options.k1,
+            b: a.options.b,
+        }),
+    };
+    let out = a.output.to_string_lossy().into_owned();
+    let output = Output::new(&out, OutputKind::Dataset, a.overwrite, cache())?;
+    let report = rankfeed::mine::mine(
+        &ds,
+        &retriever,
+        &a.options,
+        a.shard.map(|(k, n)| (k as u64, n as u64)),
+        output.path(),
+        WriterOptions {
+            overwrite: output.overwrite_local(),
+            ..WriterOptions::default()
+        },
+    )?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
+    let mut o = std::io::stdout().lock();
+    if a.json {
+        writeln!(o, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            o,
+            "mined {} rows: {} negatives, {} rows short of {} ({} with none), {} positives kept out; \
+             index {:.2} s ({:.1} MB), ranking {:.2} s -> {}",
+            report.rows,
+            report.negatives,
+            report.rows_short,
+            a.options.num_negatives,
+            report.rows_without_negatives,
+            report.positives_removed,
+            report.index_seconds,
+            report.index_bytes as f64 / 1e6,
+            report.search_seconds,
+            out
+        )?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,77 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rankfeed::collate::Ids;
 
+/// A 2-D little-endian float32 C-order `.npy` file (format 1.0-3.0) as embeddings; anything
+/// else is an error naming the file and what it holds.
+pub fn read_f32_2d(path: &Path) -> Result<rankfeed::mine::Embeddings> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bad = |why: String| anyhow::anyhow!("{}: {why}", path.display());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file".into()));
+    }
+    let (len, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(format!(".npy format version {v} is not supported"))),
+    };
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("header runs past the end".into()))?;
+    let dict =
+        std::str::from_utf8(&bytes[start..end]).map_err(|_| bad("header is not text".into()))?;
+    let field = |key: &str| -> Option<&str> {
+        let at = dict.find(&format!("'{key}':"))? + key.len() + 3;
+        Some(dict[at..].trim_start())
+    };
+    let descr = field("descr").unwrap_or("");
+    if !(descr.starts_with("'<f4'") || descr.starts_with("'=f4'")) {
+        return Err(bad(format!(
+            "dtype {} (need float32, little-endian: np.asarray(x, dtype='<f4'))",
+            descr.split(',').next().unwrap_or("?")
+        )));
+    }
+    if !field("fortran_order").unwrap_or("").starts_with("False") {
+        return Err(bad(
+            "Fortran order (need C order: np.ascontiguousarray)".into()
+        ));
+    }
+    let shape = field("shape").unwrap_or("");
+    let inner = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad(format!("shape {shape}")))?;
+    let dims: Vec<usize> = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| bad(format!("shape ({inner})")))?;
+    let [rows, dim] = dims[..] else {
+        return Err(bad(format!("shape ({inner}) is not 2-D (rows, dim)")));
+    };
+    let data = &bytes[end..];
+    let want = rows
+        .checked_mul(dim)
+        .and_then(|n| n.checked_mul(4))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    if data.len() != want {
+        return Err(bad(format!(
+            "holds {} data bytes, shape ({rows}, {dim}) needs {want} (truncated?)",
+            data.len()
+        )));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(rankfeed::mine::Embeddings { values, dim })
+}
+
 fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let shape = match shape {
         [n] => format!("({n},)"),

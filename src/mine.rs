@@ -1,0 +1,695 @@
+//! `rankfeed mine`: hard negatives for every row, from the dataset's own deduplicated passages,
+//! written as a new dataset (the input is never modified).
+//!
+//! **Retrieval.** BM25 over token ids ([`Bm25Index`]): an inverted index over the unique
+//! passages, each posting holding its precomputed weight, Lucene's variant (as `bm25s`'s default
+//! `method="lucene"`): `idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))`, a term's weight in a
+//! passage `idf * tf / (tf + k1 * (1 - b + b * len / avg_len))`, a query's score the sum over its
+//! tokens (a repeated token counts each time). Or **dense**: exact inner products of query and
+//! passage embeddings the caller supplies. Either way a query's ranking is by score, then by
+//! passage id (ties are broken the same way on every run and thread count).
+//!
+//! **Selection**, as sentence-transformers' `mine_hard_negatives` and FlagEmbedding's
+//! `hn_mine.py` do it, with their traps closed:
+//! - the row's positives (and so their duplicates: the same passage is one id) are removed from
+//!   the ranking first, so they never become negatives and never shift the window;
+//! - the window is ranks `range_min..range_max` of what is left (0 is the best);
+//! - candidates outside `[min_score, max_score]` are dropped, and, with margins, those scored
+//!   above `pos - margin` (absolute) or `pos * (1 - relative_margin)` (relative, NV-Retriever's
+//!   TopK-PercPos), `pos` being the lowest score of the row's positives;
+//! - `num_negatives` are taken from the candidates left: the best ranked (`top`), or a seeded
+//!   sample keyed by (seed, row) (`random`), kept in rank order;
+//! - a row with fewer candidates keeps the ones it has: nothing tops it up from outside the
+//!   window (FlagEmbedding's random top-up from the whole corpus can pick a positive); the
+//!   report counts such rows.
+//!
+//! **Output.** The rows in order with their mined negatives, their query, positives, prompt and
+//! source unchanged; teacher scores are dropped (they scored the old negatives). Passages are
+//! interned in first-reference order, as a conversion does, so `--shard K/N` outputs (rows
+//! `K*n/N..(K+1)*n/N`) merge into the whole run's files byte for byte. The manifest records the
+//! mining settings (`provenance`). The input is verified in full first.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::format::{self, ShardRange, SourceStats};
+use crate::sample::KeyedRng;
+use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+
+/// BM25 parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bm25Params {
+    /// Term frequency saturation.
+    pub k1: f32,
+    /// Length normalisation.
+    pub b: f32,
+}
+
+impl Default for Bm25Params {
+    fn default() -> Self {
+        Bm25Params { k1: 1.5, b: 0.75 }
+    }
+}
+
+/// An inverted index over token ids: for each term, the passages holding it and the term's
+/// BM25 weight in each.
+#[derive(Debug, Clone)]
+pub struct Bm25Index {
+    params: Bm25Params,
+    n_docs: usize,
+    avg_len: f32,
+    /// Per term: ln(1 + (N - df + 0.5) / (df + 0.5)).
+    idf: Vec<f32>,
+    /// Postings of term t: `offsets[t]..offsets[t + 1]` of `docs` / `weights`.
+    offsets: Vec<u64>,
+    docs: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+/// Sorted (term, tf) runs of a token list.
+fn term_counts(tokens: &[i32], scratch: &mut Vec<i32>, out: &mut Vec<(u32, u32)>) {
+    scratch.clear();
+    scratch.extend_from_slice(tokens);
+    scratch.sort_unstable();
+    out.clear();
+    for &t in scratch.iter() {
+        match out.last_mut() {
+            Some((last, n)) if *last == t as u32 => *n += 1,
+            _ => out.push((t as u32, 1)),
+        }
+    }
+}
+
+impl Bm25Index {
+    /// The index of `passages` (token ids, each >= 0).
+    pub fn build<'a>(
+        passages: impl Fn(usize) -> Result<&'a [i32]>,
+        n_docs: usize,
+        params: Bm25Params,
+    ) -> Result<Bm25Index> {
+        let (mut scratch, mut counts) = (Vec::new(), Vec::new());
+        let mut df: Vec<u64> = Vec::new();
+        let mut total_len = 0u64;
+        for d in 0..n_docs {
+            let p = passages(d)?;
+            if let Some(&bad) = p.iter().find(|&&t| t < 0) {
+                return Err(Error::argument(
+                    "passages",
+                    format!("passage {d} holds token id {bad}"),
+                ));
+            }
+            total_len += p.len() as u64;
+            term_counts(p, &mut scratch, &mut counts);
+            for &(t, _) in &counts {
+                if t as usize >= df.len() {
+                    df.resize(t as usize + 1, 0);
+                }
+                df[t as usize] += 1;
+            }
+        }
+        let avg_len = if n_docs == 0 {
+            1.0
+        } else {
+            (total_len as f64 / n_docs as f64).max(f64::MIN_POSITIVE) as f32
+        };
+        let n = n_docs as f64;
+        let idf: Vec<f32> = df
+            .iter()
+            .map(|&d| (1.0 + (n - d as f64 + 0.5) / (d as f64 + 0.5)).ln() as f32)
+            .collect();
+        let mut offsets = Vec::with_capacity(df.len() + 1);
+        offsets.push(0u64);
+        for &d in &df {
+            offsets.push(offsets.last().unwrap() + d);
+        }
+        let total = *offsets.last().unwrap() as usize;
+        let (mut docs, mut weights) = (vec![0u32; total], vec![0f32; total]);
+        let mut fill: Vec<u64> = offsets[..df.len()].to_vec();
+        for d in 0..n_docs {
+            let p = passages(d)?;
+            term_counts(p, &mut scratch, &mut counts);
+            let norm = params.k1 * (1.0 - params.b + params.b * p.len() as f32 / avg_len);
+            for &(t, tf) in &counts {
+                let i = fill[t as usize] as usize;
+                fill[t as usize] += 1;
+                docs[i] = d as u32;
+                weights[i] = idf[t as usize] * tf as f32 / (tf as f32 + norm);
+            }
+        }
+        Ok(Bm25Index {
+            params,
+            n_docs,
+            avg_len,
+            idf,
+            offsets,
+            docs,
+            weights,
+        })
+    }
+
+    /// Number of passages indexed.
+    pub fn len(&self) -> usize {
+        self.n_docs
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.n_docs == 0
+    }
+
+    /// Bytes the index holds.
+    pub fn nbytes(&self) -> usize {
+        self.idf.len() * 4 + self.offsets.len() * 8 + self.docs.len() * 8
+    }
+
+    /// The BM25 score of `query` for a passage of tokens `doc` (indexed or not), by the index's
+    /// statistics.
+    pub fn score(&self, query: &[i32], doc: &[i32]) -> f32 {
+        let norm = self.params.k1
+            * (1.0 - self.params.b + self.params.b * doc.len() as f32 / self.avg_len);
+        let mut s = 0f32;
+        for &q in query {
+            let Some(&idf) = usize::try_from(q).ok().and_then(|q| self.idf.get(q)) else {
+                continue;
+            };
+            let tf = doc.iter().filter(|&&t| t == q).count() as f32;
+            if tf > 0.0 {
+                s += idf * tf / (tf + norm);
+            }
+        }
+        s
+    }
+
+    /// The `k` best passages for `query`: (passage, score), best first, ties by passage id.
+    /// Passages sharing no token with the query score 0 and are not returned.
+    pub fn search(&self, query: &[i32], k: usize, scratch: &mut SearchScratch) -> Vec<(u32, f32)> {
+        scratch.scores.resize(self.n_docs, 0.0);
+        scratch.touched.clear();
+        for &q in query {
+            let Some(t) = usize::try_from(q).ok().filter(|&t| t < self.idf.len()) else {
+                continue;
+            };
+            let (a, b) = (self.offsets[t] as usize, self.offsets[t + 1] as usize);
+            for (&d, &w) in self.docs[a..b].iter().zip(&self.weights[a..b]) {
+                let s = &mut scratch.scores[d as usize];
+                if *s == 0.0 {
+                    scratch.touched.push(d);
+                }
+                *s += w;
+            }
+        }
+        let mut hits: Vec<(u32, f32)> = scratch
+            .touched
+            .iter()
+            .map(|&d| (d, scratch.scores[d as usize]))
+            .filter(|&(_, s)| s > 0.0)
+            .collect();
+        for &d in &scratch.touched {
+            scratch.scores[d as usize] = 0.0;
+        }
+        top_k(&mut hits, k);
+        hits
+    }
+}
+
+/// Keep the `k` best of `hits` (score descending, then id ascending), sorted.
+fn top_k(hits: &mut Vec<(u32, f32)>, k: usize) {
+    // `+ 0.0` makes -0.0 equal to 0.0 (an inner product can give either).
+    let order =
+        |a: &(u32, f32), b: &(u32, f32)| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0));
+    if hits.len() > k && k > 0 {
+        hits.select_nth_unstable_by(k - 1, order);
+        hits.truncate(k);
+    } else if k == 0 {
+        hits.clear();
+    }
+    hits.sort_unstable_by(order);
+}
+
+/// Scratch space of [`Bm25Index::search`] (one per thread).
+#[derive(Debug, Default)]
+pub struct SearchScratch {
+    scores: Vec<f32>,
+    touched: Vec<u32>,
+}
+
+/// Row-major f32 embeddings: `rows x dim`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// The values, row after row.
+    pub values: Vec<f32>,
+    /// Values per row.
+    pub dim: usize,
+}
+
+impl Embeddings {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.values.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// How candidates are ranked.
+#[derive(Debug, Clone)]
+pub enum Retriever {
+    /// BM25 over the token ids.
+    Bm25(Bm25Params),
+    /// Inner products of `queries` (one row per dataset row) and `passages` (one row per
+    /// passage id).
+    Dense {
+        /// Query embeddings.
+        queries: Embeddings,
+        /// Passage embeddings.
+        passages: Embeddings,
+    },
+}
+
+/// How negatives are taken from the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// A seeded sample keyed by (seed, row), kept in rank order (FlagEmbedding's rule).
+    #[default]
+    Random,
+    /// The best ranked.
+    Top,
+}
+
+crate::options::named!(Sampling, "sampling");
+
+/// Mining settings (recorded in the output's manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct MineOptions {
+    /// Negatives per row.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.num_negatives))]
+    pub num_negatives: usize,
+    /// First rank of the window (0: the best non-positive).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.range_min))]
+    pub range_min: usize,
+    /// One past the last rank of the window.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.range_max))]
+    pub range_max: usize,
+    /// Drop candidates scored below this.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub min_score: Option<f32>,
+    /// Drop candidates scored above this.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_score: Option<f32>,
+    /// Drop candidates scored above (lowest positive score - margin).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub margin: Option<f32>,
+    /// Drop candidates scored above (lowest positive score x (1 - relative_margin)).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub relative_margin: Option<f32>,
+    /// "random" (a seeded sample of the window, in rank order) or "top" (the best ranked).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.sampling))]
+    pub sampling: Sampling,
+    /// Seed of the random sampling.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.seed))]
+    pub seed: u64,
+    /// BM25 k1.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.k1))]
+    pub k1: f32,
+    /// BM25 b.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = MineOptions::DEFAULT.b))]
+    pub b: f32,
+}
+
+impl Default for MineOptions {
+    fn default() -> Self {
+        MineOptions::DEFAULT
+    }
+}
+
+impl MineOptions {
+    /// The default of every setting (FlagEmbedding's `hn_mine.py`: 15 negatives sampled from
+    /// ranks 10..210; `bm25s`'s k1 and b).
+    pub const DEFAULT: MineOptions = MineOptions {
+        num_negatives: 15,
+        range_min: 10,
+        range_max: 210,
+        min_score: None,
+        max_score: None,
+        margin: None,
+        relative_margin: None,
+        sampling: Sampling::Random,
+        seed: 42,
+        k1: 1.5,
+        b: 0.75,
+    };
+
+    fn check(&self) -> Result<()> {
+        if self.range_min >= self.range_max {
+            return Err(Error::argument(
+                "range_min",
+                format!(
+                    "the window {}..{} is empty (range_min must be below range_max)",
+                    self.range_min, self.range_max
+                ),
+            ));
+        }
+        if self.range_max > crate::limits::MINE_RANGE {
+            return Err(Error::argument(
+                "range_max",
+                format!("{} is beyond {}", self.range_max, crate::limits::MINE_RANGE),
+            ));
+        }
+        for (name, v) in [
+            ("min_score", self.min_score),
+            ("max_score", self.max_score),
+            ("margin", self.margin),
+            ("relative_margin", self.relative_margin),
+            ("k1", Some(self.k1)),
+            ("b", Some(self.b)),
+        ] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                return Err(Error::argument(name, "must be finite"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.b) || self.k1 < 0.0 {
+            return Err(Error::argument("b", "BM25 needs k1 >= 0 and 0 <= b <= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// What a mining run did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MineReport {
+    /// Rows mined (of this shard).
+    pub rows: u64,
+    /// Negatives written.
+    pub negatives: u64,
+    /// Rows that got fewer than `num_negatives` (the window had too few candidates).
+    pub rows_short: u64,
+    /// Rows that got none.
+    pub rows_without_negatives: u64,
+    /// Candidates removed for being one of the row's positives.
+    pub positives_removed: u64,
+    /// Seconds building the index (BM25).
+    pub index_seconds: f64,
+    /// Seconds ranking and selecting.
+    pub search_seconds: f64,
+    /// Bytes of the index (BM25).
+    pub index_bytes: u64,
+}
+
+/// The rows `shard` = (k, n) holds of `rows`: `k*rows/n .. (k+1)*rows/n`.
+pub fn shard_rows(rows: usize, shard: Option<(u64, u64)>) -> std::ops::Range<usize> {
+    match shard {
+        None => 0..rows,
+        Some((k, n)) => {
+            let at = |i: u64| (rows as u128 * i as u128 / n as u128) as usize;
+            at(k)..at(k + 1)
+        }
+    }
+}
+
+/// The negatives mined for each row of `rows` of `ds` (passage ids of `ds`).
+pub fn mine_negatives(
+    ds: &Dataset,
+    retriever: &Retriever,
+    options: &MineOptions,
+    rows: std::ops::Range<usize>,
+    report: &mut MineReport,
+) -> Result<Vec<Vec<i32>>> {
+    use rayon::prelude::*;
+    options.check()?;
+    let n_passages = ds.num_passages();
+    let t = std::time::Instant::now();
+    let index = match retriever {
+        Retriever::Bm25(params) => Some(Bm25Index::build(
+            |d| ds.passage(d as i32),
+            n_passages,
+            *params,
+        )?),
+        Retriever::Dense { queries, passages } => {
+            if passages.rows() != n_passages || queries.rows() != ds.len() {
+                return Err(Error::argument(
+                    "embeddings",
+                    format!(
+                        "{} query and {} passage embeddings for a dataset of {} rows and {} \
+                         passages (one per row, one per passage id, in order)",
+                        queries.rows(),
+                        passages.rows(),
+                        ds.len(),
+                        n_passages
+                    ),
+                ));
+            }
+            if queries.dim != passages.dim || queries.dim == 0 {
+                return Err(Error::argument(
+                    "embeddings",
+                    format!(
+                        "query embeddings have {} dimensions, passage embeddings {}",
+                        queries.dim, passages.dim
+                    ),
+                ));
+            }
+            if let Some(i) = queries
+                .values
+                .iter()
+                .chain(&passages.values)
+                .position(|v| !v.is_finite())
+            {
+                return Err(Error::argument(
+                    "embeddings",
+                    format!("value {i} (counting query values first) is not finite"),
+                ));
+            }
+            None
+        }
+    };
+    report.index_seconds = t.elapsed().as_secs_f64();
+    report.index_bytes = index.as_ref().map_or(0, |i| i.nbytes() as u64);
+    let t = std::time::Instant::now();
+    let per_row: Vec<Result<(Vec<i32>, u64)>> = rows
+        .clone()
+        .into_par_iter()
+        .map_init(SearchScratch::default, |scratch, row| {
+            let g = ds.group_ids(row)?;
+            let mut pos: Vec<i32> = g.pos.to_vec();
+            pos.sort_unstable();
+            pos.dedup();
+            let want = options.range_max + pos.len();
+            let (ranked, pos_score) = match (&index, retriever) {
+                (Some(index), _) => {
+                    let ranked = index.search(g.query, want, scratch);
+                    let mut lowest = f32::INFINITY;
+                    for &p in &pos {
+                        lowest = lowest.min(index.score(g.query, ds.referenced_passage(p)?));
+                    }
+                    (ranked, lowest)
+                }
+                (None, Retriever::Dense { queries, passages }) => {
+                    let q = queries.row(row);
+                    let mut hits: Vec<(u32, f32)> = (0..n_passages)
+                        .map(|d| (d as u32, dot(q, passages.row(d))))
+                        .collect();
+                    top_k(&mut hits, want);
+                    let mut lowest = f32::INFINITY;
+                    for &p in &pos {
+                        ds.referenced_passage(p)?;
+                        lowest = lowest.min(dot(q, passages.row(p as usize)));
+                    }
+                    (hits, lowest)
+                }
+                (None, Retriever::Bm25(_)) => unreachable!("the BM25 index is built above"),
+            };
+            let mut removed = 0u64;
+            let candidates: Vec<(i32, f32)> = ranked
+                .into_iter()
+                .map(|(d, s)| (d as i32, s))
+                .filter(|(d, _)| {
+                    let p = pos.binary_search(d).is_ok();
+                    removed += p as u64;
+                    !p
+                })
+                .skip(options.range_min)
+                .take(options.range_max - options.range_min)
+                .filter(|&(_, s)| {
+                    options.min_score.is_none_or(|m| s >= m)
+                        && options.max_score.is_none_or(|m| s <= m)
+                        && options.margin.is_none_or(|m| s <= pos_score - m)
+                        && options
+                            .relative_margin
+                            .is_none_or(|m| s <= pos_score * (1.0 - m))
+                })
+                .collect();
+            let chosen = choose(&candidates, options, row as u64);
+            Ok((chosen, removed))
+        })
+        .collect();
+    report.search_seconds = t.elapsed().as_secs_f64();
+    let mut out = Vec::with_capacity(per_row.len());
+    for r in per_row {
+        let (neg, removed) = r?;
+        report.rows += 1;
+        report.negatives += neg.len() as u64;
+        report.positives_removed += removed;
+        if neg.len() < options.num_negatives {
+            report.rows_short += 1;
+        }
+        if neg.is_empty() {
+            report.rows_without_negatives += 1;
+        }
+        out.push(neg);
+    }
+    Ok(out)
+}
+
+/// `num_negatives` of the ranked candidates, by the sampling rule, in rank order.
+fn choose(candidates: &[(i32, f32)], options: &MineOptions, row: u64) -> Vec<i32> {
+    let k = options.num_negatives;
+    if candidates.len() <= k || options.sampling == Sampling::Top {
+        return candidates.iter().take(k).map(|c| c.0).collect();
+    }
+    let mut rng = KeyedRng::new(&[options.seed, row, 0x6d696e65]);
+    let mut idx: Vec<usize> = (0..candidates.len()).collect();
+    for i in 0..k {
+        let j = i + rng.below((idx.len() - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    let mut picked = idx[..k].to_vec();
+    picked.sort_unstable();
+    picked.into_iter().map(|i| candidates[i].0).collect()
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums: the compiler vectorizes them.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Mine `ds` into a new dataset at `out` (see the module docs): verifies `ds` in full, ranks,
+/// selects, writes. `shard` = (k, n) mines rows `k*len/n..(k+1)*len/n` only.
+pub fn mine(
+    ds: &Dataset,
+    retriever: &Retriever,
+    options: &MineOptions,
+    shard: Option<(u64, u64)>,
+    out: &std::path::Path,
+    writer: WriterOptions,
+) -> Result<MineReport> {
+    if let Some((k, n)) = shard {
+        if n == 0 || k >= n {
+            return Err(Error::argument(
+                "shard",
+                format!("{k}/{n}: K must be below N"),
+            ));
+        }
+    }
+    if ds.manifest().shards.is_some() {
+        return Err(Error::input(
+            ds.dir(),
+            "holds only some shards of a conversion: merge them first, then mine",
+        ));
+    }
+    ds.validate()?;
+    let rows = shard_rows(ds.len(), shard);
+    let mut report = MineReport::default();
+    let negatives = mine_negatives(ds, retriever, options, rows.clone(), &mut report)?;
+    let mut w = DatasetWriter::create(out, writer)?;
+    for id in [
+        format::PROMPT_ID_LLM_DEFAULT,
+        format::PROMPT_ID_MATRYOSHKA_DEFAULT,
+    ] {
+        w.add_prompt(ds.prompt_tokens(id)?)?;
+    }
+    let m = ds.manifest();
+    let mut sources: Vec<SourceStats> = m.sources.clone();
+    // (By shard number: the first shard's rows may be none, and the next start at row 0.)
+    let first = shard.is_none_or(|(k, _)| k == 0);
+    for s in sources.iter_mut() {
+        // This output's rows; what the conversion read but did not keep stays with the first
+        // shard, so the shards' counts add up to the input's.
+        let not_kept = s.rows_read.saturating_sub(s.rows_accepted);
+        s.rows_accepted = 0;
+        s.rows_empty_neg = 0;
+        s.rows_read = if first { not_kept } else { 0 };
+        if !first {
+            s.rows_rejected = 0;
+            s.rejected_by_reason.clear();
+            s.blank_lines = 0;
+            s.unknown_fields.clear();
+        }
+    }
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for (row, mined) in rows.clone().zip(&negatives) {
+        let g = ds.group(row)?;
+        pos.clear();
+        for &id in g.pos {
+            pos.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
+        }
+        neg.clear();
+        for &id in mined {
+            neg.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
+        }
+        let prompt = match g.prompt {
+            Some(p) if p > format::PROMPT_ID_MATRYOSHKA_DEFAULT => {
+                Some(w.intern_prompt(ds.prompt_tokens(p)?)?)
+            }
+            other => other,
+        };
+        w.add_group(&GroupRecord {
+            query: g.query,
+            pos: &pos,
+            neg: &neg,
+            pos_scores: None,
+            neg_scores: None,
+            prompt,
+            source: g.source,
+        })?;
+        if let Some(s) = sources.get_mut(g.source as usize) {
+            s.rows_accepted += 1;
+            s.rows_read += 1;
+            s.rows_empty_neg += neg.is_empty() as u64;
+        }
+    }
+    if first {
+        crate::merge::copy_rejects(ds, &mut w)?;
+    }
+    let shards = shard.and_then(|(k, n)| ShardRange::partial(k, k + 1, n));
+    w.set_provenance(Some(provenance(retriever, options, ds)));
+    w.finish(ManifestInfo {
+        tokenizer: m.tokenizer.clone(),
+        text: m.text.clone(),
+        sources,
+        shards,
+    })?;
+    Ok(report)
+}
+
+/// What the manifest records of a mining run.
+fn provenance(retriever: &Retriever, options: &MineOptions, ds: &Dataset) -> serde_json::Value {
+    let method = match retriever {
+        Retriever::Bm25(p) => serde_json::json!({"bm25": p}),
+        Retriever::Dense { queries, .. } => serde_json::json!({"dense": {"dim": queries.dim}}),
+    };
+    serde_json::json!({
+        "mined": {
+            "from_seal": ds.manifest().checksum,
+            "retriever": method,
+            "options": options,
+        }
+    })
+}

@@ -1,0 +1,461 @@
+//! `rankfeed mine` (issue 22): a seeded generator of small datasets (passages and queries drawn
+//! from small token pools so that BM25 scores tie and positives rank high; duplicated passage
+//! ids across positives and negatives) crossed with random mining settings (windows, floors,
+//! ceilings, absolute and relative margins, top and random sampling, BM25 and dense). Every run
+//! is checked against a brute-force ranking of every passage:
+//! - no mined negative is one of its row's positives, none repeats, at most `num_negatives`;
+//! - each negative's rank (positives removed) lies in the window, its score within the floor,
+//!   ceiling and margins; `top` takes exactly the first candidates, `random` a subset of them;
+//! - a row short of `num_negatives` had no more candidates (nothing topped up from outside);
+//! - the result does not depend on the number of threads; shards merged equal the whole run's
+//!   files byte for byte; the manifest records the settings.
+//!
+//! `RANKFEED_LONG=<factor>` multiplies the cases.
+
+mod support;
+
+use std::path::Path;
+
+use rankfeed::format::{SourceStats, TextSettings};
+use rankfeed::mine::{
+    mine, mine_negatives, Bm25Index, Bm25Params, Embeddings, MineOptions, MineReport, Retriever,
+    Sampling, SearchScratch,
+};
+use rankfeed::sample::KeyedRng;
+use rankfeed::tokenizer::TextTokenizer;
+use rankfeed::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use rankfeed::Dataset;
+
+struct Spec {
+    passages: Vec<Vec<i32>>,
+    rows: Vec<(Vec<i32>, Vec<i32>, Vec<i32>)>,
+}
+
+fn gen(case: u64) -> Spec {
+    let mut rng = KeyedRng::new(&[0x313e, case]);
+    let vocab = 3 + rng.below(30) as i32;
+    let n_passages = 1 + rng.below(60) as usize;
+    let words = |rng: &mut KeyedRng, n: u64| -> Vec<i32> {
+        (0..n)
+            .map(|_| 1000 + rng.below(vocab as u64) as i32)
+            .collect()
+    };
+    let mut passages: Vec<Vec<i32>> = Vec::new();
+    while passages.len() < n_passages {
+        let l = 1 + rng.below(25);
+        let p = words(&mut rng, l);
+        if !passages.contains(&p) {
+            passages.push(p);
+        } else if rng.below(8) == 0 {
+            break;
+        }
+    }
+    let n = passages.len() as u64;
+    let rows = (0..1 + rng.below(30))
+        .map(|_| {
+            let ql = 1 + rng.below(6);
+            let q = words(&mut rng, ql);
+            let pos = (0..1 + rng.below(3)).map(|_| rng.below(n) as i32).collect();
+            let neg = (0..rng.below(4)).map(|_| rng.below(n) as i32).collect();
+            (q, pos, neg)
+        })
+        .collect();
+    Spec { passages, rows }
+}
+
+fn write(dir: &Path, spec: &Spec) -> Dataset {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let facts = TextTokenizer::from_file(root.join("data/sample/bert/tokenizer.json"))
+        .unwrap()
+        .facts()
+        .clone();
+    let mut w = DatasetWriter::create(
+        dir,
+        WriterOptions {
+            rows_per_batch: 8,
+            overwrite: true,
+        },
+    )
+    .unwrap();
+    // The default prompts a conversion stores first (mine copies them).
+    w.add_prompt(&[1]).unwrap();
+    w.add_prompt(&[2]).unwrap();
+    // Passages interned in first-reference order, as a conversion stores them.
+    let mut ids = vec![None; spec.passages.len()];
+    let mut rows = Vec::new();
+    for (q, pos, neg) in &spec.rows {
+        let mut map = |v: &Vec<i32>| -> Vec<i32> {
+            v.iter()
+                .map(|&p| {
+                    *ids[p as usize].get_or_insert_with(|| {
+                        w.intern_passage(&spec.passages[p as usize]).unwrap() as i32
+                    })
+                })
+                .collect()
+        };
+        let (pos, neg) = (map(pos), map(neg));
+        rows.push((q.clone(), pos, neg));
+    }
+    for p in &spec.passages {
+        w.intern_passage(p).unwrap();
+    }
+    let n = rows.len() as u64;
+    for (q, pos, neg) in &rows {
+        w.add_group(&GroupRecord {
+            query: q,
+            pos,
+            neg,
+            pos_scores: None,
+            neg_scores: None,
+            prompt: None,
+            source: 0,
+        })
+        .unwrap();
+    }
+    w.finish(ManifestInfo {
+        tokenizer: Some(facts),
+        text: TextSettings::default(),
+        sources: vec![SourceStats {
+            path: "in.jsonl".into(),
+            rows_read: n + 2,
+            rows_accepted: n,
+            rows_rejected: 2,
+            rows_empty_neg: rows.iter().filter(|r| r.2.is_empty()).count() as u64,
+            ..Default::default()
+        }],
+        shards: None,
+    })
+    .unwrap();
+    Dataset::open(dir).unwrap()
+}
+
+fn options(rng: &mut KeyedRng) -> MineOptions {
+    let range_min = rng.below(4) as usize;
+    let maybe = |rng: &mut KeyedRng, v: f32| (rng.below(4) == 0).then_some(v);
+    MineOptions {
+        num_negatives: 1 + rng.below(8) as usize,
+        range_min,
+        range_max: range_min + 1 + rng.below(30) as usize,
+        min_score: maybe(rng, 0.3),
+        max_score: maybe(rng, 3.0),
+        margin: maybe(rng, 0.2),
+        relative_margin: maybe(rng, 0.1),
+        sampling: if rng.below(2) == 0 {
+            Sampling::Top
+        } else {
+            Sampling::Random
+        },
+        seed: rng.below(1000),
+        k1: [1.5, 1.2, 0.9][rng.below(3) as usize],
+        b: [0.75, 0.0, 1.0][rng.below(3) as usize],
+    }
+}
+
+/// Every passage scored for `row`, brute force, best first (ties by id), positives removed.
+fn brute_force(
+    ds: &Dataset,
+    retriever: &Retriever,
+    index: Option<&Bm25Index>,
+    row: usize,
+) -> Vec<(i32, f32)> {
+    let g = ds.group_ids(row).unwrap();
+    let mut all: Vec<(i32, f32)> = (0..ds.num_passages() as i32)
+        .filter(|p| !g.pos.contains(p))
+        .map(|p| {
+            let s = match retriever {
+                Retriever::Bm25(_) => index.unwrap().score(g.query, ds.passage(p).unwrap()),
+                Retriever::Dense { queries, passages } => {
+                    let d = queries.dim;
+                    let (q, v) = (
+                        &queries.values[row * d..(row + 1) * d],
+                        &passages.values[p as usize * d..(p as usize + 1) * d],
+                    );
+                    q.iter().zip(v).map(|(a, b)| a * b).sum::<f32>()
+                }
+            };
+            (p, s)
+        })
+        .filter(|&(_, s)| matches!(retriever, Retriever::Dense { .. }) || s > 0.0)
+        .collect();
+    all.sort_by(|a, b| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0)));
+    all
+}
+
+#[test]
+fn mined_negatives_keep_every_rule() {
+    let n = 120 * support::long();
+    let (mut short, mut full, mut dense_cases) = (0, 0, 0);
+    for case in 0..n {
+        let spec = gen(case);
+        let dir = tempfile::tempdir().unwrap();
+        let ds = write(dir.path(), &spec);
+        let mut rng = KeyedRng::new(&[0x0915, case]);
+        let o = options(&mut rng);
+        let retriever = if rng.below(3) == 0 {
+            dense_cases += 1;
+            let dim = 1 + rng.below(12) as usize;
+            // Small integer grid values: dot products are exact, so ranks tie for real.
+            let mut e = |rows: usize| Embeddings {
+                values: (0..rows * dim).map(|_| rng.below(5) as f32 - 2.0).collect(),
+                dim,
+            };
+            Retriever::Dense {
+                queries: e(ds.len()),
+                passages: e(ds.num_passages()),
+            }
+        } else {
+            Retriever::Bm25(Bm25Params { k1: o.k1, b: o.b })
+        };
+        let index = match &retriever {
+            Retriever::Bm25(p) => {
+                Some(Bm25Index::build(|d| ds.passage(d as i32), ds.num_passages(), *p).unwrap())
+            }
+            _ => None,
+        };
+        let mut report = MineReport::default();
+        let mined = mine_negatives(&ds, &retriever, &o, 0..ds.len(), &mut report).unwrap();
+        // One thread gives the same.
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let again = one
+            .install(|| {
+                mine_negatives(&ds, &retriever, &o, 0..ds.len(), &mut MineReport::default())
+            })
+            .unwrap();
+        assert_eq!(mined, again, "case {case}: threads changed the result");
+        for (row, negs) in mined.iter().enumerate() {
+            let g = ds.group_ids(row).unwrap();
+            let ranked = brute_force(&ds, &retriever, index.as_ref(), row);
+            let lowest_pos = g
+                .pos
+                .iter()
+                .map(|&p| match &retriever {
+                    Retriever::Bm25(_) => index
+                        .as_ref()
+                        .unwrap()
+                        .score(g.query, ds.passage(p).unwrap()),
+                    Retriever::Dense { queries, passages } => {
+                        let d = queries.dim;
+                        queries.values[row * d..(row + 1) * d]
+                            .iter()
+                            .zip(&passages.values[p as usize * d..(p as usize + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    }
+                })
+                .fold(f32::INFINITY, f32::min);
+            let window: Vec<(i32, f32)> = ranked
+                .iter()
+                .copied()
+                .skip(o.range_min)
+                .take(o.range_max - o.range_min)
+                .filter(|&(_, s)| {
+                    o.min_score.is_none_or(|m| s >= m)
+                        && o.max_score.is_none_or(|m| s <= m)
+                        && o.margin.is_none_or(|m| s <= lowest_pos - m)
+                        && o.relative_margin
+                            .is_none_or(|m| s <= lowest_pos * (1.0 - m))
+                })
+                .collect();
+            let ids: Vec<i32> = window.iter().map(|c| c.0).collect();
+            assert!(negs.len() <= o.num_negatives, "case {case}");
+            assert_eq!(
+                negs.len(),
+                o.num_negatives.min(ids.len()),
+                "case {case} row {row}: short only when the window is"
+            );
+            for n in negs {
+                assert!(
+                    !g.pos.contains(n),
+                    "case {case} row {row}: a positive mined"
+                );
+                assert!(
+                    ids.contains(n),
+                    "case {case} row {row}: {n} outside the window/filters"
+                );
+            }
+            let mut d = negs.clone();
+            d.sort();
+            d.dedup();
+            assert_eq!(d.len(), negs.len(), "case {case}: a negative twice");
+            // In rank order; top takes the first.
+            let at: Vec<usize> = negs
+                .iter()
+                .map(|n| ids.iter().position(|x| x == n).unwrap())
+                .collect();
+            assert!(
+                at.windows(2).all(|w| w[0] < w[1]),
+                "case {case}: not in rank order: {negs:?} at {at:?} of {window:?}, options {o:?}"
+            );
+            if o.sampling == Sampling::Top {
+                assert_eq!(negs[..], ids[..negs.len()], "case {case}");
+            }
+            if negs.len() < o.num_negatives {
+                short += 1;
+            } else {
+                full += 1;
+            }
+        }
+    }
+    eprintln!("mine: {n} cases ({dense_cases} dense), rows full {full}, short {short}");
+    assert!(short > 0 && full > 0 && dense_cases > 0);
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
+    for case in 0..(12 * support::long()) {
+        let spec = gen(1000 + case);
+        let tmp = tempfile::tempdir().unwrap();
+        let ds = write(&tmp.path().join("in"), &spec);
+        let mut rng = KeyedRng::new(&[0x5a1d, case]);
+        let o = MineOptions {
+            range_min: 0,
+            ..options(&mut rng)
+        };
+        let r = Retriever::Bm25(Bm25Params { k1: o.k1, b: o.b });
+        let w = WriterOptions::default();
+        let whole = tmp.path().join("whole");
+        mine(&ds, &r, &o, None, &whole, w.clone()).unwrap();
+        // Case 0: more shards than rows, so some shards are empty (regression: an empty shard
+        // 0 made the next shard, starting at row 0 too, count the input's rejects again).
+        let n = if case == 0 {
+            ds.len() as u64 + 2
+        } else {
+            1 + rng.below(4)
+        };
+        let shards: Vec<_> = (0..n)
+            .map(|k| {
+                let p = tmp.path().join(format!("s{k}"));
+                mine(&ds, &r, &o, Some((k, n)), &p, w.clone()).unwrap();
+                p
+            })
+            .collect();
+        let merged = tmp.path().join("merged");
+        rankfeed::merge::merge(&shards, &merged, w.clone()).unwrap();
+        let (m, full) = (files(&merged), files(&whole));
+        for ((name, a), (_, b)) in m.iter().zip(&full) {
+            if a != b && name.ends_with(".json") {
+                panic!(
+                    "case {case}: {n} shards: {name} differs:\n{}\nvs the whole run's\n{}",
+                    String::from_utf8_lossy(a),
+                    String::from_utf8_lossy(b)
+                );
+            }
+            assert!(a == b, "case {case}: {n} shards: {name} differs");
+        }
+        assert_eq!(m.len(), full.len());
+        let out = Dataset::open(&whole).unwrap();
+        out.validate().unwrap();
+        let p = out.manifest().provenance.as_ref().unwrap();
+        assert_eq!(p["mined"]["options"]["num_negatives"], o.num_negatives);
+        assert_eq!(p["mined"]["from_seal"], ds.manifest().checksum.as_str());
+        assert_eq!(
+            out.manifest().sources[0].rows_read,
+            ds.manifest().sources[0].rows_read
+        );
+        // Differently mined shards are not one run.
+        if n > 1 {
+            let other = tmp.path().join("other");
+            let o2 = MineOptions {
+                seed: o.seed + 1,
+                ..o.clone()
+            };
+            mine(&ds, &r, &o2, Some((0, n)), &other, w.clone()).unwrap();
+            let mut mixed = shards.clone();
+            mixed[0] = other;
+            let e = rankfeed::merge::merge(&mixed, &tmp.path().join("m2"), w.clone()).unwrap_err();
+            assert!(e.to_string().contains("derived differently"), "{e}");
+        }
+    }
+    // A search over the index agrees with scoring each passage.
+    let spec = gen(7);
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = write(tmp.path(), &spec);
+    let idx = Bm25Index::build(
+        |d| ds.passage(d as i32),
+        ds.num_passages(),
+        Bm25Params::default(),
+    )
+    .unwrap();
+    let q = ds.group_ids(0).unwrap().query;
+    for (d, s) in idx.search(q, 1000, &mut SearchScratch::default()) {
+        assert_eq!(s, idx.score(q, ds.passage(d as i32).unwrap()));
+    }
+}
+
+#[test]
+fn bad_settings_are_errors_naming_them() {
+    let spec = gen(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = write(&tmp.path().join("in"), &spec);
+    let r = Retriever::Bm25(Bm25Params::default());
+    let run = |o: MineOptions| {
+        mine(
+            &ds,
+            &r,
+            &o,
+            None,
+            &tmp.path().join("o"),
+            WriterOptions {
+                overwrite: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(run(MineOptions {
+        range_min: 5,
+        range_max: 5,
+        ..Default::default()
+    })
+    .contains("range_min"));
+    assert!(run(MineOptions {
+        margin: Some(f32::NAN),
+        ..Default::default()
+    })
+    .contains("margin"));
+    assert!(run(MineOptions {
+        range_max: usize::MAX,
+        ..Default::default()
+    })
+    .contains("range_max"));
+    let bad = Retriever::Dense {
+        queries: Embeddings {
+            values: vec![0.0; 3],
+            dim: 1,
+        },
+        passages: Embeddings {
+            values: vec![0.0; 3],
+            dim: 1,
+        },
+    };
+    let e = mine(
+        &ds,
+        &bad,
+        &MineOptions::default(),
+        None,
+        &tmp.path().join("o"),
+        WriterOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("embeddings"), "{e}");
+}
