@@ -240,12 +240,14 @@ impl SourceAcc {
         }
     }
 
-    fn score(&mut self, row: u64, values: &[f32], limit: usize) {
-        let bad = values.iter().filter(|v| !v.is_finite()).count() as u64;
+    /// The scores of one row (both lists): non-finite ones counted once per row.
+    fn score(&mut self, row: u64, pos: &[f32], neg: &[f32], limit: usize) {
+        let values = || pos.iter().chain(neg);
+        let bad = values().filter(|v| !v.is_finite()).count() as u64;
         if bad > 0 {
             self.scores.non_finite.hit(row, bad, limit);
         }
-        for &v in values.iter().filter(|v| v.is_finite()) {
+        for &v in values().filter(|v| v.is_finite()) {
             self.finite += 1;
             let s = &mut self.scores;
             s.min = Some(s.min.map_or(v, |m| m.min(v)));
@@ -260,7 +262,7 @@ impl SourceAcc {
 }
 
 /// A query's identity within a dataset: its tokens and its prompt.
-fn query_key(query: &[i32], prompt: Option<u32>) -> u128 {
+pub(crate) fn query_key(query: &[i32], prompt: Option<u32>) -> u128 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(bytemuck::cast_slice(query));
     h.update(&prompt.map_or(u64::MAX, u64::from).to_le_bytes());
@@ -336,8 +338,7 @@ pub fn audit(
         match (g.pos_scores, g.neg_scores) {
             (Some(ps), Some(ns)) => {
                 s.scores.rows_with_scores += 1;
-                s.score(r, ps, examples);
-                s.score(r, ns, examples);
+                s.score(r, ps, ns, examples);
                 let lowest = ps.iter().copied().fold(f32::INFINITY, f32::min);
                 let inv = ns.iter().filter(|&&v| v >= lowest).count() as u64;
                 if inv > 0 {
@@ -474,6 +475,10 @@ fn duplicates(ds: &Dataset, keys: &[u128], examples: usize) -> Result<(Duplicate
             out.queries += 1;
             out.rows += rows.len() as u64;
             let mut sets: Vec<(Vec<i32>, Vec<i32>)> = Vec::with_capacity(rows.len());
+            // The distinct (positive set, negative set) pairs seen: linear however many rows
+            // share the query.
+            let mut seen: std::collections::HashSet<(Vec<i32>, Vec<i32>)> =
+                std::collections::HashSet::new();
             // How many rows of the query hold each passage as a positive.
             let mut pos_rows: HashMap<i32, u32> = HashMap::new();
             for &r in &rows {
@@ -482,7 +487,7 @@ fn duplicates(ds: &Dataset, keys: &[u128], examples: usize) -> Result<(Duplicate
                 for &id in &p {
                     *pos_rows.entry(id).or_default() += 1;
                 }
-                if sets.contains(&(p.clone(), n.clone())) {
+                if !seen.insert((p.clone(), n.clone())) {
                     repeated_rows.push(r as u64);
                 }
                 sets.push((p, n));

@@ -6,6 +6,9 @@ use crate::error::{Error, Result};
 
 /// Largest `batch_size`.
 pub const BATCH_SIZE: usize = 1 << 20;
+/// Largest token id + 1 the BM25 index of `rankfeed mine` accepts (its per-term tables are
+/// sized by it: 20 bytes a term, 320 MB at this bound).
+pub const MINE_VOCAB: usize = 1 << 24;
 /// Largest `range_max` of `rankfeed mine` (candidates ranked per row).
 pub const MINE_RANGE: usize = 1 << 20;
 /// Largest `group_size`.

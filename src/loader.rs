@@ -1114,7 +1114,7 @@ fn has_false_negative(g: &GroupIds<'_>) -> bool {
 /// Draw the group of `row` in `epoch` ([`sample_group`]); with `exclude_false_negatives`, from
 /// the negatives that are not positives of the row, their indices mapped back to the row's
 /// `neg` (a row without false negatives draws exactly as without the option).
-fn draw_group(
+pub fn draw_group(
     o: &LoaderOptions,
     epoch: u64,
     row: u64,
@@ -1183,7 +1183,9 @@ fn universe(ds: &Dataset, options: &LoaderOptions) -> Result<Universe> {
                 return Err(Error::argument(
                     "exclude_false_negatives",
                     format!(
-                        "{none_left} rows have negatives that are all positives of their row, so                          none is left for group_size {g}; skip them with                          skip_rows_without_negatives (CLI: --skip-empty-neg), or find them with                          `rankfeed audit`"
+                        "{none_left} rows have negatives that are all positives of their row, so none is left \
+                         for group_size {g}; skip them with skip_rows_without_negatives (CLI: \
+                         --skip-empty-neg), or find them with `rankfeed audit`"
                     ),
                 ));
             }

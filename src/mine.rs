@@ -11,12 +11,14 @@
 //!
 //! **Selection**, as sentence-transformers' `mine_hard_negatives` and FlagEmbedding's
 //! `hn_mine.py` do it, with their traps closed:
-//! - the row's positives (and so their duplicates: the same passage is one id) are removed from
-//!   the ranking first, so they never become negatives and never shift the window;
+//! - the positives of the row's query (its own, and those of every other row with the same
+//!   query tokens and prompt; the same passage is one id) are removed from the ranking first,
+//!   so they never become negatives and never shift the window;
 //! - the window is ranks `range_min..range_max` of what is left (0 is the best);
 //! - candidates outside `[min_score, max_score]` are dropped, and, with margins, those scored
-//!   above `pos - margin` (absolute) or `pos * (1 - relative_margin)` (relative, NV-Retriever's
-//!   TopK-PercPos), `pos` being the lowest score of the row's positives;
+//!   above `pos - margin` (absolute) or `pos - |pos| * relative_margin` (relative, NV-Retriever's
+//!   TopK-PercPos: `pos * (1 - relative_margin)` for positive scores), `pos` being the lowest
+//!   score of the row's positives;
 //! - `num_negatives` are taken from the candidates left: the best ranked (`top`), or a seeded
 //!   sample keyed by (seed, row) (`random`), kept in rank order;
 //! - a row with fewer candidates keeps the ones it has: nothing tops it up from outside the
@@ -93,10 +95,16 @@ impl Bm25Index {
         let mut total_len = 0u64;
         for d in 0..n_docs {
             let p = passages(d)?;
-            if let Some(&bad) = p.iter().find(|&&t| t < 0) {
+            if let Some(&bad) = p
+                .iter()
+                .find(|&&t| t < 0 || t as usize >= crate::limits::MINE_VOCAB)
+            {
                 return Err(Error::argument(
                     "passages",
-                    format!("passage {d} holds token id {bad}"),
+                    format!(
+                        "passage {d} holds token id {bad}: BM25 indexes ids 0..{}",
+                        crate::limits::MINE_VOCAB
+                    ),
                 ));
             }
             total_len += p.len() as u64;
@@ -108,10 +116,11 @@ impl Bm25Index {
                 df[t as usize] += 1;
             }
         }
-        let avg_len = if n_docs == 0 {
+        // (1 when every passage is empty: no weight is computed then, but no NaN either.)
+        let avg_len = if total_len == 0 {
             1.0
         } else {
-            (total_len as f64 / n_docs as f64).max(f64::MIN_POSITIVE) as f32
+            (total_len as f64 / n_docs as f64) as f32
         };
         let n = n_docs as f64;
         let idf: Vec<f32> = df
@@ -302,10 +311,11 @@ pub struct MineOptions {
     /// Drop candidates scored above this.
     #[cfg_attr(feature = "cli", arg(long))]
     pub max_score: Option<f32>,
-    /// Drop candidates scored above (lowest positive score - margin).
+    /// Drop candidates scored above (lowest positive score - margin), margin >= 0.
     #[cfg_attr(feature = "cli", arg(long))]
     pub margin: Option<f32>,
-    /// Drop candidates scored above (lowest positive score x (1 - relative_margin)).
+    /// Drop candidates scored above (lowest positive score - |lowest positive score| x
+    /// relative_margin): x (1 - relative_margin) for positive scores, in [0, 1).
     #[cfg_attr(feature = "cli", arg(long))]
     pub relative_margin: Option<f32>,
     /// "random" (a seeded sample of the window, in rank order) or "top" (the best ranked).
@@ -346,6 +356,9 @@ impl MineOptions {
     };
 
     fn check(&self) -> Result<()> {
+        if self.num_negatives == 0 {
+            return Err(Error::argument("num_negatives", "must be at least 1"));
+        }
         if self.range_min >= self.range_max {
             return Err(Error::argument(
                 "range_min",
@@ -373,8 +386,20 @@ impl MineOptions {
                 return Err(Error::argument(name, "must be finite"));
             }
         }
-        if !(0.0..=1.0).contains(&self.b) || self.k1 < 0.0 {
-            return Err(Error::argument("b", "BM25 needs k1 >= 0 and 0 <= b <= 1"));
+        if !(0.0..=1.0).contains(&self.b) {
+            return Err(Error::argument("b", "BM25 needs 0 <= b <= 1"));
+        }
+        if !(0.0..=1000.0).contains(&self.k1) {
+            return Err(Error::argument("k1", "BM25 needs 0 <= k1 <= 1000"));
+        }
+        if self.margin.is_some_and(|m| m < 0.0) {
+            return Err(Error::argument("margin", "must be >= 0"));
+        }
+        if self
+            .relative_margin
+            .is_some_and(|m| !(0.0..1.0).contains(&m))
+        {
+            return Err(Error::argument("relative_margin", "must be in [0, 1)"));
         }
         Ok(())
     }
@@ -391,7 +416,8 @@ pub struct MineReport {
     pub rows_short: u64,
     /// Rows that got none.
     pub rows_without_negatives: u64,
-    /// Candidates removed for being one of the row's positives.
+    /// Candidates removed for being a positive of the row's query (counted among those ranked
+    /// above the window's end).
     pub positives_removed: u64,
     /// Seconds building the index (BM25).
     pub index_seconds: f64,
@@ -467,6 +493,9 @@ pub fn mine_negatives(
             None
         }
     };
+    // The positives of each query that several rows share: none of them is a negative of any
+    // of those rows.
+    let shared = shared_positives(ds)?;
     report.index_seconds = t.elapsed().as_secs_f64();
     report.index_bytes = index.as_ref().map_or(0, |i| i.nbytes() as u64);
     let t = std::time::Instant::now();
@@ -476,6 +505,9 @@ pub fn mine_negatives(
         .map_init(SearchScratch::default, |scratch, row| {
             let g = ds.group_ids(row)?;
             let mut pos: Vec<i32> = g.pos.to_vec();
+            if let Some(all) = shared.get(&crate::audit::query_key(g.query, g.prompt)) {
+                pos.extend_from_slice(all);
+            }
             pos.sort_unstable();
             pos.dedup();
             let want = options.range_max + pos.len();
@@ -483,7 +515,7 @@ pub fn mine_negatives(
                 (Some(index), _) => {
                     let ranked = index.search(g.query, want, scratch);
                     let mut lowest = f32::INFINITY;
-                    for &p in &pos {
+                    for &p in g.pos {
                         lowest = lowest.min(index.score(g.query, ds.referenced_passage(p)?));
                     }
                     (ranked, lowest)
@@ -493,9 +525,15 @@ pub fn mine_negatives(
                     let mut hits: Vec<(u32, f32)> = (0..n_passages)
                         .map(|d| (d as u32, dot(q, passages.row(d))))
                         .collect();
+                    if let Some(&(d, s)) = hits.iter().find(|h| !h.1.is_finite()) {
+                        return Err(Error::argument(
+                            "embeddings",
+                            format!("the inner product of query {row} and passage {d} is {s}"),
+                        ));
+                    }
                     top_k(&mut hits, want);
                     let mut lowest = f32::INFINITY;
-                    for &p in &pos {
+                    for &p in g.pos {
                         ds.referenced_passage(p)?;
                         lowest = lowest.min(dot(q, passages.row(p as usize)));
                     }
@@ -520,7 +558,7 @@ pub fn mine_negatives(
                         && options.margin.is_none_or(|m| s <= pos_score - m)
                         && options
                             .relative_margin
-                            .is_none_or(|m| s <= pos_score * (1.0 - m))
+                            .is_none_or(|m| s <= pos_score - pos_score.abs() * m)
                 })
                 .collect();
             let chosen = choose(&candidates, options, row as u64);
@@ -543,6 +581,36 @@ pub fn mine_negatives(
         out.push(neg);
     }
     Ok(out)
+}
+
+/// For each query (tokens and prompt) held by more than one row: the union of those rows'
+/// positives.
+fn shared_positives(ds: &Dataset) -> Result<std::collections::HashMap<u128, Vec<i32>>> {
+    use std::collections::HashMap;
+    let mut first: HashMap<u128, u32> = HashMap::with_capacity(ds.len());
+    let mut shared: HashMap<u128, Vec<i32>> = HashMap::new();
+    for row in 0..ds.len() {
+        let g = ds.group_ids(row)?;
+        let k = crate::audit::query_key(g.query, g.prompt);
+        match first.get(&k) {
+            None => {
+                first.insert(k, row as u32);
+            }
+            Some(&f) => {
+                let all = shared.entry(k).or_insert_with(|| {
+                    ds.group_ids(f as usize)
+                        .map(|g| g.pos.to_vec())
+                        .unwrap_or_default()
+                });
+                all.extend_from_slice(g.pos);
+            }
+        }
+    }
+    for v in shared.values_mut() {
+        v.sort_unstable();
+        v.dedup();
+    }
+    Ok(shared)
 }
 
 /// `num_negatives` of the ranked candidates, by the sampling rule, in rank order.
@@ -590,6 +658,7 @@ pub fn mine(
     out: &std::path::Path,
     writer: WriterOptions,
 ) -> Result<MineReport> {
+    options.check()?;
     if let Some((k, n)) = shard {
         if n == 0 || k >= n {
             return Err(Error::argument(
@@ -683,7 +752,20 @@ pub fn mine(
 fn provenance(retriever: &Retriever, options: &MineOptions, ds: &Dataset) -> serde_json::Value {
     let method = match retriever {
         Retriever::Bm25(p) => serde_json::json!({"bm25": p}),
-        Retriever::Dense { queries, .. } => serde_json::json!({"dense": {"dim": queries.dim}}),
+        Retriever::Dense { queries, passages } => {
+            // The embeddings themselves: shards mined with other vectors are another run.
+            let digest = |e: &Embeddings| {
+                format!(
+                    "{:016x}",
+                    xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&e.values))
+                )
+            };
+            serde_json::json!({"dense": {
+                "dim": queries.dim,
+                "queries_xxh3_64": digest(queries),
+                "passages_xxh3_64": digest(passages),
+            }})
+        }
     };
     serde_json::json!({
         "mined": {

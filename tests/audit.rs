@@ -125,9 +125,9 @@ fn a_crafted_dataset_gives_the_known_counts() {
         row(&qa, &[1], &[0], None, 1),
         // 5: an exact repeat of row 0.
         row(&qa, &[0], &[2, 1], sc(&[1.0], &[0.3, 0.2]), 1),
-        // 6, 7: constant scores in source 2, a NaN in row 7.
+        // 6, 7: constant scores in source 2, an infinity and a NaN in row 7.
         row(&toks(90, 3), &[6], &[7], sc(&[2.0], &[2.0]), 2),
-        row(&toks(91, 3), &[7], &[6], sc(&[2.0], &[f32::NAN]), 2),
+        row(&toks(91, 3), &[7], &[6], sc(&[f32::INFINITY], &[f32::NAN]), 2),
     ];
     let dir = tempfile::tempdir().unwrap();
     let ds = write(dir.path(), &passages, &rows, 3);
@@ -163,7 +163,8 @@ fn a_crafted_dataset_gives_the_known_counts() {
     let s: Vec<_> = a.sources.iter().map(|s| &s.scores).collect();
     assert_eq!((s[0].rows_with_scores, s[0].rows_missing_scores), (3, 1));
     assert!(!s[0].constant && !s[1].constant && s[2].constant);
-    assert_eq!(s[2].non_finite, finding(1, &[7]));
+    // Both lists' non-finite scores, one row (regression: each list was counted as a row).
+    assert_eq!(s[2].non_finite, finding(2, &[7]));
     assert_eq!((s[0].min, s[0].max), (Some(0.1), Some(0.9)));
     assert_eq!(a.sources[0].rows_without_negatives, finding(1, &[3]));
     assert_eq!(a.sources[1].share, 0.25);

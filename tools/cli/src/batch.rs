@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use rankfeed::collate::{CollateOptions, Collator, Mode};
 use rankfeed::loader::{Loader, LoaderOptions};
 use rankfeed::options::Options;
-use rankfeed::sample::{sample_group, Selection};
+use rankfeed::sample::Selection;
 use rankfeed::tokenizer::TextTokenizer;
 use rankfeed::Dataset;
 
@@ -76,7 +76,8 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
         return show_step(&a);
     };
     let ds = crate::open_dataset(&a.dir)?;
-    let opts = loader_options(&ds, &a.options)?.collate;
+    let lopts = loader_options(&ds, &a.options)?;
+    let opts = lopts.collate.clone();
     let collator = Collator::new(&ds, opts.clone())?;
     let group = ds.group(row as usize)?;
     let sel = match (a.pos, &a.neg) {
@@ -86,16 +87,10 @@ pub fn run_show(a: ShowArgs) -> Result<()> {
             neg: neg.clone(),
         },
         (pos, neg) => {
+            // The loader's own draw (exclude_false_negatives included).
             let mut drawn = Vec::new();
-            let p = sample_group(
-                a.options.seed,
-                a.epoch,
-                row,
-                group.pos.len(),
-                group.neg.len(),
-                opts.group_size,
-                &mut drawn,
-            )?;
+            let ids = ds.group_ids(row as usize)?;
+            let p = rankfeed::loader::draw_group(&lopts, a.epoch, row, &ids, &mut drawn)?;
             Selection {
                 row,
                 pos: pos.unwrap_or(p),
