@@ -46,6 +46,7 @@ VALUES = {
     "knowledge_distillation": [False, True],
     "max_example_num_per_dataset": [None, 30],
     "skip_rows_without_negatives": [False, True],
+    "exclude_false_negatives": [False, True],
     "prefetch_threads": [None, 0, 2],
     "sub_batch_size": [None, 2],
     "add_eos": [None, True, False],
@@ -87,6 +88,15 @@ def test_every_batch_argument_is_a_checkpoint_setting(three):
     assert set(state) - DERIVED == set(args) - NOT_SETTINGS
     print(f"settings: {len(set(state) - DERIVED)} of {len(args)} arguments "
           f"(not: {sorted(NOT_SETTINGS)})")
+
+
+def test_a_state_from_before_exclude_false_negatives_was_taken_without_it(three):
+    # States written before the option existed drew every negative: they resume without it.
+    state = three.loader().state_dict()
+    del state["exclude_false_negatives"]
+    assert three.loader().load_state_dict({**state, "step": 1}) == "exact"
+    with pytest.raises(ValueError, match="exclude_false_negatives"):
+        three.loader(exclude_false_negatives=True).load_state_dict(state)
 
 
 def test_a_state_from_before_the_truncation_option_was_taken_with_its_default(three):
