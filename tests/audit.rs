@@ -127,7 +127,13 @@ fn a_crafted_dataset_gives_the_known_counts() {
         row(&qa, &[0], &[2, 1], sc(&[1.0], &[0.3, 0.2]), 1),
         // 6, 7: constant scores in source 2, an infinity and a NaN in row 7.
         row(&toks(90, 3), &[6], &[7], sc(&[2.0], &[2.0]), 2),
-        row(&toks(91, 3), &[7], &[6], sc(&[f32::INFINITY], &[f32::NAN]), 2),
+        row(
+            &toks(91, 3),
+            &[7],
+            &[6],
+            sc(&[f32::INFINITY], &[f32::NAN]),
+            2,
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let ds = write(dir.path(), &passages, &rows, 3);

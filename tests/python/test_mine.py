@@ -158,6 +158,17 @@ def test_dense_top10_equals_numpy_brute_force(wordnet, tmp_path, rankfeed_bin):
                           tmp_path / "bad.npy", "--passage-embeddings", tmp_path / "p.npy"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "float32" in bad.stderr, bad.stderr
+    # A header spelling a key inside a value is read by its real keys (here: float64).
+    raw = (tmp_path / "bad.npy").read_bytes()
+    n = int.from_bytes(raw[8:10], "little")
+    spoof = "{'x': \"'descr': '<f4'\", 'descr': '<f8', 'fortran_order': False, 'shape': (%d, 64), }" % len(q)
+    spoof = spoof.ljust(n - 1) + "\n"
+    assert len(spoof) == n
+    (tmp_path / "spoof.npy").write_bytes(raw[:10] + spoof.encode() + raw[10 + n:])
+    bad = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "x", "--query-embeddings",
+                          tmp_path / "spoof.npy", "--passage-embeddings", tmp_path / "p.npy"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "'<f8'" in bad.stderr, bad.stderr
 
 
 def test_a_mined_dataset_has_no_false_negatives_and_records_how(wordnet, tmp_path):

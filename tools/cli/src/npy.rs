@@ -28,10 +28,10 @@ pub fn read_f32_2d(path: &Path) -> Result<rankfeed::mine::Embeddings> {
         .ok_or_else(|| bad("header runs past the end".into()))?;
     let dict =
         std::str::from_utf8(&bytes[start..end]).map_err(|_| bad("header is not text".into()))?;
-    let field = |key: &str| -> Option<&str> {
-        let at = dict.find(&format!("'{key}':"))? + key.len() + 3;
-        Some(dict[at..].trim_start())
-    };
+    let entries =
+        header_entries(dict).ok_or_else(|| bad(format!("header {dict:?} is not a dict")))?;
+    let field =
+        |key: &str| -> Option<&str> { entries.iter().find(|(k, _)| *k == key).map(|(_, v)| *v) };
     let descr = field("descr").unwrap_or("");
     if !(descr.starts_with("'<f4'") || descr.starts_with("'=f4'")) {
         return Err(bad(format!(
@@ -75,6 +75,37 @@ pub fn read_f32_2d(path: &Path) -> Result<rankfeed::mine::Embeddings> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok(rankfeed::mine::Embeddings { values, dim })
+}
+
+/// The top-level `'key': value` entries of a .npy header dict (values: a quoted string, a
+/// word such as False, or a parenthesized tuple), so a key spelled inside a value is never
+/// taken for one.
+fn header_entries(dict: &str) -> Option<Vec<(&str, &str)>> {
+    let body = dict
+        .trim()
+        .strip_prefix('{')?
+        .trim_end()
+        .strip_suffix('}')?;
+    let mut out = Vec::new();
+    let mut rest = body.trim_start();
+    while !rest.is_empty() {
+        let q = rest.chars().next()?;
+        if q != '\'' && q != '"' {
+            return None;
+        }
+        let end = rest[1..].find(q)? + 1;
+        let key = &rest[1..end];
+        rest = rest[end + 1..].trim_start().strip_prefix(':')?.trim_start();
+        let len = match rest.chars().next()? {
+            c @ ('\'' | '"') => rest[1..].find(c)? + 2,
+            '(' => rest.find(')')? + 1,
+            _ => rest.find([',', '}']).unwrap_or(rest.len()),
+        };
+        out.push((key, rest[..len].trim_end()));
+        rest = rest[len..].trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    Some(out)
 }
 
 fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
