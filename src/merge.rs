@@ -234,32 +234,49 @@ fn same_sources(a: &[SourceStats], b: &[SourceStats]) -> bool {
 /// The groups of `ds`, passages and prompts interned in `w`, sources offset by `base`.
 fn copy_groups(ds: &Dataset, w: &mut DatasetWriter, base: u32) -> Result<()> {
     let last_source = ds.manifest().sources.len().max(1) as u32 - 1;
-    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    let mut scratch = (Vec::new(), Vec::new());
     for row in 0..ds.len() {
         let g = ds.group(row)?;
-        for (ids, out) in [(g.pos, &mut pos), (g.neg, &mut neg)] {
-            out.clear();
-            for &id in ids {
-                out.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
-            }
-        }
-        let prompt = match g.prompt {
-            Some(p) if p > format::PROMPT_ID_MATRYOSHKA_DEFAULT => {
-                Some(w.intern_prompt(ds.prompt_tokens(p)?)?)
-            }
-            other => other,
-        };
-        w.add_group(&GroupRecord {
-            query: g.query,
-            pos: &pos,
-            neg: &neg,
-            pos_scores: g.pos_scores,
-            neg_scores: g.neg_scores,
-            prompt,
-            source: base + g.source.min(last_source),
-        })?;
+        let source = base + g.source.min(last_source);
+        write_group(ds, w, &g, g.neg, true, source, &mut scratch)?;
     }
     Ok(())
+}
+
+/// Write group `g` of `ds` into `w` with `neg` (passage ids of `ds`) as its negatives: its
+/// passages and row prompt interned in `w` (default prompts keep their ids), its teacher scores
+/// kept when `scores`, under `source`. `scratch` holds the remapped id lists between calls.
+pub(crate) fn write_group(
+    ds: &Dataset,
+    w: &mut DatasetWriter,
+    g: &crate::Group<'_>,
+    neg: &[i32],
+    scores: bool,
+    source: u32,
+    scratch: &mut (Vec<i32>, Vec<i32>),
+) -> Result<()> {
+    let (pos_out, neg_out) = scratch;
+    for (ids, out) in [(g.pos, &mut *pos_out), (neg, &mut *neg_out)] {
+        out.clear();
+        for &id in ids {
+            out.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
+        }
+    }
+    let prompt = match g.prompt {
+        Some(p) if p > format::PROMPT_ID_MATRYOSHKA_DEFAULT => {
+            Some(w.intern_prompt(ds.prompt_tokens(p)?)?)
+        }
+        other => other,
+    };
+    w.add_group(&GroupRecord {
+        query: g.query,
+        pos: pos_out,
+        neg: neg_out,
+        pos_scores: g.pos_scores.filter(|_| scores),
+        neg_scores: g.neg_scores.filter(|_| scores),
+        prompt,
+        source,
+    })
 }
 
 /// The lines of `ds`'s rejects.jsonl, appended to `w`'s.

@@ -37,7 +37,7 @@ use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::format::{self, ShardRange, SourceStats};
 use crate::sample::KeyedRng;
-use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+use crate::writer::{DatasetWriter, ManifestInfo, WriterOptions};
 
 /// BM25 parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -266,8 +266,8 @@ impl Embeddings {
 /// How candidates are ranked.
 #[derive(Debug, Clone)]
 pub enum Retriever {
-    /// BM25 over the token ids.
-    Bm25(Bm25Params),
+    /// BM25 over the token ids (`k1` and `b` from the [`MineOptions`]).
+    Bm25,
     /// Inner products of `queries` (one row per dataset row) and `passages` (one row per
     /// passage id).
     Dense {
@@ -354,6 +354,14 @@ impl MineOptions {
         k1: 1.5,
         b: 0.75,
     };
+
+    /// The BM25 parameters of these settings.
+    pub fn bm25(&self) -> Bm25Params {
+        Bm25Params {
+            k1: self.k1,
+            b: self.b,
+        }
+    }
 
     fn check(&self) -> Result<()> {
         if self.num_negatives == 0 {
@@ -451,10 +459,10 @@ pub fn mine_negatives(
     let n_passages = ds.num_passages();
     let t = std::time::Instant::now();
     let index = match retriever {
-        Retriever::Bm25(params) => Some(Bm25Index::build(
+        Retriever::Bm25 => Some(Bm25Index::build(
             |d| ds.passage(d as i32),
             n_passages,
-            *params,
+            options.bm25(),
         )?),
         Retriever::Dense { queries, passages } => {
             if passages.rows() != n_passages || queries.rows() != ds.len() {
@@ -539,7 +547,7 @@ pub fn mine_negatives(
                     }
                     (hits, lowest)
                 }
-                (None, Retriever::Bm25(_)) => unreachable!("the BM25 index is built above"),
+                (None, Retriever::Bm25) => unreachable!("the BM25 index is built above"),
             };
             let mut removed = 0u64;
             let candidates: Vec<(i32, f32)> = ranked
@@ -702,36 +710,15 @@ pub fn mine(
             s.unknown_fields.clear();
         }
     }
-    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    let mut scratch = (Vec::new(), Vec::new());
     for (row, mined) in rows.clone().zip(&negatives) {
         let g = ds.group(row)?;
-        pos.clear();
-        for &id in g.pos {
-            pos.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
-        }
-        neg.clear();
-        for &id in mined {
-            neg.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
-        }
-        let prompt = match g.prompt {
-            Some(p) if p > format::PROMPT_ID_MATRYOSHKA_DEFAULT => {
-                Some(w.intern_prompt(ds.prompt_tokens(p)?)?)
-            }
-            other => other,
-        };
-        w.add_group(&GroupRecord {
-            query: g.query,
-            pos: &pos,
-            neg: &neg,
-            pos_scores: None,
-            neg_scores: None,
-            prompt,
-            source: g.source,
-        })?;
+        // Teacher scores dropped: they scored the old negatives.
+        crate::merge::write_group(ds, &mut w, &g, mined, false, g.source, &mut scratch)?;
         if let Some(s) = sources.get_mut(g.source as usize) {
             s.rows_accepted += 1;
             s.rows_read += 1;
-            s.rows_empty_neg += neg.is_empty() as u64;
+            s.rows_empty_neg += mined.is_empty() as u64;
         }
     }
     if first {
@@ -751,7 +738,7 @@ pub fn mine(
 /// What the manifest records of a mining run.
 fn provenance(retriever: &Retriever, options: &MineOptions, ds: &Dataset) -> serde_json::Value {
     let method = match retriever {
-        Retriever::Bm25(p) => serde_json::json!({"bm25": p}),
+        Retriever::Bm25 => serde_json::json!({"bm25": options.bm25()}),
         Retriever::Dense { queries, passages } => {
             // The embeddings themselves: shards mined with other vectors are another run.
             let digest = |e: &Embeddings| {

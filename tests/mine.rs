@@ -175,7 +175,7 @@ fn brute_force(
         .filter(|p| !positives.contains(p))
         .map(|p| {
             let s = match retriever {
-                Retriever::Bm25(_) => index.unwrap().score(g.query, ds.passage(p).unwrap()),
+                Retriever::Bm25 => index.unwrap().score(g.query, ds.passage(p).unwrap()),
                 Retriever::Dense { queries, passages } => {
                     let d = queries.dim;
                     let (q, v) = (
@@ -216,12 +216,12 @@ fn mined_negatives_keep_every_rule() {
                 passages: e(ds.num_passages()),
             }
         } else {
-            Retriever::Bm25(Bm25Params { k1: o.k1, b: o.b })
+            Retriever::Bm25
         };
         let index = match &retriever {
-            Retriever::Bm25(p) => {
-                Some(Bm25Index::build(|d| ds.passage(d as i32), ds.num_passages(), *p).unwrap())
-            }
+            Retriever::Bm25 => Some(
+                Bm25Index::build(|d| ds.passage(d as i32), ds.num_passages(), o.bm25()).unwrap(),
+            ),
             _ => None,
         };
         let mut report = MineReport::default();
@@ -244,7 +244,7 @@ fn mined_negatives_keep_every_rule() {
                 .pos
                 .iter()
                 .map(|&p| match &retriever {
-                    Retriever::Bm25(_) => index
+                    Retriever::Bm25 => index
                         .as_ref()
                         .unwrap()
                         .score(g.query, ds.passage(p).unwrap()),
@@ -341,7 +341,7 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
             range_min: 0,
             ..options(&mut rng)
         };
-        let r = Retriever::Bm25(Bm25Params { k1: o.k1, b: o.b });
+        let r = Retriever::Bm25;
         let w = WriterOptions::default();
         let whole = tmp.path().join("whole");
         mine(&ds, &r, &o, None, &whole, w.clone()).unwrap();
@@ -417,7 +417,7 @@ fn bad_settings_are_errors_naming_them() {
     let spec = gen(3);
     let tmp = tempfile::tempdir().unwrap();
     let ds = write(&tmp.path().join("in"), &spec);
-    let r = Retriever::Bm25(Bm25Params::default());
+    let r = Retriever::Bm25;
     let run = |o: MineOptions| {
         mine(
             &ds,

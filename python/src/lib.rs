@@ -538,13 +538,10 @@ fn _mine<'py>(
     cache_dir: Option<PathBuf>,
     options: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    use rankfeed::mine::{Bm25Params, Embeddings, MineOptions, Retriever};
-    let map = match &options {
-        Some(d) => py_to_json(d.as_any())?,
-        None => serde_json::Value::Object(serde_json::Map::new()),
-    };
-    let options: MineOptions =
-        serde_json::from_value(map).map_err(|e| PyValueError::new_err(format!("mine: {e}")))?;
+    use rankfeed::mine::{Embeddings, MineOptions, Retriever};
+    let map = kwargs_json(options.as_ref())?;
+    let options: MineOptions = serde_json::from_value(map.into())
+        .map_err(|e| PyValueError::new_err(format!("mine: {e}")))?;
     let emb = |a: numpy::PyReadonlyArray2<'py, f32>| {
         let a = a.as_array();
         Embeddings {
@@ -557,10 +554,7 @@ fn _mine<'py>(
             queries: emb(q),
             passages: emb(p),
         },
-        (None, None) => Retriever::Bm25(Bm25Params {
-            k1: options.k1,
-            b: options.b,
-        }),
+        (None, None) => Retriever::Bm25,
         _ => {
             return Err(PyValueError::new_err(
                 "query_embeddings and passage_embeddings go together",
@@ -803,13 +797,7 @@ impl PyDataset {
         examples: usize,
         options: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let map = match &options {
-            Some(d) => match py_to_json(d.as_any())? {
-                serde_json::Value::Object(m) => m,
-                _ => serde_json::Map::new(),
-            },
-            None => serde_json::Map::new(),
-        };
+        let map = kwargs_json(options.as_ref())?;
         let ds = self.inner.clone();
         let other = against.map(|o| o.inner.clone());
         let report = detached(py, move || {
@@ -831,13 +819,7 @@ impl PyDataset {
     ) -> PyResult<PyLoader> {
         let epoch = uint("epoch", epoch.as_ref(), 0)?;
         check_epoch(epoch)?;
-        let map = match &options {
-            Some(d) => match py_to_json(d.as_any())? {
-                serde_json::Value::Object(m) => m,
-                _ => serde_json::Map::new(),
-            },
-            None => serde_json::Map::new(),
-        };
+        let map = kwargs_json(options.as_ref())?;
         let ds = self.inner.clone();
         let mut loader = detached(py, move || {
             let options = Options::from_json(&map)?.resolve(&ds.manifest().sources)?;
@@ -871,6 +853,19 @@ fn check_epoch(epoch: u64) -> PyResult<()> {
         )));
     }
     Ok(())
+}
+
+/// The `**options` of a call as a JSON object (none given: empty).
+fn kwargs_json(
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<serde_json::Map<String, serde_json::Value>> {
+    match options {
+        Some(d) => match py_to_json(d.as_any())? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => Ok(serde_json::Map::new()),
+        },
+        None => Ok(serde_json::Map::new()),
+    }
 }
 
 /// A Python value as JSON, keeping its type: None, bool, int (any integer type, numpy's too),

@@ -620,17 +620,14 @@ fn run_merge(a: MergeArgs) -> Result<()> {
 }
 
 fn run_mine(a: MineArgs) -> Result<()> {
-    use rankfeed::mine::{Bm25Params, Retriever};
+    use rankfeed::mine::Retriever;
     let ds = open_dataset(&a.dir)?;
     let retriever = match (&a.query_embeddings, &a.passage_embeddings) {
         (Some(q), Some(p)) => Retriever::Dense {
             queries: npy::read_f32_2d(q)?,
             passages: npy::read_f32_2d(p)?,
         },
-        _ => Retriever::Bm25(Bm25Params {
-            k1: a.options.k1,
-            b: a.options.b,
-        }),
+        _ => Retriever::Bm25,
     };
     let out = a.output.to_string_lossy().into_owned();
     let output = Output::new(&out, OutputKind::Dataset, a.overwrite, cache())?;
