@@ -25,6 +25,7 @@
 //!   that pair building needs.
 //! - [`loader::Loader`] yields [`collate::Batch`]es, bit-identical to FlagEmbedding's.
 //! - [`export::export`], [`import::import`], [`merge::merge`]: Parquet and shards.
+//! - [`score`]: teacher scores of every unique (query, passage) pair, attached to a new dataset.
 //! - `remote::open` / `remote::upload` (feature `remote`): datasets at `s3://` URLs.
 
 #![deny(missing_docs)]
@@ -49,6 +50,7 @@ pub mod publish;
 #[cfg(feature = "remote")]
 pub mod remote;
 pub mod sample;
+pub mod score;
 pub mod stats;
 pub mod storage;
 pub mod tokenizer;

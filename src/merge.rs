@@ -238,20 +238,21 @@ fn copy_groups(ds: &Dataset, w: &mut DatasetWriter, base: u32) -> Result<()> {
     for row in 0..ds.len() {
         let g = ds.group(row)?;
         let source = base + g.source.min(last_source);
-        write_group(ds, w, &g, g.neg, true, source, &mut scratch)?;
+        let scores = (g.pos_scores, g.neg_scores);
+        write_group(ds, w, &g, g.neg, scores, source, &mut scratch)?;
     }
     Ok(())
 }
 
 /// Write group `g` of `ds` into `w` with `neg` (passage ids of `ds`) as its negatives: its
-/// passages and row prompt interned in `w` (default prompts keep their ids), its teacher scores
-/// kept when `scores`, under `source`. `scratch` holds the remapped id lists between calls.
+/// passages and row prompt interned in `w` (default prompts keep their ids), `scores` as its
+/// teacher scores (positives', negatives'), under `source`. `scratch` holds the remapped id lists between calls.
 pub(crate) fn write_group(
     ds: &Dataset,
     w: &mut DatasetWriter,
     g: &crate::Group<'_>,
     neg: &[i32],
-    scores: bool,
+    scores: (Option<&[f32]>, Option<&[f32]>),
     source: u32,
     scratch: &mut (Vec<i32>, Vec<i32>),
 ) -> Result<()> {
@@ -272,8 +273,8 @@ pub(crate) fn write_group(
         query: g.query,
         pos: pos_out,
         neg: neg_out,
-        pos_scores: g.pos_scores.filter(|_| scores),
-        neg_scores: g.neg_scores.filter(|_| scores),
+        pos_scores: scores.0,
+        neg_scores: scores.1,
         prompt,
         source,
     })

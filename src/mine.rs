@@ -714,7 +714,7 @@ pub fn mine(
     for (row, mined) in rows.clone().zip(&negatives) {
         let g = ds.group(row)?;
         // Teacher scores dropped: they scored the old negatives.
-        crate::merge::write_group(ds, &mut w, &g, mined, false, g.source, &mut scratch)?;
+        crate::merge::write_group(ds, &mut w, &g, mined, (None, None), g.source, &mut scratch)?;
         if let Some(s) = sources.get_mut(g.source as usize) {
             s.rows_accepted += 1;
             s.rows_read += 1;

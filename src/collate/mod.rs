@@ -838,6 +838,17 @@ impl Collator {
             return Ok(self.collate_embedder(resolved, selections));
         }
         let pairs = self.build_pairs(&resolved, &selections);
+        debug_assert_eq!(pairs.len(), rows);
+        let mut batch = self.collate_pairs(&pairs);
+        batch.teacher_scores = resolved.scores;
+        batch.selections = selections;
+        Ok(batch)
+    }
+
+    /// Padded (or, with `packed`, packed) arrays of `pairs` as they are, one row each: what
+    /// [`Collator::collate`] returns without the groups' bookkeeping (no selections, no
+    /// teacher scores). Teacher scoring ([`crate::score`]) collates unique pairs with it.
+    pub fn collate_pairs(&self, pairs: &[Pair<'_>]) -> Batch {
         let longest = pairs.iter().map(Pair::len).max().unwrap_or(0);
         let len = match self.options.pad_to_multiple_of {
             Some(m) => longest.div_ceil(m) * m,
@@ -846,32 +857,29 @@ impl Collator {
         let matryoshka = self.options.mode == Mode::Matryoshka;
         let lengths = |f: fn(&Pair<'_>) -> usize| self.ids_from(pairs.iter().map(|p| f(p) as i64));
         if self.options.packed {
-            let mut batch = self.pack(&pairs);
-            batch.teacher_scores = resolved.scores;
+            let mut batch = self.pack(pairs);
             batch.query_lengths = matryoshka.then(|| lengths(|p| p.query_length));
             batch.prompt_lengths = matryoshka.then(|| lengths(|p| p.prompt_length));
-            batch.selections = selections;
-            return Ok(batch);
+            return batch;
         }
-        let (input_ids, attention_mask, token_type_ids) = self.padded_arrays(&pairs, len);
-        debug_assert_eq!(pairs.len(), rows);
-        Ok(Batch {
-            rows,
+        let (input_ids, attention_mask, token_type_ids) = self.padded_arrays(pairs, len);
+        Batch {
+            rows: pairs.len(),
             len,
             input_ids,
             attention_mask,
             token_type_ids,
-            teacher_scores: resolved.scores,
+            teacher_scores: None,
             query_lengths: matryoshka.then(|| lengths(|p| p.query_length)),
             prompt_lengths: matryoshka.then(|| lengths(|p| p.prompt_length)),
             real_tokens: pairs.iter().map(|p| p.len as u64).sum(),
             overlong: pairs.iter().filter(|p| p.overlong).count() as u32,
-            selections,
+            selections: Vec::new(),
             position_ids: None,
             cu_seqlens: None,
             embedder: None,
             no_in_batch_neg: false,
-        })
+        }
     }
 
     fn ids_from(&self, values: impl Iterator<Item = i64>) -> Ids {
