@@ -40,7 +40,9 @@ pub struct LoaderOptions {
     /// the Trainer's `dataloader_drop_last`). Length-grouped, the short tail is left out before
     /// sorting. Same-source, each source's incomplete global batch is dropped instead of
     /// filled, as the drop shard tail does (FlagEmbedding's rule). With `max_tokens` it is an
-    /// error: token-budget batches have no fixed size to fall short of.
+    /// error: token-budget batches have no fixed size to fall short of. No duplicates, every
+    /// rank's share of a global batch below `batch_size` is dropped (see
+    /// [`crate::sample::no_dup`]).
     pub drop_last: bool,
     /// `max_example_num_per_dataset`: keep a seeded random subset of each larger source.
     pub max_example_num_per_dataset: Option<u64>,

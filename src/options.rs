@@ -245,8 +245,8 @@ pub struct Options {
     pub same_source: bool,
     /// No two groups of a global batch (all ranks at one step) share a query or a drawn
     /// passage, so in-batch negatives are never false (sentence-transformers'
-    /// NoDuplicatesBatchSampler): rows that collide wait for later batches. Every rank takes
-    /// the same number of steps, which varies by epoch.
+    /// NoDuplicatesBatchSampler): rows that collide wait for later batches. With the pad or
+    /// drop tail every rank takes the same number of steps, which varies by epoch.
     #[cfg_attr(feature = "cli", arg(long))]
     pub no_duplicates: bool,
     /// With same_source: each source's batch size (a list or keyed, as weights; default: its

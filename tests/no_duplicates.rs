@@ -331,12 +331,12 @@ fn reference(c: &Config, data: &Data) -> (Vec<Vec<Selection>>, Vec<Vec<usize>>) 
                     let mut held: Vec<Key> =
                         batch.iter().flat_map(|&p| key_of[p].clone()).collect();
                     let mut fill = Vec::new();
-                    for q in 0..window {
+                    for (q, ks) in key_of.iter().enumerate().take(window) {
                         if fill.len() as u64 == w - m % w {
                             break;
                         }
-                        if !collide(&held, q) {
-                            held.extend(key_of[q].iter().cloned());
+                        if !ks.iter().any(|k| held.contains(k)) {
+                            held.extend(ks.iter().cloned());
                             fill.push(q);
                         }
                     }
@@ -605,4 +605,84 @@ fn no_global_batch_holds_a_query_or_a_passage_twice() {
     assert!(failures.is_empty(), "{} failures", failures.len());
     assert!(stats.deferred > 0 && stats.padded > 0 && stats.dropped > 0);
     assert!(stats.clean_compared > 0 && stats.refused > 0);
+}
+
+/// The plan's cost at 100k rows (one pass: a draw and a few hash lookups per row), printed
+/// for the README, with collisions as in mined data (queries from a pool of 80k, negatives
+/// from 300k passages) and with a hub passage among the negatives of 20% of the rows (every
+/// global batch holds one at most, so the epoch needs 20k batches): both near-linear, far from
+/// the quadratic loop's cost. `cargo test --release --test no_duplicates -- --nocapture`.
+#[test]
+fn the_plan_is_near_linear_at_100k_rows() {
+    let n = 100_000u64;
+    for hub in [false, true] {
+        let mut rng = KeyedRng::new(&[0x100c, hub as u64]);
+        let passages: Vec<Vec<i32>> = (0..300_000).map(|_| toks(&mut rng, 3)).collect();
+        let queries: Vec<Vec<i32>> = (0..80_000).map(|_| toks(&mut rng, 6)).collect();
+        let rows: Vec<Row> = (0..n)
+            .map(|_| {
+                let mut neg: Vec<i32> = (0..10).map(|_| rng.below(300_000) as i32).collect();
+                if hub && rng.below(5) == 0 {
+                    neg[0] = 0;
+                }
+                Row {
+                    query: queries[rng.below(80_000) as usize].clone(),
+                    prompt: None,
+                    pos: vec![rng.below(300_000) as i32],
+                    neg,
+                    source: 0,
+                }
+            })
+            .collect();
+        let data = write(rows, &passages, 1, false);
+        let c = Config {
+            batch_size: 8,
+            group_size: 8,
+            world: 4,
+            tail: Tail::Pad,
+            drop_last: false,
+            shuffle: true,
+            seed: 1,
+            epoch: 1,
+            exclude: false,
+            weights: None,
+            embedder: true,
+            threads: 0,
+        };
+        let random = Loader::new(data.ds.clone(), options(&c, 0, 0, Strategy::Random)).unwrap();
+        let t = std::time::Instant::now();
+        let l = Loader::new(data.ds.clone(), options(&c, 0, 0, Strategy::NoDuplicates)).unwrap();
+        let steps = l.steps(1).unwrap(); // epoch 1's plan (epoch 0's: at creation)
+        let plan = t.elapsed().as_secs_f64() / 2.0;
+        let t = std::time::Instant::now();
+        let mut neg = Vec::new();
+        for row in 0..n {
+            let g = data.ds.group_ids(row as usize).unwrap();
+            let o = l.options();
+            std::hint::black_box(rankfeed::loader::draw_group(o, 1, row, &g, &mut neg).unwrap());
+        }
+        let draws = t.elapsed().as_secs_f64();
+        let full = (0..steps)
+            .filter(|&k| l.selections(1, k).unwrap().len() == c.batch_size)
+            .count();
+        println!(
+            "no_duplicates plan, {n} rows, G=8, world 4 x batch 8{}: {:.1} ms an epoch \
+             ({:.0} ns a row; the draws alone {:.0} ns a row); {steps} steps ({full} full), \
+             random order {}",
+            if hub {
+                ", a hub negative in 20% of rows"
+            } else {
+                ""
+            },
+            plan * 1e3,
+            plan * 1e9 / n as f64,
+            draws * 1e9 / n as f64,
+            random.steps(1).unwrap()
+        );
+        assert!(plan < 5.0, "{plan} s: not near-linear");
+        if hub {
+            // ~70% of the hub rows draw it (7 of 10 negatives): one global batch each.
+            assert!(steps >= n / 5 * 6 / 10, "{steps}");
+        }
+    }
 }
