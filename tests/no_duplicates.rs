@@ -387,6 +387,27 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
             options(c, rank, threads, Strategy::NoDuplicates),
         )
     };
+    // Weights on a source whose every row is skipped are refused by every strategy.
+    let plain = Config {
+        world: 1,
+        tail: Tail::Uneven,
+        drop_last: false,
+        ..c.clone()
+    };
+    if let Err(rankfeed::Error::Argument {
+        name: "weights", ..
+    }) = Loader::new(data.ds.clone(), options(&plain, 0, 0, Strategy::Random))
+    {
+        return match make(0, 0) {
+            Err(rankfeed::Error::Argument {
+                name: "weights", ..
+            }) => {
+                stats.refused += 1;
+                Ok(())
+            }
+            _ => Err("weights on a source without rows accepted".into()),
+        };
+    }
     let (global, by_rank) = reference(c, data);
     let n = Loader::new(data.ds.clone(), options(c, 0, 0, Strategy::Random))
         .map(|l| l.rows_per_epoch())
