@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::limits::{self, range};
 use crate::sample::budget::{Budget, BudgetPlan, Cost};
 use crate::sample::length::LengthOrder;
+use crate::sample::no_dup::{Key, NoDup, NoDupPlan};
 use crate::sample::same_source::{batch_sources, BatchSource, Grouping, SourceBatches};
 use crate::sample::{sample_group, EpochOrder, Selection, Shard, Tail, Universe};
 use crate::storage;
@@ -39,7 +40,9 @@ pub struct LoaderOptions {
     /// the Trainer's `dataloader_drop_last`). Length-grouped, the short tail is left out before
     /// sorting. Same-source, each source's incomplete global batch is dropped instead of
     /// filled, as the drop shard tail does (FlagEmbedding's rule). With `max_tokens` it is an
-    /// error: token-budget batches have no fixed size to fall short of.
+    /// error: token-budget batches have no fixed size to fall short of. No duplicates, every
+    /// rank's share of a global batch below `batch_size` is dropped (see
+    /// [`crate::sample::no_dup`]).
     pub drop_last: bool,
     /// `max_example_num_per_dataset`: keep a seeded random subset of each larger source.
     pub max_example_num_per_dataset: Option<u64>,
@@ -102,6 +105,12 @@ pub enum Strategy {
         /// (FlagEmbedding's `drop_threshold`).
         drop_threshold: u64,
     },
+    /// No-duplicates batches (see [`crate::sample::no_dup`]): no two groups of a global
+    /// batch (all ranks at one step) share a query or a drawn passage, so in-batch negatives
+    /// are never false. Each row joins the first global batch with room that holds none of
+    /// its keys (sentence-transformers' `NoDuplicatesBatchSampler`); rows that collide wait
+    /// for later batches, in their order. The number of steps varies by epoch.
+    NoDuplicates,
 }
 
 impl Strategy {
@@ -325,6 +334,8 @@ enum Schedule {
     Budget(Budget),
     /// Same-source batches.
     SameSource(SameSource),
+    /// No-duplicates batches, planned once per epoch.
+    NoDup(NoDup),
 }
 
 /// What batches are computed from; shared with the prefetch threads.
@@ -342,6 +353,8 @@ struct Plan {
     sorted: std::sync::Mutex<Vec<SortedMegabatch>>,
     /// Token budget: the epoch's batches (8 bytes a row), once computed.
     budget: EpochCache<BudgetPlan>,
+    /// No duplicates: the epoch's batches (8 bytes a row), once computed.
+    no_dup: EpochCache<NoDupPlan>,
     /// Batches of epoch 0 from its start, once computed.
     first_steps: std::sync::OnceLock<u64>,
 }
@@ -372,6 +385,7 @@ impl Plan {
         let b = self.options.batch_size as u64;
         Ok(match &self.schedule {
             Schedule::Budget(_) => self.budget_plan(epoch)?.len(),
+            Schedule::NoDup(_) => self.no_dup_plan(epoch)?.len(),
             Schedule::SameSource(ss) => ss.batches.len(),
             Schedule::Random | Schedule::Grouped(_) => {
                 batches(self.order(epoch, offset).len(), b, self.options.drop_last)
@@ -495,6 +509,26 @@ impl Plan {
         })
     }
 
+    /// No duplicates: the epoch's plan, from the keys of every row of the global order (its
+    /// query, and the passages it draws: one draw per row, no tokens read).
+    fn no_dup_plan(&self, epoch: u64) -> Result<Arc<NoDupPlan>> {
+        let Schedule::NoDup(settings) = self.schedule else {
+            return Err(Error::Internal("no no-duplicates schedule".into()));
+        };
+        cached(&self.no_dup, epoch, || {
+            let order = self.order(epoch, 0);
+            let mut neg = Vec::with_capacity(self.options.collate.group_size);
+            NoDupPlan::new(self.universe.len(), settings, &mut |p, out| {
+                let row = order.global_row(p);
+                let (g, pos) = self.draw(epoch, row, &mut neg)?;
+                out.push(Key::query(crate::audit::query_key(g.query, g.prompt)));
+                out.push(Key::passage(g.pos[pos as usize]));
+                out.extend(neg.iter().map(|&j| Key::passage(g.neg[j as usize])));
+                Ok(())
+            })
+        })
+    }
+
     fn selections(&self, epoch: u64, offset: u64, step: u64) -> Result<Vec<Selection>> {
         Ok(self.drawn(epoch, offset, step)?.0)
     }
@@ -515,6 +549,12 @@ impl Plan {
             Schedule::Budget(_) => self
                 .budget_plan(epoch)?
                 .batch(step, o.shard.rank)
+                .into_iter()
+                .map(|p| order.global_row(p))
+                .collect(),
+            Schedule::NoDup(_) => self
+                .no_dup_plan(epoch)?
+                .batch(step)
                 .into_iter()
                 .map(|p| order.global_row(p))
                 .collect(),
@@ -624,7 +664,7 @@ impl Loader {
             }
         }
         check_steps(&universe, &options, &schedule)?;
-        Ok(Loader {
+        let loader = Loader {
             plan: Arc::new(Plan {
                 ds,
                 universe,
@@ -634,11 +674,50 @@ impl Loader {
                 lengths: std::sync::Mutex::new(None),
                 sorted: std::sync::Mutex::new(Vec::new()),
                 budget: std::sync::Mutex::new(None),
+                no_dup: std::sync::Mutex::new(None),
                 first_steps: std::sync::OnceLock::new(),
             }),
             state: LoaderState::default(),
             prefetch: None,
-        })
+        };
+        loader.check_no_dup_steps()?;
+        Ok(loader)
+    }
+
+    /// No duplicates: an epoch with rows but no global batch is an error (see
+    /// [`check_steps`]). Whether one is left depends on the rows' keys, so epoch 0 is planned
+    /// here (its plan is cached for its batches); later epochs draw other negatives and can
+    /// differ, in the rare data where the tails leave nothing (a key in nearly every row).
+    fn check_no_dup_steps(&self) -> Result<()> {
+        let o = &self.plan.options;
+        let n = self.plan.universe.len();
+        if !matches!(self.plan.schedule, Schedule::NoDup(_))
+            || n == 0
+            || o.shard.tail == Tail::Uneven
+        {
+            return Ok(());
+        }
+        let plan = self.plan.no_dup_plan(0)?;
+        if plan.global_batches == 0 {
+            return Err(Error::argument(
+                "no_duplicates",
+                format!(
+                    "an epoch of {n} rows would have 0 no-duplicates batches: with world_size {} \
+                     and batch_size {}, {} leaves no global batch whose rows share no query or \
+                     passage (use drop_last=false, the pad tail, fewer ranks or a smaller batch)",
+                    o.shard.world_size,
+                    o.batch_size,
+                    if o.drop_last {
+                        "drop_last (every global batch is incomplete)"
+                    } else if o.shard.tail == Tail::Drop {
+                        "the drop tail"
+                    } else {
+                        "the pad tail (no row could fill one to a multiple of world_size without a duplicate)"
+                    },
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Batches in `epoch` for this rank (every rank has as many). Token-budget batches plan
@@ -1316,6 +1395,13 @@ fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Sche
             },
         }),
         Strategy::LengthGrouped { megabatch } => Schedule::Grouped(*megabatch as u64),
+        Strategy::NoDuplicates => Schedule::NoDup(NoDup {
+            world: o.shard.world_size,
+            rank: o.shard.rank,
+            batch: o.batch_size as u64,
+            tail: o.shard.tail,
+            drop_last: o.drop_last,
+        }),
         Strategy::Random => Schedule::Random,
     })
 }

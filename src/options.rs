@@ -243,6 +243,12 @@ pub struct Options {
     /// Every global batch (all ranks at one step) from one source.
     #[cfg_attr(feature = "cli", arg(long))]
     pub same_source: bool,
+    /// No two groups of a global batch (all ranks at one step) share a query or a drawn
+    /// passage, so in-batch negatives are never false (sentence-transformers'
+    /// NoDuplicatesBatchSampler): rows that collide wait for later batches. With the pad or
+    /// drop tail every rank takes the same number of steps, which varies by epoch.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub no_duplicates: bool,
     /// With same_source: each source's batch size (a list or keyed, as weights; default: its
     /// rows' batch_size field, else batch_size).
     #[cfg_attr(feature = "cli", arg(long))]
@@ -304,6 +310,7 @@ impl Options {
         length_grouped: None,
         max_tokens: None,
         same_source: false,
+        no_duplicates: false,
         source_batch_sizes: None,
         small_threshold: 0,
         drop_threshold: 0,
@@ -364,10 +371,11 @@ impl Options {
 
     /// Settings added after checkpoints existed, each with the value every state written
     /// before it was taken with (its default): a state without the key has that value.
-    pub fn added_later() -> [(&'static str, serde_json::Value); 2] {
+    pub fn added_later() -> [(&'static str, serde_json::Value); 3] {
         [
             ("truncation", serde_json::json!("flag_embedding")),
             ("exclude_false_negatives", serde_json::json!(false)),
+            ("no_duplicates", serde_json::json!(false)),
         ]
     }
 
@@ -413,6 +421,7 @@ impl Options {
             length_grouped,
             max_tokens,
             same_source,
+            no_duplicates,
             source_batch_sizes,
             small_threshold,
             drop_threshold,
@@ -421,7 +430,23 @@ impl Options {
         } = self.clone();
         let conflict =
             |a: &'static str, b: &str| Error::argument(a, format!("{a} does not combine with {b}"));
-        let strategy = if same_source {
+        let strategy = if no_duplicates {
+            for (other, set) in [
+                ("same_source", same_source),
+                ("length_grouped", length_grouped.is_some()),
+                ("max_tokens", max_tokens.is_some()),
+            ] {
+                if set {
+                    return Err(conflict("no_duplicates", other));
+                }
+            }
+            same_source_only(
+                source_batch_sizes.is_some(),
+                small_threshold,
+                drop_threshold,
+            )?;
+            Strategy::NoDuplicates
+        } else if same_source {
             if length_grouped.is_some() {
                 return Err(conflict("same_source", "length_grouped"));
             }
@@ -436,15 +461,11 @@ impl Options {
                 drop_threshold,
             }
         } else {
-            for (name, set) in [
-                ("source_batch_sizes", source_batch_sizes.is_some()),
-                ("small_threshold", small_threshold > 0),
-                ("drop_threshold", drop_threshold > 0),
-            ] {
-                if set {
-                    return Err(Error::argument(name, "only applies with same_source"));
-                }
-            }
+            same_source_only(
+                source_batch_sizes.is_some(),
+                small_threshold,
+                drop_threshold,
+            )?;
             match (max_tokens, length_grouped) {
                 (Some(max_tokens), megabatch) => Strategy::TokenBudget {
                     max_tokens,
@@ -490,6 +511,20 @@ impl Options {
             },
         })
     }
+}
+
+/// The same-source settings, refused without same_source.
+fn same_source_only(sizes: bool, small_threshold: u64, drop_threshold: u64) -> Result<()> {
+    for (name, set) in [
+        ("source_batch_sizes", sizes),
+        ("small_threshold", small_threshold > 0),
+        ("drop_threshold", drop_threshold > 0),
+    ] {
+        if set {
+            return Err(Error::argument(name, "only applies with same_source"));
+        }
+    }
+    Ok(())
 }
 
 impl LoaderOptions {
@@ -574,6 +609,7 @@ impl LoaderOptions {
                 o.max_tokens = Some(max_tokens);
                 o.length_grouped = megabatch;
             }
+            Strategy::NoDuplicates => o.no_duplicates = true,
             Strategy::SameSource {
                 batch_sizes,
                 small_threshold,
@@ -718,7 +754,7 @@ mod tests {
     #[test]
     fn names_are_the_fields_and_settings_leave_out_prefetch() {
         let names = Options::names();
-        assert_eq!(names.len(), 34);
+        assert_eq!(names.len(), 35);
         assert_eq!(names[0], "batch_size");
         let s = Options::DEFAULT.settings();
         let left_out: Vec<_> = names.iter().filter(|n| !s.contains_key(**n)).collect();
@@ -748,9 +784,60 @@ mod tests {
                 small_threshold: 5,
                 ..Options::DEFAULT
             },
+            Options {
+                no_duplicates: true,
+                exclude_false_negatives: true,
+                shard_tail: Tail::Drop,
+                ..Options::DEFAULT
+            },
         ] {
             assert_eq!(o.resolve(&sources).unwrap().options(), o);
         }
+    }
+
+    #[test]
+    fn no_duplicates_refuses_the_strategies_it_does_not_combine_with() {
+        let no_dup = Options {
+            no_duplicates: true,
+            ..Options::DEFAULT
+        };
+        for (o, other) in [
+            (
+                Options {
+                    same_source: true,
+                    ..no_dup.clone()
+                },
+                "same_source",
+            ),
+            (
+                Options {
+                    length_grouped: Some(2),
+                    ..no_dup.clone()
+                },
+                "length_grouped",
+            ),
+            (
+                Options {
+                    max_tokens: Some(100),
+                    ..no_dup.clone()
+                },
+                "max_tokens",
+            ),
+            (
+                Options {
+                    small_threshold: 3,
+                    ..no_dup.clone()
+                },
+                "same_source",
+            ),
+        ] {
+            let e = o.resolve(&[]).unwrap_err().to_string();
+            assert!(e.contains(other), "{e}");
+        }
+        assert_eq!(
+            no_dup.resolve(&[]).unwrap().strategy,
+            Strategy::NoDuplicates
+        );
     }
 
     #[test]

@@ -90,7 +90,7 @@ class Dataset:
                exclude_false_negatives: Optional[bool] = ...,
                weights: Optional[Union[list[float], dict[str, float]]] = ...,
                length_grouped: Optional[int] = ..., max_tokens: Optional[int] = ...,
-               same_source: Optional[bool] = ...,
+               same_source: Optional[bool] = ..., no_duplicates: Optional[bool] = ...,
                source_batch_sizes: Optional[Union[list[int], dict[str, int]]] = ...,
                small_threshold: Optional[int] = ..., drop_threshold: Optional[int] = ...,
                prefetch_threads: Optional[int] = ..., prefetch_depth: Optional[int] = ...) -> Loader: ...

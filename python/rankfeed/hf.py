@@ -20,8 +20,8 @@ What it does for you:
   ranks (default random order only), so every row of the epoch is trained once across
   1 -> N -> M process resumes; the run still ends at the end of its last epoch (or at
   max_steps). A resume under other settings (seed, group size, dataset, ..., or another world
-  or batch size with length_grouped / max_tokens / same_source) is a ValueError naming the
-  setting, before training starts;
+  or batch size with length_grouped / max_tokens / same_source / no_duplicates) is a
+  ValueError naming the setting, before training starts;
 - DDP: rank and world size come from the Trainer (`args.process_index`, `args.world_size`),
   every rank has the same number of batches (shard_tail "pad"); the DataLoader is not handed
   to accelerate, which would re-shard it;

@@ -21,8 +21,8 @@ before the next loop; `set_epoch(e)` starts the next pass at epoch e.
 
 Elastic resume: a state taken with another world_size and/or batch_size continues the epoch
 from the rows not yet trained on, when the batches are in the default (random) order (no
-length_grouped, max_tokens or same_source): the epoch's global order is cut after the positions
-the earlier run consumed (every rank's batches so far), and the rest is sharded over this run's
+length_grouped, max_tokens, same_source or no_duplicates): the epoch's global order is cut
+after the positions the earlier run consumed (every rank's batches so far), and the rest is sharded over this run's
 ranks and cut into this run's batches (`Loader.load_state_dict` decides; the state's `offset`
 is that cut). So every row of an epoch is trained once across 1 -> N -> M process resumes
 (padding or dropping only at the end of the epoch, by shard_tail). Any other differing setting
@@ -204,7 +204,8 @@ class RankfeedIterable(IterableDataset):
     next epoch is whole again. The rank may always differ (a state is a position of every
     rank). Every other setting must be the same (a ValueError names the first that differs,
     before anything is trained; so does another world or batch size with length_grouped,
-    max_tokens or same_source). A state without `offset` (an older one) has offset 0.
+    max_tokens, same_source or no_duplicates). A state without `offset` (an older one) has
+    offset 0.
 
     torchdata's `StatefulDataLoader` calls `state_dict` / `load_state_dict` in each worker:
     there a state resumes only with the same world_size and batch_size (each worker holds its

@@ -16,6 +16,7 @@
 
 pub mod budget;
 pub mod length;
+pub mod no_dup;
 pub mod same_source;
 pub mod universe;
 use crate::error::{Error, Result};

@@ -57,6 +57,7 @@ VALUES = {
     "max_tokens": [None, 500],
     "weights": [None, [1.0, 2.0, 1.0]],
     "same_source": [False, True],
+    "no_duplicates": [False, True],
     "source_batch_sizes": [None, [2, 3, 4]],
     "small_threshold": [None, 60],
     "drop_threshold": [None, 10],
@@ -97,6 +98,15 @@ def test_a_state_from_before_exclude_false_negatives_was_taken_without_it(three)
     assert three.loader().load_state_dict({**state, "step": 1}) == "exact"
     with pytest.raises(ValueError, match="exclude_false_negatives"):
         three.loader(exclude_false_negatives=True).load_state_dict(state)
+
+
+def test_a_state_from_before_no_duplicates_was_taken_without_it(three):
+    # States written before the option existed were in random order: they resume in it.
+    state = three.loader().state_dict()
+    del state["no_duplicates"]
+    assert three.loader().load_state_dict({**state, "step": 1}) == "exact"
+    with pytest.raises(ValueError, match="no_duplicates"):
+        three.loader(no_duplicates=True).load_state_dict(state)
 
 
 def test_a_state_from_before_the_truncation_option_was_taken_with_its_default(three):
@@ -172,7 +182,8 @@ def make(ds, args):
 
 
 def random_order(args):
-    return args["length_grouped"] is None and args["max_tokens"] is None and not args["same_source"]
+    return (args["length_grouped"] is None and args["max_tokens"] is None and not args["same_source"]
+            and not args["no_duplicates"])
 
 
 def test_a_state_is_accepted_only_for_the_same_batches(three):
