@@ -426,6 +426,8 @@ pub fn log_path(work_dir: &Path, rank: u64, world: u64) -> PathBuf {
 #[derive(Debug)]
 pub struct ScoreLog {
     path: PathBuf,
+    /// The plan's digest.
+    plan: String,
     file: File,
     next: u64,
     batches: u64,
@@ -560,6 +562,7 @@ impl ScoreLog {
         }
         let mut log = ScoreLog {
             path,
+            plan: plan.digest.clone(),
             file,
             next: records.len() as u64,
             batches: plan.len(),
@@ -591,26 +594,29 @@ impl ScoreLog {
         &self.path
     }
 
-    /// Append the scores of `batch` (the plan's batch [`ScoreLog::next`]): one finite score per
-    /// pair, in the batch's order.
-    pub fn append(&mut self, batch: &PairBatch, scores: &[f32]) -> Result<()> {
-        if batch.index != self.next {
+    /// Append the scores of `plan`'s batch `index` (it must be [`ScoreLog::next`]): one finite
+    /// score per pair, in the batch's order.
+    pub fn append(&mut self, plan: &ScorePlan, index: u64, scores: &[f32]) -> Result<()> {
+        if index != self.next {
             return Err(Error::argument(
                 "batch",
-                format!(
-                    "batch {} scored, but batch {} is next",
-                    batch.index, self.next
-                ),
+                format!("batch {index} scored, but batch {} is next", self.next),
             ));
         }
-        if scores.len() != batch.pairs.len() {
+        if plan.digest != self.plan {
+            return Err(Error::argument(
+                "plan",
+                format!("{} is the log of another plan", self.path.display()),
+            ));
+        }
+        let pairs = plan.batch_pairs(index)?;
+        if scores.len() != pairs.len() {
             return Err(Error::argument(
                 "scores",
                 format!(
-                    "batch {}: {} scores for {} pairs (one score per pair, in order)",
-                    batch.index,
+                    "batch {index}: {} scores for {} pairs (one score per pair, in order)",
                     scores.len(),
-                    batch.pairs.len()
+                    pairs.len()
                 ),
             ));
         }
@@ -618,18 +624,18 @@ impl ScoreLog {
             return Err(Error::argument(
                 "scores",
                 format!(
-                    "batch {}: the score of pair {} (row {} of the batch) is {}: teacher scores \
-                     must be finite",
-                    batch.index, batch.pairs[k], k, scores[k]
+                    "batch {index}: the score of pair {} (row {k} of the batch) is {}: teacher \
+                     scores must be finite",
+                    pairs[k], scores[k]
                 ),
             ));
         }
         let n = scores.len();
         let mut rec = Vec::with_capacity(24 + 8 * n);
         rec.extend_from_slice(&RECORD_MAGIC);
-        rec.extend_from_slice(&batch.index.to_le_bytes());
+        rec.extend_from_slice(&index.to_le_bytes());
         rec.extend_from_slice(&(n as u32).to_le_bytes());
-        for p in &batch.pairs {
+        for p in pairs {
             rec.extend_from_slice(&p.to_le_bytes());
         }
         for s in scores {
@@ -650,9 +656,17 @@ impl ScoreLog {
     }
 }
 
-/// The score of every pair of `ds` from the logs in `work_dir`: every rank's log present,
-/// complete, of this dataset and one plan; every pair scored exactly once.
-pub fn collect(ds: &Dataset, work_dir: &Path) -> Result<Vec<f32>> {
+/// The logs of a work dir, checked against a dataset: per rank, its complete records (`None`:
+/// no log, or an unfinished one).
+struct Logs {
+    world_size: u64,
+    pairs: u64,
+    ranks: Vec<Option<Vec<Record>>>,
+    /// Per rank, (records, batches) of an unfinished log.
+    unfinished: Vec<(u64, u64, u64)>,
+}
+
+fn read_logs(ds: &Dataset, work_dir: &Path) -> Result<Logs> {
     let entries = std::fs::read_dir(work_dir).map_err(|e| Error::io(work_dir, e))?;
     let mut logs: Vec<PathBuf> = Vec::new();
     for e in entries {
@@ -668,8 +682,19 @@ pub fn collect(ds: &Dataset, work_dir: &Path) -> Result<Vec<f32>> {
     };
     let (head, _, _) = read_log(first)?;
     let seal = &ds.manifest().checksum;
-    let mut scores: Vec<Option<f32>> = vec![None; head.pairs as usize];
-    let mut ranks = vec![false; head.world_size.min(1 << 20) as usize];
+    if head.world_size == 0 || head.world_size > crate::limits::WORLD_SIZE {
+        return Err(Error::corrupt(
+            first,
+            format!("world size {}", head.world_size),
+        ));
+    }
+    let mut out = Logs {
+        world_size: head.world_size,
+        pairs: head.pairs,
+        ranks: (0..head.world_size).map(|_| None).collect(),
+        unfinished: Vec::new(),
+    };
+    let mut seen = vec![false; head.world_size as usize];
     for path in &logs {
         let (h, bytes, body) = read_log(path)?;
         if &h.seal != seal {
@@ -689,43 +714,65 @@ pub fn collect(ds: &Dataset, work_dir: &Path) -> Result<Vec<f32>> {
                 ),
             ));
         }
-        if h.rank >= h.world_size || std::mem::replace(&mut ranks[h.rank as usize], true) {
+        if h.rank >= h.world_size || std::mem::replace(&mut seen[h.rank as usize], true) {
             return Err(Error::input(
                 path,
                 format!("rank {} is repeated or out of range", h.rank),
             ));
         }
         let (records, valid) = parse_records(&bytes[body..]);
-        if records.len() as u64 != h.batches || body + valid != bytes.len() {
+        if records.len() as u64 == h.batches && body + valid == bytes.len() {
+            out.ranks[h.rank as usize] = Some(records);
+        } else {
+            out.unfinished
+                .push((h.rank, records.len() as u64, h.batches));
+        }
+    }
+    Ok(out)
+}
+
+/// The ranks of the logs in `work_dir` that have not finished (no log yet, or an unfinished
+/// one), and the world size; logs of another dataset or plan are an error.
+pub fn pending(ds: &Dataset, work_dir: &Path) -> Result<(Vec<u64>, u64)> {
+    let logs = read_logs(ds, work_dir)?;
+    let ranks = (0..logs.world_size)
+        .filter(|&r| logs.ranks[r as usize].is_none())
+        .collect();
+    Ok((ranks, logs.world_size))
+}
+
+/// The score of every pair of `ds` from the logs in `work_dir`: every rank's log present,
+/// complete, of this dataset and one plan; every pair scored exactly once.
+pub fn collect(ds: &Dataset, work_dir: &Path) -> Result<Vec<f32>> {
+    let logs = read_logs(ds, work_dir)?;
+    if let Some(&(rank, done, of)) = logs.unfinished.first() {
+        return Err(Error::input(
+            log_path(work_dir, rank, logs.world_size),
+            format!("rank {rank} has scored {done} of its {of} batches: run it again to finish"),
+        ));
+    }
+    let mut scores: Vec<Option<f32>> = vec![None; logs.pairs as usize];
+    for (rank, records) in logs.ranks.into_iter().enumerate() {
+        let path = log_path(work_dir, rank as u64, logs.world_size);
+        let Some(records) = records else {
             return Err(Error::input(
                 path,
-                format!(
-                    "rank {} has scored {} of its {} batches: run it again to finish",
-                    h.rank,
-                    records.len(),
-                    h.batches
-                ),
+                format!("missing: rank {rank} of {} has not scored", logs.world_size),
             ));
-        }
+        };
         for r in records {
             for (&p, &s) in r.pairs.iter().zip(&r.scores) {
                 let slot = scores.get_mut(p as usize).ok_or_else(|| {
                     Error::corrupt(
-                        path,
-                        format!("pair {p} beyond the dataset's {}", head.pairs),
+                        &path,
+                        format!("pair {p} beyond the dataset's {}", logs.pairs),
                     )
                 })?;
                 if slot.replace(s).is_some() {
-                    return Err(Error::corrupt(path, format!("pair {p} is scored twice")));
+                    return Err(Error::corrupt(&path, format!("pair {p} is scored twice")));
                 }
             }
         }
-    }
-    if let Some(r) = ranks.iter().position(|&seen| !seen) {
-        return Err(Error::input(
-            log_path(work_dir, r as u64, head.world_size),
-            format!("missing: rank {r} of {} has not scored", head.world_size),
-        ));
     }
     scores
         .into_iter()
@@ -734,6 +781,56 @@ pub fn collect(ds: &Dataset, work_dir: &Path) -> Result<Vec<f32>> {
             s.ok_or_else(|| Error::input(work_dir, format!("pair {p} has no score in any log")))
         })
         .collect()
+}
+
+/// What [`finish`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    /// These ranks (of the world size) have not finished: nothing was written.
+    Pending(Vec<u64>, u64),
+    /// The scores were attached.
+    Attached,
+    /// `out` already holds this dataset with these scores (another rank attached them).
+    Present,
+}
+
+/// The digest of a scores vector, as the provenance records it.
+fn scores_digest(scores: &[f32]) -> String {
+    format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(scores))
+    )
+}
+
+/// Once every rank's log in `work_dir` is complete, attach the scores: under an exclusive lock
+/// of the work dir (ranks finishing together attach once), `write(scores)` unless `out` (when
+/// local) already holds this dataset with these scores.
+pub fn finish(
+    ds: &Dataset,
+    work_dir: &Path,
+    out: &Path,
+    write: impl FnOnce(&[f32]) -> Result<()>,
+) -> Result<Finished> {
+    let (ranks, world) = pending(ds, work_dir)?;
+    if !ranks.is_empty() {
+        return Ok(Finished::Pending(ranks, world));
+    }
+    let lock_path = work_dir.join("attach.lock");
+    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(&lock_path, e.into()))?;
+    let scores = collect(ds, work_dir)?;
+    let present = crate::dataset::read_manifest(out).ok().is_some_and(|m| {
+        m.provenance.as_ref().is_some_and(|p| {
+            p["scored"]["from_seal"] == ds.manifest().checksum.as_str()
+                && p["scored"]["scores_xxh3_64"] == scores_digest(&scores).as_str()
+        })
+    });
+    if present {
+        return Ok(Finished::Present);
+    }
+    write(&scores)?;
+    Ok(Finished::Attached)
 }
 
 /// Write `ds` to `out` with `scores` (one per unique pair, [`UniquePairs`] order) as every
@@ -814,7 +911,7 @@ pub fn attach(
         "scored": {
             "from_seal": m.checksum,
             "unique_pairs": pairs.len(),
-            "scores_xxh3_64": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(scores))),
+            "scores_xxh3_64": scores_digest(scores),
         }
     })));
     let sources: Vec<SourceStats> = m.sources.clone();

@@ -207,7 +207,7 @@ fn score_range(plan: &ScorePlan, work: &Path, end: u64) -> ScoreLog {
         let s: Vec<f32> = (0..b.pairs.len())
             .map(|k| teacher(&row_tokens(&b.batch, k)))
             .collect();
-        log.append(&b, &s).unwrap();
+        log.append(plan, b.index, &s).unwrap();
     }
     log
 }
@@ -415,18 +415,22 @@ fn logs_of_another_plan_or_dataset_and_bad_scores_are_errors() {
     let mut log = ScoreLog::open(&work, &plan).unwrap();
     let b = plan.batch(0).unwrap();
     // One score per pair, finite, in order.
-    let e = log.append(&b, &vec![0.0; b.pairs.len() + 1]).unwrap_err();
+    let e = log
+        .append(&plan, 0, &vec![0.0; b.pairs.len() + 1])
+        .unwrap_err();
     assert!(e.to_string().contains("scores for"), "{e}");
     let mut bad = vec![0.5; b.pairs.len()];
     bad[0] = f32::NAN;
-    let e = log.append(&b, &bad).unwrap_err();
+    let e = log.append(&plan, 0, &bad).unwrap_err();
     assert!(e.to_string().contains("finite"), "{e}");
     if plan.len() > 1 {
         let b1 = plan.batch(1).unwrap();
-        let e = log.append(&b1, &vec![0.0; b1.pairs.len()]).unwrap_err();
+        let e = log
+            .append(&plan, 1, &vec![0.0; b1.pairs.len()])
+            .unwrap_err();
         assert!(e.to_string().contains("is next"), "{e}");
     }
-    log.append(&b, &vec![1.0; b.pairs.len()]).unwrap();
+    log.append(&plan, 0, &vec![1.0; b.pairs.len()]).unwrap();
     drop(log);
     // Other settings, same work dir: refused, never mixed.
     o.batch_size = 3;

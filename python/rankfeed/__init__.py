@@ -23,10 +23,10 @@ from ._rankfeed import remove_url
 from ._rankfeed import upload as _upload
 from ._rankfeed import import_parquet as _import_parquet
 from ._rankfeed import loader_options as _loader_options
-from ._rankfeed import _mine
+from ._rankfeed import _mine, _scorer, _attach_scores
 from ._rankfeed import merge as _merge
 
-__all__ = ["convert", "export", "import_parquet", "merge", "mine", "fetch", "upload", "remove_url", "is_url",
+__all__ = ["convert", "export", "import_parquet", "merge", "mine", "score", "attach_scores", "fetch", "upload", "remove_url", "is_url",
            "Dataset", "Loader", "CorruptDatasetError",
            "LOADER_OPTIONS",
            "__version__"]
@@ -84,6 +84,75 @@ def mine(dataset, out, *, query_embeddings=None, passage_embeddings=None, shard=
                  passage_embeddings=as32(passage_embeddings),
                  shard=None if shard is None else tuple(shard), overwrite=overwrite,
                  cache_dir=_dir(cache_dir), **options)
+
+
+def _scores_of(values, n, index):
+    """What a scoring function returned, as float32 [n] (a torch tensor, numpy array or list;
+    [n] or [n, 1])."""
+    np = __import__("numpy")
+    if hasattr(values, "detach"):  # a torch tensor, on any device
+        values = values.detach().float().cpu().numpy()
+    a = np.asarray(values, dtype=np.float32)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.shape != (n,):
+        raise ValueError(f"batch {index}: the scoring function returned shape {a.shape} for "
+                         f"{n} pairs (one score per pair: [n] or [n, 1])")
+    return np.ascontiguousarray(a)
+
+
+def score(dataset, fn, out=None, *, work_dir=None, batch_size=64, overwrite=False,
+          cache_dir=None, progress=None, **options):
+    """Teacher scores: call `fn` on every *unique* (query, passage) pair of `dataset` once and
+    write a new dataset at `out` with every row's `pos_scores`/`neg_scores` filled (the input
+    is never modified). Pairs are shared by rows with the same query (tokens and prompt) and
+    passage.
+
+    `fn(batch)` gets a dict of numpy arrays of pairs laid out as the loader lays them out under
+    `options` (the collation options of `Dataset.loader`: mode, query_max_len,
+    passage_max_len, truncation, packed, ...; sampling options are ignored): `input_ids`,
+    `attention_mask`, `token_type_ids` (or the packed arrays), one pair a row, plus `pairs`
+    (the pair ids). It returns one score per row (numpy, torch or a list). Batches are sorted
+    by length, longest first, at most `batch_size` pairs, or as many as fit `max_tokens`.
+
+    Sharded: `rank`/`world_size` (options) score batch b on rank b % world_size; every rank
+    appends its scores to its log in `work_dir` (shared by the ranks; default `out` +
+    ".scoring"), so a killed run called again resumes at the next batch. The rank that finds
+    every log complete attaches them to `out` (once). Returns the plan's figures and
+    `attached`: "attached", "present" (already done) or "pending" (other ranks still
+    scoring)."""
+    if not isinstance(dataset, _Dataset):
+        dataset = Dataset(str(dataset))
+    if work_dir is None:
+        if out is None or is_url(str(out)):
+            raise ValueError("score: give work_dir (a local directory the ranks share) when out "
+                             "is None or a URL")
+        work_dir = str(out) + ".scoring"
+    scorer = _scorer(dataset, str(work_dir), batch_size=batch_size, **options)
+    total, first = len(scorer), scorer.next
+    started = time.monotonic()
+    for index in range(first, total):
+        batch = scorer.batch(index)
+        scorer.record(index, _scores_of(fn(batch), len(batch["pairs"]), index))
+        if progress or (progress is None and sys.stderr.isatty()):
+            rate = (index + 1 - first) / max(time.monotonic() - started, 1e-9)
+            sys.stderr.write(f"\rrankfeed score: batch {index + 1}/{total} ({rate:,.1f}/s) ")
+            sys.stderr.flush()
+    report = scorer.report()
+    report["attached"] = None if out is None else scorer.attach(
+        str(out), overwrite=overwrite, cache_dir=_dir(cache_dir))
+    report["work_dir"] = str(work_dir)
+    return report
+
+
+def attach_scores(dataset, scores, out, *, overwrite=False, cache_dir=None):
+    """Write `dataset` with teacher `scores` (one per unique pair, in pair-id order, as
+    `rankfeed pairs` exports them) into a new dataset at `out`."""
+    if not isinstance(dataset, _Dataset):
+        dataset = Dataset(str(dataset))
+    np = __import__("numpy")
+    _attach_scores(dataset, np.ascontiguousarray(scores, dtype=np.float32), str(out),
+                   overwrite=overwrite, cache_dir=_dir(cache_dir))
 
 
 def fetch(url, *, cache_dir=None, cache_max_bytes=None):

@@ -8,7 +8,7 @@
 //!   boundary and becomes a RuntimeError, never a crash.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
@@ -580,6 +580,196 @@ fn _mine<'py>(
         Ok::<_, rankfeed::Error>(r)
     })?;
     json_to_py(py, &report)
+}
+
+/// Teacher scoring of one rank (see `rankfeed.score`): the plan of `dataset`'s unique pairs
+/// under `options`, and its log in `work_dir`.
+#[pyclass(name = "Scorer", module = "rankfeed._rankfeed")]
+struct PyScorer {
+    plan: Arc<rankfeed::score::ScorePlan>,
+    log: Arc<Mutex<rankfeed::score::ScoreLog>>,
+    work_dir: PathBuf,
+}
+
+/// The scorer of rank `rank` (an option) of `dataset` with its log in `work_dir` (resumed when
+/// it holds this plan's log).
+#[pyfunction]
+#[pyo3(signature = (dataset, work_dir, **options))]
+fn _scorer(
+    py: Python<'_>,
+    dataset: PyRef<'_, PyDataset>,
+    work_dir: PathBuf,
+    options: Option<Bound<'_, PyDict>>,
+) -> PyResult<PyScorer> {
+    let map = kwargs_json(options.as_ref())?;
+    let ds = dataset.inner.clone();
+    let dir = work_dir.clone();
+    let (plan, log) = detached(py, move || {
+        let options = Options::from_json(&map)?;
+        let plan = rankfeed::score::ScorePlan::new(ds, &options)?;
+        let log = rankfeed::score::ScoreLog::open(&dir, &plan)?;
+        Ok((plan, log))
+    })?;
+    Ok(PyScorer {
+        plan: Arc::new(plan),
+        log: Arc::new(Mutex::new(log)),
+        work_dir,
+    })
+}
+
+impl PyScorer {
+    fn log(&self) -> MutexGuard<'_, rankfeed::score::ScoreLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyScorer {
+    /// Batches of this rank.
+    fn __len__(&self) -> usize {
+        self.plan.len() as usize
+    }
+
+    /// The next batch to score (the ones before it are in the log).
+    #[getter]
+    fn next(&self) -> u64 {
+        self.log().next()
+    }
+
+    /// Whether every batch of this rank is scored.
+    #[getter]
+    fn complete(&self) -> bool {
+        self.log().is_complete()
+    }
+
+    /// The work dir holding the logs.
+    #[getter]
+    fn work_dir(&self) -> String {
+        self.work_dir.display().to_string()
+    }
+
+    /// The plan's figures: unique_pairs, total_pairs, batches, rank_batches, rank_pairs,
+    /// tokens, padded_tokens, over_budget; and resumed_at, dropped_bytes of the log.
+    fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let plan = self.plan.clone();
+        let r = detached(py, move || plan.report())?;
+        let mut v = serde_json::to_value(r).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let log = self.log();
+        v["next"] = serde_json::json!(log.next());
+        v["dropped_bytes"] = serde_json::json!(log.dropped_bytes());
+        json_to_py(py, &v)
+    }
+
+    /// Batch `index` of this rank: the arrays of `Dataset.loader` for one pair a row
+    /// (input_ids, attention_mask, token_type_ids; packed: position_ids, cu_seqlens,
+    /// max_seqlen), and `pairs`, the pair id of each row.
+    fn batch<'py>(&self, py: Python<'py>, index: u64) -> PyResult<Bound<'py, PyDict>> {
+        let plan = self.plan.clone();
+        let b = detached(py, move || plan.batch(index))?;
+        let d = batch_to_py(py, b.batch, 1)?;
+        for k in ["rows", "pos", "neg"] {
+            d.del_item(k)?;
+        }
+        let pairs: Vec<i64> = b.pairs.iter().map(|&p| p as i64).collect();
+        d.set_item(
+            "pairs",
+            PyArray1::from_owned_array(py, Array1::from_vec(pairs)),
+        )?;
+        Ok(d)
+    }
+
+    /// Record the scores of batch `index` (the next one): one finite float32 per pair.
+    fn record(
+        &self,
+        py: Python<'_>,
+        index: u64,
+        scores: numpy::PyReadonlyArray1<'_, f32>,
+    ) -> PyResult<()> {
+        let scores: Vec<f32> = scores.as_array().iter().copied().collect();
+        let plan = self.plan.clone();
+        let log = self.log.clone();
+        detached(py, move || {
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            log.append(&plan, index, &scores)
+        })
+    }
+
+    /// Ranks of the work dir's logs that have not finished.
+    fn pending(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        let plan = self.plan.clone();
+        let dir = self.work_dir.clone();
+        detached(py, move || {
+            Ok(rankfeed::score::pending(plan.dataset(), &dir)?.0)
+        })
+    }
+
+    /// Once every rank has finished, attach the scores into a new dataset at `out` (once: a
+    /// rank finding `out` holding them already leaves it). Returns "attached", "present", or
+    /// "pending" (other ranks have not finished).
+    #[pyo3(signature = (out, *, overwrite=false, cache_dir=None))]
+    fn attach(
+        &self,
+        py: Python<'_>,
+        out: String,
+        overwrite: bool,
+        cache_dir: Option<PathBuf>,
+    ) -> PyResult<&'static str> {
+        let plan = self.plan.clone();
+        let dir = self.work_dir.clone();
+        let cache = Cache::new(cache_dir, None);
+        let done = detached(py, move || {
+            let ds = plan.dataset();
+            rankfeed::score::finish(ds, &dir, Path::new(&out), |scores| {
+                write_scored(ds, scores, &out, overwrite, &cache)
+            })
+        })?;
+        Ok(match done {
+            rankfeed::score::Finished::Pending(..) => "pending",
+            rankfeed::score::Finished::Attached => "attached",
+            rankfeed::score::Finished::Present => "present",
+        })
+    }
+}
+
+/// Write `ds` with `scores` (one per unique pair) at `out` (a path or URL).
+fn write_scored(
+    ds: &rankfeed::Dataset,
+    scores: &[f32],
+    out: &str,
+    overwrite: bool,
+    cache: &Cache,
+) -> rankfeed::Result<()> {
+    let output = Output::new(out, OutputKind::Dataset, overwrite, cache)?;
+    rankfeed::score::attach(
+        ds,
+        scores,
+        output.path(),
+        WriterOptions {
+            overwrite: output.overwrite_local(),
+            ..WriterOptions::default()
+        },
+    )?;
+    output.finish().map(|_| ())
+}
+
+/// Attach `scores` (float32, one per unique pair in pair-id order) to `dataset` as a new
+/// dataset at `out`; returns its counts.
+#[pyfunction]
+#[pyo3(signature = (dataset, scores, out, *, overwrite=false, cache_dir=None))]
+fn _attach_scores<'py>(
+    py: Python<'py>,
+    dataset: PyRef<'_, PyDataset>,
+    scores: numpy::PyReadonlyArray1<'py, f32>,
+    out: String,
+    overwrite: bool,
+    cache_dir: Option<PathBuf>,
+) -> PyResult<()> {
+    let scores: Vec<f32> = scores.as_array().iter().copied().collect();
+    let ds = dataset.inner.clone();
+    let cache = Cache::new(cache_dir, None);
+    detached(py, move || {
+        write_scored(&ds, &scores, &out, overwrite, &cache)
+    })
 }
 
 fn upload_json(r: rankfeed::remote::UploadReport) -> serde_json::Value {
@@ -1379,6 +1569,9 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(import_parquet, m)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(_mine, m)?)?;
+    m.add_function(wrap_pyfunction!(_scorer, m)?)?;
+    m.add_function(wrap_pyfunction!(_attach_scores, m)?)?;
+    m.add_class::<PyScorer>()?;
     m.add_function(wrap_pyfunction!(fetch, m)?)?;
     m.add_function(wrap_pyfunction!(upload, m)?)?;
     m.add_function(wrap_pyfunction!(remove_url, m)?)?;
