@@ -470,6 +470,18 @@ impl Dataset {
         })
     }
 
+    /// What deriving a dataset from this one (`action`: "mine", "score") checks first: the
+    /// dataset is whole (not some shards of a conversion), then [`Dataset::validate`].
+    pub fn validate_whole(&self, action: &str) -> Result<()> {
+        if self.manifest.shards.is_some() {
+            return Err(Error::input(
+                &self.dir,
+                format!("holds only some shards of a conversion: merge them first, then {action}"),
+            ));
+        }
+        self.validate()
+    }
+
     /// Check every row of every file, every id, every token id against the vocabulary, and the
     /// checksum of every file: linear in the data (the tokenizer facts were checked at open).
     /// `merge` and `export` run it on their inputs before writing anything.

@@ -675,13 +675,7 @@ pub fn mine(
             ));
         }
     }
-    if ds.manifest().shards.is_some() {
-        return Err(Error::input(
-            ds.dir(),
-            "holds only some shards of a conversion: merge them first, then mine",
-        ));
-    }
-    ds.validate()?;
+    ds.validate_whole("mine")?;
     let rows = shard_rows(ds.len(), shard);
     let mut report = MineReport::default();
     let negatives = mine_negatives(ds, retriever, options, rows.clone(), &mut report)?;

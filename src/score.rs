@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::collate::{Batch, Collator, Mode};
+use crate::collate::{Batch, Collator, Mode, Pair};
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::format::{self, SourceStats};
@@ -143,6 +143,17 @@ fn collation(ds: &Dataset, options: &Options) -> Result<Collator> {
     Collator::new(ds, resolved.collate)
 }
 
+/// The pair (first row holding it, passage id) as the model sees it.
+fn pair_of<'a>(
+    ds: &'a Dataset,
+    collator: &'a Collator,
+    (row, passage): (u32, u32),
+) -> Result<Pair<'a>> {
+    let g = ds.group_ids(row as usize)?;
+    let prompt = collator.prompt_of(ds, g.prompt)?;
+    Ok(collator.pair(g.query, ds.referenced_passage(passage as i32)?, prompt))
+}
+
 /// One batch of a plan: the pairs it holds and their collated arrays.
 #[derive(Debug, Clone)]
 pub struct PairBatch {
@@ -217,21 +228,11 @@ impl ScorePlan {
                 ),
             ));
         }
-        if ds.manifest().shards.is_some() {
-            return Err(Error::input(
-                ds.dir(),
-                "holds only some shards of a conversion: merge them first, then score",
-            ));
-        }
-        ds.validate()?;
+        ds.validate_whole("score")?;
         let pairs = UniquePairs::build(&ds)?;
         let mut lens = vec![0u32; pairs.len()];
         for (pair, len) in lens.iter_mut().enumerate() {
-            let (row, passage) = pairs.first(pair as u32);
-            let g = ds.group_ids(row as usize)?;
-            let prompt = collator.prompt_of(&ds, g.prompt)?;
-            let p = ds.referenced_passage(passage as i32)?;
-            *len = collator.pair(g.query, p, prompt).len() as u32;
+            *len = pair_of(&ds, &collator, pairs.first(pair as u32))?.len() as u32;
         }
         let mut order: Vec<u32> = (0..pairs.len() as u32).collect();
         order.sort_unstable_by_key(|&p| (std::cmp::Reverse(lens[p as usize]), p));
@@ -344,17 +345,10 @@ impl ScorePlan {
     /// This rank's batch `index`, collated.
     pub fn batch(&self, index: u64) -> Result<PairBatch> {
         let ids = self.batch_pairs(index)?;
-        let mut groups = Vec::with_capacity(ids.len());
-        for &pair in ids {
-            let (row, passage) = self.pairs.first(pair);
-            groups.push((self.ds.group_ids(row as usize)?, passage));
-        }
-        let mut pairs = Vec::with_capacity(ids.len());
-        for (g, passage) in &groups {
-            let prompt = self.collator.prompt_of(&self.ds, g.prompt)?;
-            let p = self.ds.referenced_passage(*passage as i32)?;
-            pairs.push(self.collator.pair(g.query, p, prompt));
-        }
+        let pairs = ids
+            .iter()
+            .map(|&p| pair_of(&self.ds, &self.collator, self.pairs.first(p)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(PairBatch {
             index,
             pairs: ids.to_vec(),
@@ -841,13 +835,7 @@ pub fn attach(
     out: &Path,
     writer: WriterOptions,
 ) -> Result<crate::Manifest> {
-    if ds.manifest().shards.is_some() {
-        return Err(Error::input(
-            ds.dir(),
-            "holds only some shards of a conversion: merge them first, then score",
-        ));
-    }
-    ds.validate()?;
+    ds.validate_whole("score")?;
     let pairs = UniquePairs::build(ds)?;
     if scores.len() != pairs.len() {
         return Err(Error::argument(
