@@ -146,7 +146,7 @@ fn groups_schema(flat: bool) -> SchemaRef {
     ]))
 }
 
-fn int_list() -> ListBuilder<Int32Builder> {
+pub(crate) fn int_list() -> ListBuilder<Int32Builder> {
     ListBuilder::new(Int32Builder::new()).with_field(Arc::new(Field::new(
         "element",
         DataType::Int32,
@@ -170,8 +170,9 @@ fn nested_int_list() -> ListBuilder<ListBuilder<Int32Builder>> {
     )))
 }
 
-/// Writes `part-NNNNN.parquet` files into a directory, rolling over every `rows_per_file`.
-struct PartWriter {
+/// Writes `part-NNNNN.parquet` files into a directory, rolling over every `rows_per_file`,
+/// each carrying `(key, json)` in its key-value metadata.
+pub(crate) struct PartWriter {
     dir: PathBuf,
     schema: SchemaRef,
     props: WriterProperties,
@@ -182,10 +183,10 @@ struct PartWriter {
 }
 
 impl PartWriter {
-    fn new(
+    pub(crate) fn new(
         dir: PathBuf,
         schema: SchemaRef,
-        manifest_json: &str,
+        (key, json): (&str, &str),
         rows_per_group: usize,
         rows_per_file: usize,
     ) -> Result<Self> {
@@ -195,10 +196,7 @@ impl PartWriter {
                 ZstdLevel::try_new(3).expect("valid level"),
             ))
             .set_max_row_group_row_count(Some(rows_per_group.max(1)))
-            .set_key_value_metadata(Some(vec![KeyValue::new(
-                MANIFEST_KEY.to_string(),
-                manifest_json.to_string(),
-            )]))
+            .set_key_value_metadata(Some(vec![KeyValue::new(key.to_string(), json.to_string())]))
             .build();
         Ok(PartWriter {
             dir,
@@ -212,7 +210,7 @@ impl PartWriter {
     }
 
     /// Append `batch`, starting a new file whenever the current one is full.
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let mut offset = 0;
         while offset < batch.num_rows() {
             if self.current.is_none() || self.rows_in_file >= self.rows_per_file {
@@ -249,7 +247,7 @@ impl PartWriter {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<ExportReport> {
+    pub(crate) fn finish(mut self) -> Result<ExportReport> {
         self.close_file()?;
         if self.report.files.is_empty() {
             // An empty table is still a readable file with the schema.
@@ -308,7 +306,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
             let mut w = PartWriter::new(
                 stage.to_path_buf(),
                 groups_schema(true),
-                &meta,
+                (MANIFEST_KEY, &meta),
                 rows_per_group,
                 options.rows_per_file,
             )?;
@@ -327,7 +325,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
                 let mut w = PartWriter::new(
                     stage.join(name),
                     tokens_schema(),
-                    &meta,
+                    (MANIFEST_KEY, &meta),
                     rows_per_group,
                     options.rows_per_file,
                 )?;
@@ -356,7 +354,7 @@ pub fn export(ds: &Dataset, out: &Path, options: &ExportOptions) -> Result<Expor
             let mut w = PartWriter::new(
                 stage.join("groups"),
                 groups_schema(false),
-                &meta,
+                (MANIFEST_KEY, &meta),
                 rows_per_group,
                 options.rows_per_file,
             )?;

@@ -11,7 +11,12 @@
 //!   and resumed gives the uninterrupted run's scores; the attached dataset holds, for every
 //!   slot of every row, its pair's score, and everything else unchanged;
 //! - logs of another plan or dataset, missing or unfinished ranks, wrong or non-finite scores
-//!   are errors.
+//!   are errors;
+//! - every rank's pairs file holds its plan's pairs once each, in order, with their batch,
+//!   ids, token types and decoded texts; scores files written back in any integer / float
+//!   type, shuffled and split, read back to exactly the scores; one defect each (a pair
+//!   missing, twice or unknown, a non-finite score, a passage that is not the pair's, another
+//!   dataset's seal) is an error naming the file.
 //!
 //! `RANKFEED_LONG=<factor>` multiplies the cases.
 
@@ -193,6 +198,27 @@ fn row_tokens(b: &Batch, k: usize) -> Vec<i64> {
         .collect()
 }
 
+/// Pair `p` as the plan's collator builds it: its ids.
+fn want_ids(ds: &Dataset, plan: &ScorePlan, p: u32) -> Vec<i64> {
+    want_pair(ds, plan, p, |pair| {
+        pair.ids().iter().map(|&t| t as i64).collect()
+    })
+}
+
+/// `f` of pair `p` as the plan's collator builds it (from the first row holding it).
+fn want_pair<T>(
+    ds: &Dataset,
+    plan: &ScorePlan,
+    p: u32,
+    f: impl FnOnce(&rankfeed::collate::Pair<'_>) -> T,
+) -> T {
+    let c = plan.collator();
+    let (row, passage) = plan.pairs().first(p);
+    let g = ds.group_ids(row as usize).unwrap();
+    let prompt = c.prompt_of(ds, g.prompt).unwrap();
+    f(&c.pair(g.query, ds.passage(passage as i32).unwrap(), prompt))
+}
+
 /// A teacher: any deterministic function of what the model sees.
 fn teacher(tokens: &[i64]) -> f32 {
     let h = xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(tokens));
@@ -255,25 +281,14 @@ fn scores_cover_every_unique_pair_once_and_resume_exactly() {
                 let b = plan.batch(i).unwrap();
                 assert!(!b.pairs.is_empty() && b.pairs.len() <= o.batch_size);
                 global[(i * o.world_size) as usize + rank] = b.pairs.clone();
-                let c = plan.collator();
                 let lens: Vec<usize> = b
                     .pairs
                     .iter()
-                    .map(|&p| {
-                        let (row, passage) = pairs.first(p);
-                        let g = ds.group_ids(row as usize).unwrap();
-                        let prompt = c.prompt_of(&ds, g.prompt).unwrap();
-                        let pair = c.pair(g.query, ds.passage(passage as i32).unwrap(), prompt);
-                        pair.len()
-                    })
+                    .map(|&p| want_pair(&ds, plan, p, |pair| pair.len()))
                     .collect();
                 for (k, &p) in b.pairs.iter().enumerate() {
                     seen[p as usize] += 1;
-                    let (row, passage) = pairs.first(p);
-                    let g = ds.group_ids(row as usize).unwrap();
-                    let prompt = c.prompt_of(&ds, g.prompt).unwrap();
-                    let want = c.pair(g.query, ds.passage(passage as i32).unwrap(), prompt);
-                    let want: Vec<i64> = want.ids().iter().map(|&t| t as i64).collect();
+                    let want = want_ids(&ds, plan, p);
                     assert_eq!(row_tokens(&b.batch, k), want, "case {case} pair {p}");
                 }
                 if let Some(t) = o.max_tokens {
@@ -289,14 +304,7 @@ fn scores_cover_every_unique_pair_once_and_resume_exactly() {
         }
         assert!(seen.iter().all(|&n| n == 1), "case {case}: {seen:?}");
         // Longest first, across the global order.
-        let c = plans[0].collator();
-        let len_of = |p: u32| {
-            let (row, passage) = pairs.first(p);
-            let g = ds.group_ids(row as usize).unwrap();
-            let prompt = c.prompt_of(&ds, g.prompt).unwrap();
-            c.pair(g.query, ds.passage(passage as i32).unwrap(), prompt)
-                .len()
-        };
+        let len_of = |p: u32| want_pair(&ds, &plans[0], p, |pair| pair.len());
         let order: Vec<usize> = global.iter().flatten().map(|&p| len_of(p)).collect();
         assert!(order.windows(2).all(|w| w[0] >= w[1]), "case {case}");
 
@@ -349,11 +357,7 @@ fn scores_cover_every_unique_pair_once_and_resume_exactly() {
         }
         let scores = collect(&ds, &work).unwrap();
         for (p, &s) in scores.iter().enumerate() {
-            let (row, passage) = pairs.first(p as u32);
-            let g = ds.group_ids(row as usize).unwrap();
-            let prompt = c.prompt_of(&ds, g.prompt).unwrap();
-            let pair = c.pair(g.query, ds.passage(passage as i32).unwrap(), prompt);
-            let tokens: Vec<i64> = pair.ids().iter().map(|&t| t as i64).collect();
+            let tokens = want_ids(&ds, &plans[0], p as u32);
             assert_eq!(s, teacher(&tokens), "case {case} pair {p}");
         }
 
@@ -483,4 +487,391 @@ fn logs_of_another_plan_or_dataset_and_bad_scores_are_errors() {
     let mut o = Options::DEFAULT;
     o.batch_size = 0;
     assert!(ScorePlan::new(ds, &o).is_err());
+}
+
+/// A pairs export read back: per row (pair, batch, row, passage_id, input_ids, token types,
+/// texts) and the file's `rankfeed.pairs` metadata.
+struct Exported {
+    pair: Vec<i64>,
+    batch: Vec<i64>,
+    row: Vec<i64>,
+    passage: Vec<i64>,
+    ids: Vec<Vec<i64>>,
+    types: Option<Vec<Vec<i64>>>,
+    texts: Option<Vec<[Option<String>; 3]>>,
+    meta: Vec<rankfeed::score::PairsMeta>,
+}
+
+fn read_pairs(dir: &Path) -> Exported {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type};
+    use arrow_array::Array;
+    let mut e = Exported {
+        pair: vec![],
+        batch: vec![],
+        row: vec![],
+        passage: vec![],
+        ids: vec![],
+        types: None,
+        texts: None,
+        meta: vec![],
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&f).unwrap(),
+        )
+        .unwrap();
+        let kv = b.metadata().file_metadata().key_value_metadata().unwrap();
+        let m = kv
+            .iter()
+            .find(|k| k.key == rankfeed::score::PAIRS_KEY)
+            .unwrap();
+        e.meta
+            .push(serde_json::from_str(m.value.as_deref().unwrap()).unwrap());
+        for batch in b.build().unwrap() {
+            let batch = batch.unwrap();
+            let int = |name: &str| -> Vec<i64> {
+                let c = batch.column_by_name(name).unwrap();
+                match c.data_type() {
+                    arrow_schema::DataType::Int64 => {
+                        c.as_primitive::<Int64Type>().values().to_vec()
+                    }
+                    _ => c
+                        .as_primitive::<Int32Type>()
+                        .values()
+                        .iter()
+                        .map(|&v| v as i64)
+                        .collect(),
+                }
+            };
+            let lists = |name: &str| -> Option<Vec<Vec<i64>>> {
+                let c = batch.column_by_name(name)?.as_list::<i32>().clone();
+                Some(
+                    (0..c.len())
+                        .map(|i| {
+                            let v = c.value(i);
+                            v.as_primitive::<Int32Type>()
+                                .values()
+                                .iter()
+                                .map(|&t| t as i64)
+                                .collect()
+                        })
+                        .collect(),
+                )
+            };
+            e.pair.extend(int("pair"));
+            e.batch.extend(int("batch"));
+            e.row.extend(int("row"));
+            e.passage.extend(int("passage_id"));
+            e.ids.extend(lists("input_ids").unwrap());
+            if let Some(t) = lists("token_type_ids") {
+                e.types.get_or_insert_with(Vec::new).extend(t);
+            }
+            if batch.column_by_name("query_text").is_some() {
+                let s = |name: &str, i: usize| {
+                    let c = batch.column_by_name(name).unwrap().as_string::<i32>();
+                    (!c.is_null(i)).then(|| c.value(i).to_string())
+                };
+                let t = e.texts.get_or_insert_with(Vec::new);
+                for i in 0..batch.num_rows() {
+                    t.push([
+                        s("query_text", i),
+                        s("prompt_text", i),
+                        s("passage_text", i),
+                    ]);
+                }
+            }
+        }
+    }
+    e
+}
+
+/// Write `(pair, score)` rows (plus `row` / `passage_id` when given) as a Parquet file, with
+/// the pair column as `pair_type` and the score as f32 or f64, optionally with metadata.
+fn write_scores(
+    path: &Path,
+    rows: &[(i64, f64, i64, i64)],
+    (pair_type, wide, checks): (u64, bool, bool),
+    meta: Option<String>,
+) {
+    use arrow_array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array};
+    use arrow_array::{UInt32Array, UInt64Array};
+    let pair: ArrayRef = match pair_type {
+        0 => Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.0 as i32),
+        )),
+        1 => Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+        2 => Arc::new(UInt32Array::from_iter_values(
+            rows.iter().map(|r| r.0 as u32),
+        )),
+        _ => Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.0 as u64),
+        )),
+    };
+    let score: ArrayRef = if wide {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1)))
+    } else {
+        Arc::new(Float32Array::from_iter_values(
+            rows.iter().map(|r| r.1 as f32),
+        ))
+    };
+    let mut cols = vec![("score", score), ("pair", pair)];
+    if checks {
+        cols.push((
+            "row",
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        ));
+        cols.push((
+            "passage_id",
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| r.3 as i32),
+            )),
+        ));
+    }
+    let batch = arrow_array::RecordBatch::try_from_iter(cols).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(7))
+        .set_key_value_metadata(meta.map(|m| {
+            vec![parquet::file::metadata::KeyValue::new(
+                rankfeed::score::PAIRS_KEY.to_string(),
+                m,
+            )]
+        }))
+        .build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
+    use rankfeed::score::{export_pairs, read_scores};
+    let tok = TextTokenizer::from_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/bert/tokenizer.json"),
+    )
+    .unwrap();
+    let cases = 60 * support::long();
+    let mut refused: HashMap<&str, u64> = HashMap::new();
+    let mut files_written = 0;
+    for case in 0..cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let ds = Arc::new(write(&tmp.path().join("ds"), &gen(1000 + case)));
+        let mut rng = KeyedRng::new(&[0x9a15, case]);
+        let o = options(&mut rng);
+        let text = rng.below(2) == 0;
+        // Every rank's export: together every pair exactly once, as its plan batches it.
+        let mut all: Vec<(i64, f64, i64, i64)> = Vec::new();
+        let mut seen = vec![0u32; UniquePairs::build(&ds).unwrap().len()];
+        let mut metas = Vec::new();
+        for rank in 0..o.world_size {
+            let mut o = o.clone();
+            o.rank = rank;
+            let plan = ScorePlan::new(ds.clone(), &o).unwrap();
+            let dir = tmp.path().join(format!("pairs-{rank}"));
+            let r = export_pairs(&plan, &dir, text.then_some(&tok), false).unwrap();
+            let e = read_pairs(&dir);
+            assert_eq!(r.pairs as usize, e.pair.len(), "case {case}");
+            let mut k = 0;
+            for i in 0..plan.len() {
+                for &p in plan.batch_pairs(i).unwrap() {
+                    assert_eq!(e.pair[k], p as i64, "case {case}");
+                    assert_eq!(e.batch[k] as u64, i * o.world_size + rank, "case {case}");
+                    let (row, passage) = plan.pairs().first(p);
+                    assert_eq!((e.row[k], e.passage[k]), (row as i64, passage as i64));
+                    assert_eq!(e.ids[k], want_ids(&ds, &plan, p), "case {case} pair {p}");
+                    let types = want_pair(&ds, &plan, p, |pair| pair.type_ids());
+                    match &e.types {
+                        Some(t) => {
+                            let t: Vec<u8> = t[k].iter().map(|&v| v as u8).collect();
+                            assert_eq!(t, types, "case {case} pair {p}");
+                        }
+                        None => assert!(!plan.collator().has_token_type_ids()),
+                    }
+                    if let Some(texts) = &e.texts {
+                        let g = ds.group_ids(row as usize).unwrap();
+                        let prompt = plan.collator().prompt_of(&ds, g.prompt).unwrap();
+                        let passage = ds.passage(passage as i32).unwrap();
+                        assert_eq!(texts[k][0], Some(tok.decode(g.query).unwrap()));
+                        assert_eq!(
+                            texts[k][1],
+                            (!prompt.is_empty()).then(|| tok.decode(prompt).unwrap())
+                        );
+                        assert_eq!(texts[k][2], Some(tok.decode(passage).unwrap()));
+                    } else {
+                        assert!(!text, "case {case}");
+                    }
+                    seen[p as usize] += 1;
+                    all.push((
+                        p as i64,
+                        teacher(&e.ids[k]) as f64,
+                        row as i64,
+                        passage as i64,
+                    ));
+                    k += 1;
+                }
+            }
+            assert_eq!(k, e.pair.len(), "case {case}");
+            for m in &e.meta {
+                assert_eq!(m.seal, ds.manifest().checksum);
+                assert_eq!(
+                    (m.plan.as_str(), m.rank, m.world_size),
+                    (plan.digest(), rank, o.world_size)
+                );
+                assert_eq!(m.unique_pairs as usize, seen.len());
+            }
+            metas.extend(e.meta);
+            // Publishing never replaces an output unless asked.
+            assert!(export_pairs(&plan, &dir, None, false).is_err());
+        }
+        assert!(seen.iter().all(|&n| n == 1), "case {case}");
+
+        // Scores written by "another tool": shuffled, split, any integer and float type, with
+        // or without the checked columns and the metadata.
+        for i in (1..all.len()).rev() {
+            all.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let scores_dir = tmp.path().join("scores");
+        std::fs::create_dir(&scores_dir).unwrap();
+        let parts = 1 + rng.below(4) as usize;
+        let style = (rng.below(4), rng.below(2) == 0, rng.below(2) == 0);
+        let meta = (rng.below(2) == 0).then(|| serde_json::to_string(&metas[0]).unwrap());
+        let chunk = all.len().div_ceil(parts).max(1);
+        let mut paths = Vec::new();
+        for (i, rows) in all.chunks(chunk).enumerate() {
+            let p = scores_dir.join(format!("part-{i}.parquet"));
+            write_scores(&p, rows, style, meta.clone());
+            paths.push(p);
+            files_written += 1;
+        }
+        let want: Vec<f32> = (0..seen.len())
+            .map(|p| {
+                let plan = ScorePlan::new(ds.clone(), &o).unwrap();
+                teacher(&want_ids(&ds, &plan, p as u32))
+            })
+            .collect();
+        // A directory or the files: the same scores.
+        assert_eq!(
+            read_scores(&ds, std::slice::from_ref(&scores_dir)).unwrap(),
+            want
+        );
+        assert_eq!(read_scores(&ds, &paths).unwrap(), want, "case {case}");
+
+        // One defect at random: always an error naming the file.
+        let bad = tmp.path().join("bad.parquet");
+        let mut rows = all.clone();
+        let kind = [
+            "missing",
+            "twice",
+            "unknown",
+            "nonfinite",
+            "passage",
+            "seal",
+        ][rng.below(6) as usize];
+        let mut style = style;
+        let mut meta = meta;
+        let at = rng.below(rows.len() as u64) as usize;
+        match kind {
+            "missing" => {
+                rows.remove(at);
+            }
+            "twice" => rows.push(rows[at]),
+            "unknown" => rows[at].0 = seen.len() as i64 + rng.below(3) as i64,
+            "nonfinite" => {
+                rows[at].1 = [f64::NAN, f64::INFINITY, 1e300][rng.below(3) as usize];
+                style.1 = true;
+            }
+            "passage" => {
+                rows[at].3 += 1;
+                style.2 = true;
+            }
+            _ => {
+                let mut m = metas[0].clone();
+                m.seal = "xxh3-128:0".into();
+                meta = Some(serde_json::to_string(&m).unwrap());
+            }
+        }
+        if kind == "unknown" && style.0 >= 2 && rows[at].0 < 0 {
+            continue;
+        }
+        write_scores(&bad, &rows, style, meta);
+        let e = read_scores(&ds, std::slice::from_ref(&bad)).unwrap_err().to_string();
+        let expect = match kind {
+            "missing" => "have no score",
+            "twice" => "scored twice",
+            "unknown" => "does not exist",
+            "nonfinite" => "finite",
+            "passage" => "does not belong",
+            _ => "these are pairs of dataset",
+        };
+        assert!(e.contains(expect), "case {case} {kind}: {e}");
+        if kind != "missing" {
+            assert!(e.contains("bad.parquet"), "case {case} {kind}: {e}");
+        }
+        *refused.entry(kind).or_default() += 1;
+    }
+    eprintln!("pairs files: {cases} cases, {files_written} scores files read back exactly; refused {refused:?}");
+}
+
+#[test]
+fn scores_files_without_the_columns_or_with_nulls_are_errors() {
+    use arrow_array::{ArrayRef, Float32Array, Int64Array};
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = write(&tmp.path().join("ds"), &gen(7));
+    let n = UniquePairs::build(&ds).unwrap().len() as i64;
+    let put = |name: &str, cols: Vec<(&str, ArrayRef)>| {
+        let path = tmp.path().join(name);
+        let batch = arrow_array::RecordBatch::try_from_iter(cols).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            batch.schema(),
+            None,
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path
+    };
+    let pairs: ArrayRef = Arc::new(Int64Array::from_iter_values(0..n));
+    let no_score = put("a.parquet", vec![("pair", pairs.clone())]);
+    let e = rankfeed::score::read_scores(&ds, &[no_score]).unwrap_err();
+    assert!(e.to_string().contains("`score` column"), "{e}");
+    let mut values: Vec<Option<f32>> = vec![Some(1.0); n as usize];
+    values[n as usize - 1] = None;
+    let null = put(
+        "b.parquet",
+        vec![
+            ("pair", pairs.clone()),
+            ("score", Arc::new(Float32Array::from(values))),
+        ],
+    );
+    let e = rankfeed::score::read_scores(&ds, &[null]).unwrap_err();
+    assert!(e.to_string().contains("null score"), "{e}");
+    let mut ids: Vec<Option<i64>> = (0..n).map(Some).collect();
+    ids[0] = None;
+    let null_pair = put(
+        "c.parquet",
+        vec![
+            ("pair", Arc::new(Int64Array::from(ids))),
+            ("score", Arc::new(Float32Array::from(vec![1.0; n as usize]))),
+        ],
+    );
+    let e = rankfeed::score::read_scores(&ds, &[null_pair]).unwrap_err();
+    assert!(
+        e.to_string().contains("row 0") || e.to_string().contains(":0"),
+        "{e}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = rankfeed::score::read_scores(&ds, &[empty]).unwrap_err();
+    assert!(e.to_string().contains("no .parquet files"), "{e}");
 }

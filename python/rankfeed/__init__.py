@@ -23,7 +23,7 @@ from ._rankfeed import remove_url
 from ._rankfeed import upload as _upload
 from ._rankfeed import import_parquet as _import_parquet
 from ._rankfeed import loader_options as _loader_options
-from ._rankfeed import _mine, _scorer, _attach_scores
+from ._rankfeed import _mine, _scorer, _attach_scores, _SCORE_BATCH_SIZE
 from ._rankfeed import merge as _merge
 
 __all__ = ["convert", "export", "import_parquet", "merge", "mine", "score", "attach_scores", "fetch", "upload", "remove_url", "is_url",
@@ -101,7 +101,7 @@ def _scores_of(values, n, index):
     return np.ascontiguousarray(a)
 
 
-def score(dataset, fn, out=None, *, work_dir=None, batch_size=64, overwrite=False,
+def score(dataset, fn, out=None, *, work_dir=None, batch_size=_SCORE_BATCH_SIZE, overwrite=False,
           cache_dir=None, progress=None, **options):
     """Teacher scores: call `fn` on every *unique* (query, passage) pair of `dataset` once and
     write a new dataset at `out` with every row's `pos_scores`/`neg_scores` filled (the input

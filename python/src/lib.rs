@@ -1579,6 +1579,7 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(loader_options, m)?)?;
     m.add_function(wrap_pyfunction!(_cli, m)?)?;
     m.add("_LOADER_POSITION", rankfeed::loader::POSITION.to_vec())?;
+    m.add("_SCORE_BATCH_SIZE", rankfeed::score::DEFAULT_BATCH_SIZE)?;
     m.add(
         "CorruptDatasetError",
         m.py().get_type::<CorruptDatasetError>(),

@@ -170,3 +170,92 @@ def test_bad_scores_are_errors(setup):
     ds = rankfeed.Dataset(str(ds_dir))
     with pytest.raises(ValueError, match="unique pairs"):
         rankfeed.attach_scores(ds, np.zeros(2, np.float32), str(tmp / "bad4"))
+
+
+def test_cli_pairs_scored_elsewhere_attach_to_the_same_dataset(setup, rankfeed_bin):
+    # The CLI path (pairs out, scores by another tool, attach-scores) gives rankfeed.score's
+    # dataset byte for byte: the pairs file holds the sequences and batches rankfeed.score
+    # feeds the model, and the same model on them returns the same scores.
+    import subprocess
+    import polars as pl
+    tmp, _, ds_dir, tok, model = setup
+    fn, _ = teacher(model)
+    via_python = tmp / "via-python"
+    rankfeed.score(str(ds_dir), fn, str(via_python), batch_size=16, **OPTS)
+
+    def cli(*args):
+        p = subprocess.run([rankfeed_bin, *map(str, args)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    flags = ["--batch-size", 16, "--mode", "encoder", "--query-max-len", 64,
+             "--passage-max-len", 192, "--truncation", "longest_first"]
+    pairs_dir = tmp / "pairs"
+    print(cli("pairs", ds_dir, "-o", pairs_dir, "--tokenizer", BERT_DIR / "tokenizer.json", *flags))
+    pairs = pl.read_parquet(pairs_dir / "*.parquet")
+    assert pairs["pair"].n_unique() == pairs.height
+    # The texts re-encode to the very ids (this tokenizer round-trips the WordNet text).
+    row = pairs.row(0, named=True)
+    enc = tok(row["query_text"], row["passage_text"], truncation="longest_first", max_length=256)
+    assert enc["input_ids"] == row["input_ids"]
+    out = []
+    with torch.no_grad():
+        for (_,), b in pairs.group_by("batch", maintain_order=True):
+            ids = b["input_ids"].to_list()
+            types = b["token_type_ids"].to_list()
+            n = max(map(len, ids))
+            pad = lambda rows: torch.tensor([r + [0] * (n - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in ids])
+            logits = model(input_ids=pad(ids), attention_mask=mask, token_type_ids=pad(types)).logits
+            out.append(pl.DataFrame({"pair": b["pair"], "score": logits[:, 0].numpy()}))
+    scores = pl.concat(out).sample(fraction=1.0, shuffle=True, seed=3)  # any order
+    (tmp / "scores").mkdir()
+    half = scores.height // 2
+    scores[:half].write_parquet(tmp / "scores" / "a.parquet")
+    scores[half:].write_parquet(tmp / "scores" / "b.parquet")
+    via_cli = tmp / "via-cli"
+    cli("attach-scores", ds_dir, "--scores", tmp / "scores", "-o", via_cli)
+    same_dataset(via_python, via_cli)
+    # rankfeed.score's logs attach the same way.
+    via_logs = tmp / "via-logs"
+    cli("attach-scores", ds_dir, "--logs", str(via_python) + ".scoring", "-o", via_logs)
+    same_dataset(via_python, via_logs)
+    # A file missing a pair, or of another dataset's pairs, is refused.
+    scores[1:].write_parquet(tmp / "short.parquet")
+    p = subprocess.run([rankfeed_bin, "attach-scores", ds_dir, "--scores", tmp / "short.parquet",
+                        "-o", tmp / "bad"], capture_output=True, text=True)
+    assert p.returncode == 1 and "have no score" in p.stderr, p.stderr
+    assert not (tmp / "bad").exists()
+
+
+def test_the_readme_pairs_lines_run(tmp_path, rankfeed_bin):
+    import re
+    import shutil
+    import subprocess
+    text = (ROOT / "README.md").read_text()
+    lines = [l for b in re.findall(r"```bash\n(.*?)```", text, re.S) for l in b.splitlines()
+             if l.startswith(("rankfeed pairs", "rankfeed attach-scores"))]
+    blocks = re.findall(r"```python scores\n(.*?)```", text, re.S)
+    assert len(lines) == 2 and len(blocks) == 1, (lines, blocks)
+    shutil.copy(BERT_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
+    rankfeed.convert([str(ROOT / "tests/fixtures/roundtrip.jsonl")], str(BERT_DIR / "tokenizer.json"),
+                     str(tmp_path / "data/train"), progress=False)
+
+    def run(line):
+        cmd = line.replace("rankfeed ", f"{rankfeed_bin} ", 1)
+        p = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == 0, (line, p.stderr)
+
+    run(lines[0])
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(blocks[0], "README.md python scores block", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    run(lines[1])
+    # The same scores through rankfeed.score: the same dataset.
+    rankfeed.score(str(tmp_path / "data/train"), lambda b: b["attention_mask"].sum(axis=1) / 100.0, str(tmp_path / "py"),
+                   query_max_len=32, passage_max_len=128)
+    same_dataset(tmp_path / "py", tmp_path / "data/train-scored-cli")

@@ -95,6 +95,13 @@ enum Command {
     Audit(AuditArgs),
     /// Mine hard negatives for every row (BM25 over token ids, or given embeddings) into a new dataset.
     Mine(MineArgs),
+    /// Export the unique (query, passage) pairs as the model sees them to Parquet, to score
+    /// them elsewhere (then `attach-scores`).
+    #[command(mut_arg("batch_size", |a| a.default_value(score_batch_default())))]
+    Pairs(PairsArgs),
+    /// Attach teacher scores (a Parquet `pair`, `score` file, or rankfeed.score's logs) to every
+    /// row's positives and negatives, into a new dataset.
+    AttachScores(AttachScoresArgs),
     /// Show the exact ids the model will see for one group (decoded with --tokenizer).
     Show(batch::ShowArgs),
     /// Collate given selections into .npy arrays (for your own sampler, and parity tests).
@@ -284,6 +291,59 @@ struct MineArgs {
     options: rankfeed::mine::MineOptions,
 }
 
+/// `rankfeed pairs`' default --batch-size: the scoring default, not the training one (clap
+/// keeps a default as `&'static str`; this runs once per process).
+fn score_batch_default() -> &'static str {
+    Box::leak(
+        rankfeed::score::DEFAULT_BATCH_SIZE
+            .to_string()
+            .into_boxed_str(),
+    )
+}
+
+#[derive(clap::Args)]
+struct PairsArgs {
+    /// Dataset directory (or URL).
+    dir: PathBuf,
+    /// Output directory of part-NNNNN.parquet files (or URL).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The dataset's tokenizer.json: also write query_text, prompt_text and passage_text,
+    /// decoded from the stored ids (for a teacher with its own tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The collation settings the pairs are built with (mode, lengths, truncation, ...),
+    /// --batch-size / --max-tokens for the `batch` column, --rank / --world-size to write one
+    /// rank's share; sampling settings are ignored.
+    #[command(flatten)]
+    options: rankfeed::options::Options,
+}
+
+#[derive(clap::Args)]
+struct AttachScoresArgs {
+    /// Dataset directory (or URL): the scores' dataset.
+    dir: PathBuf,
+    /// Output dataset directory (or URL).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Parquet files or directories (or URLs) with an integer `pair` and a numeric `score`
+    /// column: every pair id of the dataset scored exactly once.
+    #[arg(long, num_args = 1.., required_unless_present = "logs", conflicts_with = "logs")]
+    scores: Vec<PathBuf>,
+    /// Or: the work directory of rankfeed.score, every rank's log complete.
+    #[arg(long)]
+    logs: Option<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
 #[derive(clap::Args)]
 struct InspectArgs {
     /// Dataset directory.
@@ -316,6 +376,8 @@ where
         Command::Inspect(a) => run_inspect(a),
         Command::Audit(a) => run_audit(a),
         Command::Mine(a) => run_mine(a),
+        Command::Pairs(a) => run_pairs(a),
+        Command::AttachScores(a) => run_attach_scores(a),
         Command::Show(a) => batch::run_show(a),
         Command::Collate(a) => batch::run_collate(a),
         Command::Bench(a) => batch::run_bench(a),
@@ -664,6 +726,87 @@ fn run_mine(a: MineArgs) -> Result<()> {
             out
         )?;
     }
+    Ok(())
+}
+
+fn run_pairs(a: PairsArgs) -> Result<()> {
+    let ds = std::sync::Arc::new(open_dataset(&a.dir)?);
+    let tokenizer = a
+        .tokenizer
+        .as_ref()
+        .map(TextTokenizer::from_file)
+        .transpose()?;
+    let plan = rankfeed::score::ScorePlan::new(ds, &a.options)?;
+    let out = a.output.to_string_lossy().into_owned();
+    let output = Output::new(&out, OutputKind::Tree, a.overwrite, cache())?;
+    let r = rankfeed::score::export_pairs(
+        &plan,
+        output.path(),
+        tokenizer.as_ref(),
+        output.overwrite_local(),
+    )?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
+    report_cleaned(&r.cleaned);
+    let p = &r.plan;
+    let mut o = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({
+            "pairs": r.pairs,
+            "files": r.files,
+            "bytes": r.bytes,
+            "seconds": r.elapsed.as_secs_f64(),
+            "plan": p,
+        });
+        writeln!(o, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(
+            o,
+            "wrote {} unique pairs (of {} pairs in the rows: {:.1}% fewer to score) in {} batches \
+             ({:.2}x padding) into {} files, {:.1} MB, in {:.2} s -> {}",
+            r.pairs,
+            p.total_pairs,
+            100.0 * (1.0 - p.unique_pairs as f64 / p.total_pairs.max(1) as f64),
+            p.rank_batches,
+            p.padded_tokens as f64 / p.tokens.max(1) as f64,
+            r.files.len(),
+            r.bytes as f64 / 1e6,
+            r.elapsed.as_secs_f64(),
+            out
+        )?;
+    }
+    Ok(())
+}
+
+fn run_attach_scores(a: AttachScoresArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let ds = open_dataset(&a.dir)?;
+    let scores = match &a.logs {
+        Some(dir) => rankfeed::score::collect(&ds, dir)?,
+        None => {
+            let inputs = remote::inputs(&strings(&a.scores), cache(), None)?;
+            rankfeed::score::read_scores(&ds, &inputs.paths)?
+        }
+    };
+    let out = a.output.to_string_lossy().into_owned();
+    let output = Output::new(&out, OutputKind::Dataset, a.overwrite, cache())?;
+    let m = rankfeed::score::attach(
+        &ds,
+        &scores,
+        output.path(),
+        WriterOptions {
+            overwrite: output.overwrite_local(),
+            ..WriterOptions::default()
+        },
+    )?;
+    let name = output.name();
+    say_uploaded(&name, output.finish()?);
+    println!(
+        "attached {} scores (one per unique pair) to {} rows in {:.2} s -> {out}",
+        scores.len(),
+        m.counts.groups,
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -30,6 +30,10 @@
 //! rankfeed wrote keeps its ids). Scores must be finite. The manifest's provenance records the
 //! input seal and a digest of the scores.
 
+mod files;
+
+pub use files::{export_pairs, read_scores, PairsMeta, PairsReport, PAIRS_KEY};
+
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasherDefault;
@@ -45,6 +49,10 @@ use crate::error::{Error, Result};
 use crate::format::{self, SourceStats};
 use crate::options::Options;
 use crate::writer::{DatasetWriter, ManifestInfo, PreHashed, WriterOptions};
+
+/// Pairs per scoring batch unless `batch_size` says otherwise (Python's `rankfeed.score` and
+/// the `rankfeed pairs` command): inference batches are larger than training groups.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
 
 /// Every unique (query, passage) pair of a dataset, and the pair of every row's slots.
 #[derive(Debug, Clone)]
