@@ -256,12 +256,31 @@ pub(crate) fn write_group(
     source: u32,
     scratch: &mut (Vec<i32>, Vec<i32>),
 ) -> Result<()> {
+    let neg = neg
+        .iter()
+        .map(|&id| ds.referenced_passage(id))
+        .collect::<Result<Vec<_>>>()?;
+    write_group_with(ds, w, g, &neg, scores, source, scratch)
+}
+
+/// [`write_group`] with the negatives given as tokens (passages from outside `ds`).
+pub(crate) fn write_group_with(
+    ds: &Dataset,
+    w: &mut DatasetWriter,
+    g: &crate::Group<'_>,
+    neg: &[&[i32]],
+    scores: (Option<&[f32]>, Option<&[f32]>),
+    source: u32,
+    scratch: &mut (Vec<i32>, Vec<i32>),
+) -> Result<()> {
     let (pos_out, neg_out) = scratch;
-    for (ids, out) in [(g.pos, &mut *pos_out), (neg, &mut *neg_out)] {
-        out.clear();
-        for &id in ids {
-            out.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
-        }
+    pos_out.clear();
+    for &id in g.pos {
+        pos_out.push(w.intern_passage(ds.referenced_passage(id)?)? as i32);
+    }
+    neg_out.clear();
+    for tokens in neg {
+        neg_out.push(w.intern_passage(tokens)? as i32);
     }
     let prompt = match g.prompt {
         Some(p) if p > format::PROMPT_ID_MATRYOSHKA_DEFAULT => {

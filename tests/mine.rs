@@ -18,8 +18,8 @@ use std::path::Path;
 
 use rankfeed::format::{SourceStats, TextSettings};
 use rankfeed::mine::{
-    mine, mine_negatives, Bm25Index, Bm25Params, Embeddings, MineOptions, MineReport, Retriever,
-    Sampling, SearchScratch,
+    mine, mine_negatives, Bm25Index, Bm25Params, Corpus, Embeddings, MineOptions, MineReport,
+    Passages, Retriever, Sampling, SearchScratch,
 };
 use rankfeed::sample::KeyedRng;
 use rankfeed::tokenizer::TextTokenizer;
@@ -161,31 +161,37 @@ fn query_positives(ds: &Dataset, row: usize) -> Vec<i32> {
         .collect()
 }
 
-/// Every passage scored for `row`, brute force, best first (ties by id), the positives of its
-/// query removed.
+/// Every corpus passage scored for `row`, brute force, best first (ties by id): each distinct
+/// token list once (its first id), those with the tokens of a positive of the row's query
+/// removed.
 fn brute_force(
     ds: &Dataset,
+    corpus: &[Vec<i32>],
     retriever: &Retriever,
     index: Option<&Bm25Index>,
     row: usize,
 ) -> Vec<(i32, f32)> {
     let g = ds.group_ids(row).unwrap();
-    let positives = query_positives(ds, row);
-    let mut all: Vec<(i32, f32)> = (0..ds.num_passages() as i32)
-        .filter(|p| !positives.contains(p))
-        .map(|p| {
+    let positives: Vec<&[i32]> = query_positives(ds, row)
+        .into_iter()
+        .map(|p| ds.passage(p).unwrap())
+        .collect();
+    let mut all: Vec<(i32, f32)> = (0..corpus.len())
+        .filter(|&c| corpus[..c].iter().all(|e| e != &corpus[c]))
+        .filter(|&c| !positives.contains(&&corpus[c][..]))
+        .map(|c| {
             let s = match retriever {
-                Retriever::Bm25 => index.unwrap().score(g.query, ds.passage(p).unwrap()),
+                Retriever::Bm25 => index.unwrap().score(g.query, &corpus[c]),
                 Retriever::Dense { queries, passages } => {
                     let d = queries.dim;
                     let (q, v) = (
                         &queries.values[row * d..(row + 1) * d],
-                        &passages.values[p as usize * d..(p as usize + 1) * d],
+                        &passages.values[c * d..(c + 1) * d],
                     );
                     q.iter().zip(v).map(|(a, b)| a * b).sum::<f32>()
                 }
             };
-            (p, s)
+            (c as i32, s)
         })
         .filter(|&(_, s)| matches!(retriever, Retriever::Dense { .. }) || s > 0.0)
         .collect();
@@ -193,16 +199,87 @@ fn brute_force(
     all
 }
 
+/// A corpus for a case: the dataset's own passages, or token lists (the dataset's passages
+/// shuffled, some twice, and passages the dataset lacks) as [`Passages`] or as another
+/// dataset. Returns the kind and the corpus' passages by id.
+fn corpus_tokens(
+    ds: &Dataset,
+    rng: &mut KeyedRng,
+    kind: u64,
+    dir: &Path,
+) -> (Option<Passages>, Option<Dataset>, Vec<Vec<i32>>) {
+    let own: Vec<Vec<i32>> = (0..ds.num_passages())
+        .map(|p| ds.passage(p as i32).unwrap().to_vec())
+        .collect();
+    if kind == 0 {
+        return (None, None, own);
+    }
+    let mut lists = own.clone();
+    for i in (1..lists.len()).rev() {
+        lists.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    lists.truncate(lists.len() - rng.below(lists.len() as u64 / 2 + 1) as usize);
+    for _ in 0..rng.below(6) {
+        if !own.is_empty() {
+            let p = own[rng.below(own.len() as u64) as usize].clone();
+            let at = rng.below(lists.len() as u64 + 1) as usize;
+            lists.insert(at, p);
+        }
+        let l = 1 + rng.below(10);
+        let fresh: Vec<i32> = (0..l).map(|_| 1000 + rng.below(20) as i32).collect();
+        let at = rng.below(lists.len() as u64 + 1) as usize;
+        lists.insert(at, fresh);
+    }
+    if kind == 1 {
+        return (Some(Passages::new(lists.clone(), "generated")), None, lists);
+    }
+    // Another dataset: its passages interned in the list order (duplicates once).
+    let spec = Spec {
+        passages: lists.clone(),
+        rows: vec![(vec![1000], vec![0], vec![])],
+    };
+    let other = write_passages(dir, &spec);
+    let tokens = (0..other.num_passages())
+        .map(|p| other.passage(p as i32).unwrap().to_vec())
+        .collect();
+    (None, Some(other), tokens)
+}
+
+/// A dataset holding `spec`'s passages (each once, in order) and rows.
+fn write_passages(dir: &Path, spec: &Spec) -> Dataset {
+    let mut distinct: Vec<Vec<i32>> = Vec::new();
+    for p in &spec.passages {
+        if !distinct.contains(p) {
+            distinct.push(p.clone());
+        }
+    }
+    write(
+        dir,
+        &Spec {
+            passages: distinct,
+            rows: spec.rows.clone(),
+        },
+    )
+}
+
 #[test]
 fn mined_negatives_keep_every_rule() {
     let n = 120 * support::long();
-    let (mut short, mut full, mut dense_cases) = (0, 0, 0);
+    let (mut short, mut full, mut dense_cases, mut refused) = (0, 0, 0, 0);
+    let mut kinds = [0u64; 3];
     for case in 0..n {
         let spec = gen(case);
         let dir = tempfile::tempdir().unwrap();
         let ds = write(dir.path(), &spec);
         let mut rng = KeyedRng::new(&[0x0915, case]);
         let o = options(&mut rng);
+        let kind = rng.below(3);
+        let (passages, other, corpus) = corpus_tokens(&ds, &mut rng, kind, &dir.path().join("c"));
+        let corpus_of = || match (&passages, &other) {
+            (Some(p), _) => Corpus::Passages(p),
+            (_, Some(d)) => Corpus::Dataset(d),
+            _ => Corpus::Own,
+        };
         let retriever = if rng.below(3) == 0 {
             dense_cases += 1;
             let dim = 1 + rng.below(12) as usize;
@@ -213,19 +290,58 @@ fn mined_negatives_keep_every_rule() {
             };
             Retriever::Dense {
                 queries: e(ds.len()),
-                passages: e(ds.num_passages()),
+                passages: e(corpus.len()),
             }
         } else {
             Retriever::Bm25
         };
+        // The reference index: each distinct token list once.
+        let distinct: Vec<&Vec<i32>> = (0..corpus.len())
+            .filter(|&c| corpus[..c].iter().all(|e| e != &corpus[c]))
+            .map(|c| &corpus[c])
+            .collect();
         let index = match &retriever {
-            Retriever::Bm25 => Some(
-                Bm25Index::build(|d| ds.passage(d as i32), ds.num_passages(), o.bm25()).unwrap(),
-            ),
+            Retriever::Bm25 => {
+                Some(Bm25Index::build(|k| Ok(&distinct[k][..]), distinct.len(), o.bm25()).unwrap())
+            }
             _ => None,
         };
+        // (A margin needs every positive's score: dense, from its embedding in the corpus.)
+        let dense = matches!(retriever, Retriever::Dense { .. });
+        let margins = o.margin.is_some() || o.relative_margin.is_some();
+        let all_in = (0..ds.len()).all(|r| {
+            ds.group_ids(r)
+                .unwrap()
+                .pos
+                .iter()
+                .all(|&p| corpus.iter().any(|c| c[..] == *ds.passage(p).unwrap()))
+        });
         let mut report = MineReport::default();
-        let mined = mine_negatives(&ds, &retriever, &o, 0..ds.len(), &mut report).unwrap();
+        let got = mine_negatives(&ds, corpus_of(), &retriever, &o, 0..ds.len(), &mut report);
+        if dense && margins && !all_in {
+            let e = got.unwrap_err().to_string();
+            assert!(e.contains("not in the corpus"), "case {case}: {e}");
+            refused += 1;
+            continue;
+        }
+        let mined = got.unwrap();
+        if kind == 0 {
+            // The same passages as another corpus: the same result.
+            let p = Passages::new(corpus.clone(), "own");
+            let via = |c| {
+                mine_negatives(
+                    &ds,
+                    c,
+                    &retriever,
+                    &o,
+                    0..ds.len(),
+                    &mut MineReport::default(),
+                )
+            };
+            assert_eq!(via(Corpus::Passages(&p)).unwrap(), mined, "case {case}");
+            assert_eq!(via(Corpus::Dataset(&ds)).unwrap(), mined, "case {case}");
+        }
+        kinds[kind as usize] += 1;
         // One thread gives the same.
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
@@ -233,13 +349,20 @@ fn mined_negatives_keep_every_rule() {
             .unwrap();
         let again = one
             .install(|| {
-                mine_negatives(&ds, &retriever, &o, 0..ds.len(), &mut MineReport::default())
+                mine_negatives(
+                    &ds,
+                    corpus_of(),
+                    &retriever,
+                    &o,
+                    0..ds.len(),
+                    &mut MineReport::default(),
+                )
             })
             .unwrap();
         assert_eq!(mined, again, "case {case}: threads changed the result");
         for (row, negs) in mined.iter().enumerate() {
             let g = ds.group_ids(row).unwrap();
-            let ranked = brute_force(&ds, &retriever, index.as_ref(), row);
+            let ranked = brute_force(&ds, &corpus, &retriever, index.as_ref(), row);
             let lowest_pos = g
                 .pos
                 .iter()
@@ -250,9 +373,14 @@ fn mined_negatives_keep_every_rule() {
                         .score(g.query, ds.passage(p).unwrap()),
                     Retriever::Dense { queries, passages } => {
                         let d = queries.dim;
+                        // The first corpus passage with the positive's tokens.
+                        let Some(c) = corpus.iter().position(|c| c[..] == *ds.passage(p).unwrap())
+                        else {
+                            return f32::INFINITY;
+                        };
                         queries.values[row * d..(row + 1) * d]
                             .iter()
-                            .zip(&passages.values[p as usize * d..(p as usize + 1) * d])
+                            .zip(&passages.values[c * d..(c + 1) * d])
                             .map(|(a, b)| a * b)
                             .sum()
                     }
@@ -279,8 +407,11 @@ fn mined_negatives_keep_every_rule() {
                 "case {case} row {row}: short only when the window is"
             );
             for n in negs {
+                let tokens = &corpus[*n as usize];
                 assert!(
-                    !query_positives(&ds, row).contains(n),
+                    !query_positives(&ds, row)
+                        .iter()
+                        .any(|&p| ds.passage(p).unwrap() == &tokens[..]),
                     "case {case} row {row}: a positive of the query mined"
                 );
                 assert!(
@@ -311,8 +442,11 @@ fn mined_negatives_keep_every_rule() {
             }
         }
     }
-    eprintln!("mine: {n} cases ({dense_cases} dense), rows full {full}, short {short}");
-    assert!(short > 0 && full > 0 && dense_cases > 0);
+    eprintln!(
+        "mine: {n} cases ({dense_cases} dense; corpus own/passages/dataset {kinds:?}; \
+         {refused} dense margins without the positives refused), rows full {full}, short {short}"
+    );
+    assert!(short > 0 && full > 0 && dense_cases > 0 && kinds.iter().all(|&k| k > 0));
 }
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -344,7 +478,28 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
         let r = Retriever::Bm25;
         let w = WriterOptions::default();
         let whole = tmp.path().join("whole");
-        mine(&ds, &r, &o, None, &whole, w.clone()).unwrap();
+        // Half the cases mine from passages outside the dataset.
+        let kind = rng.below(2);
+        let (passages, _, corpus) = corpus_tokens(&ds, &mut rng, kind, tmp.path());
+        let corpus_of = || passages.as_ref().map_or(Corpus::Own, Corpus::Passages);
+        mine(&ds, corpus_of(), &r, &o, None, &whole, w.clone()).unwrap();
+        // The output holds the mined passages' tokens.
+        let mined = mine_negatives(
+            &ds,
+            corpus_of(),
+            &r,
+            &o,
+            0..ds.len(),
+            &mut MineReport::default(),
+        )
+        .unwrap();
+        let out = Dataset::open(&whole).unwrap();
+        for (row, negs) in mined.iter().enumerate() {
+            let g = out.group(row).unwrap();
+            let got: Vec<&[i32]> = g.neg.iter().map(|&p| out.passage(p).unwrap()).collect();
+            let want: Vec<&[i32]> = negs.iter().map(|&c| &corpus[c as usize][..]).collect();
+            assert_eq!(got, want, "case {case} row {row}");
+        }
         // Case 0: more shards than rows, so some shards are empty (regression: an empty shard
         // 0 made the next shard, starting at row 0 too, count the input's rejects again).
         let n = if case == 0 {
@@ -355,7 +510,7 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
         let shards: Vec<_> = (0..n)
             .map(|k| {
                 let p = tmp.path().join(format!("s{k}"));
-                mine(&ds, &r, &o, Some((k, n)), &p, w.clone()).unwrap();
+                mine(&ds, corpus_of(), &r, &o, Some((k, n)), &p, w.clone()).unwrap();
                 p
             })
             .collect();
@@ -389,7 +544,7 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
                 seed: o.seed + 1,
                 ..o.clone()
             };
-            mine(&ds, &r, &o2, Some((0, n)), &other, w.clone()).unwrap();
+            mine(&ds, corpus_of(), &r, &o2, Some((0, n)), &other, w.clone()).unwrap();
             let mut mixed = shards.clone();
             mixed[0] = other;
             let e = rankfeed::merge::merge(&mixed, &tmp.path().join("m2"), w.clone()).unwrap_err();
@@ -421,6 +576,7 @@ fn bad_settings_are_errors_naming_them() {
     let run = |o: MineOptions| {
         mine(
             &ds,
+            Corpus::Own,
             &r,
             &o,
             None,
@@ -461,6 +617,7 @@ fn bad_settings_are_errors_naming_them() {
     };
     let e = mine(
         &ds,
+        Corpus::Own,
         &bad,
         &MineOptions::default(),
         None,

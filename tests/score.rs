@@ -804,7 +804,9 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
             continue;
         }
         write_scores(&bad, &rows, style, meta);
-        let e = read_scores(&ds, std::slice::from_ref(&bad)).unwrap_err().to_string();
+        let e = read_scores(&ds, std::slice::from_ref(&bad))
+            .unwrap_err()
+            .to_string();
         let expect = match kind {
             "missing" => "have no score",
             "twice" => "scored twice",

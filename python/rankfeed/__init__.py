@@ -9,6 +9,7 @@ bit-identical to FlagEmbedding's, as numpy arrays torch takes without a copy.
 """
 
 import inspect
+import os
 import sys
 import textwrap
 import time
@@ -68,19 +69,31 @@ def merge(shards, out, *, overwrite=False, cache_dir=None):
     return _merge(_paths(shards), str(out), overwrite=overwrite, cache_dir=_dir(cache_dir))
 
 
-def mine(dataset, out, *, query_embeddings=None, passage_embeddings=None, shard=None,
-         overwrite=False, cache_dir=None, **options):
+def mine(dataset, out, *, corpus=None, tokenizer=None, query_embeddings=None,
+         passage_embeddings=None, shard=None, overwrite=False, cache_dir=None, **options):
     """Mine hard negatives for every row of `dataset` (a Dataset or a path) into a new dataset
     at `out` (see `rankfeed mine --help` for the options: num_negatives, range_min, range_max,
     min_score, max_score, margin, relative_margin, sampling, seed, k1, b). BM25 over the token
     ids, or exact inner products of `query_embeddings` (one row per dataset row) and
-    `passage_embeddings` (one row per passage id), float32 2-D arrays. `shard=(k, n)` mines
-    rows k*len/n..(k+1)*len/n (merge the outputs). Returns the report."""
+    `passage_embeddings` (one row per corpus passage id), float32 2-D arrays. `corpus`: where
+    negatives come from: None (the dataset's own passages), another Dataset (or its path), or
+    Parquet files / directories of passages (a `tokens` column of ids, or a `text` column
+    tokenized with `tokenizer`, the dataset's tokenizer.json). `shard=(k, n)` mines rows
+    k*len/n..(k+1)*len/n (merge the outputs). Returns the report."""
     if not isinstance(dataset, _Dataset):
         dataset = Dataset(str(dataset))
     np = __import__("numpy")
     as32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)
-    return _mine(dataset, str(out), query_embeddings=as32(query_embeddings),
+    corpus_dataset = corpus_files = None
+    if isinstance(corpus, _Dataset):
+        corpus_dataset = corpus
+    elif isinstance(corpus, (str, os.PathLike)) and os.path.isfile(os.path.join(corpus, "manifest.json")):
+        corpus_dataset = Dataset(str(corpus))
+    elif corpus is not None:
+        corpus_files = [str(corpus)] if isinstance(corpus, (str, os.PathLike)) else [str(c) for c in corpus]
+    return _mine(dataset, str(out), corpus_dataset=corpus_dataset, corpus_files=corpus_files,
+                 tokenizer=None if tokenizer is None else str(tokenizer),
+                 query_embeddings=as32(query_embeddings),
                  passage_embeddings=as32(passage_embeddings),
                  shard=None if shard is None else tuple(shard), overwrite=overwrite,
                  cache_dir=_dir(cache_dir), **options)

@@ -525,12 +525,15 @@ fn merge<'py>(
 /// Mine hard negatives for every row of `dataset` into a new dataset at `out` (see
 /// `rankfeed.mine`); returns the report.
 #[pyfunction]
-#[pyo3(signature = (dataset, out, *, query_embeddings=None, passage_embeddings=None, shard=None, overwrite=false, cache_dir=None, **options))]
+#[pyo3(signature = (dataset, out, *, corpus_dataset=None, corpus_files=None, tokenizer=None, query_embeddings=None, passage_embeddings=None, shard=None, overwrite=false, cache_dir=None, **options))]
 #[allow(clippy::too_many_arguments)]
 fn _mine<'py>(
     py: Python<'py>,
     dataset: PyRef<'_, PyDataset>,
     out: String,
+    corpus_dataset: Option<PyRef<'_, PyDataset>>,
+    corpus_files: Option<Vec<PathBuf>>,
+    tokenizer: Option<PathBuf>,
     query_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
     passage_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
     shard: Option<(u64, u64)>,
@@ -562,11 +565,25 @@ fn _mine<'py>(
         }
     };
     let ds = dataset.inner.clone();
+    let other = corpus_dataset.map(|d| d.inner.clone());
     let cache = Cache::new(cache_dir, None);
     let report = detached(py, move || {
+        use rankfeed::mine::{Corpus, Passages};
+        let tokenizer = tokenizer
+            .map(rankfeed::tokenizer::TextTokenizer::from_file)
+            .transpose()?;
+        let passages = corpus_files
+            .map(|f| Passages::read_parquet(&f, &ds, tokenizer.as_ref()))
+            .transpose()?;
+        let corpus = match (&other, &passages) {
+            (Some(o), _) => Corpus::Dataset(o),
+            (None, Some(p)) => Corpus::Passages(p),
+            (None, None) => Corpus::Own,
+        };
         let output = Output::new(&out, OutputKind::Dataset, overwrite, &cache)?;
         let r = rankfeed::mine::mine(
             &ds,
+            corpus,
             &retriever,
             &options,
             shard,

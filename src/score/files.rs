@@ -261,7 +261,7 @@ pub fn export_pairs(
 
 /// The Parquet files of `inputs`: files as given, directories' `*.parquet` (sorted, hidden
 /// files skipped).
-fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub(crate) fn parquet_files(inputs: &[PathBuf], what: &'static str) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
         if input.is_dir() {
@@ -285,7 +285,7 @@ fn parquet_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        return Err(Error::argument("scores", "no scores files given"));
+        return Err(Error::argument(what, "no Parquet files given"));
     }
     Ok(files)
 }
@@ -339,7 +339,7 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
     // NaN marks a pair not yet scored (every score read is finite).
     let mut scores = vec![f32::NAN; n];
     let seal = &ds.manifest().checksum;
-    for path in parquet_files(inputs)? {
+    for path in parquet_files(inputs, "scores")? {
         let file = crate::storage::open_regular(&path)?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(&path, e))?;

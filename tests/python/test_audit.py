@@ -111,8 +111,9 @@ def test_the_readme_audit_and_mine_lines_run(tmp_path, rankfeed_bin):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [l.split("#")[0].strip() for b in blocks for l in b.splitlines()
-             if l.startswith(("rankfeed audit", "rankfeed mine", "rankfeed merge data/train-mined"))]
-    assert len(lines) >= 6, lines
+             if l.startswith(("rankfeed audit", "rankfeed mine", "rankfeed merge data/train-mined",
+                                   "rankfeed export data/train -o data/train-tables"))]
+    assert len(lines) >= 8, lines
     rankfeed.convert([str(ROOT / "tests/fixtures/roundtrip.jsonl")], str(BERT), str(tmp_path / "data/train"))
     for line in lines:
         cmd = line.replace("rankfeed ", f"{rankfeed_bin} ", 1)

@@ -186,3 +186,50 @@ def test_a_mined_dataset_has_no_false_negatives_and_records_how(wordnet, tmp_pat
         rankfeed.mine(ds, tmp_path / "e", num_negative=5)
     # The input is never modified.
     assert rankfeed.Dataset(str(out)).audit()["rows"] == len(ds)
+
+
+def test_any_corpus_holding_the_same_passages_mines_the_same(wordnet, tmp_path, rankfeed_bin):
+    # The dataset's own passages, its `export --layout tables` passages (tokens), their text
+    # tokenized at mining time, and another dataset converted from the same rows are one
+    # corpus: the mined rows are byte for byte the same, and only the provenance says which.
+    import gzip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    out, ds, passages, _ = wordnet
+    opts = dict(range_min=0, range_max=40, num_negatives=5, seed=9)
+    rankfeed.mine(ds, tmp_path / "own", **opts)
+    rankfeed.export(out, tmp_path / "tables", layout="tables")
+    rankfeed.mine(ds, tmp_path / "tokens", corpus=tmp_path / "tables" / "passages", **opts)
+    # The texts in first-reference order (the conversion's passage ids).
+    texts, seen = [], set()
+    with gzip.open(SAMPLE, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            for t in r["pos"] + r["neg"]:
+                if t not in seen:
+                    seen.add(t), texts.append(t)
+    assert len(texts) == ds.num_passages
+    order = np.random.default_rng(0).permutation(len(texts))  # any file order, with ids
+    pq.write_table(pa.table({"id": pa.array(order, pa.int32()),
+                             "text": [texts[i] for i in order]}), tmp_path / "text.parquet")
+    rankfeed.mine(ds, tmp_path / "text", corpus=tmp_path / "text.parquet", tokenizer=BERT, **opts)
+    rankfeed.convert([str(SAMPLE)], str(BERT), str(tmp_path / "other"))
+    p = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "dataset", "--corpus",
+                        tmp_path / "other", "--range-min", "0", "--range-max", "40",
+                        "--num-negatives", "5", "--seed", "9"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    corpora = set()
+    for name in ("tokens", "text", "dataset"):
+        for f in ("groups.arrow", "passages.arrow", "prompts.arrow"):
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / "own" / f).read_bytes(), (name, f)
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        corpora.add(json.dumps(m["provenance"]["mined"]["corpus"], sort_keys=True))
+    assert len(corpora) == 3
+    # A text corpus needs the dataset's tokenizer; another tokenizer's ids are refused.
+    with pytest.raises(ValueError, match="tokenizer"):
+        rankfeed.mine(ds, tmp_path / "e1", corpus=tmp_path / "text.parquet", **opts)
+    xlmr_dir = tmp_path / "x"
+    from conftest import tokenizer_path
+    rankfeed.convert([str(SAMPLE)], tokenizer_path("xlmr"), str(xlmr_dir))
+    with pytest.raises(ValueError, match="other words"):
+        rankfeed.mine(ds, tmp_path / "e2", corpus=xlmr_dir, **opts)

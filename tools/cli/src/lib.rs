@@ -272,10 +272,18 @@ struct MineArgs {
     /// Output dataset directory (or URL).
     #[arg(short, long)]
     output: PathBuf,
+    /// Mine from this corpus instead of the dataset's own passages: another dataset (directory
+    /// or URL), or Parquet files / directories of passages (a `tokens` column of ids, or a
+    /// `text` column tokenized with --tokenizer; ids: an `id` column, else the row order).
+    #[arg(long, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    /// The dataset's tokenizer.json, to tokenize a `text` corpus.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Dense retrieval: float32 query embeddings, one row per dataset row (.npy, rows x dim).
     #[arg(long, requires = "passage_embeddings")]
     query_embeddings: Option<PathBuf>,
-    /// Dense retrieval: float32 passage embeddings, one row per passage id (.npy).
+    /// Dense retrieval: float32 passage embeddings, one row per (corpus) passage id (.npy).
     #[arg(long, requires = "query_embeddings")]
     passage_embeddings: Option<PathBuf>,
     /// Mine rows K*n/N..(K+1)*n/N only (merge the N outputs with `rankfeed merge`).
@@ -691,10 +699,42 @@ fn run_mine(a: MineArgs) -> Result<()> {
         },
         _ => Retriever::Bm25,
     };
+    use rankfeed::mine::{Corpus, Passages};
+    let corpus_args = strings(&a.corpus);
+    let dataset_corpus = match &corpus_args[..] {
+        [one]
+            if rankfeed::mine::is_dataset(std::path::Path::new(one))
+                || (remote::is_url(one) && !one.ends_with(".parquet")) =>
+        {
+            Some(open_dataset(std::path::Path::new(one))?)
+        }
+        _ => None,
+    };
+    let passages = if dataset_corpus.is_none() && !corpus_args.is_empty() {
+        let tokenizer = a
+            .tokenizer
+            .as_ref()
+            .map(TextTokenizer::from_file)
+            .transpose()?;
+        let inputs = remote::inputs(&corpus_args, cache(), None)?;
+        Some(Passages::read_parquet(
+            &inputs.paths,
+            &ds,
+            tokenizer.as_ref(),
+        )?)
+    } else {
+        None
+    };
+    let corpus = match (&dataset_corpus, &passages) {
+        (Some(d), _) => Corpus::Dataset(d),
+        (None, Some(p)) => Corpus::Passages(p),
+        (None, None) => Corpus::Own,
+    };
     let out = a.output.to_string_lossy().into_owned();
     let output = Output::new(&out, OutputKind::Dataset, a.overwrite, cache())?;
     let report = rankfeed::mine::mine(
         &ds,
+        corpus,
         &retriever,
         &a.options,
         a.shard.map(|(k, n)| (k as u64, n as u64)),

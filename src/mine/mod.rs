@@ -31,6 +31,10 @@
 //! `K*n/N..(K+1)*n/N`) merge into the whole run's files byte for byte. The manifest records the
 //! mining settings (`provenance`). The input is verified in full first.
 
+mod corpus;
+
+pub use corpus::{is_dataset, Corpus, Passages};
+
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
@@ -446,9 +450,23 @@ pub fn shard_rows(rows: usize, shard: Option<(u64, u64)>) -> std::ops::Range<usi
     }
 }
 
-/// The negatives mined for each row of `rows` of `ds` (passage ids of `ds`).
+/// The negatives mined for each row of `rows` of `ds` from `corpus` (corpus passage ids; for
+/// [`Corpus::Own`], passage ids of `ds`).
 pub fn mine_negatives(
     ds: &Dataset,
+    corpus: Corpus<'_>,
+    retriever: &Retriever,
+    options: &MineOptions,
+    rows: std::ops::Range<usize>,
+    report: &mut MineReport,
+) -> Result<Vec<Vec<i32>>> {
+    let corpus = corpus::Resolved::new(ds, corpus)?;
+    mine_resolved(ds, &corpus, retriever, options, rows, report)
+}
+
+fn mine_resolved(
+    ds: &Dataset,
+    corpus: &corpus::Resolved<'_>,
     retriever: &Retriever,
     options: &MineOptions,
     rows: std::ops::Range<usize>,
@@ -456,25 +474,24 @@ pub fn mine_negatives(
 ) -> Result<Vec<Vec<i32>>> {
     use rayon::prelude::*;
     options.check()?;
-    let n_passages = ds.num_passages();
     let t = std::time::Instant::now();
     let index = match retriever {
         Retriever::Bm25 => Some(Bm25Index::build(
-            |d| ds.passage(d as i32),
-            n_passages,
+            |k| corpus.get(corpus.ranked(k) as usize),
+            corpus.ranked_len(),
             options.bm25(),
         )?),
         Retriever::Dense { queries, passages } => {
-            if passages.rows() != n_passages || queries.rows() != ds.len() {
+            if passages.rows() != corpus.n || queries.rows() != ds.len() {
                 return Err(Error::argument(
                     "embeddings",
                     format!(
-                        "{} query and {} passage embeddings for a dataset of {} rows and {} \
-                         passages (one per row, one per passage id, in order)",
+                        "{} query and {} passage embeddings for a dataset of {} rows and a \
+                         corpus of {} passages (one per row, one per corpus passage id, in order)",
                         queries.rows(),
                         passages.rows(),
                         ds.len(),
-                        n_passages
+                        corpus.n
                     ),
                 ));
             }
@@ -519,9 +536,14 @@ pub fn mine_negatives(
             pos.sort_unstable();
             pos.dedup();
             let want = options.range_max + pos.len();
+            let margins = options.margin.is_some() || options.relative_margin.is_some();
             let (ranked, pos_score) = match (&index, retriever) {
                 (Some(index), _) => {
-                    let ranked = index.search(g.query, want, scratch);
+                    let ranked: Vec<(u32, f32)> = index
+                        .search(g.query, want, scratch)
+                        .into_iter()
+                        .map(|(k, s)| (corpus.ranked(k as usize), s))
+                        .collect();
                     let mut lowest = f32::INFINITY;
                     for &p in g.pos {
                         lowest = lowest.min(index.score(g.query, ds.referenced_passage(p)?));
@@ -530,8 +552,11 @@ pub fn mine_negatives(
                 }
                 (None, Retriever::Dense { queries, passages }) => {
                     let q = queries.row(row);
-                    let mut hits: Vec<(u32, f32)> = (0..n_passages)
-                        .map(|d| (d as u32, dot(q, passages.row(d))))
+                    let mut hits: Vec<(u32, f32)> = (0..corpus.ranked_len())
+                        .map(|k| {
+                            let c = corpus.ranked(k);
+                            (c, dot(q, passages.row(c as usize)))
+                        })
                         .collect();
                     if let Some(&(d, s)) = hits.iter().find(|h| !h.1.is_finite()) {
                         return Err(Error::argument(
@@ -543,7 +568,20 @@ pub fn mine_negatives(
                     let mut lowest = f32::INFINITY;
                     for &p in g.pos {
                         ds.referenced_passage(p)?;
-                        lowest = lowest.min(dot(q, passages.row(p as usize)));
+                        match corpus.in_corpus(p) {
+                            Some(c) => lowest = lowest.min(dot(q, passages.row(c as usize))),
+                            None if margins => {
+                                return Err(Error::argument(
+                                    "margin",
+                                    format!(
+                                        "row {row}'s positive (passage {p}) is not in the corpus: \
+                                         dense margins need its embedding (mine from a corpus \
+                                         holding the positives, or drop the margins)"
+                                    ),
+                                ))
+                            }
+                            None => {}
+                        }
                     }
                     (hits, lowest)
                 }
@@ -553,8 +591,10 @@ pub fn mine_negatives(
             let candidates: Vec<(i32, f32)> = ranked
                 .into_iter()
                 .map(|(d, s)| (d as i32, s))
-                .filter(|(d, _)| {
-                    let p = pos.binary_search(d).is_ok();
+                .filter(|&(d, _)| {
+                    let p = corpus
+                        .in_dataset(d as u32)
+                        .is_some_and(|id| pos.binary_search(&id).is_ok());
                     removed += p as u64;
                     !p
                 })
@@ -660,6 +700,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// selects, writes. `shard` = (k, n) mines rows `k*len/n..(k+1)*len/n` only.
 pub fn mine(
     ds: &Dataset,
+    corpus: Corpus<'_>,
     retriever: &Retriever,
     options: &MineOptions,
     shard: Option<(u64, u64)>,
@@ -678,7 +719,8 @@ pub fn mine(
     ds.validate_whole("mine")?;
     let rows = shard_rows(ds.len(), shard);
     let mut report = MineReport::default();
-    let negatives = mine_negatives(ds, retriever, options, rows.clone(), &mut report)?;
+    let corpus = corpus::Resolved::new(ds, corpus)?;
+    let negatives = mine_resolved(ds, &corpus, retriever, options, rows.clone(), &mut report)?;
     let mut w = DatasetWriter::create(out, writer)?;
     for id in [
         format::PROMPT_ID_LLM_DEFAULT,
@@ -708,7 +750,19 @@ pub fn mine(
     for (row, mined) in rows.clone().zip(&negatives) {
         let g = ds.group(row)?;
         // Teacher scores dropped: they scored the old negatives.
-        crate::merge::write_group(ds, &mut w, &g, mined, (None, None), g.source, &mut scratch)?;
+        let tokens = mined
+            .iter()
+            .map(|&c| corpus.get(c as usize))
+            .collect::<Result<Vec<_>>>()?;
+        crate::merge::write_group_with(
+            ds,
+            &mut w,
+            &g,
+            &tokens,
+            (None, None),
+            g.source,
+            &mut scratch,
+        )?;
         if let Some(s) = sources.get_mut(g.source as usize) {
             s.rows_accepted += 1;
             s.rows_read += 1;
@@ -719,7 +773,7 @@ pub fn mine(
         crate::merge::copy_rejects(ds, &mut w)?;
     }
     let shards = shard.and_then(|(k, n)| ShardRange::partial(k, k + 1, n));
-    w.set_provenance(Some(provenance(retriever, options, ds)));
+    w.set_provenance(Some(provenance(retriever, options, ds, &corpus)));
     w.finish(ManifestInfo {
         tokenizer: m.tokenizer.clone(),
         text: m.text.clone(),
@@ -730,7 +784,12 @@ pub fn mine(
 }
 
 /// What the manifest records of a mining run.
-fn provenance(retriever: &Retriever, options: &MineOptions, ds: &Dataset) -> serde_json::Value {
+fn provenance(
+    retriever: &Retriever,
+    options: &MineOptions,
+    ds: &Dataset,
+    corpus: &corpus::Resolved<'_>,
+) -> serde_json::Value {
     let method = match retriever {
         Retriever::Bm25 => serde_json::json!({"bm25": options.bm25()}),
         Retriever::Dense { queries, passages } => {
@@ -751,6 +810,7 @@ fn provenance(retriever: &Retriever, options: &MineOptions, ds: &Dataset) -> ser
     serde_json::json!({
         "mined": {
             "from_seal": ds.manifest().checksum,
+            "corpus": corpus.describe(),
             "retriever": method,
             "options": options,
         }

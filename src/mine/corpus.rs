@@ -1,0 +1,415 @@
+//! Where negatives are mined from: the dataset's own passages, another dataset's, or passages
+//! given as token lists (read from Parquet: pre-tokenized ids, or text tokenized here).
+//!
+//! Whatever the corpus, a passage is its tokens: corpus passages with the same tokens count
+//! once (the first by id is indexed, the others never ranked), and a corpus passage with the
+//! tokens of one of the row's query's positives is that positive (never a negative). Ids in
+//! rankings and ties are corpus ids (for Parquet: the `id` column, else the row order).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::tokenizer::TextTokenizer;
+
+/// The corpus of a mining run.
+#[derive(Debug, Clone, Copy)]
+pub enum Corpus<'a> {
+    /// The dataset's own passages.
+    Own,
+    /// Another dataset's passages (its tokenizer must be the dataset's).
+    Dataset(&'a Dataset),
+    /// Passages given as token lists ([`Passages`]).
+    Passages(&'a Passages),
+}
+
+/// Passages as token lists, in id order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passages {
+    offsets: Vec<usize>,
+    tokens: Vec<i32>,
+    /// Where they came from (for the provenance).
+    origin: String,
+}
+
+impl Passages {
+    /// Passages from token lists (id = position).
+    pub fn new<I: IntoIterator<Item = Vec<i32>>>(lists: I, origin: &str) -> Passages {
+        let mut p = Passages {
+            offsets: vec![0],
+            tokens: Vec::new(),
+            origin: origin.into(),
+        };
+        for l in lists {
+            p.tokens.extend_from_slice(&l);
+            p.offsets.push(p.tokens.len());
+        }
+        p
+    }
+
+    /// Number of passages.
+    pub fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tokens of passage `i`.
+    pub fn get(&self, i: usize) -> &[i32] {
+        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
+    }
+
+    /// A digest of every passage's tokens.
+    pub fn digest(&self) -> String {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(bytemuck::cast_slice(
+            &self.offsets.iter().map(|&o| o as u64).collect::<Vec<_>>(),
+        ));
+        h.update(bytemuck::cast_slice(&self.tokens));
+        format!("{:016x}", h.digest())
+    }
+
+    /// Passages from Parquet files or directories of them: a `tokens` column (list of int32 or
+    /// int64 ids; e.g. `rankfeed export --layout tables`' `passages/`) or a `text` column
+    /// (string; tokenized with `tokenizer`, which must be `ds`'s, formatted by `ds`'s passage
+    /// settings as a conversion does). An `id` column, when present, gives each passage's id
+    /// (the ids must be 0..n once each); otherwise ids follow the files' row order. A file
+    /// carrying rankfeed's manifest metadata must name `ds`'s tokenizer.
+    pub fn read_parquet(
+        inputs: &[PathBuf],
+        ds: &Dataset,
+        tokenizer: Option<&TextTokenizer>,
+    ) -> Result<Passages> {
+        use arrow_array::cast::AsArray;
+        use arrow_array::Array;
+        let ours = ds
+            .manifest()
+            .tokenizer
+            .as_ref()
+            .map(|t| t.fingerprint.clone());
+        if let Some(t) = tokenizer {
+            if ours.as_deref() != Some(t.facts().fingerprint.as_str()) {
+                return Err(Error::argument(
+                    "tokenizer",
+                    format!(
+                        "{} is not the dataset's tokenizer (fingerprint {}): the corpus would \
+                         be other ids than the dataset's",
+                        t.path().display(),
+                        t.facts().fingerprint
+                    ),
+                ));
+            }
+        }
+        let formatter = crate::convert::text::Formatter::new(
+            ds.manifest().text.passage_instruction.clone(),
+            &ds.manifest().text.passage_instruction_format,
+        )?;
+        let files = crate::score::parquet_files(inputs, "corpus")?;
+        let mut lists: Vec<Vec<i32>> = Vec::new();
+        let mut ids: Vec<i64> = Vec::new();
+        let mut with_ids = None;
+        for path in &files {
+            let file = crate::storage::open_regular(path)?;
+            let builder =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| Error::parquet(path, e))?;
+            if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
+                if let Some(json) = kv
+                    .iter()
+                    .find(|k| k.key == crate::format::PARQUET_MANIFEST_KEY)
+                    .and_then(|k| k.value.as_deref())
+                {
+                    let theirs = serde_json::from_str::<serde_json::Value>(json)
+                        .ok()
+                        .and_then(|v| v["tokenizer"]["fingerprint"].as_str().map(String::from));
+                    if theirs.is_some() && theirs != ours {
+                        return Err(Error::input(
+                            path,
+                            format!(
+                                "these passages were tokenized by {} and the dataset by {}: \
+                                 their ids are other words",
+                                theirs.unwrap_or_default(),
+                                ours.clone()
+                                    .unwrap_or_else(|| "an unrecorded tokenizer".into())
+                            ),
+                        ));
+                    }
+                }
+            }
+            let schema = builder.schema().clone();
+            let has = |n: &str| schema.fields().iter().any(|f| f.name() == n);
+            let (tokens_col, text_col) = (has("tokens"), has("text"));
+            if !tokens_col && !text_col {
+                return Err(Error::input(
+                    path,
+                    "a corpus file needs a `tokens` (list of ids) or a `text` column",
+                ));
+            }
+            if !tokens_col && tokenizer.is_none() {
+                return Err(Error::input(
+                    path,
+                    "a `text` corpus is tokenized here: give the dataset's tokenizer (--tokenizer)",
+                ));
+            }
+            match with_ids {
+                None => with_ids = Some(has("id")),
+                Some(w) if w != has("id") => {
+                    return Err(Error::input(
+                        path,
+                        "some corpus files have an `id` column and some do not",
+                    ))
+                }
+                _ => {}
+            }
+            let reader = builder
+                .with_batch_size(8192)
+                .build()
+                .map_err(|e| Error::parquet(path, e))?;
+            let mut base = 0u64;
+            for batch in reader {
+                let batch = batch.map_err(|e| Error::parquet(path, e.into()))?;
+                let at = |i: usize, field: &str, message: String| Error::Input {
+                    path: path.clone(),
+                    row: Some(base + i as u64),
+                    field: Some(field.into()),
+                    message,
+                };
+                if tokens_col {
+                    let col = batch.column_by_name("tokens").expect("checked");
+                    for i in 0..batch.num_rows() {
+                        let list = crate::parquet_read::list_at(col.as_ref(), i)
+                            .ok_or_else(|| at(i, "tokens", "not a list of ids (or null)".into()))?;
+                        let v = crate::parquet_read::ids(list.as_ref())
+                            .map_err(|m| at(i, "tokens", m))?;
+                        lists.push(v);
+                    }
+                } else {
+                    let col = batch.column_by_name("text").expect("checked");
+                    let texts: Vec<String> = match col.data_type() {
+                        arrow_schema::DataType::Utf8 => {
+                            let c = col.as_string::<i32>();
+                            (0..c.len())
+                                .map(|i| {
+                                    (!c.is_null(i))
+                                        .then(|| formatter.apply(c.value(i), None).into_owned())
+                                        .ok_or_else(|| at(i, "text", "null text".into()))
+                                })
+                                .collect::<Result<_>>()?
+                        }
+                        arrow_schema::DataType::LargeUtf8 => {
+                            let c = col.as_string::<i64>();
+                            (0..c.len())
+                                .map(|i| {
+                                    (!c.is_null(i))
+                                        .then(|| formatter.apply(c.value(i), None).into_owned())
+                                        .ok_or_else(|| at(i, "text", "null text".into()))
+                                })
+                                .collect::<Result<_>>()?
+                        }
+                        arrow_schema::DataType::Utf8View => {
+                            let c = col.as_string_view();
+                            (0..c.len())
+                                .map(|i| {
+                                    (!c.is_null(i))
+                                        .then(|| formatter.apply(c.value(i), None).into_owned())
+                                        .ok_or_else(|| at(i, "text", "null text".into()))
+                                })
+                                .collect::<Result<_>>()?
+                        }
+                        t => {
+                            return Err(at(
+                                0,
+                                "text",
+                                format!("must be a string column, found {t}"),
+                            ))
+                        }
+                    };
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    lists.extend(tokenizer.expect("checked").encode_batch(&refs)?);
+                }
+                if has("id") {
+                    let col = batch.column_by_name("id").expect("checked");
+                    let v = crate::parquet_read::ids(col.as_ref()).map_err(|m| at(0, "id", m))?;
+                    ids.extend(v.into_iter().map(i64::from));
+                }
+                base += batch.num_rows() as u64;
+            }
+        }
+        let origin = files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        if with_ids == Some(true) {
+            let n = lists.len();
+            let mut slot: Vec<Option<Vec<i32>>> = vec![None; n];
+            for (list, &id) in lists.into_iter().zip(&ids) {
+                let s = usize::try_from(id)
+                    .ok()
+                    .and_then(|i| slot.get_mut(i))
+                    .ok_or_else(|| {
+                        Error::argument(
+                            "corpus",
+                            format!(
+                                "passage id {id} is outside 0..{n} (ids must be 0..n once each)"
+                            ),
+                        )
+                    })?;
+                if s.is_some() {
+                    return Err(Error::argument(
+                        "corpus",
+                        format!("passage id {id} is given twice (ids must be 0..n once each)"),
+                    ));
+                }
+                *s = Some(list);
+            }
+            return Ok(Passages::new(
+                slot.into_iter().map(|s| s.expect("0..n once each")),
+                &origin,
+            ));
+        }
+        Ok(Passages::new(lists, &origin))
+    }
+}
+
+/// A corpus resolved against the dataset mined: what ranking and the positives check need.
+pub(crate) struct Resolved<'a> {
+    corpus: Corpus<'a>,
+    ds: &'a Dataset,
+    /// Passages in the corpus (duplicates included).
+    pub n: usize,
+    /// The corpus ids indexed and ranked (each distinct token list once, the first id);
+    /// `None`: all of 0..n.
+    pub canonical: Option<Vec<u32>>,
+    /// Per corpus id: the dataset passage with the same tokens, or -1; `None`: the identity
+    /// (the own corpus).
+    pub to_ds: Option<Vec<i32>>,
+    /// Dataset passage id -> the canonical corpus id with the same tokens.
+    pub from_ds: Option<HashMap<i32, u32>>,
+}
+
+fn key(tokens: &[i32]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytemuck::cast_slice(tokens))
+}
+
+impl<'a> Resolved<'a> {
+    pub(crate) fn new(ds: &'a Dataset, corpus: Corpus<'a>) -> Result<Resolved<'a>> {
+        if let Corpus::Dataset(other) = corpus {
+            let fp = |d: &Dataset| {
+                d.manifest()
+                    .tokenizer
+                    .as_ref()
+                    .map(|t| t.fingerprint.clone())
+            };
+            if fp(other) != fp(ds) {
+                return Err(Error::argument(
+                    "corpus",
+                    format!(
+                        "{} was tokenized by {} and the dataset by {}: its ids are other words",
+                        other.dir().display(),
+                        fp(other).unwrap_or_else(|| "an unrecorded tokenizer".into()),
+                        fp(ds).unwrap_or_else(|| "an unrecorded tokenizer".into())
+                    ),
+                ));
+            }
+            other.validate_whole("mine from")?;
+        }
+        let mut r = Resolved {
+            corpus,
+            ds,
+            n: match corpus {
+                Corpus::Own => ds.num_passages(),
+                Corpus::Dataset(o) => o.num_passages(),
+                Corpus::Passages(p) => p.len(),
+            },
+            canonical: None,
+            to_ds: None,
+            from_ds: None,
+        };
+        if matches!(corpus, Corpus::Own) {
+            return Ok(r);
+        }
+        let mut ours: HashMap<u128, i32> = HashMap::with_capacity(ds.num_passages());
+        for d in 0..ds.num_passages() {
+            ours.entry(key(ds.passage(d as i32)?)).or_insert(d as i32);
+        }
+        let mut seen: HashMap<u128, u32> = HashMap::with_capacity(r.n);
+        let (mut canonical, mut to_ds, mut from_ds) = (
+            Vec::with_capacity(r.n),
+            Vec::with_capacity(r.n),
+            HashMap::new(),
+        );
+        for c in 0..r.n {
+            let k = key(r.get(c)?);
+            to_ds.push(ours.get(&k).copied().unwrap_or(-1));
+            if let std::collections::hash_map::Entry::Vacant(e) = seen.entry(k) {
+                e.insert(c as u32);
+                canonical.push(c as u32);
+                if let Some(&d) = ours.get(&k) {
+                    from_ds.insert(d, c as u32);
+                }
+            }
+        }
+        r.canonical = (canonical.len() < r.n).then_some(canonical);
+        r.to_ds = Some(to_ds);
+        r.from_ds = Some(from_ds);
+        Ok(r)
+    }
+
+    /// The tokens of corpus passage `c`.
+    pub(crate) fn get(&self, c: usize) -> Result<&'a [i32]> {
+        match self.corpus {
+            Corpus::Own => self.ds.passage(c as i32),
+            Corpus::Dataset(o) => o.passage(c as i32),
+            Corpus::Passages(p) => Ok(p.get(c)),
+        }
+    }
+
+    /// Ranked corpus passages: how many, and the corpus id of the k-th.
+    pub(crate) fn ranked_len(&self) -> usize {
+        self.canonical.as_ref().map_or(self.n, Vec::len)
+    }
+
+    /// The corpus id of the k-th ranked passage.
+    pub(crate) fn ranked(&self, k: usize) -> u32 {
+        self.canonical.as_ref().map_or(k as u32, |c| c[k])
+    }
+
+    /// The dataset passage with corpus passage `c`'s tokens, if any.
+    pub(crate) fn in_dataset(&self, c: u32) -> Option<i32> {
+        match &self.to_ds {
+            None => Some(c as i32),
+            Some(v) => Some(v[c as usize]).filter(|&d| d >= 0),
+        }
+    }
+
+    /// The corpus passage with dataset passage `d`'s tokens, if any.
+    pub(crate) fn in_corpus(&self, d: i32) -> Option<u32> {
+        match &self.from_ds {
+            None => Some(d as u32),
+            Some(m) => m.get(&d).copied(),
+        }
+    }
+
+    /// What the provenance records of the corpus.
+    pub(crate) fn describe(&self) -> serde_json::Value {
+        match self.corpus {
+            Corpus::Own => serde_json::json!("own"),
+            Corpus::Dataset(o) => serde_json::json!({"dataset": o.manifest().checksum}),
+            Corpus::Passages(p) => serde_json::json!({"passages": {
+                "count": p.len(),
+                "tokens_xxh3_64": p.digest(),
+                "origin": p.origin,
+            }}),
+        }
+    }
+}
+
+/// Whether `path` is a dataset directory (rather than Parquet files).
+pub fn is_dataset(path: &Path) -> bool {
+    path.join(crate::format::MANIFEST_FILE).is_file()
+}
