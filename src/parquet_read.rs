@@ -3,16 +3,29 @@
 //!
 //! - lists: `list` or `large_list`, any child field name (Spark writes `element`, arrow-rs
 //!   `item`, Polars `large_list`);
-//! - ids: `int32`, or `int64` within int32; no nulls;
-//! - scores: `float`, `double`, `int32` or `int64` (Python's json reads `1` as a score too),
-//!   each a finite float32 once converted; no nulls, no booleans.
+//! - integers (ids, pair ids): any signed or unsigned integer type (Polars' list lengths are
+//!   `uint32`), the value in range; no nulls;
+//! - scores: any float (`half`, `float`, `double`) or integer type (Python's json reads `1` as
+//!   a score too), each a finite float32 once converted; no nulls, no booleans.
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, Int32Type, Int64Type};
+use arrow_array::types::{Float16Type, Float32Type, Float64Type};
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::DataType;
 
 use crate::error::RejectReason;
+
+/// `Err` naming the first column name that `schema` holds twice (pyarrow refuses such files;
+/// reading the first of two columns would silently ignore the other).
+pub fn unique_columns(schema: &arrow_schema::Schema) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for f in schema.fields() {
+        if !seen.insert(f.name()) {
+            return Err(format!("two columns are named `{}`", f.name()));
+        }
+    }
+    Ok(())
+}
 
 /// The list at row `i` of a list or large_list column; None when null or not a list.
 pub fn list_at(a: &dyn Array, i: usize) -> Option<ArrayRef> {
@@ -26,30 +39,71 @@ pub fn list_at(a: &dyn Array, i: usize) -> Option<ArrayRef> {
     }
 }
 
-/// Integer ids as i32 (int32, or int64 within int32; no nulls). `Err` says why not.
-pub fn ids(a: &dyn Array) -> Result<Vec<i32>, String> {
+/// Any integer column as i64 (no nulls); `Err` is (offset of the bad value, why).
+pub fn integers(a: &dyn Array) -> Result<Vec<i64>, (usize, String)> {
+    use arrow_array::types::*;
     if a.null_count() > 0 {
-        return Err("null id".into());
+        let i = (0..a.len()).find(|&i| a.is_null(i)).unwrap_or(0);
+        return Err((i, "null value".into()));
     }
-    match a.data_type() {
-        DataType::Int32 => Ok(a.as_primitive::<Int32Type>().values().to_vec()),
-        DataType::Int64 => a
-            .as_primitive::<Int64Type>()
+    fn widen<T: arrow_array::ArrowPrimitiveType>(a: &dyn Array) -> Vec<i64>
+    where
+        T::Native: Into<i64>,
+    {
+        a.as_primitive::<T>()
             .values()
             .iter()
-            .map(|&v| i32::try_from(v).map_err(|_| format!("id {v} does not fit int32")))
-            .collect(),
-        t => Err(format!("ids must be int32 or int64, found {t}")),
+            .map(|&v| v.into())
+            .collect()
     }
+    Ok(match a.data_type() {
+        DataType::Int8 => widen::<Int8Type>(a),
+        DataType::Int16 => widen::<Int16Type>(a),
+        DataType::Int32 => widen::<Int32Type>(a),
+        DataType::Int64 => a.as_primitive::<Int64Type>().values().to_vec(),
+        DataType::UInt8 => widen::<UInt8Type>(a),
+        DataType::UInt16 => widen::<UInt16Type>(a),
+        DataType::UInt32 => widen::<UInt32Type>(a),
+        DataType::UInt64 => {
+            let v = a.as_primitive::<UInt64Type>().values();
+            let mut out = Vec::with_capacity(v.len());
+            for (i, &x) in v.iter().enumerate() {
+                out.push(i64::try_from(x).map_err(|_| (i, format!("{x} is out of range")))?);
+            }
+            out
+        }
+        t => return Err((0, format!("must be integers, found {t}"))),
+    })
 }
 
-/// Scores as finite float32s (see the module docs); `Err` gives the message and the reason a
-/// JSON row with the same problem would be rejected for.
-pub fn scores(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason)> {
+/// Integer ids as i32 (any integer type, each within int32; no nulls). `Err` says why not.
+pub fn ids(a: &dyn Array) -> Result<Vec<i32>, String> {
+    let wide = integers(a).map_err(|(i, m)| {
+        if m.starts_with("must be") {
+            format!("ids {m}")
+        } else {
+            format!("{m} at item {i}")
+        }
+    })?;
+    wide.into_iter()
+        .map(|v| i32::try_from(v).map_err(|_| format!("id {v} does not fit int32")))
+        .collect()
+}
+
+/// Scores as finite float32s (see the module docs); `Err` gives the message, the reason a
+/// JSON row with the same problem would be rejected for, and the offset of the bad value.
+pub fn scores_at(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason, usize)> {
     if a.null_count() > 0 {
-        return Err(("null score".into(), RejectReason::NonNumericScore));
+        let i = (0..a.len()).find(|&i| a.is_null(i)).unwrap_or(0);
+        return Err(("null score".into(), RejectReason::NonNumericScore, i));
     }
     let wide: Vec<f64> = match a.data_type() {
+        DataType::Float16 => a
+            .as_primitive::<Float16Type>()
+            .values()
+            .iter()
+            .map(|&x| x.to_f64())
+            .collect(),
         DataType::Float32 => a
             .as_primitive::<Float32Type>()
             .values()
@@ -57,30 +111,29 @@ pub fn scores(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason)> {
             .map(|&x| x as f64)
             .collect(),
         DataType::Float64 => a.as_primitive::<Float64Type>().values().to_vec(),
-        DataType::Int32 => a
-            .as_primitive::<Int32Type>()
-            .values()
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
-        DataType::Int64 => a
-            .as_primitive::<Int64Type>()
-            .values()
-            .iter()
-            .map(|&x| x as f64)
-            .collect(),
         DataType::Boolean => {
-            return Err(("booleans are not scores".into(), RejectReason::BooleanScore))
+            return Err((
+                "booleans are not scores".into(),
+                RejectReason::BooleanScore,
+                0,
+            ))
         }
+        t if t.is_integer() => integers(a)
+            .map_err(|(i, m)| (m, RejectReason::NonNumericScore, i))?
+            .into_iter()
+            .map(|x| x as f64)
+            .collect(),
         t => {
             return Err((
                 format!("scores must be numbers, found {t}"),
                 RejectReason::NonNumericScore,
+                0,
             ))
         }
     };
     wide.into_iter()
-        .map(|x| {
+        .enumerate()
+        .map(|(i, x)| {
             let y = x as f32;
             if y.is_finite() {
                 Ok(y)
@@ -88,10 +141,16 @@ pub fn scores(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason)> {
                 Err((
                     format!("{x} is not a finite float32"),
                     RejectReason::NonFiniteScore,
+                    i,
                 ))
             }
         })
         .collect()
+}
+
+/// [`scores_at`] without the offset.
+pub fn scores(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason)> {
+    scores_at(a).map_err(|(m, r, _)| (m, r))
 }
 
 #[cfg(test)]

@@ -64,6 +64,10 @@ fn gen(case: u64) -> Spec {
 }
 
 fn write(dir: &Path, spec: &Spec) -> Dataset {
+    write_text(dir, spec, TextSettings::default())
+}
+
+fn write_text(dir: &Path, spec: &Spec, text: TextSettings) -> Dataset {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let facts = TextTokenizer::from_file(root.join("data/sample/bert/tokenizer.json"))
         .unwrap()
@@ -114,7 +118,7 @@ fn write(dir: &Path, spec: &Spec) -> Dataset {
     }
     w.finish(ManifestInfo {
         tokenizer: Some(facts),
-        text: TextSettings::default(),
+        text,
         sources: vec![SourceStats {
             path: "in.jsonl".into(),
             rows_read: n + 2,
@@ -181,7 +185,7 @@ fn brute_force(
         .filter(|&c| !positives.contains(&&corpus[c][..]))
         .map(|c| {
             let s = match retriever {
-                Retriever::Bm25 => index.unwrap().score(g.query, &corpus[c]),
+                Retriever::Bm25 { .. } => index.unwrap().score(g.query, &corpus[c]),
                 Retriever::Dense { queries, passages } => {
                     let d = queries.dim;
                     let (q, v) = (
@@ -293,7 +297,7 @@ fn mined_negatives_keep_every_rule() {
                 passages: e(corpus.len()),
             }
         } else {
-            Retriever::Bm25
+            Retriever::Bm25 { index: None }
         };
         // The reference index: each distinct token list once.
         let distinct: Vec<&Vec<i32>> = (0..corpus.len())
@@ -301,7 +305,7 @@ fn mined_negatives_keep_every_rule() {
             .map(|c| &corpus[c])
             .collect();
         let index = match &retriever {
-            Retriever::Bm25 => {
+            Retriever::Bm25 { .. } => {
                 Some(Bm25Index::build(|k| Ok(&distinct[k][..]), distinct.len(), o.bm25()).unwrap())
             }
             _ => None,
@@ -367,7 +371,7 @@ fn mined_negatives_keep_every_rule() {
                 .pos
                 .iter()
                 .map(|&p| match &retriever {
-                    Retriever::Bm25 => index
+                    Retriever::Bm25 { .. } => index
                         .as_ref()
                         .unwrap()
                         .score(g.query, ds.passage(p).unwrap()),
@@ -475,7 +479,7 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
             range_min: 0,
             ..options(&mut rng)
         };
-        let r = Retriever::Bm25;
+        let r = Retriever::Bm25 { index: None };
         let w = WriterOptions::default();
         let whole = tmp.path().join("whole");
         // Half the cases mine from passages outside the dataset.
@@ -507,10 +511,16 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
         } else {
             1 + rng.below(4)
         };
+        // The shards keep the BM25 index in a file: the first builds it, the others load it.
+        let kept = Retriever::Bm25 {
+            index: Some(tmp.path().join("bm25.index")),
+        };
         let shards: Vec<_> = (0..n)
             .map(|k| {
                 let p = tmp.path().join(format!("s{k}"));
-                mine(&ds, corpus_of(), &r, &o, Some((k, n)), &p, w.clone()).unwrap();
+                let report =
+                    mine(&ds, corpus_of(), &kept, &o, Some((k, n)), &p, w.clone()).unwrap();
+                assert_eq!(report.index_loaded, k > 0, "case {case} shard {k}");
                 p
             })
             .collect();
@@ -551,6 +561,49 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
             assert!(e.to_string().contains("derived differently"), "{e}");
         }
     }
+    // A kept index of other parameters, another corpus or damaged is an error, never used.
+    let spec = gen(8);
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = write(&tmp.path().join("in"), &spec);
+    let file = tmp.path().join("bm25.index");
+    let kept = Retriever::Bm25 {
+        index: Some(file.clone()),
+    };
+    let o = MineOptions {
+        range_min: 0,
+        ..MineOptions::default()
+    };
+    let run = |o: &MineOptions, c: Corpus<'_>| {
+        mine_negatives(&ds, c, &kept, o, 0..ds.len(), &mut MineReport::default())
+    };
+    let built = run(&o, Corpus::Own).unwrap();
+    assert_eq!(run(&o, Corpus::Own).unwrap(), built);
+    let e = run(
+        &MineOptions {
+            k1: 1.2,
+            ..o.clone()
+        },
+        Corpus::Own,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("k1"), "{e}");
+    let p = Passages::new(vec![vec![1000, 1001]], "x");
+    let e = run(&o, Corpus::Passages(&p)).unwrap_err();
+    assert!(e.to_string().contains("another corpus"), "{e}");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let e = run(&o, Corpus::Own).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let e = run(&o, Corpus::Own).unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+    std::fs::write(&file, b"garbage").unwrap();
+    assert!(run(&o, Corpus::Own).is_err());
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(run(&o, Corpus::Own).unwrap(), built);
+
     // A search over the index agrees with scoring each passage.
     let spec = gen(7);
     let tmp = tempfile::tempdir().unwrap();
@@ -572,7 +625,7 @@ fn bad_settings_are_errors_naming_them() {
     let spec = gen(3);
     let tmp = tempfile::tempdir().unwrap();
     let ds = write(&tmp.path().join("in"), &spec);
-    let r = Retriever::Bm25;
+    let r = Retriever::Bm25 { index: None };
     let run = |o: MineOptions| {
         mine(
             &ds,
@@ -627,4 +680,32 @@ fn bad_settings_are_errors_naming_them() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("embeddings"), "{e}");
+    // Corpora that cannot be this dataset's passages.
+    let o = MineOptions::default();
+    let neg = |c: Corpus<'_>| {
+        mine_negatives(&ds, c, &r, &o, 0..ds.len(), &mut MineReport::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let foreign = Passages::new(vec![vec![1000], vec![99_999, 1001]], "t.parquet");
+    let e = neg(Corpus::Passages(&foreign));
+    assert!(
+        e.contains("passage 1 (t.parquet)") && e.contains("vocabulary"),
+        "{e}"
+    );
+    let e = neg(Corpus::Passages(&Passages::new(
+        Vec::<Vec<i32>>::new(),
+        "none",
+    )));
+    assert!(e.contains("no passages"), "{e}");
+    let instructed = write_text(
+        &tmp.path().join("instructed"),
+        &spec,
+        TextSettings {
+            passage_instruction: Some("passage: ".into()),
+            ..TextSettings::default()
+        },
+    );
+    let e = neg(Corpus::Dataset(&instructed));
+    assert!(e.contains("formats passages"), "{e}");
 }

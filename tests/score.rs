@@ -15,8 +15,8 @@
 //! - every rank's pairs file holds its plan's pairs once each, in order, with their batch,
 //!   ids, token types and decoded texts; scores files written back in any integer / float
 //!   type, shuffled and split, read back to exactly the scores; one defect each (a pair
-//!   missing, twice or unknown, a non-finite score, a passage that is not the pair's, another
-//!   dataset's seal) is an error naming the file.
+//!   missing, twice or unknown, a non-finite score, a passage or content key that is not the
+//!   pair's, another dataset's seal) is an error naming the file.
 //!
 //! `RANKFEED_LONG=<factor>` multiplies the cases.
 
@@ -496,6 +496,7 @@ struct Exported {
     batch: Vec<i64>,
     row: Vec<i64>,
     passage: Vec<i64>,
+    key: Vec<i64>,
     ids: Vec<Vec<i64>>,
     types: Option<Vec<Vec<i64>>>,
     texts: Option<Vec<[Option<String>; 3]>>,
@@ -511,6 +512,7 @@ fn read_pairs(dir: &Path) -> Exported {
         batch: vec![],
         row: vec![],
         passage: vec![],
+        key: vec![],
         ids: vec![],
         types: None,
         texts: None,
@@ -568,6 +570,7 @@ fn read_pairs(dir: &Path) -> Exported {
             e.batch.extend(int("batch"));
             e.row.extend(int("row"));
             e.passage.extend(int("passage_id"));
+            e.key.extend(int("key"));
             e.ids.extend(lists("input_ids").unwrap());
             if let Some(t) = lists("token_type_ids") {
                 e.types.get_or_insert_with(Vec::new).extend(t);
@@ -595,7 +598,7 @@ fn read_pairs(dir: &Path) -> Exported {
 /// the pair column as `pair_type` and the score as f32 or f64, optionally with metadata.
 fn write_scores(
     path: &Path,
-    rows: &[(i64, f64, i64, i64)],
+    rows: &[(i64, f64, i64, i64, i64)],
     (pair_type, wide, checks): (u64, bool, bool),
     meta: Option<String>,
 ) {
@@ -670,7 +673,7 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
         let o = options(&mut rng);
         let text = rng.below(2) == 0;
         // Every rank's export: together every pair exactly once, as its plan batches it.
-        let mut all: Vec<(i64, f64, i64, i64)> = Vec::new();
+        let mut all: Vec<(i64, f64, i64, i64, i64)> = Vec::new();
         let mut seen = vec![0u32; UniquePairs::build(&ds).unwrap().len()];
         let mut metas = Vec::new();
         for rank in 0..o.world_size {
@@ -688,6 +691,10 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
                     assert_eq!(e.batch[k] as u64, i * o.world_size + rank, "case {case}");
                     let (row, passage) = plan.pairs().first(p);
                     assert_eq!((e.row[k], e.passage[k]), (row as i64, passage as i64));
+                    assert_eq!(
+                        e.key[k],
+                        rankfeed::score::content_key(&ds, row, passage).unwrap()
+                    );
                     assert_eq!(e.ids[k], want_ids(&ds, &plan, p), "case {case} pair {p}");
                     let types = want_pair(&ds, &plan, p, |pair| pair.type_ids());
                     match &e.types {
@@ -716,6 +723,7 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
                         teacher(&e.ids[k]) as f64,
                         row as i64,
                         passage as i64,
+                        e.key[k],
                     ));
                     k += 1;
                 }
@@ -794,6 +802,11 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
                 rows[at].3 += 1;
                 style.2 = true;
             }
+            "key" => {
+                // Another dataset's pair: same ids, other content.
+                rows[at].4 ^= 1 << rng.below(63);
+                style.2 = true;
+            }
             _ => {
                 let mut m = metas[0].clone();
                 m.seal = "xxh3-128:0".into();
@@ -812,7 +825,7 @@ fn pairs_exported_and_scores_files_read_back_exactly_or_refused() {
             "twice" => "scored twice",
             "unknown" => "does not exist",
             "nonfinite" => "finite",
-            "passage" => "does not belong",
+            "passage" | "key" => "does not belong",
             _ => "these are pairs of dataset",
         };
         assert!(e.contains(expect), "case {case} {kind}: {e}");
@@ -872,6 +885,36 @@ fn scores_files_without_the_columns_or_with_nulls_are_errors() {
         e.to_string().contains("row 0") || e.to_string().contains(":0"),
         "{e}"
     );
+    // Two columns of one name: refused (reading the first would ignore the other).
+    let twice = put(
+        "d.parquet",
+        vec![
+            ("pair", pairs.clone()),
+            ("score", Arc::new(Float32Array::from(vec![1.0; n as usize]))),
+            ("score", Arc::new(Float32Array::from(vec![2.0; n as usize]))),
+        ],
+    );
+    let e = rankfeed::score::read_scores(&ds, &[twice]).unwrap_err();
+    assert!(
+        e.to_string().contains("two columns are named `score`"),
+        "{e}"
+    );
+    // Any integer or float type is a score (Polars' list lengths are uint32).
+    let u32s = put(
+        "e.parquet",
+        vec![
+            (
+                "pair",
+                Arc::new(arrow_array::UInt16Array::from_iter_values(0..n as u16)),
+            ),
+            (
+                "score",
+                Arc::new(arrow_array::UInt32Array::from_iter_values(0..n as u32)),
+            ),
+        ],
+    );
+    let got = rankfeed::score::read_scores(&ds, &[u32s]).unwrap();
+    assert_eq!(got, (0..n).map(|v| v as f32).collect::<Vec<_>>());
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let e = rankfeed::score::read_scores(&ds, &[empty]).unwrap_err();

@@ -24,7 +24,7 @@ from ._rankfeed import remove_url
 from ._rankfeed import upload as _upload
 from ._rankfeed import import_parquet as _import_parquet
 from ._rankfeed import loader_options as _loader_options
-from ._rankfeed import _mine, _scorer, _attach_scores, _SCORE_BATCH_SIZE
+from ._rankfeed import _mine, _scorer, _attach_scores, _read_scores, _SCORE_BATCH_SIZE
 from ._rankfeed import merge as _merge
 
 __all__ = ["convert", "export", "import_parquet", "merge", "mine", "score", "attach_scores", "fetch", "upload", "remove_url", "is_url",
@@ -69,7 +69,7 @@ def merge(shards, out, *, overwrite=False, cache_dir=None):
     return _merge(_paths(shards), str(out), overwrite=overwrite, cache_dir=_dir(cache_dir))
 
 
-def mine(dataset, out, *, corpus=None, tokenizer=None, query_embeddings=None,
+def mine(dataset, out, *, corpus=None, tokenizer=None, index=None, query_embeddings=None,
          passage_embeddings=None, shard=None, overwrite=False, cache_dir=None, **options):
     """Mine hard negatives for every row of `dataset` (a Dataset or a path) into a new dataset
     at `out` (see `rankfeed mine --help` for the options: num_negatives, range_min, range_max,
@@ -78,7 +78,9 @@ def mine(dataset, out, *, corpus=None, tokenizer=None, query_embeddings=None,
     `passage_embeddings` (one row per corpus passage id), float32 2-D arrays. `corpus`: where
     negatives come from: None (the dataset's own passages), another Dataset (or its path), or
     Parquet files / directories of passages (a `tokens` column of ids, or a `text` column
-    tokenized with `tokenizer`, the dataset's tokenizer.json). `shard=(k, n)` mines rows
+    tokenized with `tokenizer`, the dataset's tokenizer.json). `index`: a file keeping the
+    BM25 index (loaded when it indexes this corpus with these k1/b, else built and saved there).
+    `shard=(k, n)` mines rows
     k*len/n..(k+1)*len/n (merge the outputs). Returns the report."""
     if not isinstance(dataset, _Dataset):
         dataset = Dataset(str(dataset))
@@ -93,6 +95,7 @@ def mine(dataset, out, *, corpus=None, tokenizer=None, query_embeddings=None,
         corpus_files = [str(corpus)] if isinstance(corpus, (str, os.PathLike)) else [str(c) for c in corpus]
     return _mine(dataset, str(out), corpus_dataset=corpus_dataset, corpus_files=corpus_files,
                  tokenizer=None if tokenizer is None else str(tokenizer),
+                 index=None if index is None else str(index),
                  query_embeddings=as32(query_embeddings),
                  passage_embeddings=as32(passage_embeddings),
                  shard=None if shard is None else tuple(shard), overwrite=overwrite,
@@ -159,11 +162,17 @@ def score(dataset, fn, out=None, *, work_dir=None, batch_size=_SCORE_BATCH_SIZE,
 
 
 def attach_scores(dataset, scores, out, *, overwrite=False, cache_dir=None):
-    """Write `dataset` with teacher `scores` (one per unique pair, in pair-id order, as
-    `rankfeed pairs` exports them) into a new dataset at `out`."""
+    """Write `dataset` with teacher `scores` into a new dataset at `out`. `scores`: one per
+    unique pair, indexed by pair id (`scores[pair]`: the `pair` column of `rankfeed pairs`, whose
+    rows are in length order, not pair-id order), or Parquet paths (a file, a directory, or a
+    list of them) with `pair` and `score` columns, as `rankfeed attach-scores` reads them."""
     if not isinstance(dataset, _Dataset):
         dataset = Dataset(str(dataset))
     np = __import__("numpy")
+    if isinstance(scores, (str, os.PathLike)):
+        scores = [scores]
+    if isinstance(scores, (list, tuple)) and scores and all(isinstance(s, (str, os.PathLike)) for s in scores):
+        scores = _read_scores(dataset, [str(s) for s in scores])
     _attach_scores(dataset, np.ascontiguousarray(scores, dtype=np.float32), str(out),
                    overwrite=overwrite, cache_dir=_dir(cache_dir))
 

@@ -525,7 +525,7 @@ fn merge<'py>(
 /// Mine hard negatives for every row of `dataset` into a new dataset at `out` (see
 /// `rankfeed.mine`); returns the report.
 #[pyfunction]
-#[pyo3(signature = (dataset, out, *, corpus_dataset=None, corpus_files=None, tokenizer=None, query_embeddings=None, passage_embeddings=None, shard=None, overwrite=false, cache_dir=None, **options))]
+#[pyo3(signature = (dataset, out, *, corpus_dataset=None, corpus_files=None, tokenizer=None, index=None, query_embeddings=None, passage_embeddings=None, shard=None, overwrite=false, cache_dir=None, **options))]
 #[allow(clippy::too_many_arguments)]
 fn _mine<'py>(
     py: Python<'py>,
@@ -534,6 +534,7 @@ fn _mine<'py>(
     corpus_dataset: Option<PyRef<'_, PyDataset>>,
     corpus_files: Option<Vec<PathBuf>>,
     tokenizer: Option<PathBuf>,
+    index: Option<PathBuf>,
     query_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
     passage_embeddings: Option<numpy::PyReadonlyArray2<'py, f32>>,
     shard: Option<(u64, u64)>,
@@ -557,7 +558,7 @@ fn _mine<'py>(
             queries: emb(q),
             passages: emb(p),
         },
-        (None, None) => Retriever::Bm25,
+        (None, None) => Retriever::Bm25 { index },
         _ => {
             return Err(PyValueError::new_err(
                 "query_embeddings and passage_embeddings go together",
@@ -572,6 +573,12 @@ fn _mine<'py>(
         let tokenizer = tokenizer
             .map(rankfeed::tokenizer::TextTokenizer::from_file)
             .transpose()?;
+        if tokenizer.is_some() && corpus_files.is_none() {
+            return Err(rankfeed::Error::argument(
+                "tokenizer",
+                "a tokenizer is used to tokenize a Parquet text corpus only: give corpus=",
+            ));
+        }
         let passages = corpus_files
             .map(|f| Passages::read_parquet(&f, &ds, tokenizer.as_ref()))
             .transpose()?;
@@ -787,6 +794,19 @@ fn _attach_scores<'py>(
     detached(py, move || {
         write_scored(&ds, &scores, &out, overwrite, &cache)
     })
+}
+
+/// The scores Parquet files `paths` give `dataset`'s unique pairs, in pair-id order (every
+/// pair exactly once; see `rankfeed attach-scores`).
+#[pyfunction]
+fn _read_scores<'py>(
+    py: Python<'py>,
+    dataset: PyRef<'_, PyDataset>,
+    paths: Vec<PathBuf>,
+) -> PyResult<Bound<'py, numpy::PyArray1<f32>>> {
+    let ds = dataset.inner.clone();
+    let scores = detached(py, move || rankfeed::score::read_scores(&ds, &paths))?;
+    Ok(numpy::PyArray1::from_vec(py, scores))
 }
 
 fn upload_json(r: rankfeed::remote::UploadReport) -> serde_json::Value {
@@ -1588,6 +1608,7 @@ fn _rankfeed(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_mine, m)?)?;
     m.add_function(wrap_pyfunction!(_scorer, m)?)?;
     m.add_function(wrap_pyfunction!(_attach_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(_read_scores, m)?)?;
     m.add_class::<PyScorer>()?;
     m.add_function(wrap_pyfunction!(fetch, m)?)?;
     m.add_function(wrap_pyfunction!(upload, m)?)?;

@@ -110,9 +110,10 @@ impl Passages {
         )?;
         let files = crate::score::parquet_files(inputs, "corpus")?;
         let mut lists: Vec<Vec<i32>> = Vec::new();
-        let mut ids: Vec<i64> = Vec::new();
+        // (id, file, row) of each passage, when the files have ids.
+        let mut ids: Vec<(i64, usize, u64)> = Vec::new();
         let mut with_ids = None;
-        for path in &files {
+        for (file_index, path) in files.iter().enumerate() {
             let file = crate::storage::open_regular(path)?;
             let builder =
                 parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
@@ -123,9 +124,29 @@ impl Passages {
                     .find(|k| k.key == crate::format::PARQUET_MANIFEST_KEY)
                     .and_then(|k| k.value.as_deref())
                 {
-                    let theirs = serde_json::from_str::<serde_json::Value>(json)
-                        .ok()
+                    let carried = serde_json::from_str::<serde_json::Value>(json).ok();
+                    let theirs = carried
+                        .as_ref()
                         .and_then(|v| v["tokenizer"]["fingerprint"].as_str().map(String::from));
+                    if let Some(text) = carried.as_ref().map(|v| &v["text"]) {
+                        let t = &ds.manifest().text;
+                        let same = text["passage_instruction"].as_str()
+                            == t.passage_instruction.as_deref()
+                            && text["passage_instruction_format"]
+                                .as_str()
+                                .is_none_or(|f| f == t.passage_instruction_format);
+                        if !text.is_null() && !same {
+                            return Err(Error::input(
+                                path,
+                                format!(
+                                    "these passages were formatted with passage instruction \
+                                     {} and the dataset's with {:?}: the same passage would be \
+                                     other tokens",
+                                    text["passage_instruction"], t.passage_instruction
+                                ),
+                            ));
+                        }
+                    }
                     if theirs.is_some() && theirs != ours {
                         return Err(Error::input(
                             path,
@@ -141,6 +162,7 @@ impl Passages {
                 }
             }
             let schema = builder.schema().clone();
+            crate::parquet_read::unique_columns(&schema).map_err(|m| Error::input(path, m))?;
             let has = |n: &str| schema.fields().iter().any(|f| f.name() == n);
             let (tokens_col, text_col) = (has("tokens"), has("text"));
             if !tokens_col && !text_col {
@@ -185,6 +207,9 @@ impl Passages {
                             .ok_or_else(|| at(i, "tokens", "not a list of ids (or null)".into()))?;
                         let v = crate::parquet_read::ids(list.as_ref())
                             .map_err(|m| at(i, "tokens", m))?;
+                        if let Some(f) = &ds.manifest().tokenizer {
+                            f.check_ids("token", &v).map_err(|m| at(i, "tokens", m))?;
+                        }
                         lists.push(v);
                     }
                 } else {
@@ -233,8 +258,11 @@ impl Passages {
                 }
                 if has("id") {
                     let col = batch.column_by_name("id").expect("checked");
-                    let v = crate::parquet_read::ids(col.as_ref()).map_err(|m| at(0, "id", m))?;
-                    ids.extend(v.into_iter().map(i64::from));
+                    let v = crate::parquet_read::integers(col.as_ref())
+                        .map_err(|(i, m)| at(i, "id", m))?;
+                    for (i, id) in v.into_iter().enumerate() {
+                        ids.push((id, file_index, base + i as u64));
+                    }
                 }
                 base += batch.num_rows() as u64;
             }
@@ -247,23 +275,25 @@ impl Passages {
         if with_ids == Some(true) {
             let n = lists.len();
             let mut slot: Vec<Option<Vec<i32>>> = vec![None; n];
-            for (list, &id) in lists.into_iter().zip(&ids) {
+            for (list, &(id, file, row)) in lists.into_iter().zip(&ids) {
+                let at = |message: String| Error::Input {
+                    path: files[file].clone(),
+                    row: Some(row),
+                    field: Some("id".into()),
+                    message,
+                };
                 let s = usize::try_from(id)
                     .ok()
                     .and_then(|i| slot.get_mut(i))
                     .ok_or_else(|| {
-                        Error::argument(
-                            "corpus",
-                            format!(
-                                "passage id {id} is outside 0..{n} (ids must be 0..n once each)"
-                            ),
-                        )
+                        at(format!(
+                            "passage id {id} is outside 0..{n} (the ids must be 0..n once each)"
+                        ))
                     })?;
                 if s.is_some() {
-                    return Err(Error::argument(
-                        "corpus",
-                        format!("passage id {id} is given twice (ids must be 0..n once each)"),
-                    ));
+                    return Err(at(format!(
+                        "passage id {id} is given twice (the ids must be 0..n once each)"
+                    )));
                 }
                 *s = Some(list);
             }
@@ -316,7 +346,31 @@ impl<'a> Resolved<'a> {
                     ),
                 ));
             }
+            let (a, b) = (&ds.manifest().text, &other.manifest().text);
+            if (&a.passage_instruction, &a.passage_instruction_format)
+                != (&b.passage_instruction, &b.passage_instruction_format)
+            {
+                return Err(Error::argument(
+                    "corpus",
+                    format!(
+                        "{} formats passages with instruction {:?} (format {:?}) and the dataset \
+                         with {:?} ({:?}): the same passage would be other tokens",
+                        other.dir().display(),
+                        b.passage_instruction,
+                        b.passage_instruction_format,
+                        a.passage_instruction,
+                        a.passage_instruction_format
+                    ),
+                ));
+            }
             other.validate_whole("mine from")?;
+        }
+        if let (Corpus::Passages(p), Some(f)) = (corpus, &ds.manifest().tokenizer) {
+            for c in 0..p.len() {
+                f.check_ids("token", p.get(c)).map_err(|m| {
+                    Error::argument("corpus", format!("passage {c} ({}): {m}", p.origin))
+                })?;
+            }
         }
         let mut r = Resolved {
             corpus,
@@ -330,6 +384,12 @@ impl<'a> Resolved<'a> {
             to_ds: None,
             from_ds: None,
         };
+        if r.n == 0 && !matches!(corpus, Corpus::Own) {
+            return Err(Error::argument(
+                "corpus",
+                "the corpus holds no passages: every row would lose its negatives",
+            ));
+        }
         if matches!(corpus, Corpus::Own) {
             return Ok(r);
         }
@@ -392,6 +452,16 @@ impl<'a> Resolved<'a> {
         match &self.from_ds {
             None => Some(d as u32),
             Some(m) => m.get(&d).copied(),
+        }
+    }
+
+    /// What identifies the corpus' passages: the seal of the dataset holding them, or the
+    /// digest of the token lists.
+    pub(crate) fn digest(&self) -> String {
+        match self.corpus {
+            Corpus::Own => self.ds.manifest().checksum.clone(),
+            Corpus::Dataset(o) => o.manifest().checksum.clone(),
+            Corpus::Passages(p) => format!("passages:{}", p.digest()),
         }
     }
 

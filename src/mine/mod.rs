@@ -226,6 +226,179 @@ impl Bm25Index {
     }
 }
 
+/// The header line of a BM25 index file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct IndexHeader {
+    format: String,
+    version: u32,
+    /// What was indexed ([`corpus::Resolved::digest`]).
+    corpus: String,
+    params: Bm25Params,
+    n_docs: u64,
+    avg_len: f32,
+    terms: u64,
+    postings: u64,
+    /// xxh3-64 of the payload.
+    payload_xxh3_64: String,
+}
+
+const INDEX_FORMAT: &str = "rankfeed-bm25";
+const INDEX_VERSION: u32 = 1;
+
+// The index file holds the arrays as they are in memory: little-endian.
+#[cfg(not(target_endian = "little"))]
+compile_error!("the BM25 index file is little-endian: a big-endian build needs byte swapping");
+
+impl Bm25Index {
+    /// Save to `path` (atomically: a temporary file beside it, renamed), with `corpus` (what
+    /// was indexed) in its header: a JSON line, then idf (f32 x terms), offsets (u64 x
+    /// terms + 1), passages (u32 x postings), weights (f32 x postings), little-endian, the
+    /// payload checksummed.
+    pub fn save(&self, path: &std::path::Path, corpus: &str) -> Result<()> {
+        use std::io::Write;
+        // Little-endian, as [`Bm25Index::load`] reads it (the arrays as they are in memory).
+        let parts: [&[u8]; 4] = [
+            bytemuck::cast_slice(&self.idf),
+            bytemuck::cast_slice(&self.offsets),
+            bytemuck::cast_slice(&self.docs),
+            bytemuck::cast_slice(&self.weights),
+        ];
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        for part in parts {
+            hash.update(part);
+        }
+        let header = IndexHeader {
+            format: INDEX_FORMAT.into(),
+            version: INDEX_VERSION,
+            corpus: corpus.into(),
+            params: self.params,
+            n_docs: self.n_docs as u64,
+            avg_len: self.avg_len,
+            terms: self.idf.len() as u64,
+            postings: self.docs.len() as u64,
+            payload_xxh3_64: format!("{:016x}", hash.digest()),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| {
+                Error::argument("index", format!("{}: not a file path", path.display()))
+            })?
+            .to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(serde_json::to_string(&header).expect("plain").as_bytes())?;
+            f.write_all(b"\n")?;
+            for part in parts {
+                f.write_all(part)?;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+    }
+
+    /// The index saved at `path` if it indexes `corpus` under `params` (`n_docs` passages);
+    /// `None` when no file is there. A file of another corpus or other parameters, or one
+    /// damaged, is an error (remove it to rebuild): never a silent rebuild over a file the
+    /// user named, never a wrong index.
+    pub fn load(
+        path: &std::path::Path,
+        corpus: &str,
+        params: Bm25Params,
+        n_docs: usize,
+    ) -> Result<Option<Bm25Index>> {
+        use std::io::{BufRead, Read};
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let bad = |m: String| Error::input(path, format!("{m} (remove the file to rebuild it)"));
+        let mut r = std::io::BufReader::new(file);
+        let mut line = Vec::new();
+        r.by_ref()
+            .take(1 << 16)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path, e))?;
+        if line.pop() != Some(b'\n') {
+            return Err(bad("not a rankfeed BM25 index".into()));
+        }
+        let h: IndexHeader = serde_json::from_slice(&line)
+            .map_err(|e| bad(format!("not a rankfeed BM25 index: {e}")))?;
+        if h.format != INDEX_FORMAT || h.version != INDEX_VERSION {
+            return Err(bad(format!("format {} version {}", h.format, h.version)));
+        }
+        if h.corpus != corpus || h.n_docs != n_docs as u64 {
+            return Err(bad(format!(
+                "an index of another corpus ({}, {} passages), not of this one ({corpus}, \
+                 {n_docs} passages)",
+                h.corpus, h.n_docs
+            )));
+        }
+        if h.params != params {
+            return Err(bad(format!(
+                "an index built with k1 {} b {}, not k1 {} b {}",
+                h.params.k1, h.params.b, params.k1, params.b
+            )));
+        }
+        let (t, p) = (h.terms, h.postings);
+        let want = t
+            .checked_mul(4)
+            .and_then(|a| a.checked_add((t.checked_add(1)?).checked_mul(8)?))
+            .and_then(|a| a.checked_add(p.checked_mul(8)?));
+        let payload = size - line.len() as u64 - 1;
+        if want != Some(payload) {
+            return Err(bad(format!(
+                "{payload} payload bytes for {t} terms and {p} postings: truncated or damaged"
+            )));
+        }
+        // Read straight into the arrays (little-endian, as saved), hashing as they come.
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut fill = |bytes: &mut [u8]| -> Result<()> {
+            r.read_exact(bytes).map_err(|e| Error::io(path, e))?;
+            hash.update(bytes);
+            Ok(())
+        };
+        let (t, p) = (t as usize, p as usize);
+        let mut idf = vec![0f32; t];
+        let mut offsets = vec![0u64; t + 1];
+        let mut docs = vec![0u32; p];
+        let mut weights = vec![0f32; p];
+        fill(bytemuck::cast_slice_mut(&mut idf))?;
+        fill(bytemuck::cast_slice_mut(&mut offsets))?;
+        fill(bytemuck::cast_slice_mut(&mut docs))?;
+        fill(bytemuck::cast_slice_mut(&mut weights))?;
+        if format!("{:016x}", hash.digest()) != h.payload_xxh3_64 {
+            return Err(bad(
+                "the payload does not match its checksum: damaged".into()
+            ));
+        }
+        // (A checksum proves the bytes are the ones saved; the structure is checked anyway.)
+        if offsets.first() != Some(&0)
+            || offsets.last() != Some(&(p as u64))
+            || offsets.windows(2).any(|w| w[0] > w[1])
+            || docs.iter().any(|&d| d as usize >= n_docs)
+            || !idf.iter().chain(&weights).all(|v| v.is_finite())
+        {
+            return Err(bad("inconsistent postings".into()));
+        }
+        Ok(Some(Bm25Index {
+            params,
+            n_docs,
+            avg_len: h.avg_len,
+            idf,
+            offsets,
+            docs,
+            weights,
+        }))
+    }
+}
+
 /// Keep the `k` best of `hits` (score descending, then id ascending), sorted.
 fn top_k(hits: &mut Vec<(u32, f32)>, k: usize) {
     // `+ 0.0` makes -0.0 equal to 0.0 (an inner product can give either).
@@ -270,8 +443,13 @@ impl Embeddings {
 /// How candidates are ranked.
 #[derive(Debug, Clone)]
 pub enum Retriever {
-    /// BM25 over the token ids (`k1` and `b` from the [`MineOptions`]).
-    Bm25,
+    /// BM25 over the token ids (`k1` and `b` from the [`MineOptions`]); with `index`, the
+    /// index is kept in that file: loaded when it holds this corpus' index under these
+    /// parameters, else built and saved there ([`Bm25Index::save`]).
+    Bm25 {
+        /// The index file.
+        index: Option<std::path::PathBuf>,
+    },
     /// Inner products of `queries` (one row per dataset row) and `passages` (one row per
     /// passage id).
     Dense {
@@ -437,6 +615,8 @@ pub struct MineReport {
     pub search_seconds: f64,
     /// Bytes of the index (BM25).
     pub index_bytes: u64,
+    /// The index was loaded from its file (not built).
+    pub index_loaded: bool,
 }
 
 /// The rows `shard` = (k, n) holds of `rows`: `k*rows/n .. (k+1)*rows/n`.
@@ -476,11 +656,32 @@ fn mine_resolved(
     options.check()?;
     let t = std::time::Instant::now();
     let index = match retriever {
-        Retriever::Bm25 => Some(Bm25Index::build(
-            |k| corpus.get(corpus.ranked(k) as usize),
-            corpus.ranked_len(),
-            options.bm25(),
-        )?),
+        Retriever::Bm25 { index } => {
+            let build = || {
+                Bm25Index::build(
+                    |k| corpus.get(corpus.ranked(k) as usize),
+                    corpus.ranked_len(),
+                    options.bm25(),
+                )
+            };
+            Some(match index {
+                None => build()?,
+                Some(path) => {
+                    let key = corpus.digest();
+                    match Bm25Index::load(path, &key, options.bm25(), corpus.ranked_len())? {
+                        Some(i) => {
+                            report.index_loaded = true;
+                            i
+                        }
+                        None => {
+                            let i = build()?;
+                            i.save(path, &key)?;
+                            i
+                        }
+                    }
+                }
+            })
+        }
         Retriever::Dense { queries, passages } => {
             if passages.rows() != corpus.n || queries.rows() != ds.len() {
                 return Err(Error::argument(
@@ -585,7 +786,7 @@ fn mine_resolved(
                     }
                     (hits, lowest)
                 }
-                (None, Retriever::Bm25) => unreachable!("the BM25 index is built above"),
+                (None, Retriever::Bm25 { .. }) => unreachable!("the BM25 index is built above"),
             };
             let mut removed = 0u64;
             let candidates: Vec<(i32, f32)> = ranked
@@ -791,7 +992,7 @@ fn provenance(
     corpus: &corpus::Resolved<'_>,
 ) -> serde_json::Value {
     let method = match retriever {
-        Retriever::Bm25 => serde_json::json!({"bm25": options.bm25()}),
+        Retriever::Bm25 { .. } => serde_json::json!({"bm25": options.bm25()}),
         Retriever::Dense { queries, passages } => {
             // The embeddings themselves: shards mined with other vectors are another run.
             let digest = |e: &Embeddings| {

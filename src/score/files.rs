@@ -9,6 +9,7 @@
 //! batch: int64        the plan's global batch (scoring batch by batch pads least)
 //! row: int64          the first row holding the pair
 //! passage_id: int32   the passage (deduplicated id)
+//! key: int64          a digest of the pair's content (query, prompt and passage tokens)
 //! input_ids: list<int32>        the sequence the model sees (template, truncation, prompt)
 //! token_type_ids: list<int32>   (only when the tokenizer uses them)
 //! query_text, prompt_text (null without a prompt), passage_text: string
@@ -22,18 +23,17 @@
 //! **Scores** ([`read_scores`]): Parquet files (or directories of them) with an integer `pair`
 //! column and a numeric `score` column, in any order and split across any number of files
 //! (what Spark, Polars or pandas write). Each pair id of the dataset must be scored exactly
-//! once with a finite float32; a file that also has `row` or `passage_id` columns has them
-//! checked against the pair, and one that carries `rankfeed.pairs` metadata must name this
-//! dataset's seal. Any violation is an error naming the file, row and column.
+//! once with a finite float32; a file that also has `row`, `passage_id` or `key` columns has
+//! them checked against the pair (carry `key` along: it catches scores of another dataset
+//! whose pair ids happen to line up), and one that carries `rankfeed.pairs` metadata must name
+//! this dataset's seal. Any violation is an error naming the file, row and column.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::builder::{Int32Builder, ListBuilder, StringBuilder};
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, UInt32Type, UInt64Type};
-use arrow_array::{Array, ArrayRef, Int32Array, Int64Array, RecordBatch};
+use arrow_array::{ArrayRef, Int32Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -96,6 +96,7 @@ fn pairs_schema(types: bool, text: bool) -> SchemaRef {
         Field::new("batch", DataType::Int64, false),
         Field::new("row", DataType::Int64, false),
         Field::new("passage_id", DataType::Int32, false),
+        Field::new("key", DataType::Int64, false),
         list_of("input_ids", DataType::Int32, false),
     ];
     if types {
@@ -115,6 +116,7 @@ struct Columns {
     batch: Vec<i64>,
     row: Vec<i64>,
     passage: Vec<i32>,
+    key: Vec<i64>,
     ids: ListBuilder<Int32Builder>,
     types: Option<ListBuilder<Int32Builder>>,
     text: Option<[StringBuilder; 3]>,
@@ -127,6 +129,7 @@ impl Columns {
             batch: Vec::new(),
             row: Vec::new(),
             passage: Vec::new(),
+            key: Vec::new(),
             ids: int_list(),
             types: types.then(int_list),
             text: text.then(|| std::array::from_fn(|_| StringBuilder::new())),
@@ -139,6 +142,7 @@ impl Columns {
             Arc::new(Int64Array::from(std::mem::take(&mut self.batch))),
             Arc::new(Int64Array::from(std::mem::take(&mut self.row))),
             Arc::new(Int32Array::from(std::mem::take(&mut self.passage))),
+            Arc::new(Int64Array::from(std::mem::take(&mut self.key))),
             Arc::new(self.ids.finish()),
         ];
         if let Some(t) = &mut self.types {
@@ -152,6 +156,24 @@ impl Columns {
         RecordBatch::try_new(schema.clone(), cols)
             .map_err(|e| Error::input("pairs", format!("building a record batch: {e}")))
     }
+}
+
+/// A digest of pair (first row `row`, passage `passage`)'s content: the query's tokens, its
+/// prompt's tokens (if any) and the passage's tokens (ids of rows and passages do not enter).
+pub fn content_key(ds: &Dataset, row: u32, passage: u32) -> Result<i64> {
+    let g = ds.group_ids(row as usize)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut part = |tokens: &[i32]| {
+        h.update(&(tokens.len() as u64).to_le_bytes());
+        h.update(bytemuck::cast_slice(tokens));
+    };
+    part(g.query);
+    match g.prompt {
+        Some(p) => part(ds.prompt_tokens(p)?),
+        None => part(&[-1]),
+    }
+    part(ds.referenced_passage(passage as i32)?);
+    Ok(h.digest() as i64)
 }
 
 /// Write this rank's unique pairs of `plan` under `out` (a directory, published atomically;
@@ -215,6 +237,7 @@ pub fn export_pairs(
             cols.batch.push(global as i64);
             cols.row.push(row as i64);
             cols.passage.push(passage as i32);
+            cols.key.push(content_key(ds, row, passage)?);
             cols.ids.values().append_slice(&pair.ids());
             cols.ids.append(true);
             if let Some(t) = &mut cols.types {
@@ -300,37 +323,6 @@ fn at(path: &Path, row: u64, field: &str, message: impl Into<String>) -> Error {
     }
 }
 
-/// Integer values (int32/int64/uint32/uint64, no nulls) as i64; `Err` is (offset, message).
-fn integers(a: &dyn Array) -> std::result::Result<Vec<i64>, (usize, String)> {
-    if a.null_count() > 0 {
-        let i = (0..a.len()).find(|&i| a.is_null(i)).unwrap_or(0);
-        return Err((i, "null".into()));
-    }
-    match a.data_type() {
-        DataType::Int32 => Ok(a
-            .as_primitive::<Int32Type>()
-            .values()
-            .iter()
-            .map(|&v| v as i64)
-            .collect()),
-        DataType::Int64 => Ok(a.as_primitive::<Int64Type>().values().to_vec()),
-        DataType::UInt32 => Ok(a
-            .as_primitive::<UInt32Type>()
-            .values()
-            .iter()
-            .map(|&v| v as i64)
-            .collect()),
-        DataType::UInt64 => a
-            .as_primitive::<UInt64Type>()
-            .values()
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| i64::try_from(v).map_err(|_| (i, format!("{v} is out of range"))))
-            .collect(),
-        t => Err((0, format!("must be an integer column, found {t}"))),
-    }
-}
-
 /// One score per unique pair of `ds` ([`UniquePairs`] order) from Parquet scores files (see
 /// the module docs).
 pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
@@ -370,6 +362,7 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
             }
         }
         let schema = builder.schema().clone();
+        crate::parquet_read::unique_columns(&schema).map_err(|m| Error::input(&path, m))?;
         let find = |name: &str| schema.fields().iter().position(|f| f.name() == name);
         let (Some(pair_col), Some(score_col)) = (find("pair"), find("score")) else {
             return Err(Error::input(
@@ -381,7 +374,7 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
                 ),
             ));
         };
-        let checks: Vec<(&str, usize)> = ["row", "passage_id"]
+        let checks: Vec<(&str, usize)> = ["row", "passage_id", "key"]
             .into_iter()
             .filter_map(|c| find(c).map(|i| (c, i)))
             .collect();
@@ -398,20 +391,13 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
         for batch in reader {
             let batch = batch.map_err(|e| Error::parquet(&path, e.into()))?;
             let col = |name: &str| batch.column_by_name(name).expect("projected");
-            let ids = integers(col("pair").as_ref())
+            let ids = crate::parquet_read::integers(col("pair").as_ref())
                 .map_err(|(i, m)| at(&path, base + i as u64, "pair", m))?;
-            let values = crate::parquet_read::scores(col("score").as_ref()).map_err(|(m, _)| {
-                // Locate the first bad value for the message.
-                let bad = (0..batch.num_rows())
-                    .find(|&i| {
-                        crate::parquet_read::scores(col("score").slice(i, 1).as_ref()).is_err()
-                    })
-                    .unwrap_or(0);
-                at(&path, base + bad as u64, "score", m)
-            })?;
+            let values = crate::parquet_read::scores_at(col("score").as_ref())
+                .map_err(|(m, _, i)| at(&path, base + i as u64, "score", m))?;
             let mut checked = Vec::new();
             for (name, _) in &checks {
-                let v = integers(col(name).as_ref())
+                let v = crate::parquet_read::integers(col(name).as_ref())
                     .map_err(|(i, m)| at(&path, base + i as u64, name, m))?;
                 checked.push((*name, v));
             }
@@ -427,10 +413,10 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
                 }
                 let (first_row, passage) = pairs.first(id as u32);
                 for (name, v) in &checked {
-                    let (want, what) = if *name == "row" {
-                        (first_row as i64, "first row")
-                    } else {
-                        (passage as i64, "passage")
+                    let (want, what) = match *name {
+                        "row" => (first_row as i64, "first row"),
+                        "passage_id" => (passage as i64, "passage"),
+                        _ => (content_key(ds, first_row, passage)?, "content key"),
                     };
                     if v[i] != want {
                         return Err(at(

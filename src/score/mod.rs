@@ -33,7 +33,7 @@
 mod files;
 
 pub(crate) use files::parquet_files;
-pub use files::{export_pairs, read_scores, PairsMeta, PairsReport, PAIRS_KEY};
+pub use files::{content_key, export_pairs, read_scores, PairsMeta, PairsReport, PAIRS_KEY};
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -233,3 +233,18 @@ def test_any_corpus_holding_the_same_passages_mines_the_same(wordnet, tmp_path, 
     rankfeed.convert([str(SAMPLE)], tokenizer_path("xlmr"), str(xlmr_dir))
     with pytest.raises(ValueError, match="other words"):
         rankfeed.mine(ds, tmp_path / "e2", corpus=xlmr_dir, **opts)
+
+
+def test_a_kept_index_is_built_once_and_loaded_after(wordnet, tmp_path):
+    _, ds, _, _ = wordnet
+    opts = dict(range_min=0, range_max=30, num_negatives=4)
+    index = tmp_path / "bm25.index"
+    a = rankfeed.mine(ds, tmp_path / "a", index=index, shard=(0, 2), **opts)
+    b = rankfeed.mine(ds, tmp_path / "b", index=index, shard=(1, 2), **opts)
+    assert (a["index_loaded"], b["index_loaded"]) == (False, True)
+    rankfeed.mine(ds, tmp_path / "whole", **opts)
+    rankfeed.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "merged"))
+    for f in ("groups.arrow", "passages.arrow", "manifest.json"):
+        assert (tmp_path / "merged" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    with pytest.raises(ValueError, match="k1"):
+        rankfeed.mine(ds, tmp_path / "c", index=index, k1=1.2, **opts)

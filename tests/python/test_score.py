@@ -220,6 +220,24 @@ def test_cli_pairs_scored_elsewhere_attach_to_the_same_dataset(setup, rankfeed_b
     via_logs = tmp / "via-logs"
     cli("attach-scores", ds_dir, "--logs", str(via_python) + ".scoring", "-o", via_logs)
     same_dataset(via_python, via_logs)
+    # Python reads the same files.
+    via_py_files = tmp / "via-py-files"
+    rankfeed.attach_scores(str(ds_dir), tmp / "scores", str(via_py_files))
+    same_dataset(via_python, via_py_files)
+    # Scores carrying `key`, attached to another dataset whose pair ids line up (one passage
+    # text differs), are refused; without `key` nothing could tell.
+    _, rows, _, _, _ = setup
+    other_rows = [dict(r) for r in rows]
+    other_rows[0] = dict(rows[0], pos=[rows[0]["pos"][0] + " (revised)"] + rows[0]["pos"][1:])
+    other_src = tmp / "other.jsonl"
+    other_src.write_text("".join(json.dumps(r) + "\n" for r in other_rows))
+    other = tmp / "other-ds"
+    rankfeed.convert([str(other_src)], str(BERT_DIR / "tokenizer.json"), str(other), progress=False)
+    keyed = pairs.select("pair", "key").join(scores, on="pair")
+    keyed.write_parquet(tmp / "keyed.parquet")
+    rankfeed.attach_scores(str(ds_dir), tmp / "keyed.parquet", str(tmp / "keyed-ok"))
+    with pytest.raises(ValueError, match="does not belong"):
+        rankfeed.attach_scores(str(other), tmp / "keyed.parquet", str(tmp / "keyed-bad"))
     # A file missing a pair, or of another dataset's pairs, is refused.
     scores[1:].write_parquet(tmp / "short.parquet")
     p = subprocess.run([rankfeed_bin, "attach-scores", ds_dir, "--scores", tmp / "short.parquet",

@@ -280,6 +280,10 @@ struct MineArgs {
     /// The dataset's tokenizer.json, to tokenize a `text` corpus.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Keep the BM25 index in this file: loaded when it indexes this corpus with these k1 and
+    /// b, else built and saved (shards and later runs then skip building it).
+    #[arg(long, conflicts_with = "query_embeddings")]
+    index: Option<PathBuf>,
     /// Dense retrieval: float32 query embeddings, one row per dataset row (.npy, rows x dim).
     #[arg(long, requires = "passage_embeddings")]
     query_embeddings: Option<PathBuf>,
@@ -697,7 +701,9 @@ fn run_mine(a: MineArgs) -> Result<()> {
             queries: npy::read_f32_2d(q)?,
             passages: npy::read_f32_2d(p)?,
         },
-        _ => Retriever::Bm25,
+        _ => Retriever::Bm25 {
+            index: a.index.clone(),
+        },
     };
     use rankfeed::mine::{Corpus, Passages};
     let corpus_args = strings(&a.corpus);
@@ -710,6 +716,12 @@ fn run_mine(a: MineArgs) -> Result<()> {
         }
         _ => None,
     };
+    if a.tokenizer.is_some() && (corpus_args.is_empty() || dataset_corpus.is_some()) {
+        anyhow::bail!(
+            "--tokenizer tokenizes a Parquet text corpus only: give --corpus FILES (a dataset \
+             corpus is already tokens)"
+        );
+    }
     let passages = if dataset_corpus.is_none() && !corpus_args.is_empty() {
         let tokenizer = a
             .tokenizer
@@ -753,13 +765,14 @@ fn run_mine(a: MineArgs) -> Result<()> {
         writeln!(
             o,
             "mined {} rows: {} negatives, {} rows short of {} ({} with none), {} positives kept out; \
-             index {:.2} s ({:.1} MB), ranking {:.2} s -> {}",
+             index {} {:.2} s ({:.1} MB), ranking {:.2} s -> {}",
             report.rows,
             report.negatives,
             report.rows_short,
             a.options.num_negatives,
             report.rows_without_negatives,
             report.positives_removed,
+            if report.index_loaded { "loaded" } else { "built" },
             report.index_seconds,
             report.index_bytes as f64 / 1e6,
             report.search_seconds,
@@ -806,7 +819,11 @@ fn run_pairs(a: PairsArgs) -> Result<()> {
              ({:.2}x padding) into {} files, {:.1} MB, in {:.2} s -> {}",
             r.pairs,
             p.total_pairs,
-            100.0 * (1.0 - p.unique_pairs as f64 / p.total_pairs.max(1) as f64),
+            if p.total_pairs == 0 {
+                0.0
+            } else {
+                100.0 * (1.0 - p.unique_pairs as f64 / p.total_pairs as f64)
+            },
             p.rank_batches,
             p.padded_tokens as f64 / p.tokens.max(1) as f64,
             r.files.len(),
