@@ -51,7 +51,10 @@ fn gen(case: u64) -> Spec {
         }
     }
     let n = passages.len() as u64;
-    let rows = (0..1 + rng.below(30))
+    // (Sometimes beyond one block of dense queries.)
+    let most = if rng.below(4) == 0 { 90 } else { 30 };
+    let n_rows = 1 + rng.below(most);
+    let rows = (0..n_rows)
         .map(|_| {
             let ql = 1 + rng.below(6);
             let q = words(&mut rng, ql);
@@ -364,6 +367,23 @@ fn mined_negatives_keep_every_rule() {
             })
             .unwrap();
         assert_eq!(mined, again, "case {case}: threads changed the result");
+        // Any split of the rows (shards, dense blocks) gives each row the same result.
+        let cut = rng.below(ds.len() as u64 + 1) as usize;
+        let mut split = Vec::new();
+        for part in [0..cut, cut..ds.len()] {
+            split.extend(
+                mine_negatives(
+                    &ds,
+                    corpus_of(),
+                    &retriever,
+                    &o,
+                    part,
+                    &mut MineReport::default(),
+                )
+                .unwrap(),
+            );
+        }
+        assert_eq!(mined, split, "case {case}: split at row {cut}");
         for (row, negs) in mined.iter().enumerate() {
             let g = ds.group_ids(row).unwrap();
             let ranked = brute_force(&ds, &corpus, &retriever, index.as_ref(), row);
@@ -708,4 +728,94 @@ fn bad_settings_are_errors_naming_them() {
     );
     let e = neg(Corpus::Dataset(&instructed));
     assert!(e.contains("formats passages"), "{e}");
+}
+
+#[test]
+fn dense_ranking_across_blocks_and_chunks_equals_brute_force() {
+    // Beyond one block of queries and one chunk of passages (and duplicates in the corpus):
+    // small integer values, so every inner product is exact and ties are real.
+    let mut rng = KeyedRng::new(&[0xd3e5, 1]);
+    let n_passages = 9_000 + rng.below(500) as usize;
+    let mut passages: Vec<Vec<i32>> = (0..n_passages)
+        .map(|i| vec![1000 + (i % 7000) as i32, 1000 + (i / 7000) as i32 + 7000])
+        .collect();
+    passages.dedup();
+    let n = passages.len() as u64;
+    let rows = (0..75)
+        .map(|_| {
+            let pos = (0..1 + rng.below(2)).map(|_| rng.below(n) as i32).collect();
+            (vec![1000], pos, vec![])
+        })
+        .collect();
+    let spec = Spec { passages, rows };
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = write(tmp.path(), &spec);
+    let dim = 16;
+    let mut e = |rows: usize| Embeddings {
+        values: (0..rows * dim).map(|_| rng.below(5) as f32 - 2.0).collect(),
+        dim,
+    };
+    let retriever = Retriever::Dense {
+        queries: e(ds.len()),
+        passages: e(ds.num_passages()),
+    };
+    let o = MineOptions {
+        range_min: 3,
+        range_max: 60,
+        num_negatives: 20,
+        sampling: Sampling::Top,
+        ..MineOptions::default()
+    };
+    let corpus: Vec<Vec<i32>> = (0..ds.num_passages())
+        .map(|p| ds.passage(p as i32).unwrap().to_vec())
+        .collect();
+    let mined = mine_negatives(
+        &ds,
+        Corpus::Own,
+        &retriever,
+        &o,
+        0..ds.len(),
+        &mut MineReport::default(),
+    )
+    .unwrap();
+    for (row, negs) in mined.iter().enumerate() {
+        let ranked = brute_force(&ds, &corpus, &retriever, None, row);
+        let want: Vec<i32> = ranked[o.range_min..o.range_max]
+            .iter()
+            .take(o.num_negatives)
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(negs, &want, "row {row}");
+    }
+    // A corpus with duplicates (gathered chunks): the same ranking by tokens.
+    let mut lists = corpus.clone();
+    lists.insert(17, corpus[5000].clone());
+    lists.insert(5000, corpus[3].clone());
+    let p = Passages::new(lists.clone(), "dups");
+    let Retriever::Dense { queries, passages } = &retriever else {
+        unreachable!()
+    };
+    let mut values = Vec::new();
+    for l in &lists {
+        let at = corpus.iter().position(|c| c == l).unwrap();
+        values.extend_from_slice(&passages.values[at * dim..(at + 1) * dim]);
+    }
+    let dup = Retriever::Dense {
+        queries: queries.clone(),
+        passages: Embeddings { values, dim },
+    };
+    let again = mine_negatives(
+        &ds,
+        Corpus::Passages(&p),
+        &dup,
+        &o,
+        0..ds.len(),
+        &mut MineReport::default(),
+    )
+    .unwrap();
+    for (a, b) in mined.iter().zip(&again) {
+        let ta: Vec<&Vec<i32>> = a.iter().map(|&i| &corpus[i as usize]).collect();
+        let tb: Vec<&Vec<i32>> = b.iter().map(|&i| &lists[i as usize]).collect();
+        assert_eq!(ta, tb);
+    }
 }

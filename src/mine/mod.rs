@@ -725,95 +725,123 @@ fn mine_resolved(
     report.index_seconds = t.elapsed().as_secs_f64();
     report.index_bytes = index.as_ref().map_or(0, |i| i.nbytes() as u64);
     let t = std::time::Instant::now();
-    let per_row: Vec<Result<(Vec<i32>, u64)>> = rows
+    let margins = options.margin.is_some() || options.relative_margin.is_some();
+    // Rows in fixed blocks (dense: one matrix product per block and passage chunk). A row's
+    // result depends on the row alone, never on its block: any split (threads, shards) agrees.
+    let blocks: Vec<std::ops::Range<usize>> = rows
         .clone()
+        .step_by(DENSE_BLOCK)
+        .map(|s| s..(s + DENSE_BLOCK).min(rows.end))
+        .collect();
+    let per_block: Vec<Result<Vec<Mined>>> = blocks
         .into_par_iter()
-        .map_init(SearchScratch::default, |scratch, row| {
-            let g = ds.group_ids(row)?;
-            let mut pos: Vec<i32> = g.pos.to_vec();
-            if let Some(all) = shared.get(&crate::audit::query_key(g.query, g.prompt)) {
-                pos.extend_from_slice(all);
-            }
-            pos.sort_unstable();
-            pos.dedup();
-            let want = options.range_max + pos.len();
-            let margins = options.margin.is_some() || options.relative_margin.is_some();
-            let (ranked, pos_score) = match (&index, retriever) {
-                (Some(index), _) => {
-                    let ranked: Vec<(u32, f32)> = index
-                        .search(g.query, want, scratch)
-                        .into_iter()
-                        .map(|(k, s)| (corpus.ranked(k as usize), s))
-                        .collect();
-                    let mut lowest = f32::INFINITY;
-                    for &p in g.pos {
-                        lowest = lowest.min(index.score(g.query, ds.referenced_passage(p)?));
+        .map_init(
+            || (SearchScratch::default(), Vec::new(), Vec::new()),
+            |(scratch, tile, gathered), block| {
+                let mut positives = Vec::with_capacity(block.len());
+                for row in block.clone() {
+                    let g = ds.group_ids(row)?;
+                    let mut pos: Vec<i32> = g.pos.to_vec();
+                    if let Some(all) = shared.get(&crate::audit::query_key(g.query, g.prompt)) {
+                        pos.extend_from_slice(all);
                     }
-                    (ranked, lowest)
+                    pos.sort_unstable();
+                    pos.dedup();
+                    positives.push((g, pos));
                 }
-                (None, Retriever::Dense { queries, passages }) => {
-                    let q = queries.row(row);
-                    let mut hits: Vec<(u32, f32)> = (0..corpus.ranked_len())
-                        .map(|k| {
-                            let c = corpus.ranked(k);
-                            (c, dot(q, passages.row(c as usize)))
+                let wants: Vec<usize> = positives
+                    .iter()
+                    .map(|(_, pos)| options.range_max + pos.len())
+                    .collect();
+                let mut dense = match (&index, retriever) {
+                    (None, Retriever::Dense { queries, passages }) => Some(dense_top(
+                        queries,
+                        passages,
+                        corpus,
+                        block.clone(),
+                        &wants,
+                        (tile, gathered),
+                    )?),
+                    _ => None,
+                };
+                let mut out = Vec::with_capacity(block.len());
+                for (k, (row, (g, pos))) in block.clone().zip(positives).enumerate() {
+                    let (ranked, pos_score) = match (&index, retriever) {
+                        (Some(index), _) => {
+                            let ranked: Vec<(u32, f32)> = index
+                                .search(g.query, wants[k], scratch)
+                                .into_iter()
+                                .map(|(k, s)| (corpus.ranked(k as usize), s))
+                                .collect();
+                            let mut lowest = f32::INFINITY;
+                            for &p in g.pos {
+                                lowest =
+                                    lowest.min(index.score(g.query, ds.referenced_passage(p)?));
+                            }
+                            (ranked, lowest)
+                        }
+                        (None, Retriever::Dense { queries, passages }) => {
+                            let q = queries.row(row);
+                            let mut lowest = f32::INFINITY;
+                            for &p in g.pos {
+                                ds.referenced_passage(p)?;
+                                match corpus.in_corpus(p) {
+                                    Some(c) => {
+                                        lowest = lowest.min(dot(q, passages.row(c as usize)))
+                                    }
+                                    None if margins => {
+                                        return Err(Error::argument(
+                                            "margin",
+                                            format!(
+                                                "row {row}'s positive (passage {p}) is not in the \
+                                                 corpus: dense margins need its embedding (mine \
+                                                 from a corpus holding the positives, or drop the \
+                                                 margins)"
+                                            ),
+                                        ))
+                                    }
+                                    None => {}
+                                }
+                            }
+                            let ranked = std::mem::take(&mut dense.as_mut().expect("dense")[k]);
+                            (ranked, lowest)
+                        }
+                        (None, Retriever::Bm25 { .. }) => {
+                            unreachable!("the BM25 index is built above")
+                        }
+                    };
+                    let mut removed = 0u64;
+                    let candidates: Vec<(i32, f32)> = ranked
+                        .into_iter()
+                        .map(|(d, s)| (d as i32, s))
+                        .filter(|&(d, _)| {
+                            let p = corpus
+                                .in_dataset(d as u32)
+                                .is_some_and(|id| pos.binary_search(&id).is_ok());
+                            removed += p as u64;
+                            !p
+                        })
+                        .skip(options.range_min)
+                        .take(options.range_max - options.range_min)
+                        .filter(|&(_, s)| {
+                            options.min_score.is_none_or(|m| s >= m)
+                                && options.max_score.is_none_or(|m| s <= m)
+                                && options.margin.is_none_or(|m| s <= pos_score - m)
+                                && options
+                                    .relative_margin
+                                    .is_none_or(|m| s <= pos_score - pos_score.abs() * m)
                         })
                         .collect();
-                    if let Some(&(d, s)) = hits.iter().find(|h| !h.1.is_finite()) {
-                        return Err(Error::argument(
-                            "embeddings",
-                            format!("the inner product of query {row} and passage {d} is {s}"),
-                        ));
-                    }
-                    top_k(&mut hits, want);
-                    let mut lowest = f32::INFINITY;
-                    for &p in g.pos {
-                        ds.referenced_passage(p)?;
-                        match corpus.in_corpus(p) {
-                            Some(c) => lowest = lowest.min(dot(q, passages.row(c as usize))),
-                            None if margins => {
-                                return Err(Error::argument(
-                                    "margin",
-                                    format!(
-                                        "row {row}'s positive (passage {p}) is not in the corpus: \
-                                         dense margins need its embedding (mine from a corpus \
-                                         holding the positives, or drop the margins)"
-                                    ),
-                                ))
-                            }
-                            None => {}
-                        }
-                    }
-                    (hits, lowest)
+                    out.push((choose(&candidates, options, row as u64), removed));
                 }
-                (None, Retriever::Bm25 { .. }) => unreachable!("the BM25 index is built above"),
-            };
-            let mut removed = 0u64;
-            let candidates: Vec<(i32, f32)> = ranked
-                .into_iter()
-                .map(|(d, s)| (d as i32, s))
-                .filter(|&(d, _)| {
-                    let p = corpus
-                        .in_dataset(d as u32)
-                        .is_some_and(|id| pos.binary_search(&id).is_ok());
-                    removed += p as u64;
-                    !p
-                })
-                .skip(options.range_min)
-                .take(options.range_max - options.range_min)
-                .filter(|&(_, s)| {
-                    options.min_score.is_none_or(|m| s >= m)
-                        && options.max_score.is_none_or(|m| s <= m)
-                        && options.margin.is_none_or(|m| s <= pos_score - m)
-                        && options
-                            .relative_margin
-                            .is_none_or(|m| s <= pos_score - pos_score.abs() * m)
-                })
-                .collect();
-            let chosen = choose(&candidates, options, row as u64);
-            Ok((chosen, removed))
-        })
+                Ok(out)
+            },
+        )
         .collect();
+    let mut per_row = Vec::with_capacity(rows.len());
+    for b in per_block {
+        per_row.extend(b?.into_iter().map(Ok::<_, Error>));
+    }
     report.search_seconds = t.elapsed().as_secs_f64();
     let mut out = Vec::with_capacity(per_row.len());
     for r in per_row {
@@ -877,6 +905,106 @@ fn choose(candidates: &[(i32, f32)], options: &MineOptions, row: u64) -> Vec<i32
     let mut picked = idx[..k].to_vec();
     picked.sort_unstable();
     picked.into_iter().map(|i| candidates[i].0).collect()
+}
+
+/// A row's mined negatives and how many positives were kept out of its ranking.
+type Mined = (Vec<i32>, u64);
+
+/// Queries per dense block (one matrix product per block and passage chunk).
+const DENSE_BLOCK: usize = 32;
+/// Passages per dense chunk (a block's scores of one chunk: 32 x 4096 floats, 512 KB).
+const DENSE_CHUNK: usize = 4096;
+
+/// The `wants[i]` best ranked corpus passages (corpus id, inner product) of each row of
+/// `rows`, best first (ties by id): a matrix product per chunk of passages, the best kept
+/// as it goes. Each score is the product of one query row and one passage row, computed alike
+/// whatever the block: the result of a row does not depend on the rows beside it.
+fn dense_top(
+    queries: &Embeddings,
+    passages: &Embeddings,
+    corpus: &corpus::Resolved<'_>,
+    rows: std::ops::Range<usize>,
+    wants: &[usize],
+    (tile, gathered): (&mut Vec<f32>, &mut Vec<f32>),
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    let dim = queries.dim;
+    let m = rows.len();
+    let a = &queries.values[rows.start * dim..rows.end * dim];
+    let n = corpus.ranked_len();
+    let mut tops: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
+    tile.resize(m * DENSE_CHUNK, 0.0);
+    let order =
+        |a: &(u32, f32), b: &(u32, f32)| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0));
+    for start in (0..n).step_by(DENSE_CHUNK) {
+        let end = (start + DENSE_CHUNK).min(n);
+        let w = end - start;
+        // The chunk's passage rows, contiguous (gathered when duplicates are skipped).
+        let b: &[f32] = match &corpus.canonical {
+            None => &passages.values[start * dim..end * dim],
+            Some(_) => {
+                gathered.clear();
+                for k in start..end {
+                    gathered.extend_from_slice(passages.row(corpus.ranked(k) as usize));
+                }
+                gathered
+            }
+        };
+        debug_assert!(a.len() == m * dim && b.len() == w * dim && tile.len() >= m * w);
+        // SAFETY: `a` holds m x dim floats (row stride dim), `b` w x dim (read as its
+        // transpose: row stride 1, column stride dim), `tile` at least m x w (row stride w);
+        // every index the product touches is within those slices, and `tile` is not aliased.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                dim,
+                w,
+                1.0,
+                a.as_ptr(),
+                dim as isize,
+                1,
+                b.as_ptr(),
+                1,
+                dim as isize,
+                0.0,
+                tile.as_mut_ptr(),
+                w as isize,
+                1,
+            );
+        }
+        for (i, top) in tops.iter_mut().enumerate() {
+            let scores = &tile[i * w..(i + 1) * w];
+            if let Some(j) = scores.iter().position(|s| !s.is_finite()) {
+                return Err(Error::argument(
+                    "embeddings",
+                    format!(
+                        "the inner product of query {} and passage {} is {}",
+                        rows.start + i,
+                        corpus.ranked(start + j),
+                        scores[j]
+                    ),
+                ));
+            }
+            let want = wants[i];
+            // Only what can still be among the best: above the current want-th score.
+            let floor = (top.len() >= want && want > 0).then(|| top[want - 1]);
+            for (j, &s) in scores.iter().enumerate() {
+                let hit = (corpus.ranked(start + j), s);
+                if floor.is_none_or(|f| order(&hit, &f).is_lt()) {
+                    top.push(hit);
+                }
+            }
+            if top.len() > want {
+                if want == 0 {
+                    top.clear();
+                } else {
+                    top.select_nth_unstable_by(want - 1, order);
+                    top.truncate(want);
+                }
+            }
+            top.sort_unstable_by(order);
+        }
+    }
+    Ok(tops)
 }
 
 #[inline]

@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +263,14 @@ def test_first_hour_messages(tmp_path, rankfeed_bin, dataset):
     assert scores and all(len(s.split(".")[-1]) <= 8 for s in scores), shown.stdout
     emb = run("show", scored, "--row", "0", "--mode", "embedder", "--group-size", "2")
     assert "\nquery: " in emb.stdout and "null" not in emb.stdout, emb.stdout
+
+
+@pytest.mark.parametrize("order", ["rankfeed, torch", "torch, rankfeed"])
+def test_the_extension_loads_beside_torch_in_either_order(order):
+    # Regression: the dense-mining sgemm's avx512 thread-local buffer (1 KB) grew the
+    # extension's static TLS until glibc refused to load torch's libgomp after it ("cannot
+    # allocate memory in static TLS block"), and the extension after torch.
+    import subprocess
+    pytest.importorskip("torch")
+    p = subprocess.run([sys.executable, "-c", f"import {order}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
