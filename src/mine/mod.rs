@@ -32,8 +32,10 @@
 //! mining settings (`provenance`). The input is verified in full first.
 
 mod corpus;
+mod embeddings;
 
 pub use corpus::{is_dataset, Corpus, Passages};
+pub use embeddings::read_embeddings;
 
 use serde::{Deserialize, Serialize};
 

@@ -169,6 +169,40 @@ def test_dense_top10_equals_numpy_brute_force(wordnet, tmp_path, rankfeed_bin):
                           tmp_path / "spoof.npy", "--passage-embeddings", tmp_path / "p.npy"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "'<f8'" in bad.stderr, bad.stderr
+    # Parquet embeddings (as Spark or Polars write them): a fixed-size list of float32 for the
+    # queries; the passages as doubles in shuffled part files with an `id` column. The same
+    # dataset as from .npy.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(q.ravel()), 64)}),
+                   tmp_path / "q.parquet")
+    order = np.random.default_rng(1).permutation(len(p))
+    (tmp_path / "p-parts").mkdir()
+    for k, part in enumerate(np.array_split(order, 3)):
+        pq.write_table(pa.table({"id": pa.array(part, pa.int64()),
+                                 "embedding": pa.array(list(p[part].astype(np.float64)),
+                                                       pa.list_(pa.float64()))}),
+                       tmp_path / "p-parts" / f"part-{k}.parquet")
+    cli = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "cli-parquet", "--query-embeddings",
+                          tmp_path / "q.parquet", "--passage-embeddings", tmp_path / "p-parts",
+                          "--sampling", "top", "--range-min", "0", "--range-max", str(K),
+                          "--num-negatives", str(K)], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    for f in ("groups.arrow", "passages.arrow"):
+        assert (tmp_path / "cli-parquet" / f).read_bytes() == (tmp_path / "dense" / f).read_bytes()
+    # Rows of another dimension, and ids given twice, are errors naming the row.
+    ragged = list(q[:3]) + [q[3][:10]]
+    pq.write_table(pa.table({"embedding": pa.array(ragged, pa.list_(pa.float32()))}), tmp_path / "r.parquet")
+    bad = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "x", "--query-embeddings",
+                          tmp_path / "r.parquet", "--passage-embeddings", tmp_path / "p-parts"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "row 3" in bad.stderr and "first row has 64" in bad.stderr, bad.stderr
+    pq.write_table(pa.table({"id": [0, 0], "embedding": pa.array(list(q[:2]), pa.list_(pa.float32()))}),
+                   tmp_path / "twice.parquet")
+    bad = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "x", "--query-embeddings",
+                          tmp_path / "twice.parquet", "--passage-embeddings", tmp_path / "p-parts"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "given twice" in bad.stderr, bad.stderr
 
 
 def test_a_mined_dataset_has_no_false_negatives_and_records_how(wordnet, tmp_path):

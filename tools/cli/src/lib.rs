@@ -284,10 +284,12 @@ struct MineArgs {
     /// b, else built and saved (shards and later runs then skip building it).
     #[arg(long, conflicts_with = "query_embeddings")]
     index: Option<PathBuf>,
-    /// Dense retrieval: float32 query embeddings, one row per dataset row (.npy, rows x dim).
+    /// Dense retrieval: query embeddings, one row per dataset row: a float32 .npy (rows x dim),
+    /// or Parquet files / a directory with an `embedding` list column (and optionally `id`).
     #[arg(long, requires = "passage_embeddings")]
     query_embeddings: Option<PathBuf>,
-    /// Dense retrieval: float32 passage embeddings, one row per (corpus) passage id (.npy).
+    /// Dense retrieval: passage embeddings, one row per (corpus) passage id (.npy or Parquet, as
+    /// --query-embeddings).
     #[arg(long, requires = "query_embeddings")]
     passage_embeddings: Option<PathBuf>,
     /// Mine rows K*n/N..(K+1)*n/N only (merge the N outputs with `rankfeed merge`).
@@ -697,10 +699,19 @@ fn run_mine(a: MineArgs) -> Result<()> {
     use rankfeed::mine::Retriever;
     let ds = open_dataset(&a.dir)?;
     let retriever = match (&a.query_embeddings, &a.passage_embeddings) {
-        (Some(q), Some(p)) => Retriever::Dense {
-            queries: npy::read_f32_2d(q)?,
-            passages: npy::read_f32_2d(p)?,
-        },
+        (Some(q), Some(p)) => {
+            let read = |path: &PathBuf| -> Result<rankfeed::mine::Embeddings> {
+                if path.extension().is_some_and(|e| e == "npy") {
+                    npy::read_f32_2d(path)
+                } else {
+                    Ok(rankfeed::mine::read_embeddings(std::slice::from_ref(path))?)
+                }
+            };
+            Retriever::Dense {
+                queries: read(q)?,
+                passages: read(p)?,
+            }
+        }
         _ => Retriever::Bm25 {
             index: a.index.clone(),
         },
