@@ -27,6 +27,65 @@ pub fn unique_columns(schema: &arrow_schema::Schema) -> Result<(), String> {
     Ok(())
 }
 
+/// The strings of a string column (utf8, large_utf8 or utf8_view; `None` for a null); `Err`
+/// names the type found otherwise.
+pub fn strings(a: &dyn Array) -> Result<Vec<Option<&str>>, String> {
+    fn get<'a>(
+        n: usize,
+        valid: impl Fn(usize) -> bool,
+        value: impl Fn(usize) -> &'a str,
+    ) -> Vec<Option<&'a str>> {
+        (0..n).map(|i| valid(i).then(|| value(i))).collect()
+    }
+    match a.data_type() {
+        DataType::Utf8 => {
+            let c = a.as_string::<i32>();
+            Ok(get(a.len(), |i| !c.is_null(i), |i| c.value(i)))
+        }
+        DataType::LargeUtf8 => {
+            let c = a.as_string::<i64>();
+            Ok(get(a.len(), |i| !c.is_null(i), |i| c.value(i)))
+        }
+        DataType::Utf8View => {
+            let c = a.as_string_view();
+            Ok(get(a.len(), |i| !c.is_null(i), |i| c.value(i)))
+        }
+        t => Err(format!("must be a string column, found {t}")),
+    }
+}
+
+/// Where each of `n` items read in order belongs when an `id` column gave item k the id
+/// `ids[k].0` (read at row `ids[k].2` of `files[ids[k].1]`): `slot_of[k]`. The ids must be
+/// 0..n once each; `Err` names the file and row of the first that is not.
+pub fn order_by_ids(
+    ids: &[(i64, usize, u64)],
+    files: &[std::path::PathBuf],
+) -> crate::error::Result<Vec<usize>> {
+    let n = ids.len();
+    let mut seen = vec![false; n];
+    let mut slot_of = Vec::with_capacity(n);
+    for &(id, file, row) in ids {
+        let at = |message: String| crate::error::Error::Input {
+            path: files[file].clone(),
+            row: Some(row),
+            field: Some("id".into()),
+            message,
+        };
+        let slot = usize::try_from(id).ok().filter(|&i| i < n).ok_or_else(|| {
+            at(format!(
+                "id {id} is outside 0..{n} (the ids must be 0..n once each)"
+            ))
+        })?;
+        if std::mem::replace(&mut seen[slot], true) {
+            return Err(at(format!(
+                "id {id} is given twice (the ids must be 0..n once each)"
+            )));
+        }
+        slot_of.push(slot);
+    }
+    Ok(slot_of)
+}
+
 /// The list at row `i` of a list or large_list column; None when null or not a list.
 pub fn list_at(a: &dyn Array, i: usize) -> Option<ArrayRef> {
     if a.is_null(i) {

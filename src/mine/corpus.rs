@@ -84,8 +84,6 @@ impl Passages {
         ds: &Dataset,
         tokenizer: Option<&TextTokenizer>,
     ) -> Result<Passages> {
-        use arrow_array::cast::AsArray;
-        use arrow_array::Array;
         let ours = ds
             .manifest()
             .tokenizer
@@ -214,45 +212,15 @@ impl Passages {
                     }
                 } else {
                     let col = batch.column_by_name("text").expect("checked");
-                    let texts: Vec<String> = match col.data_type() {
-                        arrow_schema::DataType::Utf8 => {
-                            let c = col.as_string::<i32>();
-                            (0..c.len())
-                                .map(|i| {
-                                    (!c.is_null(i))
-                                        .then(|| formatter.apply(c.value(i), None).into_owned())
-                                        .ok_or_else(|| at(i, "text", "null text".into()))
-                                })
-                                .collect::<Result<_>>()?
-                        }
-                        arrow_schema::DataType::LargeUtf8 => {
-                            let c = col.as_string::<i64>();
-                            (0..c.len())
-                                .map(|i| {
-                                    (!c.is_null(i))
-                                        .then(|| formatter.apply(c.value(i), None).into_owned())
-                                        .ok_or_else(|| at(i, "text", "null text".into()))
-                                })
-                                .collect::<Result<_>>()?
-                        }
-                        arrow_schema::DataType::Utf8View => {
-                            let c = col.as_string_view();
-                            (0..c.len())
-                                .map(|i| {
-                                    (!c.is_null(i))
-                                        .then(|| formatter.apply(c.value(i), None).into_owned())
-                                        .ok_or_else(|| at(i, "text", "null text".into()))
-                                })
-                                .collect::<Result<_>>()?
-                        }
-                        t => {
-                            return Err(at(
-                                0,
-                                "text",
-                                format!("must be a string column, found {t}"),
-                            ))
-                        }
-                    };
+                    let texts: Vec<String> = crate::parquet_read::strings(col.as_ref())
+                        .map_err(|m| at(0, "text", m))?
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            t.map(|t| formatter.apply(t, None).into_owned())
+                                .ok_or_else(|| at(i, "text", "null text".into()))
+                        })
+                        .collect::<Result<_>>()?;
                     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                     lists.extend(tokenizer.expect("checked").encode_batch(&refs)?);
                 }
@@ -273,34 +241,12 @@ impl Passages {
             .collect::<Vec<_>>()
             .join(",");
         if with_ids == Some(true) {
-            let n = lists.len();
-            let mut slot: Vec<Option<Vec<i32>>> = vec![None; n];
-            for (list, &(id, file, row)) in lists.into_iter().zip(&ids) {
-                let at = |message: String| Error::Input {
-                    path: files[file].clone(),
-                    row: Some(row),
-                    field: Some("id".into()),
-                    message,
-                };
-                let s = usize::try_from(id)
-                    .ok()
-                    .and_then(|i| slot.get_mut(i))
-                    .ok_or_else(|| {
-                        at(format!(
-                            "passage id {id} is outside 0..{n} (the ids must be 0..n once each)"
-                        ))
-                    })?;
-                if s.is_some() {
-                    return Err(at(format!(
-                        "passage id {id} is given twice (the ids must be 0..n once each)"
-                    )));
-                }
-                *s = Some(list);
+            let slot_of = crate::parquet_read::order_by_ids(&ids, &files)?;
+            let mut slot: Vec<Vec<i32>> = vec![Vec::new(); lists.len()];
+            for (list, s) in lists.into_iter().zip(slot_of) {
+                slot[s] = list;
             }
-            return Ok(Passages::new(
-                slot.into_iter().map(|s| s.expect("0..n once each")),
-                &origin,
-            ));
+            return Ok(Passages::new(slot, &origin));
         }
         Ok(Passages::new(lists, &origin))
     }

@@ -31,7 +31,6 @@ pub fn read_embeddings(inputs: &[PathBuf]) -> Result<Embeddings> {
     let mut dim: Option<usize> = None;
     let mut ids: Vec<(i64, usize, u64)> = Vec::new();
     let mut with_ids = None;
-    let mut rows = 0usize;
     for (file_index, path) in files.iter().enumerate() {
         let file = crate::storage::open_regular(path)?;
         let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
@@ -106,7 +105,6 @@ pub fn read_embeddings(inputs: &[PathBuf]) -> Result<Embeddings> {
                         .map(|(i, id)| (id, file_index, base + i as u64)),
                 );
             }
-            rows += batch.num_rows();
             base += batch.num_rows() as u64;
         }
     }
@@ -119,28 +117,9 @@ pub fn read_embeddings(inputs: &[PathBuf]) -> Result<Embeddings> {
     if with_ids != Some(true) {
         return Ok(Embeddings { values, dim });
     }
-    let mut ordered = vec![f32::NAN; values.len()];
-    let mut seen = vec![false; rows];
-    for (k, &(id, file, row)) in ids.iter().enumerate() {
-        let at = |message: String| Error::Input {
-            path: files[file].clone(),
-            row: Some(row),
-            field: Some("id".into()),
-            message,
-        };
-        let slot = usize::try_from(id)
-            .ok()
-            .filter(|&i| i < rows)
-            .ok_or_else(|| {
-                at(format!(
-                    "id {id} is outside 0..{rows} (the ids must be 0..n once each)"
-                ))
-            })?;
-        if std::mem::replace(&mut seen[slot], true) {
-            return Err(at(format!(
-                "id {id} is given twice (the ids must be 0..n once each)"
-            )));
-        }
+    let slot_of = crate::parquet_read::order_by_ids(&ids, &files)?;
+    let mut ordered = vec![0f32; values.len()];
+    for (k, slot) in slot_of.into_iter().enumerate() {
         ordered[slot * dim..(slot + 1) * dim].copy_from_slice(&values[k * dim..(k + 1) * dim]);
     }
     Ok(Embeddings {
