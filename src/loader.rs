@@ -361,6 +361,54 @@ struct Plan {
 
 /// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
 /// so other threads wait for the value instead of computing it again.
+/// `f(i, scratch)` for every `i` of `0..n`, in order: an epoch pass over every row (length and
+/// budget plans). Split across the machine's cores with scoped threads (not a rayon pool: a
+/// loader may run in a forked DataLoader worker, where a pool made before the fork has no
+/// threads); each `i`'s value depends on `i` alone, so the split never changes the result.
+fn epoch_pass<T: Send>(
+    n: u64,
+    group_size: usize,
+    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(EPOCH_PASS_THREADS) as u64;
+    let run = |range: std::ops::Range<u64>| -> Result<Vec<T>> {
+        let mut neg = Vec::with_capacity(group_size);
+        range.map(|i| f(i, &mut neg)).collect()
+    };
+    if threads <= 1 || n < EPOCH_PASS_SPLIT {
+        return run(0..n);
+    }
+    let chunk = n.div_ceil(threads);
+    let parts: Vec<Result<Vec<T>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let run = &run;
+                s.spawn(move || run(t * chunk..((t + 1) * chunk).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Internal("an epoch pass thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(n as usize);
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+/// Rows below which an epoch pass runs on one thread (starting threads costs more).
+const EPOCH_PASS_SPLIT: u64 = 1 << 16;
+/// Threads an epoch pass uses at most.
+const EPOCH_PASS_THREADS: usize = 8;
+
 fn cached<T>(
     cache: &EpochCache<T>,
     epoch: u64,
@@ -434,12 +482,10 @@ impl Plan {
             order.len()
         };
         let lengths = cached(&self.lengths, epoch, || {
-            let mut neg = Vec::with_capacity(self.options.collate.group_size);
-            Ok(LengthOrder::new(
-                (0..kept)
-                    .map(|i| self.length_of(epoch, order.row(i), &mut neg))
-                    .collect::<Result<Vec<u32>>>()?,
-            ))
+            let g = self.options.collate.group_size;
+            Ok(LengthOrder::new(epoch_pass(kept, g, |i, neg| {
+                self.length_of(epoch, order.row(i), neg)
+            })?))
         })?;
         let source = lengths.source_batch(step, b, mult);
         let key = (epoch, source / mult);
@@ -494,15 +540,17 @@ impl Plan {
                 Vec::with_capacity(n as usize),
                 Vec::with_capacity(n as usize),
             );
-            let mut neg = Vec::with_capacity(self.options.collate.group_size);
-            for p in 0..n {
+            let pairs = epoch_pass(n, self.options.collate.group_size, |p, neg| {
                 let row = order.global_row(p);
-                let (g, pos) = self.draw(epoch, row, &mut neg)?;
-                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, &neg)?;
-                longest.push(l as u32);
+                let (g, pos) = self.draw(epoch, row, neg)?;
+                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
+                Ok((l as u32, total.min(u32::MAX as usize) as u32))
+            })?;
+            for (l, total) in pairs {
+                longest.push(l);
                 sizes.push(match budget.cost {
-                    Cost::Packed => total.min(u32::MAX as usize) as u32,
-                    Cost::Padded { .. } => l as u32,
+                    Cost::Packed => total,
+                    Cost::Padded { .. } => l,
                 });
             }
             Ok(BudgetPlan::new(&sizes, &longest, budget))
@@ -1404,4 +1452,34 @@ fn schedule(ds: &Dataset, universe: &Universe, o: &LoaderOptions) -> Result<Sche
         }),
         Strategy::Random => Schedule::Random,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_pass_split_across_threads_is_the_sequential_pass() {
+        let f = |i: u64, scratch: &mut Vec<u32>| -> Result<u64> {
+            // The scratch is the caller's to clear: a pass must not depend on what is left.
+            scratch.clear();
+            scratch.push(i as u32);
+            Ok(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) ^ scratch[0] as u64)
+        };
+        for n in [0, 1, 1000, EPOCH_PASS_SPLIT - 1, EPOCH_PASS_SPLIT, 200_003] {
+            let mut scratch = Vec::new();
+            let want: Vec<u64> = (0..n).map(|i| f(i, &mut scratch).unwrap()).collect();
+            assert_eq!(epoch_pass(n, 4, f).unwrap(), want, "n {n}");
+        }
+        // The first error in order is the one returned.
+        let e = epoch_pass(200_000, 4, |i, _| {
+            if i == 150_000 || i == 190_000 {
+                Err(Error::Internal(format!("at {i}")))
+            } else {
+                Ok(i)
+            }
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("at 150000"), "{e}");
+    }
 }

@@ -621,8 +621,44 @@ fn shards_merge_into_the_whole_run_and_the_manifest_says_how() {
     assert!(e.to_string().contains("truncated"), "{e}");
     std::fs::write(&file, b"garbage").unwrap();
     assert!(run(&o, Corpus::Own).is_err());
+    // An edited header field (the average length scores every positive): damage too.
     std::fs::remove_file(&file).unwrap();
+    run(&o, Corpus::Own).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[..nl]).unwrap();
+    header["avg_len"] = serde_json::json!(3.0);
+    let mut edited = serde_json::to_vec(&header).unwrap();
+    edited.extend_from_slice(&bytes[nl..]);
+    std::fs::write(&file, &edited).unwrap();
+    let e = run(&o, Corpus::Own).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    header["avg_len"] = serde_json::json!(0.0);
+    let mut edited = serde_json::to_vec(&header).unwrap();
+    edited.extend_from_slice(&bytes[nl..]);
+    std::fs::write(&file, &edited).unwrap();
+    assert!(run(&o, Corpus::Own).is_err());
+    // A directory (or any non-regular file) at the path is refused, not read.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let e = run(&o, Corpus::Own).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    std::fs::remove_dir(&file).unwrap();
     assert_eq!(run(&o, Corpus::Own).unwrap(), built);
+    // An existing output is refused before any work.
+    let existing = tmp.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    let e = mine(
+        &ds,
+        Corpus::Own,
+        &kept,
+        &o,
+        None,
+        &existing,
+        WriterOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, rankfeed::Error::Exists { .. }), "{e}");
 
     // A search over the index agrees with scoring each passage.
     let spec = gen(7);

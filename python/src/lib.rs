@@ -553,6 +553,11 @@ fn _mine<'py>(
             dim: a.ncols(),
         }
     };
+    if index.is_some() && (query_embeddings.is_some() || passage_embeddings.is_some()) {
+        return Err(PyValueError::new_err(
+            "index: the BM25 index file is for BM25 mining; dense mining has no index",
+        ));
+    }
     let retriever = match (query_embeddings, passage_embeddings) {
         (Some(q), Some(p)) => Retriever::Dense {
             queries: emb(q),

@@ -78,8 +78,12 @@ pub fn read_embeddings(inputs: &[PathBuf]) -> Result<Embeddings> {
                         format!("embeddings are floats, found {}", v.data_type()),
                     ));
                 }
-                let v = crate::parquet_read::scores_at(v.as_ref())
-                    .map_err(|(m, _, j)| at(i, "embedding", format!("value {j}: {m}")))?;
+                let v = crate::parquet_read::scores_at(v.as_ref()).map_err(|(m, _, j)| {
+                    let m = m
+                        .replace("null score", "null")
+                        .replace("scores must be", "must be");
+                    at(i, "embedding", format!("value {j}: {m}"))
+                })?;
                 match dim {
                     None if v.is_empty() => {
                         return Err(at(i, "embedding", "an empty embedding".into()))

@@ -245,6 +245,28 @@ struct IndexHeader {
 }
 
 const INDEX_FORMAT: &str = "rankfeed-bm25";
+
+/// The checksum of an index file starts with every header field it is read by (the payload
+/// follows): an edited `avg_len` or count is damage like a flipped payload byte.
+fn header_hash(
+    corpus: &str,
+    params: Bm25Params,
+    n_docs: u64,
+    avg_len: f32,
+    t: u64,
+    p: u64,
+) -> xxhash_rust::xxh3::Xxh3 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(corpus.as_bytes());
+    h.update(&[0]);
+    for v in [params.k1, params.b, avg_len] {
+        h.update(&v.to_le_bytes());
+    }
+    for v in [n_docs, t, p] {
+        h.update(&v.to_le_bytes());
+    }
+    h
+}
 const INDEX_VERSION: u32 = 1;
 
 // The index file holds the arrays as they are in memory: little-endian.
@@ -265,7 +287,14 @@ impl Bm25Index {
             bytemuck::cast_slice(&self.docs),
             bytemuck::cast_slice(&self.weights),
         ];
-        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut hash = header_hash(
+            corpus,
+            self.params,
+            self.n_docs as u64,
+            self.avg_len,
+            self.idf.len() as u64,
+            self.docs.len() as u64,
+        );
         for part in parts {
             hash.update(part);
         }
@@ -286,7 +315,10 @@ impl Bm25Index {
                 Error::argument("index", format!("{}: not a file path", path.display()))
             })?
             .to_string_lossy();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        // (Unique per process and call: threads of one process may save the same index.)
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{seq}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(serde_json::to_string(&header).expect("plain").as_bytes())?;
@@ -314,11 +346,18 @@ impl Bm25Index {
         n_docs: usize,
     ) -> Result<Option<Bm25Index>> {
         use std::io::{BufRead, Read};
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
+        match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(path, e)),
-        };
+            Ok(m) if !m.is_file() => {
+                return Err(Error::input(
+                    path,
+                    "the BM25 index path is not a regular file",
+                ))
+            }
+            Ok(_) => {}
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let bad = |m: String| Error::input(path, format!("{m} (remove the file to rebuild it)"));
         let mut r = std::io::BufReader::new(file);
@@ -359,8 +398,14 @@ impl Bm25Index {
                 "{payload} payload bytes for {t} terms and {p} postings: truncated or damaged"
             )));
         }
+        if !(h.avg_len.is_finite() && h.avg_len > 0.0) {
+            return Err(bad(format!(
+                "average passage length {}: damaged",
+                h.avg_len
+            )));
+        }
         // Read straight into the arrays (little-endian, as saved), hashing as they come.
-        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut hash = header_hash(corpus, params, h.n_docs, h.avg_len, h.terms, h.postings);
         let mut fill = |bytes: &mut [u8]| -> Result<()> {
             r.read_exact(bytes).map_err(|e| Error::io(path, e))?;
             hash.update(bytes);
@@ -1046,6 +1091,12 @@ pub fn mine(
                 format!("{k}/{n}: K must be below N"),
             ));
         }
+    }
+    if !writer.overwrite && out.symlink_metadata().is_ok() {
+        // Refused before any work (the writer would refuse it only after the ranking).
+        return Err(Error::Exists {
+            path: out.to_path_buf(),
+        });
     }
     ds.validate_whole("mine")?;
     let rows = shard_rows(ds.len(), shard);

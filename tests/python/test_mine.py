@@ -282,3 +282,15 @@ def test_a_kept_index_is_built_once_and_loaded_after(wordnet, tmp_path):
         assert (tmp_path / "merged" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
     with pytest.raises(ValueError, match="k1"):
         rankfeed.mine(ds, tmp_path / "c", index=index, k1=1.2, **opts)
+    # Threads of one process building the same index at once (regression: they shared one
+    # temporary file name and some failed).
+    from concurrent.futures import ThreadPoolExecutor
+    shared = tmp_path / "shared.index"
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda k: rankfeed.mine(ds, tmp_path / f"t{k}", index=shared,
+                                                        shard=(k, 4), **opts), range(4)))
+    assert len(reports) == 4 and shared.is_file()
+    with pytest.raises(ValueError, match="dense mining has no index"):
+        q = np.zeros((len(ds), 4), np.float32)
+        rankfeed.mine(ds, tmp_path / "d", index=index, query_embeddings=q,
+                      passage_embeddings=np.zeros((ds.num_passages, 4), np.float32), **opts)

@@ -701,7 +701,10 @@ fn run_mine(a: MineArgs) -> Result<()> {
     let retriever = match (&a.query_embeddings, &a.passage_embeddings) {
         (Some(q), Some(p)) => {
             let read = |path: &PathBuf| -> Result<rankfeed::mine::Embeddings> {
-                if path.extension().is_some_and(|e| e == "npy") {
+                if path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+                {
                     npy::read_f32_2d(path)
                 } else {
                     Ok(rankfeed::mine::read_embeddings(std::slice::from_ref(path))?)
@@ -776,16 +779,23 @@ fn run_mine(a: MineArgs) -> Result<()> {
         writeln!(
             o,
             "mined {} rows: {} negatives, {} rows short of {} ({} with none), {} positives kept out; \
-             index {} {:.2} s ({:.1} MB), ranking {:.2} s -> {}",
+             {}, ranking {:.2} s -> {}",
             report.rows,
             report.negatives,
             report.rows_short,
             a.options.num_negatives,
             report.rows_without_negatives,
             report.positives_removed,
-            if report.index_loaded { "loaded" } else { "built" },
-            report.index_seconds,
-            report.index_bytes as f64 / 1e6,
+            if a.query_embeddings.is_some() {
+                "dense (no index)".to_string()
+            } else {
+                format!(
+                    "index {} {:.2} s ({:.1} MB)",
+                    if report.index_loaded { "loaded" } else { "built" },
+                    report.index_seconds,
+                    report.index_bytes as f64 / 1e6
+                )
+            },
             report.search_seconds,
             out
         )?;
