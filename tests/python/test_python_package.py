@@ -160,6 +160,44 @@ def test_fork_four_processes_cover_each_row_once(dataset):
     assert child.exitcode == 0 and remaining == len(warm) - 3
 
 
+def _child_first_rows(loader, queue):
+    queue.put([int(r) for r in next(loader)["rows"]])
+
+
+def test_a_forked_child_runs_the_threaded_epoch_pass(tmp_path):
+    # From 65,536 rows the length pass splits across threads: in a forked child (a DataLoader
+    # worker) it must run too (scoped threads, not a pool made before the fork), and give the
+    # parent's batches.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n, rng = 70_000, np.random.default_rng(3)
+    tables = tmp_path / "tables"
+    for sub in ("passages", "groups", "prompts"):
+        (tables / sub).mkdir(parents=True)
+    lens = rng.integers(1, 60, 400)
+    pq.write_table(pa.table({"id": pa.array(np.arange(400), pa.int32()),
+                             "tokens": [list(rng.integers(1000, 2000, l)) for l in lens]}),
+                   tables / "passages" / "part-0.parquet")
+    pq.write_table(pa.table({"row": np.arange(n), "query": [[1500, 1501]] * n,
+                             "pos": [[int(p)] for p in rng.integers(0, 400, n)],
+                             "neg": [list(map(int, rng.integers(0, 400, 3))) for _ in range(n)],
+                             "source": pa.array(np.zeros(n), pa.int32())}),
+                   tables / "groups" / "part-0.parquet")
+    pq.write_table(pa.table({"id": pa.array([], pa.int32()), "tokens": pa.array([], pa.list_(pa.int32()))}),
+                   tables / "prompts" / "part-0.parquet")
+    rankfeed.import_parquet([str(tables)], str(tmp_path / "ds"), tokenizer=str(BERT))
+    ds = rankfeed.Dataset(str(tmp_path / "ds"))
+    opts = dict(batch_size=8, group_size=4, length_grouped=50, prefetch_threads=0)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_first_rows, args=(ds.loader(**opts), queue))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert got == [int(r) for r in next(ds.loader(**opts))["rows"]]
+
+
 def test_torch_dataloader_workers(dataset):
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
