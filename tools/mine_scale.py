@@ -7,8 +7,8 @@ The corpus is synthetic and pre-tokenized (no tokenizer run): `--passages` disti
 terms, a long tail), and `--rows` queries of 4-12 tokens taken from their positive passage, each
 row with 1 positive and 7 negatives. It is written as rankfeed's `tables` Parquet and imported,
 then mined with `--shard 0/S` (the index is always over every passage; the shard bounds how many
-queries are searched) under /usr/bin/time for the peak RSS, twice: building the index into a
-file, then loading it.
+queries are searched), its peak RSS measured, twice: building the index into a file, then
+loading it.
 
     python3 tools/mine_scale.py [--passages 1000000] [--rows 200000] [--shards 100] [--keep DIR]
 """
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -78,13 +77,17 @@ def build(out, n_passages, n_rows, seed=0):
 
 
 def timed(cmd):
-    """Run `cmd` under /usr/bin/time -v: (stdout, wall seconds, peak RSS bytes)."""
+    """Run `cmd`: (stdout, wall seconds, peak RSS bytes). The peak is the child's own, read by a
+    small Python parent from getrusage (no /usr/bin/time needed)."""
+    wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(p.returncode)")
     t = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *map(str, cmd)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", wrapper, *map(str, cmd)], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{p.stderr}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) * 1024
+    rss = int(p.stderr.strip().splitlines()[-1]) * 1024
     return p.stdout, wall, rss
 
 

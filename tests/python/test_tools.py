@@ -1,0 +1,32 @@
+"""The scale tools the README quotes run as written, at a small size: `tools/mine_scale.py`
+(BM25 index built, kept, loaded: byte-identical output) and `tools/scale_bench.py` (convert,
+first batches, warm batches/s from the CLI and Python at two sizes, and their ratios)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(*args, env=None):
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_mine_scale_runs_and_the_kept_index_changes_nothing(rankfeed_bin):
+    out = run(ROOT / "tools/mine_scale.py", "--passages", "20000", "--rows", "4000", "--shards", "4",
+              env={"RANKFEED_BIN": rankfeed_bin})
+    assert "mine (built index)" in out and "mine (loaded index)" in out, out
+    assert "byte-identical" in out, out
+
+
+def test_scale_bench_runs_at_two_sizes(rankfeed_bin):
+    out = run(ROOT / "tools/scale_bench.py", "--sizes", "3000,9000", "--batches", "2000",
+              env={"RANKFEED_BIN": rankfeed_bin})
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, out
+    assert "2,998 rows: convert" in lines[0] and "8,994 rows: convert" in lines[1], out
+    assert lines[2].startswith("8,994 vs 2,998 rows (3.0x)"), out
