@@ -106,7 +106,7 @@ impl Passages {
             ds.manifest().text.passage_instruction.clone(),
             &ds.manifest().text.passage_instruction_format,
         )?;
-        let files = crate::score::parquet_files(inputs, "corpus")?;
+        let files = crate::discover::parquet_files(inputs)?;
         let mut lists: Vec<Vec<i32>> = Vec::new();
         // (id, file, row) of each passage, when the files have ids.
         let mut ids: Vec<(i64, usize, u64)> = Vec::new();

@@ -26,7 +26,7 @@ fn vector_at(a: &dyn Array, i: usize) -> Option<ArrayRef> {
 
 /// Embeddings from Parquet files or directories (see the module docs).
 pub fn read_embeddings(inputs: &[PathBuf]) -> Result<Embeddings> {
-    let files = crate::score::parquet_files(inputs, "embeddings")?;
+    let files = crate::discover::parquet_files(inputs)?;
     let mut values: Vec<f32> = Vec::new();
     let mut dim: Option<usize> = None;
     let mut ids: Vec<(i64, usize, u64)> = Vec::new();

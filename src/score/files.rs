@@ -282,37 +282,6 @@ pub fn export_pairs(
     })
 }
 
-/// The Parquet files of `inputs`: files as given, directories' `*.parquet` (sorted, hidden
-/// files skipped).
-pub(crate) fn parquet_files(inputs: &[PathBuf], what: &'static str) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| Error::io(input, e))?
-                .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(input, e)))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .filter(|p| {
-                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    name.ends_with(".parquet") && !name.starts_with(['.', '_'])
-                })
-                .collect();
-            if found.is_empty() {
-                return Err(Error::input(input, "no .parquet files in this directory"));
-            }
-            found.sort();
-            files.extend(found);
-        } else {
-            files.push(input.clone());
-        }
-    }
-    if files.is_empty() {
-        return Err(Error::argument(what, "no Parquet files given"));
-    }
-    Ok(files)
-}
-
 /// An error at `row` (0-based, counted over the file) of `path`, column `field`.
 fn at(path: &Path, row: u64, field: &str, message: impl Into<String>) -> Error {
     Error::Input {
@@ -331,7 +300,7 @@ pub fn read_scores(ds: &Dataset, inputs: &[PathBuf]) -> Result<Vec<f32>> {
     // NaN marks a pair not yet scored (every score read is finite).
     let mut scores = vec![f32::NAN; n];
     let seal = &ds.manifest().checksum;
-    for path in parquet_files(inputs, "scores")? {
+    for path in crate::discover::parquet_files(inputs)? {
         let file = crate::storage::open_regular(&path)?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(&path, e))?;

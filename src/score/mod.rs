@@ -32,7 +32,6 @@
 
 mod files;
 
-pub(crate) use files::parquet_files;
 pub use files::{content_key, export_pairs, read_scores, PairsMeta, PairsReport, PAIRS_KEY};
 
 use std::collections::HashMap;
