@@ -529,12 +529,7 @@ fn duplicates(ds: &Dataset, keys: &[u128], examples: usize) -> Result<(Duplicate
 
 /// Exact overlap of `ds`'s queries and passages with `other`'s.
 fn overlap(ds: &Dataset, other: &Dataset, examples: usize) -> Result<Overlap> {
-    let fp = |d: &Dataset| {
-        d.manifest()
-            .tokenizer
-            .as_ref()
-            .map(|t| t.fingerprint.clone())
-    };
+    let fp = |d: &Dataset| d.tokenizer_fingerprint().map(String::from);
     if fp(ds) != fp(other) {
         return Err(Error::argument(
             "against",

@@ -318,6 +318,15 @@ impl Dataset {
         })
     }
 
+    /// The fingerprint of the tokenizer the dataset was converted with, if recorded (ids of
+    /// datasets with another one are other words).
+    pub fn tokenizer_fingerprint(&self) -> Option<&str> {
+        self.manifest()
+            .tokenizer
+            .as_ref()
+            .map(|t| t.fingerprint.as_str())
+    }
+
     /// The dataset directory.
     pub fn dir(&self) -> &Path {
         &self.dir

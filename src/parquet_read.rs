@@ -54,6 +54,72 @@ pub fn strings(a: &dyn Array) -> Result<Vec<Option<&str>>, String> {
     }
 }
 
+/// One Parquet reader opened by [`read_rows`], before its batches are read.
+pub type Opened = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<std::fs::File>;
+
+/// Read `files` (kind `what`, named in errors: "corpus", "embeddings") batch by batch: each file
+/// opened, its column names checked unique, then `open(path, &reader)` (required columns,
+/// metadata); then `rows(&batch, &at)` for each batch, `at(i, field, message)` being the
+/// error at row `i` of the batch (counted over its file). An `id` column, in every file or in
+/// none, gives each row its place: the returned `slot_of` ([`order_by_ids`]); `None`
+/// without ids (the rows' order is theirs).
+pub fn read_rows(
+    files: &[std::path::PathBuf],
+    what: &str,
+    mut open: impl FnMut(&std::path::Path, &Opened) -> crate::error::Result<()>,
+    mut rows: impl FnMut(
+        &arrow_array::RecordBatch,
+        &dyn Fn(usize, &str, String) -> crate::error::Error,
+    ) -> crate::error::Result<()>,
+) -> crate::error::Result<Option<Vec<usize>>> {
+    use crate::error::Error;
+    let mut ids: Vec<(i64, usize, u64)> = Vec::new();
+    let mut with_ids = None;
+    for (file_index, path) in files.iter().enumerate() {
+        let file = crate::storage::open_regular(path)?;
+        let reader = Opened::try_new(file).map_err(|e| Error::parquet(path, e))?;
+        let schema = reader.schema().clone();
+        unique_columns(&schema).map_err(|m| Error::input(path, m))?;
+        open(path, &reader)?;
+        let has_id = schema.fields().iter().any(|f| f.name() == "id");
+        if *with_ids.get_or_insert(has_id) != has_id {
+            return Err(Error::input(
+                path,
+                format!("some {what} files have an `id` column and some do not"),
+            ));
+        }
+        let batches = reader
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| Error::parquet(path, e))?;
+        let mut base = 0u64;
+        for batch in batches {
+            let batch = batch.map_err(|e| Error::parquet(path, e.into()))?;
+            let at = |i: usize, field: &str, message: String| Error::Input {
+                path: path.clone(),
+                row: Some(base + i as u64),
+                field: Some(field.into()),
+                message,
+            };
+            rows(&batch, &at)?;
+            if has_id {
+                let v = integers(batch.column_by_name("id").expect("checked"))
+                    .map_err(|(i, m)| at(i, "id", m))?;
+                ids.extend(
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, id)| (id, file_index, base + i as u64)),
+                );
+            }
+            base += batch.num_rows() as u64;
+        }
+    }
+    if with_ids == Some(true) {
+        return order_by_ids(&ids, files).map(Some);
+    }
+    Ok(None)
+}
+
 /// Where each of `n` items read in order belongs when an `id` column gave item k the id
 /// `ids[k].0` (read at row `ids[k].2` of `files[ids[k].1]`): `slot_of[k]`. The ids must be
 /// 0..n once each; `Err` names the file and row of the first that is not.
@@ -149,14 +215,9 @@ pub fn ids(a: &dyn Array) -> Result<Vec<i32>, String> {
         .collect()
 }
 
-/// Scores as finite float32s (see the module docs); `Err` gives the message, the reason a
-/// JSON row with the same problem would be rejected for, and the offset of the bad value.
-pub fn scores_at(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason, usize)> {
-    if a.null_count() > 0 {
-        let i = (0..a.len()).find(|&i| a.is_null(i)).unwrap_or(0);
-        return Err(("null score".into(), RejectReason::NonNumericScore, i));
-    }
-    let wide: Vec<f64> = match a.data_type() {
+/// A float column (half, float or double) widened; `None` for any other type.
+fn widen_floats(a: &dyn Array) -> Option<Vec<f64>> {
+    Some(match a.data_type() {
         DataType::Float16 => a
             .as_primitive::<Float16Type>()
             .values()
@@ -170,26 +231,12 @@ pub fn scores_at(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason, usize
             .map(|&x| x as f64)
             .collect(),
         DataType::Float64 => a.as_primitive::<Float64Type>().values().to_vec(),
-        DataType::Boolean => {
-            return Err((
-                "booleans are not scores".into(),
-                RejectReason::BooleanScore,
-                0,
-            ))
-        }
-        t if t.is_integer() => integers(a)
-            .map_err(|(i, m)| (m, RejectReason::NonNumericScore, i))?
-            .into_iter()
-            .map(|x| x as f64)
-            .collect(),
-        t => {
-            return Err((
-                format!("scores must be numbers, found {t}"),
-                RejectReason::NonNumericScore,
-                0,
-            ))
-        }
-    };
+        _ => return None,
+    })
+}
+
+/// Each value as a finite float32; `Err` is (why, offset) of the first that is not.
+fn finite_f32(wide: Vec<f64>) -> Result<Vec<f32>, (String, usize)> {
     wide.into_iter()
         .enumerate()
         .map(|(i, x)| {
@@ -197,14 +244,59 @@ pub fn scores_at(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason, usize
             if y.is_finite() {
                 Ok(y)
             } else {
-                Err((
-                    format!("{x} is not a finite float32"),
-                    RejectReason::NonFiniteScore,
-                    i,
-                ))
+                Err((format!("{x} is not a finite float32"), i))
             }
         })
         .collect()
+}
+
+/// The offset of the first null of `a`, if any.
+fn first_null(a: &dyn Array) -> Option<usize> {
+    (a.null_count() > 0).then(|| (0..a.len()).find(|&i| a.is_null(i)).unwrap_or(0))
+}
+
+/// Scores as finite float32s (see the module docs); `Err` gives the message, the reason a
+/// JSON row with the same problem would be rejected for, and the offset of the bad value.
+pub fn scores_at(a: &dyn Array) -> Result<Vec<f32>, (String, RejectReason, usize)> {
+    if let Some(i) = first_null(a) {
+        return Err(("null score".into(), RejectReason::NonNumericScore, i));
+    }
+    let wide: Vec<f64> = match widen_floats(a) {
+        Some(wide) => wide,
+        None => match a.data_type() {
+            DataType::Boolean => {
+                return Err((
+                    "booleans are not scores".into(),
+                    RejectReason::BooleanScore,
+                    0,
+                ))
+            }
+            t if t.is_integer() => integers(a)
+                .map_err(|(i, m)| (m, RejectReason::NonNumericScore, i))?
+                .into_iter()
+                .map(|x| x as f64)
+                .collect(),
+            t => {
+                return Err((
+                    format!("scores must be numbers, found {t}"),
+                    RejectReason::NonNumericScore,
+                    0,
+                ))
+            }
+        },
+    };
+    finite_f32(wide).map_err(|(m, i)| (m, RejectReason::NonFiniteScore, i))
+}
+
+/// Float values (half, float or double; no integers, no nulls) as finite float32s, as
+/// embeddings are read; `Err` is (why, offset of the bad value).
+pub fn floats_at(a: &dyn Array) -> Result<Vec<f32>, (String, usize)> {
+    if let Some(i) = first_null(a) {
+        return Err(("null value".into(), i));
+    }
+    let wide =
+        widen_floats(a).ok_or_else(|| (format!("must be floats, found {}", a.data_type()), 0))?;
+    finite_f32(wide)
 }
 
 /// [`scores_at`] without the offset.

@@ -84,13 +84,8 @@ impl Passages {
         ds: &Dataset,
         tokenizer: Option<&TextTokenizer>,
     ) -> Result<Passages> {
-        let ours = ds
-            .manifest()
-            .tokenizer
-            .as_ref()
-            .map(|t| t.fingerprint.clone());
         if let Some(t) = tokenizer {
-            if ours.as_deref() != Some(t.facts().fingerprint.as_str()) {
+            if ds.tokenizer_fingerprint() != Some(t.facts().fingerprint.as_str()) {
                 return Err(Error::argument(
                     "tokenizer",
                     format!(
@@ -108,140 +103,68 @@ impl Passages {
         )?;
         let files = crate::discover::parquet_files(inputs)?;
         let mut lists: Vec<Vec<i32>> = Vec::new();
-        // (id, file, row) of each passage, when the files have ids.
-        let mut ids: Vec<(i64, usize, u64)> = Vec::new();
-        let mut with_ids = None;
-        for (file_index, path) in files.iter().enumerate() {
-            let file = crate::storage::open_regular(path)?;
-            let builder =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| Error::parquet(path, e))?;
-            if let Some(kv) = builder.metadata().file_metadata().key_value_metadata() {
+        let open = |path: &Path, reader: &crate::parquet_read::Opened| -> Result<()> {
+            if let Some(kv) = reader.metadata().file_metadata().key_value_metadata() {
                 if let Some(json) = kv
                     .iter()
                     .find(|k| k.key == crate::format::PARQUET_MANIFEST_KEY)
                     .and_then(|k| k.value.as_deref())
                 {
-                    let carried = serde_json::from_str::<serde_json::Value>(json).ok();
-                    let theirs = carried
-                        .as_ref()
-                        .and_then(|v| v["tokenizer"]["fingerprint"].as_str().map(String::from));
-                    if let Some(text) = carried.as_ref().map(|v| &v["text"]) {
-                        let t = &ds.manifest().text;
-                        let same = text["passage_instruction"].as_str()
-                            == t.passage_instruction.as_deref()
-                            && text["passage_instruction_format"]
-                                .as_str()
-                                .is_none_or(|f| f == t.passage_instruction_format);
-                        if !text.is_null() && !same {
-                            return Err(Error::input(
-                                path,
-                                format!(
-                                    "these passages were formatted with passage instruction \
-                                     {} and the dataset's with {:?}: the same passage would be \
-                                     other tokens",
-                                    text["passage_instruction"], t.passage_instruction
-                                ),
-                            ));
-                        }
-                    }
-                    if theirs.is_some() && theirs != ours {
-                        return Err(Error::input(
-                            path,
-                            format!(
-                                "these passages were tokenized by {} and the dataset by {}: \
-                                 their ids are other words",
-                                theirs.unwrap_or_default(),
-                                ours.clone()
-                                    .unwrap_or_else(|| "an unrecorded tokenizer".into())
-                            ),
-                        ));
-                    }
+                    check_carried(path, json, ds)?;
                 }
             }
-            let schema = builder.schema().clone();
-            crate::parquet_read::unique_columns(&schema).map_err(|m| Error::input(path, m))?;
-            let has = |n: &str| schema.fields().iter().any(|f| f.name() == n);
-            let (tokens_col, text_col) = (has("tokens"), has("text"));
-            if !tokens_col && !text_col {
+            let has = |n: &str| reader.schema().fields().iter().any(|f| f.name() == n);
+            if !has("tokens") && !has("text") {
                 return Err(Error::input(
                     path,
                     "a corpus file needs a `tokens` (list of ids) or a `text` column",
                 ));
             }
-            if !tokens_col && tokenizer.is_none() {
+            if !has("tokens") && tokenizer.is_none() {
                 return Err(Error::input(
                     path,
                     "a `text` corpus is tokenized here: give the dataset's tokenizer (--tokenizer)",
                 ));
             }
-            match with_ids {
-                None => with_ids = Some(has("id")),
-                Some(w) if w != has("id") => {
-                    return Err(Error::input(
-                        path,
-                        "some corpus files have an `id` column and some do not",
-                    ))
-                }
-                _ => {}
-            }
-            let reader = builder
-                .with_batch_size(8192)
-                .build()
-                .map_err(|e| Error::parquet(path, e))?;
-            let mut base = 0u64;
-            for batch in reader {
-                let batch = batch.map_err(|e| Error::parquet(path, e.into()))?;
-                let at = |i: usize, field: &str, message: String| Error::Input {
-                    path: path.clone(),
-                    row: Some(base + i as u64),
-                    field: Some(field.into()),
-                    message,
-                };
-                if tokens_col {
-                    let col = batch.column_by_name("tokens").expect("checked");
-                    for i in 0..batch.num_rows() {
-                        let list = crate::parquet_read::list_at(col.as_ref(), i)
-                            .ok_or_else(|| at(i, "tokens", "not a list of ids (or null)".into()))?;
-                        let v = crate::parquet_read::ids(list.as_ref())
-                            .map_err(|m| at(i, "tokens", m))?;
-                        if let Some(f) = &ds.manifest().tokenizer {
-                            f.check_ids("token", &v).map_err(|m| at(i, "tokens", m))?;
-                        }
-                        lists.push(v);
+            Ok(())
+        };
+        let rows = |batch: &arrow_array::RecordBatch,
+                    at: &dyn Fn(usize, &str, String) -> Error|
+         -> Result<()> {
+            if let Some(col) = batch.column_by_name("tokens") {
+                for i in 0..batch.num_rows() {
+                    let list = crate::parquet_read::list_at(col.as_ref(), i)
+                        .ok_or_else(|| at(i, "tokens", "not a list of ids (or null)".into()))?;
+                    let v =
+                        crate::parquet_read::ids(list.as_ref()).map_err(|m| at(i, "tokens", m))?;
+                    if let Some(f) = &ds.manifest().tokenizer {
+                        f.check_ids("token", &v).map_err(|m| at(i, "tokens", m))?;
                     }
-                } else {
-                    let col = batch.column_by_name("text").expect("checked");
-                    let texts: Vec<String> = crate::parquet_read::strings(col.as_ref())
-                        .map_err(|m| at(0, "text", m))?
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, t)| {
-                            t.map(|t| formatter.apply(t, None).into_owned())
-                                .ok_or_else(|| at(i, "text", "null text".into()))
-                        })
-                        .collect::<Result<_>>()?;
-                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    lists.extend(tokenizer.expect("checked").encode_batch(&refs)?);
+                    lists.push(v);
                 }
-                if has("id") {
-                    let col = batch.column_by_name("id").expect("checked");
-                    let v = crate::parquet_read::integers(col.as_ref())
-                        .map_err(|(i, m)| at(i, "id", m))?;
-                    for (i, id) in v.into_iter().enumerate() {
-                        ids.push((id, file_index, base + i as u64));
-                    }
-                }
-                base += batch.num_rows() as u64;
+            } else {
+                let col = batch.column_by_name("text").expect("checked");
+                let texts: Vec<String> = crate::parquet_read::strings(col.as_ref())
+                    .map_err(|m| at(0, "text", m))?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        t.map(|t| formatter.apply(t, None).into_owned())
+                            .ok_or_else(|| at(i, "text", "null text".into()))
+                    })
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                lists.extend(tokenizer.expect("checked").encode_batch(&refs)?);
             }
-        }
+            Ok(())
+        };
+        let slot_of = crate::parquet_read::read_rows(&files, "corpus", open, rows)?;
         let origin = files
             .iter()
             .map(|f| f.display().to_string())
             .collect::<Vec<_>>()
             .join(",");
-        if with_ids == Some(true) {
-            let slot_of = crate::parquet_read::order_by_ids(&ids, &files)?;
+        if let Some(slot_of) = slot_of {
             let mut slot: Vec<Vec<i32>> = vec![Vec::new(); lists.len()];
             for (list, s) in lists.into_iter().zip(slot_of) {
                 slot[s] = list;
@@ -250,6 +173,45 @@ impl Passages {
         }
         Ok(Passages::new(lists, &origin))
     }
+}
+
+/// The checks of a corpus file carrying rankfeed's manifest metadata (`json`): `ds`'s passage
+/// formatting and tokenizer.
+fn check_carried(path: &Path, json: &str, ds: &Dataset) -> Result<()> {
+    let ours = ds.tokenizer_fingerprint();
+    let carried = serde_json::from_str::<serde_json::Value>(json).ok();
+    let theirs = carried
+        .as_ref()
+        .and_then(|v| v["tokenizer"]["fingerprint"].as_str());
+    if let Some(text) = carried.as_ref().map(|v| &v["text"]) {
+        let t = &ds.manifest().text;
+        let same = text["passage_instruction"].as_str() == t.passage_instruction.as_deref()
+            && text["passage_instruction_format"]
+                .as_str()
+                .is_none_or(|f| f == t.passage_instruction_format);
+        if !text.is_null() && !same {
+            return Err(Error::input(
+                path,
+                format!(
+                    "these passages were formatted with passage instruction {} and the \
+                     dataset's with {:?}: the same passage would be other tokens",
+                    text["passage_instruction"], t.passage_instruction
+                ),
+            ));
+        }
+    }
+    if theirs.is_some() && theirs != ours {
+        return Err(Error::input(
+            path,
+            format!(
+                "these passages were tokenized by {} and the dataset by {}: their ids are other \
+                 words",
+                theirs.unwrap_or_default(),
+                ours.unwrap_or("an unrecorded tokenizer")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A corpus resolved against the dataset mined: what ranking and the positives check need.
@@ -275,20 +237,15 @@ fn key(tokens: &[i32]) -> u128 {
 impl<'a> Resolved<'a> {
     pub(crate) fn new(ds: &'a Dataset, corpus: Corpus<'a>) -> Result<Resolved<'a>> {
         if let Corpus::Dataset(other) = corpus {
-            let fp = |d: &Dataset| {
-                d.manifest()
-                    .tokenizer
-                    .as_ref()
-                    .map(|t| t.fingerprint.clone())
-            };
+            let fp = |d: &'a Dataset| d.tokenizer_fingerprint();
             if fp(other) != fp(ds) {
                 return Err(Error::argument(
                     "corpus",
                     format!(
                         "{} was tokenized by {} and the dataset by {}: its ids are other words",
                         other.dir().display(),
-                        fp(other).unwrap_or_else(|| "an unrecorded tokenizer".into()),
-                        fp(ds).unwrap_or_else(|| "an unrecorded tokenizer".into())
+                        fp(other).unwrap_or("an unrecorded tokenizer"),
+                        fp(ds).unwrap_or("an unrecorded tokenizer")
                     ),
                 ));
             }

@@ -188,11 +188,7 @@ pub fn export_pairs(
     let start = Instant::now();
     let ds = plan.dataset();
     if let Some(t) = tokenizer {
-        let ours = ds
-            .manifest()
-            .tokenizer
-            .as_ref()
-            .map(|f| f.fingerprint.as_str());
+        let ours = ds.tokenizer_fingerprint();
         if ours != Some(t.facts().fingerprint.as_str()) {
             return Err(Error::argument(
                 "tokenizer",
