@@ -446,11 +446,15 @@ impl Bm25Index {
     }
 }
 
+/// The ranking order of hits (passage, score): score descending, then passage id ascending.
+fn rank_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    // `+ 0.0` makes -0.0 equal to 0.0 (an inner product can give either).
+    (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0))
+}
+
 /// Keep the `k` best of `hits` (score descending, then id ascending), sorted.
 fn top_k(hits: &mut Vec<(u32, f32)>, k: usize) {
-    // `+ 0.0` makes -0.0 equal to 0.0 (an inner product can give either).
-    let order =
-        |a: &(u32, f32), b: &(u32, f32)| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0));
+    let order = rank_order;
     if hits.len() > k && k > 0 {
         hits.select_nth_unstable_by(k - 1, order);
         hits.truncate(k);
@@ -980,8 +984,6 @@ fn dense_top(
     let n = corpus.ranked_len();
     let mut tops: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
     tile.resize(m * DENSE_CHUNK, 0.0);
-    let order =
-        |a: &(u32, f32), b: &(u32, f32)| (b.1 + 0.0).total_cmp(&(a.1 + 0.0)).then(a.0.cmp(&b.0));
     for start in (0..n).step_by(DENSE_CHUNK) {
         let end = (start + DENSE_CHUNK).min(n);
         let w = end - start;
@@ -1036,19 +1038,11 @@ fn dense_top(
             let floor = (top.len() >= want && want > 0).then(|| top[want - 1]);
             for (j, &s) in scores.iter().enumerate() {
                 let hit = (corpus.ranked(start + j), s);
-                if floor.is_none_or(|f| order(&hit, &f).is_lt()) {
+                if floor.is_none_or(|f| rank_order(&hit, &f).is_lt()) {
                     top.push(hit);
                 }
             }
-            if top.len() > want {
-                if want == 0 {
-                    top.clear();
-                } else {
-                    top.select_nth_unstable_by(want - 1, order);
-                    top.truncate(want);
-                }
-            }
-            top.sort_unstable_by(order);
+            top_k(top, want);
         }
     }
     Ok(tops)
