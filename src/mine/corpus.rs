@@ -31,6 +31,9 @@ pub struct Passages {
     tokens: Vec<i32>,
     /// Where they came from (for the provenance).
     origin: String,
+    /// The tokenizer (fingerprint) whose vocabulary every id was checked against as it was
+    /// read, if any: [`Resolved::new`] need not check them again for that tokenizer's data.
+    checked_for: Option<String>,
 }
 
 impl Passages {
@@ -40,6 +43,7 @@ impl Passages {
             offsets: vec![0],
             tokens: Vec::new(),
             origin: origin.into(),
+            checked_for: None,
         };
         for l in lists {
             p.tokens.extend_from_slice(&l);
@@ -169,9 +173,12 @@ impl Passages {
             for (list, s) in lists.into_iter().zip(slot_of) {
                 slot[s] = list;
             }
-            return Ok(Passages::new(slot, &origin));
+            lists = slot;
         }
-        Ok(Passages::new(lists, &origin))
+        // Every id was checked as read (tokens) or made by the dataset's tokenizer (text).
+        let mut p = Passages::new(lists, &origin);
+        p.checked_for = ds.tokenizer_fingerprint().map(String::from);
+        Ok(p)
     }
 }
 
@@ -269,10 +276,12 @@ impl<'a> Resolved<'a> {
             other.validate_whole("mine from")?;
         }
         if let (Corpus::Passages(p), Some(f)) = (corpus, &ds.manifest().tokenizer) {
-            for c in 0..p.len() {
-                f.check_ids("token", p.get(c)).map_err(|m| {
-                    Error::argument("corpus", format!("passage {c} ({}): {m}", p.origin))
-                })?;
+            if p.checked_for.as_deref() != Some(f.fingerprint.as_str()) {
+                for c in 0..p.len() {
+                    f.check_ids("token", p.get(c)).map_err(|m| {
+                        Error::argument("corpus", format!("passage {c} ({}): {m}", p.origin))
+                    })?;
+                }
             }
         }
         let mut r = Resolved {

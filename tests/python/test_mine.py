@@ -267,6 +267,11 @@ def test_any_corpus_holding_the_same_passages_mines_the_same(wordnet, tmp_path, 
     rankfeed.convert([str(SAMPLE)], tokenizer_path("xlmr"), str(xlmr_dir))
     with pytest.raises(ValueError, match="other words"):
         rankfeed.mine(ds, tmp_path / "e2", corpus=xlmr_dir, **opts)
+    # Ids outside the vocabulary are refused as read, naming the file and row.
+    pq.write_table(pa.table({"tokens": pa.array([[2054], [99_999, 2003]], pa.list_(pa.int32()))}),
+                   tmp_path / "oov.parquet")
+    with pytest.raises(ValueError, match=r"oov.parquet.*row 1.*vocabulary"):
+        rankfeed.mine(ds, tmp_path / "e3", corpus=tmp_path / "oov.parquet", **opts)
 
 
 def test_a_kept_index_is_built_once_and_loaded_after(wordnet, tmp_path):
