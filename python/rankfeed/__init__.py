@@ -89,9 +89,7 @@ def mine(dataset, out, *, corpus=None, tokenizer=None, index=None, query_embeddi
     corpus_dataset = corpus_files = None
     if isinstance(corpus, _Dataset):
         corpus_dataset = corpus
-    elif isinstance(corpus, (str, os.PathLike)) and os.path.isfile(os.path.join(corpus, "manifest.json")):
-        corpus_dataset = Dataset(str(corpus))
-    elif corpus is not None:
+    elif corpus is not None:  # a dataset path, or Parquet paths (the extension tells which)
         corpus_files = [str(corpus)] if isinstance(corpus, (str, os.PathLike)) else [str(c) for c in corpus]
     return _mine(dataset, str(out), corpus_dataset=corpus_dataset, corpus_files=corpus_files,
                  tokenizer=None if tokenizer is None else str(tokenizer),

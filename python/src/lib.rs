@@ -578,12 +578,28 @@ fn _mine<'py>(
         let tokenizer = tokenizer
             .map(rankfeed::tokenizer::TextTokenizer::from_file)
             .transpose()?;
-        if tokenizer.is_some() && corpus_files.is_none() {
-            return Err(rankfeed::Error::argument(
-                "tokenizer",
-                "a tokenizer is used to tokenize a Parquet text corpus only: give corpus=",
-            ));
-        }
+        // A path naming a dataset opens it; other paths are Parquet passages.
+        let names: Vec<String> = corpus_files
+            .iter()
+            .flatten()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let (other, corpus_files) = match other {
+            Some(o) => (Some(o), None),
+            None if rankfeed::mine::names_dataset(&names) => {
+                let opened = if rankfeed::remote::is_url(&names[0]) {
+                    let (d, fetched) = rankfeed::remote::open(&names[0], &cache)?;
+                    // Held to the end of the call: no eviction removes the copy while it is read.
+                    std::mem::forget(fetched);
+                    d
+                } else {
+                    rankfeed::Dataset::open(&names[0])?
+                };
+                (Some(Arc::new(opened)), None)
+            }
+            None => (None, corpus_files),
+        };
+        rankfeed::mine::check_corpus_tokenizer(tokenizer.is_some(), corpus_files.is_some())?;
         let passages = corpus_files
             .map(|f| Passages::read_parquet(&f, &ds, tokenizer.as_ref()))
             .transpose()?;

@@ -395,3 +395,30 @@ impl<'a> Resolved<'a> {
 pub fn is_dataset(path: &Path) -> bool {
     path.join(crate::format::MANIFEST_FILE).is_file()
 }
+
+/// Whether corpus arguments `args` name one dataset (a directory holding a manifest, or an
+/// object-store URL that is not a `.parquet` file) rather than Parquet files or directories:
+/// the one rule of the CLI's `--corpus` and Python's `corpus=`.
+pub fn names_dataset(args: &[String]) -> bool {
+    #[cfg(feature = "remote")]
+    let url = |s: &str| crate::remote::is_url(s) && !s.ends_with(".parquet");
+    #[cfg(not(feature = "remote"))]
+    let url = |_: &str| false;
+    match args {
+        [one] => is_dataset(Path::new(one)) || url(one),
+        _ => false,
+    }
+}
+
+/// A tokenizer is given to tokenize a Parquet `text` corpus, and only then (a dataset corpus
+/// is tokens already; without a corpus nothing is tokenized).
+pub fn check_corpus_tokenizer(tokenizer: bool, parquet_corpus: bool) -> Result<()> {
+    if tokenizer && !parquet_corpus {
+        return Err(Error::argument(
+            "tokenizer",
+            "the tokenizer tokenizes a Parquet text corpus only: give Parquet corpus files (a \
+             dataset corpus is already tokens)",
+        ));
+    }
+    Ok(())
+}

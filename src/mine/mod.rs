@@ -34,7 +34,7 @@
 mod corpus;
 mod embeddings;
 
-pub use corpus::{is_dataset, Corpus, Passages};
+pub use corpus::{check_corpus_tokenizer, is_dataset, names_dataset, Corpus, Passages};
 pub use embeddings::read_embeddings;
 
 use serde::{Deserialize, Serialize};

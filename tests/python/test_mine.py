@@ -267,6 +267,12 @@ def test_any_corpus_holding_the_same_passages_mines_the_same(wordnet, tmp_path, 
     rankfeed.convert([str(SAMPLE)], tokenizer_path("xlmr"), str(xlmr_dir))
     with pytest.raises(ValueError, match="other words"):
         rankfeed.mine(ds, tmp_path / "e2", corpus=xlmr_dir, **opts)
+    # The tokenizer is for a Parquet text corpus only (one rule with the CLI's --tokenizer).
+    with pytest.raises(ValueError, match="Parquet text corpus only"):
+        rankfeed.mine(ds, tmp_path / "e4", corpus=tmp_path / "other", tokenizer=BERT, **opts)
+    p = subprocess.run([rankfeed_bin, "mine", out, "-o", tmp_path / "e5", "--corpus", tmp_path / "other",
+                        "--tokenizer", BERT], capture_output=True, text=True)
+    assert p.returncode == 1 and "Parquet text corpus only" in p.stderr, p.stderr
     # Ids outside the vocabulary are refused as read, naming the file and row.
     pq.write_table(pa.table({"tokens": pa.array([[2054], [99_999, 2003]], pa.list_(pa.int32()))}),
                    tmp_path / "oov.parquet")

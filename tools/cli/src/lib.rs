@@ -721,21 +721,13 @@ fn run_mine(a: MineArgs) -> Result<()> {
     };
     use rankfeed::mine::{Corpus, Passages};
     let corpus_args = strings(&a.corpus);
-    let dataset_corpus = match &corpus_args[..] {
-        [one]
-            if rankfeed::mine::is_dataset(std::path::Path::new(one))
-                || (remote::is_url(one) && !one.ends_with(".parquet")) =>
-        {
-            Some(open_dataset(std::path::Path::new(one))?)
-        }
-        _ => None,
-    };
-    if a.tokenizer.is_some() && (corpus_args.is_empty() || dataset_corpus.is_some()) {
-        anyhow::bail!(
-            "--tokenizer tokenizes a Parquet text corpus only: give --corpus FILES (a dataset \
-             corpus is already tokens)"
-        );
-    }
+    let dataset_corpus = rankfeed::mine::names_dataset(&corpus_args)
+        .then(|| open_dataset(std::path::Path::new(&corpus_args[0])))
+        .transpose()?;
+    rankfeed::mine::check_corpus_tokenizer(
+        a.tokenizer.is_some(),
+        dataset_corpus.is_none() && !corpus_args.is_empty(),
+    )?;
     let passages = if dataset_corpus.is_none() && !corpus_args.is_empty() {
         let tokenizer = a
             .tokenizer
