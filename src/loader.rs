@@ -359,33 +359,27 @@ struct Plan {
     first_steps: std::sync::OnceLock<u64>,
 }
 
-/// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
-/// so other threads wait for the value instead of computing it again.
-/// `f(i, scratch)` for every `i` of `0..n`, in order: an epoch pass over every row (length and
-/// budget plans). Split across the machine's cores with scoped threads (not a rayon pool: a
-/// loader may run in a forked DataLoader worker, where a pool made before the fork has no
-/// threads); each `i`'s value depends on `i` alone, so the split never changes the result.
-fn epoch_pass<T: Send>(
+/// `part(range)` for contiguous parts of `0..n`, concatenated in order: an epoch pass over
+/// every row (length and budget plans), split across the machine's cores with scoped threads
+/// (not a rayon pool: a loader may run in a forked DataLoader worker, where a pool made before
+/// the fork has no threads). Each part's value depends on its range alone, so the split never
+/// changes the result; the first error in order is the one returned.
+fn split_pass<T: Send>(
     n: u64,
-    group_size: usize,
-    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
+    part: impl Fn(std::ops::Range<u64>) -> Result<Vec<T>> + Sync,
 ) -> Result<Vec<T>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
         .min(EPOCH_PASS_THREADS) as u64;
-    let run = |range: std::ops::Range<u64>| -> Result<Vec<T>> {
-        let mut neg = Vec::with_capacity(group_size);
-        range.map(|i| f(i, &mut neg)).collect()
-    };
     if threads <= 1 || n < EPOCH_PASS_SPLIT {
-        return run(0..n);
+        return part(0..n);
     }
     let chunk = n.div_ceil(threads);
     let parts: Vec<Result<Vec<T>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let run = &run;
-                s.spawn(move || run(t * chunk..((t + 1) * chunk).min(n)))
+                let part = &part;
+                s.spawn(move || part(t * chunk..((t + 1) * chunk).min(n)))
             })
             .collect();
         handles
@@ -404,11 +398,77 @@ fn epoch_pass<T: Send>(
     Ok(out)
 }
 
+/// `f(i, scratch)` for every `i` of `0..n`, in order ([`split_pass`]).
+#[cfg(test)]
+fn epoch_pass<T: Send>(
+    n: u64,
+    group_size: usize,
+    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    split_pass(n, |range| {
+        let mut neg = Vec::with_capacity(group_size);
+        collect(range, |i| f(i, &mut neg))
+    })
+}
+
+/// `f(i)` for each `i` of `range`, into a vector allocated once (collecting an iterator of
+/// `Result`s reallocates as it grows: it cannot know the length).
+#[inline]
+fn collect<T>(range: std::ops::Range<u64>, mut f: impl FnMut(u64) -> Result<T>) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity((range.end - range.start) as usize);
+    for i in range {
+        out.push(f(i)?);
+    }
+    Ok(out)
+}
+
+/// An epoch pass whose value at each position `i` of `0..n` is `f(row(i), scratch)`, a
+/// function of the row alone (`row(i) < rows`): `f` runs once for each distinct row, in row
+/// order, and the values are gathered by position. Row order is the dataset's storage order:
+/// a row's id lists follow the previous row's, and its passages (numbered in first-reference
+/// order at conversion) mostly follow the previous row's passages, so the pass streams through
+/// the maps where position order (shuffled) would miss the cache on every list and passage
+/// length once the dataset outgrows it. Costs 8 bytes a position and `size_of::<T>()` a row
+/// while it runs. The first error in row order is the one returned.
+fn row_pass<T: Send + Sync + Copy + Default>(
+    rows: usize,
+    n: u64,
+    group_size: usize,
+    row: impl Fn(u64) -> u64 + Sync,
+    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let at: Vec<u64> = split_pass(n, |range| Ok(range.map(&row).collect()))?;
+    let mut wanted = vec![0u64; rows.div_ceil(64)];
+    for &r in &at {
+        if r >= rows as u64 {
+            return Err(Error::Internal(format!(
+                "an epoch order names row {r} of {rows}"
+            )));
+        }
+        wanted[(r / 64) as usize] |= 1 << (r % 64);
+    }
+    let by_row: Vec<T> = split_pass(rows as u64, |range| {
+        let mut neg = Vec::with_capacity(group_size);
+        collect(range, |r| {
+            if wanted[(r / 64) as usize] >> (r % 64) & 1 == 1 {
+                f(r, &mut neg)
+            } else {
+                Ok(T::default())
+            }
+        })
+    })?;
+    split_pass(n, |range| {
+        Ok(range.map(|i| by_row[at[i as usize] as usize]).collect())
+    })
+}
+
 /// Rows below which an epoch pass runs on one thread (starting threads costs more).
 const EPOCH_PASS_SPLIT: u64 = 1 << 16;
 /// Threads an epoch pass uses at most.
 const EPOCH_PASS_THREADS: usize = 8;
 
+/// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
+/// so other threads wait for the value instead of computing it again.
 fn cached<T>(
     cache: &EpochCache<T>,
     epoch: u64,
@@ -483,9 +543,13 @@ impl Plan {
         };
         let lengths = cached(&self.lengths, epoch, || {
             let g = self.options.collate.group_size;
-            Ok(LengthOrder::new(epoch_pass(kept, g, |i, neg| {
-                self.length_of(epoch, order.row(i), neg)
-            })?))
+            Ok(LengthOrder::new(row_pass(
+                self.ds.len(),
+                kept,
+                g,
+                |i| order.row(i),
+                |row, neg| self.length_of(epoch, row, neg),
+            )?))
         })?;
         let source = lengths.source_batch(step, b, mult);
         let key = (epoch, source / mult);
@@ -540,12 +604,18 @@ impl Plan {
                 Vec::with_capacity(n as usize),
                 Vec::with_capacity(n as usize),
             );
-            let pairs = epoch_pass(n, self.options.collate.group_size, |p, neg| {
-                let row = order.global_row(p);
-                let (g, pos) = self.draw(epoch, row, neg)?;
-                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
-                Ok((l as u32, total.min(u32::MAX as usize) as u32))
-            })?;
+            let g = self.options.collate.group_size;
+            let pairs = row_pass(
+                self.ds.len(),
+                n,
+                g,
+                |p| order.global_row(p),
+                |row, neg| {
+                    let (g, pos) = self.draw(epoch, row, neg)?;
+                    let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
+                    Ok((l as u32, total.min(u32::MAX as usize) as u32))
+                },
+            )?;
             for (l, total) in pairs {
                 longest.push(l);
                 sizes.push(match budget.cost {
@@ -1481,5 +1551,45 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("at 150000"), "{e}");
+    }
+
+    #[test]
+    fn a_row_ordered_pass_is_the_pass_by_position() {
+        // Rows repeated (weighted sources, padded shards), left out (subsets, other ranks) and
+        // in any order: each position gets its row's value.
+        let f = |r: u64, scratch: &mut Vec<u32>| -> Result<u64> {
+            scratch.clear();
+            scratch.push(r as u32);
+            Ok(xxhash_rust::xxh3::xxh3_64(&r.to_le_bytes()) | 1)
+        };
+        for (rows, n, k) in [
+            (0usize, 0u64, 1u64),
+            (10, 7, 3),
+            (1000, 1000, 7),
+            (70_000, 200_003, 31),
+            (300_000, 70_000, 13),
+        ] {
+            let row = |i: u64| (i * k + i / 3) % rows as u64;
+            let mut scratch = Vec::new();
+            let want: Vec<u64> = (0..n).map(|i| f(row(i), &mut scratch).unwrap()).collect();
+            assert_eq!(row_pass(rows, n, 4, row, f).unwrap(), want, "{rows} {n}");
+        }
+        // An error is returned, and a row outside the dataset is one.
+        let e = row_pass(
+            100_000,
+            100_000,
+            4,
+            |i| i,
+            |r, _| {
+                if r == 99_000 {
+                    Err(Error::Internal(format!("at {r}")))
+                } else {
+                    Ok(r)
+                }
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at 99000"), "{e}");
+        assert!(row_pass(10, 3, 4, |i| i + 8, |r, _| Ok(r)).is_err());
     }
 }

@@ -21,7 +21,6 @@ pub mod source;
 pub mod text;
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -31,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, RejectReason, Result, RowError};
 use crate::format::{self, Manifest, ShardRange, SourceStats, TextSettings};
 use crate::tokenizer::TextTokenizer;
-use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, PreHashed, WriterOptions};
+use crate::writer::{DatasetWriter, GroupRecord, KeyIds, ManifestInfo, WriterOptions};
 
 use row::{parse_row, InputRow};
 use source::{Record, SourceFile};
@@ -181,8 +180,6 @@ pub fn configure_threads(n: usize) -> std::result::Result<(), String> {
         .build_global()
         .map_err(|e| e.to_string())
 }
-
-type DedupMap = HashMap<u128, u32, BuildHasherDefault<PreHashed>>;
 
 /// Per-source counts kept by the prepare stage.
 #[derive(Default, Clone)]
@@ -442,12 +439,15 @@ struct Preparer {
     convention: format::Convention,
     query_fmt: Formatter,
     passage_fmt: Formatter,
-    dedup: DedupMap,
+    /// xxh3-128 of a formatted passage text -> its text id (the order texts are tokenized in).
+    dedup: KeyIds,
     prompt_ids: HashMap<String, u32>,
     next_passage: u32,
     policy: OnError,
     chunk_rows: usize,
     max_line_bytes: usize,
+    /// What stopped reading other than a row (a dedup table full).
+    error: Option<Error>,
 }
 
 impl Preparer {
@@ -462,7 +462,8 @@ impl Preparer {
                 text.passage_instruction.clone(),
                 &text.passage_instruction_format,
             )?,
-            dedup: DedupMap::default(),
+            dedup: KeyIds::default(),
+            error: None,
             prompt_ids: HashMap::new(),
             next_passage: 0,
             policy: options.on_error,
@@ -515,6 +516,9 @@ impl Preparer {
                 break;
             }
         }
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
         if job.rows() > 0 {
             let _ = tx.send(job.assemble());
         }
@@ -536,7 +540,10 @@ impl Preparer {
         match row {
             Ok(row) => {
                 st.batch_size = st.batch_size.or(row.batch_size);
-                self.add_row(job, source, row)
+                if let Err(e) = self.add_row(job, source, row) {
+                    self.error = Some(e);
+                    *stop = true;
+                }
             }
             Err(e) => {
                 *st.rejected.entry(e.reason).or_default() += 1;
@@ -557,7 +564,7 @@ impl Preparer {
         !*stop
     }
 
-    fn add_row(&mut self, job: &mut Job, source: u32, row: InputRow<'_>) {
+    fn add_row(&mut self, job: &mut Job, source: u32, row: InputRow<'_>) -> Result<()> {
         let (query_prompt, passage_prompt) = match self.convention {
             format::Convention::Reranker => {
                 (row.query_prompt.as_deref(), row.passage_prompt.as_deref())
@@ -571,11 +578,11 @@ impl Preparer {
             let text = self.passage_fmt.apply(p, passage_prompt);
             let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
             let next = &mut self.next_passage;
-            let id = *self.dedup.entry(key).or_insert_with(|| {
+            let id = self.dedup.get_or_insert_with(key, || {
                 job.new_passages.push(text.into_owned());
                 *next += 1;
                 *next - 1
-            });
+            })?;
             job.refs.push(id as i32);
         }
         let prompt = row.prompt.map(|p| {
@@ -596,6 +603,7 @@ impl Preparer {
             neg_scores: row.neg_scores,
             prompt,
         });
+        Ok(())
     }
 }
 

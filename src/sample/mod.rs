@@ -337,14 +337,18 @@ pub fn sample_group(
 }
 
 /// The first `k` of a uniformly shuffled pool `0..n` repeated `reps` times, mapped back to
-/// `0..n`.
+/// `0..n`, into `out` (empty). The pool is built in `out` itself and cut to its first `k`
+/// (what a Fisher-Yates pass stopped after `k` swaps leaves there): no allocation once `out`
+/// has held a pool, where epoch passes call this for every row.
 fn partial_shuffle(rng: &mut KeyedRng, n: usize, k: usize, reps: usize, out: &mut Vec<u32>) {
-    let mut pool: Vec<u32> = (0..reps).flat_map(|_| 0..n as u32).collect();
-    for i in 0..k {
-        let j = i + rng.below((pool.len() - i) as u64) as usize;
-        pool.swap(i, j);
-        out.push(pool[i]);
+    for _ in 0..reps {
+        out.extend(0..n as u32);
     }
+    for i in 0..k {
+        let j = i + rng.below((out.len() - i) as u64) as usize;
+        out.swap(i, j);
+    }
+    out.truncate(k);
 }
 
 #[cfg(test)]

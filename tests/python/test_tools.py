@@ -1,6 +1,7 @@
 """The scale tools the README quotes run as written, at a small size: `tools/mine_scale.py`
-(BM25 index built, kept, loaded: byte-identical output) and `tools/scale_bench.py` (convert,
-first batches, warm batches/s from the CLI and Python at two sizes, and their ratios)."""
+(BM25 index built, kept, loaded: byte-identical output), `tools/scale_bench.py` (convert,
+first batches, warm batches/s from the CLI and Python at two sizes, and their ratios) and
+`tools/peers_bench.py` (FlagEmbedding, the expert numpy pipeline and rankfeed on the same groups)."""
 
 import os
 import subprocess
@@ -30,3 +31,16 @@ def test_scale_bench_runs_at_two_sizes(rankfeed_bin):
     assert len(lines) == 3, out
     assert "2,998 rows: convert" in lines[0] and "8,994 rows: convert" in lines[1], out
     assert lines[2].startswith("8,994 vs 2,998 rows (3.0x)"), out
+
+
+def test_peers_bench_runs_and_every_side_makes_the_same_batches(rankfeed_bin):
+    # The script exits non-zero if the expert collator or the reference differ from rankfeed
+    # on the batches it checks; here every ratio line is printed.
+    out = run(ROOT / "tools/peers_bench.py", "--rounds", "1", "--seconds", "0.2", "--check", "100",
+              env={"RANKFEED_BIN": rankfeed_bin})
+    for side in ("FlagEmbedding dataset+collator", "expert Arrow+numpy collator",
+                 "rankfeed Loader.collate (Python)", "rankfeed next(loader) (Python)",
+                 "rankfeed bench (Rust)", "in-cache copy of the batch bytes"):
+        assert side in out, out
+    assert "the expert's arrays equal rankfeed's on 100 batches" in out, out
+    assert "of the in-cache copy bound" in out, out
