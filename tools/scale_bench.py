@@ -7,7 +7,8 @@ as 16 JSONL part files, for each size asked. Per size it prints:
 - convert: wall time, rows/s and peak RSS;
 - open + first batch (random order, and `--length-grouped 50`), from `rankfeed bench`;
 - warm batches/s from the CLI bench (random order, one thread, no prefetch) and from a Python
-  loop over `Dataset.loader` (same settings), and the Python/Rust ratio;
+  loop over `Dataset.loader` (same settings), each after reading the dataset's files once, and
+  the Python/Rust ratio;
 
 then the ratios of each figure to the smallest size's (per row where the figure is per epoch).
 Settings: BERT, encoder, B=4, G=16, q32/p192.
@@ -37,6 +38,16 @@ BIN = os.environ.get("RANKFEED_BIN", str(ROOT / "target/release/rankfeed"))
 BERT = ROOT / "data/sample/bert/tokenizer.json"
 SETTINGS = ["--mode", "encoder", "--batch-size", "4", "--group-size", "16", "--query-max-len", "32",
             "--passage-max-len", "192"]
+
+
+def warm(ds):
+    """Read the dataset's files once, so the warm figures are of a warm page cache (right
+    after a conversion the files may be partly on disk only: this machine's page cache is
+    smaller than its memory)."""
+    for f in pathlib.Path(ds).iterdir():
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
 
 
 def bench(ds, batches, *extra):
@@ -84,8 +95,10 @@ def main():
             ds = work / f"ds-{copies}"
             _, wall, rss = timed([BIN, "convert", src, "--tokenizer", BERT, "-o", ds, "--overwrite"])
             disk = sum(f.stat().st_size for f in ds.iterdir())
+            warm(ds)
             rand = bench(ds, a.batches)
             grouped = bench(ds, 200, "--length-grouped", "50")
+            warm(ds)
             py = python_rate(ds, a.batches)
             r = dict(rows=n, convert_s=wall, convert_rss=rss, disk=disk,
                      first=rand["open_plus_first_batch_ms"], first_grouped=grouped["open_plus_first_batch_ms"],

@@ -25,12 +25,17 @@ def test_mine_scale_runs_and_the_kept_index_changes_nothing(rankfeed_bin):
 
 
 def test_scale_bench_runs_at_two_sizes(rankfeed_bin):
-    out = run(ROOT / "tools/scale_bench.py", "--sizes", "3000,9000", "--batches", "2000",
+    # RANKFEED_SCALE=1 runs it at the README's sizes, 64k and 1M rows (about 5 minutes here).
+    full = os.environ.get("RANKFEED_SCALE") == "1"
+    sizes, batches = ("64000,1000000", "20000") if full else ("3000,9000", "2000")
+    out = run(ROOT / "tools/scale_bench.py", "--sizes", sizes, "--batches", batches,
               env={"RANKFEED_BIN": rankfeed_bin})
+    print(out)
     lines = out.strip().splitlines()
     assert len(lines) == 3, out
-    assert "2,998 rows: convert" in lines[0] and "8,994 rows: convert" in lines[1], out
-    assert lines[2].startswith("8,994 vs 2,998 rows (3.0x)"), out
+    small, large = ("62,958", "1,001,332") if full else ("2,998", "8,994")
+    assert f"{small} rows: convert" in lines[0] and f"{large} rows: convert" in lines[1], out
+    assert lines[2].startswith(f"{large} vs {small} rows"), out
 
 
 def test_peers_bench_runs_and_every_side_makes_the_same_batches(rankfeed_bin):
