@@ -359,27 +359,33 @@ struct Plan {
     first_steps: std::sync::OnceLock<u64>,
 }
 
-/// `part(range)` for contiguous parts of `0..n`, concatenated in order: an epoch pass over
-/// every row (length and budget plans), split across the machine's cores with scoped threads
-/// (not a rayon pool: a loader may run in a forked DataLoader worker, where a pool made before
-/// the fork has no threads). Each part's value depends on its range alone, so the split never
-/// changes the result; the first error in order is the one returned.
-fn split_pass<T: Send>(
-    n: u64,
-    part: impl Fn(std::ops::Range<u64>) -> Result<Vec<T>> + Sync,
-) -> Result<Vec<T>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(EPOCH_PASS_THREADS) as u64;
-    if threads <= 1 || n < EPOCH_PASS_SPLIT {
-        return part(0..n);
+/// Fill `out` on scoped threads, part `k` being `out[bounds[k]..bounds[k + 1]]` filled by
+/// `f(k, part)`; the first error in part order is the one returned. Epoch passes (length and
+/// budget plans) run on all cores this way: scoped threads, not a rayon pool, because a loader
+/// may run in a forked DataLoader worker, where a pool made before the fork has no threads.
+/// Each part's values depend on its range alone, so the split never changes the result.
+fn fill_parts<T: Send>(
+    out: &mut [T],
+    bounds: &[usize],
+    f: impl Fn(usize, &mut [T]) -> Result<()> + Sync,
+) -> Result<()> {
+    let mut parts = Vec::with_capacity(bounds.len());
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let (part, tail) = rest.split_at_mut(w[1] - w[0]);
+        parts.push(part);
+        rest = tail;
     }
-    let chunk = n.div_ceil(threads);
-    let parts: Vec<Result<Vec<T>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let part = &part;
-                s.spawn(move || part(t * chunk..((t + 1) * chunk).min(n)))
+    if parts.len() <= 1 {
+        return parts.into_iter().try_for_each(|p| f(0, p));
+    }
+    let done: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(k, part)| {
+                let f = &f;
+                s.spawn(move || f(k, part))
             })
             .collect();
         handles
@@ -391,35 +397,21 @@ fn split_pass<T: Send>(
             })
             .collect()
     });
-    let mut out = Vec::with_capacity(n as usize);
-    for p in parts {
-        out.extend(p?);
-    }
-    Ok(out)
+    done.into_iter().collect()
 }
 
-/// `f(i, scratch)` for every `i` of `0..n`, in order ([`split_pass`]).
-#[cfg(test)]
-fn epoch_pass<T: Send>(
-    n: u64,
-    group_size: usize,
-    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    split_pass(n, |range| {
-        let mut neg = Vec::with_capacity(group_size);
-        collect(range, |i| f(i, &mut neg))
-    })
-}
-
-/// `f(i)` for each `i` of `range`, into a vector allocated once (collecting an iterator of
-/// `Result`s reallocates as it grows: it cannot know the length).
-#[inline]
-fn collect<T>(range: std::ops::Range<u64>, mut f: impl FnMut(u64) -> Result<T>) -> Result<Vec<T>> {
-    let mut out = Vec::with_capacity((range.end - range.start) as usize);
-    for i in range {
-        out.push(f(i)?);
-    }
-    Ok(out)
+/// `0..n` cut into one part per core (at most [`EPOCH_PASS_THREADS`]), or one part below
+/// `min` (starting threads costs more): the bounds for [`fill_parts`].
+fn even_bounds(n: usize, min: usize) -> Vec<usize> {
+    let threads = if n < min {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(EPOCH_PASS_THREADS)
+    };
+    let chunk = n.div_ceil(threads).max(1);
+    (0..=threads).map(|t| (t * chunk).min(n)).collect()
 }
 
 /// An epoch pass whose value at each position `i` of `0..n` is `f(row(i), scratch)`, a
@@ -428,8 +420,11 @@ fn collect<T>(range: std::ops::Range<u64>, mut f: impl FnMut(u64) -> Result<T>) 
 /// a row's id lists follow the previous row's, and its passages (numbered in first-reference
 /// order at conversion) mostly follow the previous row's passages, so the pass streams through
 /// the maps where position order (shuffled) would miss the cache on every list and passage
-/// length once the dataset outgrows it. Costs 8 bytes a position and `size_of::<T>()` a row
-/// while it runs. The first error in row order is the one returned.
+/// length once the dataset outgrows it. The distinct rows are a bitmap with a running count
+/// per 64 rows, and their values are stored densely: while it runs the pass holds 8 bytes a
+/// position (its row), `size_of::<T>()` a position (the result) and a distinct row, and 2 bits
+/// a dataset row, so a rank of many, or a small subset of a large dataset, pays for its own
+/// rows only. The first error in row order is the one returned.
 fn row_pass<T: Send + Sync + Copy + Default>(
     rows: usize,
     n: u64,
@@ -437,8 +432,19 @@ fn row_pass<T: Send + Sync + Copy + Default>(
     row: impl Fn(u64) -> u64 + Sync,
     f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let at: Vec<u64> = split_pass(n, |range| Ok(range.map(&row).collect()))?;
-    let mut wanted = vec![0u64; rows.div_ceil(64)];
+    let n = usize::try_from(n).map_err(|_| Error::Internal("an epoch beyond memory".into()))?;
+    let split = EPOCH_PASS_SPLIT as usize;
+    let by_position = even_bounds(n, split);
+    let mut at = vec![0u64; n];
+    fill_parts(&mut at, &by_position, |k, part| {
+        let start = by_position[k];
+        for (j, r) in part.iter_mut().enumerate() {
+            *r = row((start + j) as u64);
+        }
+        Ok(())
+    })?;
+    let words = rows.div_ceil(64);
+    let mut wanted = vec![0u64; words];
     for &r in &at {
         if r >= rows as u64 {
             return Err(Error::Internal(format!(
@@ -447,19 +453,43 @@ fn row_pass<T: Send + Sync + Copy + Default>(
         }
         wanted[(r / 64) as usize] |= 1 << (r % 64);
     }
-    let by_row: Vec<T> = split_pass(rows as u64, |range| {
+    // before[w]: the distinct rows below row 64 * w (the index of word w's first value).
+    let mut before = Vec::with_capacity(words + 1);
+    let mut count = 0usize;
+    for w in &wanted {
+        before.push(count);
+        count += w.count_ones() as usize;
+    }
+    before.push(count);
+    let by_word = even_bounds(words, split / 64);
+    let bounds: Vec<usize> = by_word.iter().map(|&w| before[w]).collect();
+    let mut values = vec![T::default(); count];
+    fill_parts(&mut values, &bounds, |k, part| {
         let mut neg = Vec::with_capacity(group_size);
-        collect(range, |r| {
-            if wanted[(r / 64) as usize] >> (r % 64) & 1 == 1 {
-                f(r, &mut neg)
-            } else {
-                Ok(T::default())
+        let mut j = 0;
+        let first = by_word[k];
+        for (w, &word) in wanted[first..by_word[k + 1]].iter().enumerate() {
+            let base = (first + w) as u64 * 64;
+            let mut bits = word;
+            while bits != 0 {
+                part[j] = f(base + bits.trailing_zeros() as u64, &mut neg)?;
+                j += 1;
+                bits &= bits - 1;
             }
-        })
+        }
+        Ok(())
     })?;
-    split_pass(n, |range| {
-        Ok(range.map(|i| by_row[at[i as usize] as usize]).collect())
-    })
+    let mut out = vec![T::default(); n];
+    fill_parts(&mut out, &by_position, |k, part| {
+        let start = by_position[k];
+        for (j, v) in part.iter_mut().enumerate() {
+            let r = at[start + j];
+            let (w, bit) = ((r / 64) as usize, r % 64);
+            *v = values[before[w] + (wanted[w] & ((1u64 << bit) - 1)).count_ones() as usize];
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Rows below which an epoch pass runs on one thread (starting threads costs more).
@@ -1529,28 +1559,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_epoch_pass_split_across_threads_is_the_sequential_pass() {
-        let f = |i: u64, scratch: &mut Vec<u32>| -> Result<u64> {
-            // The scratch is the caller's to clear: a pass must not depend on what is left.
-            scratch.clear();
-            scratch.push(i as u32);
-            Ok(xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()) ^ scratch[0] as u64)
-        };
-        for n in [0, 1, 1000, EPOCH_PASS_SPLIT - 1, EPOCH_PASS_SPLIT, 200_003] {
-            let mut scratch = Vec::new();
-            let want: Vec<u64> = (0..n).map(|i| f(i, &mut scratch).unwrap()).collect();
-            assert_eq!(epoch_pass(n, 4, f).unwrap(), want, "n {n}");
-        }
-        // The first error in order is the one returned.
-        let e = epoch_pass(200_000, 4, |i, _| {
-            if i == 150_000 || i == 190_000 {
-                Err(Error::Internal(format!("at {i}")))
-            } else {
-                Ok(i)
+    fn a_pass_split_across_threads_is_the_sequential_pass() {
+        let f = |i: usize| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
+        for n in [0, 1, 7, 1000, 65_535, 65_536, 200_003] {
+            for min in [1, 64, 65_536] {
+                let bounds = even_bounds(n, min);
+                assert_eq!((bounds[0], *bounds.last().unwrap()), (0, n));
+                assert!(bounds.windows(2).all(|w| w[0] <= w[1]), "{bounds:?}");
+                let mut out = vec![0u64; n];
+                fill_parts(&mut out, &bounds, |k, part| {
+                    for (j, v) in part.iter_mut().enumerate() {
+                        *v = f(bounds[k] + j);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                assert!(out.iter().enumerate().all(|(i, &v)| v == f(i)), "n {n}");
             }
+        }
+        // The first error in part order is the one returned.
+        let bounds = [0, 10, 20, 30];
+        let e = fill_parts(&mut [0u8; 30], &bounds, |k, _| match k {
+            0 => Ok(()),
+            k => Err(Error::Internal(format!("part {k}"))),
         })
         .unwrap_err();
-        assert!(e.to_string().contains("at 150000"), "{e}");
+        assert!(e.to_string().contains("part 1"), "{e}");
     }
 
     #[test]

@@ -19,9 +19,14 @@ sampled negatives, as FlagEmbedding draws them):
 - the bound: an in-cache copy of a batch's bytes (`np.copyto` of one buffer the size of the
   three int64 arrays of an average batch).
 
-The expert collator's arrays are checked equal to rankfeed's on every group set it is timed on
-first (so the comparison is of the same output). Each round runs every side once, in turn;
-the figures are the median round, with the spread (min-max) of the ratios over the rounds.
+Before timing, the expert collator's arrays are checked equal to rankfeed's `Loader.collate`
+on the first `--check` of the timed batches, and again with caps small enough that the sample's
+queries and passages are truncated (q6/p12: every truncation rule runs); FlagEmbedding's
+(`tests/python/reference.py`, the project's port of its dataset and collator, whose parity the
+test suite proves) on 5 of each. `Loader.collate` and the two sides before it collate the same
+2,000 drawn batches; `next(loader)` and `rankfeed bench` draw their own groups (the same
+settings). Each round runs every side once, in turn; the figures are the median round, with
+the spread (min-max) of the ratios over the rounds.
 """
 
 import argparse
@@ -71,8 +76,10 @@ def draw_batches(rows, n, seed=0):
 class Expert:
     """Pre-tokenized Arrow columns and a vectorized numpy collator (BERT pair template)."""
 
-    def __init__(self, rows, tokenizer_path):
+    def __init__(self, rows, tokenizer_path, qm=QM, pm=PM):
         from tokenizers import Tokenizer
+
+        self.qm, self.pm = qm, pm
 
         tok = Tokenizer.from_file(str(tokenizer_path))
         tok.no_truncation()
@@ -117,8 +124,9 @@ class Expert:
         q_len = np.repeat(self.q_off[rows + 1] - self.q_off[rows], G)
         # FlagEmbedding: query to qm + pm // 4, passage to pm + qm // 2, then the pair to qm + pm
         # cutting the passage only (only_second).
-        q_len = np.minimum(q_len, QM + PM // 4)
-        p_len = np.minimum(np.minimum(p_len, PM + QM // 2), np.maximum(QM + PM - 3 - q_len, 0))
+        qm, pm = self.qm, self.pm
+        q_len = np.minimum(q_len, qm + pm // 4)
+        p_len = np.minimum(np.minimum(p_len, pm + qm // 2), np.maximum(qm + pm - 3 - q_len, 0))
         total = 3 + q_len + p_len
         n, width = len(total), int(total.max())
         ids = np.zeros((n, width), np.int64)
@@ -192,6 +200,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--check", type=int, default=200, help="batches checked equal to rankfeed's")
     a = ap.parse_args()
+    if a.check < 1:
+        ap.error("--check must be at least 1: the comparison is of the same output")
     import rankfeed
     from reference import Reference, load_tokenizer
 
@@ -211,18 +221,28 @@ def main():
     batches = draw_batches(rows, 2000)
     keys = ("input_ids", "attention_mask", "token_type_ids")
     # The same output: the expert collator equals rankfeed on the groups it is timed on, and
-    # the reference on a few (its parity is the test suite's).
-    for k, sels in enumerate(batches[: a.check]):
-        ours = collate_loader.collate(sels)
-        theirs = expert.collate(sels)
-        for key in keys:
-            if not np.array_equal(ours[key], theirs[key]):
-                raise SystemExit(f"expert collator differs from rankfeed on batch {k} ({key})")
-        if k < 5:
-            r = ref.batch(rows, sels)
+    # the reference on a few (its parity is the test suite's); then again with small caps, so
+    # that truncation runs (the sample's texts fit the timed caps).
+    for qm, pm in ((QM, PM), (6, 12)):
+        theirs = expert if (qm, pm) == (QM, PM) else Expert(rows, BERT, qm, pm)
+        ours_loader = ds.loader(**{**settings, "query_max_len": qm, "passage_max_len": pm})
+        reference = Reference(load_tokenizer("bert", BERT), "encoder", qm, pm, {}, padding_side="right")
+        truncated = 0
+        for k, sels in enumerate(batches[: a.check]):
+            ours = ours_loader.collate(sels)
+            got = theirs.collate(sels)
             for key in keys:
-                if not np.array_equal(ours[key], r[key]):
-                    raise SystemExit(f"reference differs from rankfeed on batch {k} ({key})")
+                if not np.array_equal(ours[key], got[key]):
+                    raise SystemExit(f"expert collator differs from rankfeed on batch {k} ({key}, q{qm}/p{pm})")
+            # A pair at the pair cap had its passage cut (only_second).
+            truncated += int((ours["attention_mask"].sum(axis=1) == qm + pm).any())
+            if k < 5:
+                r = reference.batch(rows, sels)
+                for key in keys:
+                    if not np.array_equal(ours[key], r[key]):
+                        raise SystemExit(f"reference differs from rankfeed on batch {k} ({key}, q{qm}/p{pm})")
+        if (qm, pm) != (QM, PM) and truncated == 0:
+            raise SystemExit("the small caps truncated nothing: the truncation check checked nothing")
     nbytes = int(np.mean([sum(v.nbytes for k, v in collate_loader.collate(s).items() if k in keys)
                           for s in batches[:200]]))
     sides = {
@@ -241,7 +261,8 @@ def main():
               flush=True)
     print(f"peers, encoder B={B} G={G} q{QM}/p{PM}, BERT, {len(rows):,} WordNet rows, {a.rounds} rounds "
           f"interleaved, one thread each; batch {nbytes:,} bytes; the expert's pre-tokenization "
-          f"{expert.pretokenize_s:.2f} s once; the expert's arrays equal rankfeed's on {a.check} batches")
+          f"{expert.pretokenize_s:.2f} s once; the expert's arrays equal rankfeed's on {a.check} batches, "
+          f"and on {a.check} truncated at q6/p12")
     base = runs["rankfeed bench (Rust)"]
     for name, v in runs.items():
         line = f"  {name:<34} {statistics.median(v):>12,.0f} batches/s"

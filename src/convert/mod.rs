@@ -541,8 +541,10 @@ impl Preparer {
             Ok(row) => {
                 st.batch_size = st.batch_size.or(row.batch_size);
                 if let Err(e) = self.add_row(job, source, row) {
+                    // The job holds part of this row: it is not sent, and reading stops.
                     self.error = Some(e);
                     *stop = true;
+                    return false;
                 }
             }
             Err(e) => {
@@ -577,12 +579,20 @@ impl Preparer {
         for p in row.pos.iter().chain(&row.neg) {
             let text = self.passage_fmt.apply(p, passage_prompt);
             let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
-            let next = &mut self.next_passage;
-            let id = self.dedup.get_or_insert_with(key, || {
-                job.new_passages.push(text.into_owned());
-                *next += 1;
-                *next - 1
-            })?;
+            let id = match self.dedup.get(key) {
+                Some(id) => id,
+                None => {
+                    // Text ids become passage ids (int32) once tokenized.
+                    let id = self.next_passage;
+                    if id > i32::MAX as u32 {
+                        return Err(Error::argument("inputs", "more than 2^31 unique passages"));
+                    }
+                    job.new_passages.push(text.into_owned());
+                    self.dedup.insert(key, id)?;
+                    self.next_passage += 1;
+                    id
+                }
+            };
             job.refs.push(id as i32);
         }
         let prompt = row.prompt.map(|p| {
