@@ -9,6 +9,7 @@
 //! and restarted when the process id changes: a loader created before a `fork` (PyTorch
 //! DataLoader workers) works in the child.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
@@ -320,8 +321,12 @@ fn static_name(k: &str) -> &'static str {
 /// A megabatch's positions sorted by group length, keyed by (epoch, megabatch).
 type SortedMegabatch = ((u64, u64), Arc<Vec<u64>>);
 
-/// A per-epoch value computed once and shared by the prefetch threads.
-type EpochCache<T> = std::sync::Mutex<Option<(u64, Arc<T>)>>;
+/// Per-epoch values computed once and shared by the prefetch threads: the epochs last computed
+/// ([`EPOCHS_CACHED`]), oldest first.
+type EpochCache<T> = std::sync::Mutex<Epochs<T>>;
+
+/// The values of an [`EpochCache`], by epoch.
+type Epochs<T> = Vec<(u64, Arc<T>)>;
 
 /// How an epoch is cut into batches.
 #[derive(Debug)]
@@ -400,16 +405,42 @@ fn fill_parts<T: Send>(
     done.into_iter().collect()
 }
 
-/// `0..n` cut into one part per core (at most [`EPOCH_PASS_THREADS`]), or one part below
-/// `min` (starting threads costs more): the bounds for [`fill_parts`].
-fn even_bounds(n: usize, min: usize) -> Vec<usize> {
-    let threads = if n < min {
-        1
-    } else {
-        std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .min(EPOCH_PASS_THREADS)
-    };
+/// How an epoch pass runs: on every core (at most [`EPOCH_PASS_THREADS`]) for the epoch a
+/// trainer waits for, or on one thread for a later epoch computed ahead, which stops early
+/// when `stop` is set (the loader was dropped or moved to another epoch).
+#[derive(Debug, Clone, Copy)]
+struct Pass<'a> {
+    threads: usize,
+    stop: Option<&'a AtomicBool>,
+}
+
+impl Pass<'_> {
+    /// On every core, to the end.
+    fn now() -> Pass<'static> {
+        Pass {
+            threads: std::thread::available_parallelism()
+                .map_or(1, |t| t.get())
+                .min(EPOCH_PASS_THREADS),
+            stop: None,
+        }
+    }
+
+    /// An error once the pass should stop (what a pass computed ahead returns, unused).
+    #[inline]
+    fn go_on(&self) -> Result<()> {
+        match self.stop {
+            Some(s) if s.load(Ordering::Relaxed) => Err(Error::Internal(
+                "an epoch pass computed ahead was stopped".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `0..n` cut into one part per thread of `pass`, or one part below `min` (starting threads
+/// costs more): the bounds for [`fill_parts`].
+fn even_bounds(n: usize, min: usize, pass: Pass<'_>) -> Vec<usize> {
+    let threads = if n < min { 1 } else { pass.threads.max(1) };
     let chunk = n.div_ceil(threads).max(1);
     (0..=threads).map(|t| (t * chunk).min(n)).collect()
 }
@@ -426,6 +457,7 @@ fn even_bounds(n: usize, min: usize) -> Vec<usize> {
 /// a dataset row, so a rank of many, or a small subset of a large dataset, pays for its own
 /// rows only. The first error in row order is the one returned.
 fn row_pass<T: Send + Sync + Copy + Default>(
+    pass: Pass<'_>,
     rows: usize,
     n: u64,
     group_size: usize,
@@ -434,7 +466,7 @@ fn row_pass<T: Send + Sync + Copy + Default>(
 ) -> Result<Vec<T>> {
     let n = usize::try_from(n).map_err(|_| Error::Internal("an epoch beyond memory".into()))?;
     let split = EPOCH_PASS_SPLIT as usize;
-    let by_position = even_bounds(n, split);
+    let by_position = even_bounds(n, split, pass);
     let mut at = vec![0u64; n];
     fill_parts(&mut at, &by_position, |k, part| {
         let start = by_position[k];
@@ -461,7 +493,7 @@ fn row_pass<T: Send + Sync + Copy + Default>(
         count += w.count_ones() as usize;
     }
     before.push(count);
-    let by_word = even_bounds(words, split / 64);
+    let by_word = even_bounds(words, split / 64, pass);
     let bounds: Vec<usize> = by_word.iter().map(|&w| before[w]).collect();
     let mut values = vec![T::default(); count];
     fill_parts(&mut values, &bounds, |k, part| {
@@ -469,6 +501,7 @@ fn row_pass<T: Send + Sync + Copy + Default>(
         let mut j = 0;
         let first = by_word[k];
         for (w, &word) in wanted[first..by_word[k + 1]].iter().enumerate() {
+            pass.go_on()?;
             let base = (first + w) as u64 * 64;
             let mut bits = word;
             while bits != 0 {
@@ -498,23 +531,52 @@ const EPOCH_PASS_SPLIT: u64 = 1 << 16;
 const EPOCH_PASS_THREADS: usize = 8;
 
 /// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
-/// so other threads wait for the value instead of computing it again.
+/// so other threads wait for the value instead of computing it again (a plan computed ahead
+/// holds no lock while it runs: see [`offer`]).
 fn cached<T>(
     cache: &EpochCache<T>,
     epoch: u64,
     make: impl FnOnce() -> Result<T>,
 ) -> Result<Arc<T>> {
-    let mut c = cache
-        .lock()
-        .map_err(|_| Error::Internal("an epoch cache was poisoned".into()))?;
-    if let Some((e, v)) = c.as_ref() {
-        if *e == epoch {
-            return Ok(v.clone());
-        }
+    let mut c = lock(cache)?;
+    if let Some(v) = c.iter().find(|(e, _)| *e == epoch).map(|(_, v)| v.clone()) {
+        return Ok(v);
     }
     let v = Arc::new(make()?);
-    *c = Some((epoch, v.clone()));
+    keep(&mut c, epoch, v.clone());
     Ok(v)
+}
+
+/// Store `v` as `epoch`'s value unless one is there (the value is the same: a plan is a pure
+/// function of its epoch).
+fn offer<T>(cache: &EpochCache<T>, epoch: u64, v: T) -> Result<()> {
+    let mut c = lock(cache)?;
+    if !c.iter().any(|(e, _)| *e == epoch) {
+        keep(&mut c, epoch, Arc::new(v));
+    }
+    Ok(())
+}
+
+/// Add `epoch`'s value, keeping the [`EPOCHS_CACHED`] most recently added.
+fn keep<T>(c: &mut Epochs<T>, epoch: u64, v: Arc<T>) {
+    if c.len() >= EPOCHS_CACHED {
+        c.remove(0);
+    }
+    c.push((epoch, v));
+}
+
+/// Whether `epoch`'s value is cached.
+fn has<T>(cache: &EpochCache<T>, epoch: u64) -> Result<bool> {
+    Ok(lock(cache)?.iter().any(|(e, _)| *e == epoch))
+}
+
+/// Epochs whose plans a loader keeps: the one it serves and the next, computed ahead.
+const EPOCHS_CACHED: usize = 2;
+
+fn lock<T>(cache: &EpochCache<T>) -> Result<std::sync::MutexGuard<'_, Epochs<T>>> {
+    cache
+        .lock()
+        .map_err(|_| Error::Internal("an epoch cache was poisoned".into()))
 }
 
 impl Plan {
@@ -558,28 +620,10 @@ impl Plan {
     /// [`crate::sample::length`]); the megabatch is sorted once and cached for its batches.
     /// The epoch is the positions its batches hold: with `drop_last`, the short tail is left
     /// out before sorting, as in random order (it would otherwise sort into the kept batches).
-    fn grouped_span(
-        &self,
-        order: &EpochOrder,
-        epoch: u64,
-        step: u64,
-        mult: u64,
-    ) -> Result<Vec<u64>> {
+    fn grouped_span(&self, epoch: u64, offset: u64, step: u64, mult: u64) -> Result<Vec<u64>> {
         let b = self.options.batch_size as u64;
-        let kept = if self.options.drop_last {
-            order.len() / b * b
-        } else {
-            order.len()
-        };
         let lengths = cached(&self.lengths, epoch, || {
-            let g = self.options.collate.group_size;
-            Ok(LengthOrder::new(row_pass(
-                self.ds.len(),
-                kept,
-                g,
-                |i| order.row(i),
-                |row, neg| self.length_of(epoch, row, neg),
-            )?))
+            self.length_order(epoch, offset, Pass::now())
         })?;
         let source = lengths.source_batch(step, b, mult);
         let key = (epoch, source / mult);
@@ -602,6 +646,28 @@ impl Plan {
             }
         };
         Ok(LengthOrder::batch_in(&sorted, source, b, mult))
+    }
+
+    /// Length grouping: the group length at each position `epoch`'s batches hold. With
+    /// `drop_last`, the short tail is left out before sorting, as in random order (it would
+    /// otherwise sort into the kept batches).
+    fn length_order(&self, epoch: u64, offset: u64, pass: Pass<'_>) -> Result<LengthOrder> {
+        self.ds.passage_lengths()?;
+        let order = self.order(epoch, offset);
+        let b = self.options.batch_size as u64;
+        let kept = if self.options.drop_last {
+            order.len() / b * b
+        } else {
+            order.len()
+        };
+        Ok(LengthOrder::new(row_pass(
+            pass,
+            self.ds.len(),
+            kept,
+            self.options.collate.group_size,
+            |i| order.row(i),
+            |row, neg| self.length_of(epoch, row, neg),
+        )?))
     }
 
     /// The group length of `row` in `epoch` ([`Collator::group_len`] of its selection), with
@@ -628,33 +694,40 @@ impl Plan {
             return Err(Error::Internal("no token budget".into()));
         };
         cached(&self.budget, epoch, || {
-            let order = self.order(epoch, 0);
-            let n = order.global_len();
-            let (mut sizes, mut longest) = (
-                Vec::with_capacity(n as usize),
-                Vec::with_capacity(n as usize),
-            );
-            let g = self.options.collate.group_size;
-            let pairs = row_pass(
-                self.ds.len(),
-                n,
-                g,
-                |p| order.global_row(p),
-                |row, neg| {
-                    let (g, pos) = self.draw(epoch, row, neg)?;
-                    let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
-                    Ok((l as u32, total.min(u32::MAX as usize) as u32))
-                },
-            )?;
-            for (l, total) in pairs {
-                longest.push(l);
-                sizes.push(match budget.cost {
-                    Cost::Packed => total,
-                    Cost::Padded { .. } => l,
-                });
-            }
-            Ok(BudgetPlan::new(&sizes, &longest, budget))
+            self.make_budget(epoch, budget, Pass::now())
         })
+    }
+
+    /// Token budget: `epoch`'s plan computed (see [`Plan::budget_plan`]).
+    fn make_budget(&self, epoch: u64, budget: Budget, pass: Pass<'_>) -> Result<BudgetPlan> {
+        self.ds.passage_lengths()?;
+        let order = self.order(epoch, 0);
+        let n = order.global_len();
+        let (mut sizes, mut longest) = (
+            Vec::with_capacity(n as usize),
+            Vec::with_capacity(n as usize),
+        );
+        let g = self.options.collate.group_size;
+        let pairs = row_pass(
+            pass,
+            self.ds.len(),
+            n,
+            g,
+            |p| order.global_row(p),
+            |row, neg| {
+                let (g, pos) = self.draw(epoch, row, neg)?;
+                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
+                Ok((l as u32, total.min(u32::MAX as usize) as u32))
+            },
+        )?;
+        for (l, total) in pairs {
+            longest.push(l);
+            sizes.push(match budget.cost {
+                Cost::Packed => total,
+                Cost::Padded { .. } => l,
+            });
+        }
+        Ok(BudgetPlan::new(&sizes, &longest, budget))
     }
 
     /// No duplicates: the epoch's plan, from the keys of every row of the global order (its
@@ -664,17 +737,54 @@ impl Plan {
             return Err(Error::Internal("no no-duplicates schedule".into()));
         };
         cached(&self.no_dup, epoch, || {
-            let order = self.order(epoch, 0);
-            let mut neg = Vec::with_capacity(self.options.collate.group_size);
-            NoDupPlan::new(self.universe.len(), settings, &mut |p, out| {
-                let row = order.global_row(p);
-                let (g, pos) = self.draw(epoch, row, &mut neg)?;
-                out.push(Key::query(crate::audit::query_key(g.query, g.prompt)));
-                out.push(Key::passage(g.pos[pos as usize]));
-                out.extend(neg.iter().map(|&j| Key::passage(g.neg[j as usize])));
-                Ok(())
-            })
+            self.make_no_dup(epoch, settings, Pass::now())
         })
+    }
+
+    /// No duplicates: `epoch`'s plan computed (see [`Plan::no_dup_plan`]; one thread).
+    fn make_no_dup(&self, epoch: u64, settings: NoDup, pass: Pass<'_>) -> Result<NoDupPlan> {
+        let order = self.order(epoch, 0);
+        let mut neg = Vec::with_capacity(self.options.collate.group_size);
+        NoDupPlan::new(self.universe.len(), settings, &mut |p, out| {
+            pass.go_on()?;
+            let row = order.global_row(p);
+            let (g, pos) = self.draw(epoch, row, &mut neg)?;
+            out.push(Key::query(crate::audit::query_key(g.query, g.prompt)));
+            out.push(Key::passage(g.pos[pos as usize]));
+            out.extend(neg.iter().map(|&j| Key::passage(g.neg[j as usize])));
+            Ok(())
+        })
+    }
+
+    /// Whether batches come from a per-epoch plan (length, token-budget and no-duplicates
+    /// batches): what a loader computes ahead for the next epoch.
+    fn plans_epochs(&self) -> bool {
+        matches!(
+            self.schedule,
+            Schedule::Grouped(_) | Schedule::Budget(_) | Schedule::NoDup(_)
+        )
+    }
+
+    /// Compute `epoch`'s plan on this thread, unless cached, and offer it to the cache; stops
+    /// early (an error, unused) once `stop` is set. A loader runs this in the background for
+    /// the epoch after the one it serves, so that epoch's start does not wait for its pass.
+    fn plan_ahead(&self, epoch: u64, stop: &AtomicBool) -> Result<()> {
+        let pass = Pass {
+            threads: 1,
+            stop: Some(stop),
+        };
+        match self.schedule {
+            Schedule::Grouped(_) if !has(&self.lengths, epoch)? => {
+                offer(&self.lengths, epoch, self.length_order(epoch, 0, pass)?)
+            }
+            Schedule::Budget(b) if !has(&self.budget, epoch)? => {
+                offer(&self.budget, epoch, self.make_budget(epoch, b, pass)?)
+            }
+            Schedule::NoDup(d) if !has(&self.no_dup, epoch)? => {
+                offer(&self.no_dup, epoch, self.make_no_dup(epoch, d, pass)?)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn selections(&self, epoch: u64, offset: u64, step: u64) -> Result<Vec<Selection>> {
@@ -690,7 +800,7 @@ impl Plan {
         let rows: Vec<u64> = match &self.schedule {
             Schedule::Random => self.span(&order, step).map(|i| order.row(i)).collect(),
             Schedule::Grouped(mult) => self
-                .grouped_span(&order, epoch, step, *mult)?
+                .grouped_span(epoch, offset, step, *mult)?
                 .into_iter()
                 .map(|i| order.row(i))
                 .collect(),
@@ -772,11 +882,27 @@ struct Prefetch {
     first: u64,
 }
 
+/// The next epoch's plan, computed on a background thread (see [`Plan::plan_ahead`]).
+struct Ahead {
+    pid: u32,
+    epoch: u64,
+    stop: Arc<AtomicBool>,
+    /// Disconnects when the thread ends (nothing is sent).
+    done: Receiver<()>,
+}
+
 /// An iterator of batches; see the module docs.
 pub struct Loader {
     plan: Arc<Plan>,
     state: LoaderState,
     prefetch: Option<Prefetch>,
+    ahead: Option<Ahead>,
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop_ahead();
+    }
 }
 
 impl std::fmt::Debug for Loader {
@@ -819,14 +945,15 @@ impl Loader {
                 collator,
                 options,
                 schedule,
-                lengths: std::sync::Mutex::new(None),
+                lengths: std::sync::Mutex::new(Vec::new()),
                 sorted: std::sync::Mutex::new(Vec::new()),
-                budget: std::sync::Mutex::new(None),
-                no_dup: std::sync::Mutex::new(None),
+                budget: std::sync::Mutex::new(Vec::new()),
+                no_dup: std::sync::Mutex::new(Vec::new()),
                 first_steps: std::sync::OnceLock::new(),
             }),
             state: LoaderState::default(),
             prefetch: None,
+            ahead: None,
         };
         loader.check_no_dup_steps()?;
         Ok(loader)
@@ -871,7 +998,7 @@ impl Loader {
     /// Batches in `epoch` for this rank (every rank has as many). Token-budget batches plan
     /// the epoch here (once; an error reading the data shows here).
     pub fn steps(&self, epoch: u64) -> Result<u64> {
-        self.plan.steps(epoch, self.offset(epoch))
+        self.plan_for(epoch).steps(epoch, self.offset(epoch))
     }
 
     /// Batches in the current epoch for this rank ([`Loader::steps`] of the current epoch).
@@ -891,7 +1018,7 @@ impl Loader {
         let Schedule::Budget(_) = self.plan.schedule else {
             return Ok(None);
         };
-        let plan = self.plan.budget_plan(epoch)?;
+        let plan = self.plan_for(epoch).budget_plan(epoch)?;
         let cap = self.plan.options.batch_size;
         let rank = self.plan.options.shard.rank;
         let capped = (0..plan.len())
@@ -937,14 +1064,16 @@ impl Loader {
 
     /// The selections of batch `step` of `epoch` (pure).
     pub fn selections(&self, epoch: u64, step: u64) -> Result<Vec<Selection>> {
-        self.plan.selections(epoch, self.offset(epoch), step)
+        self.plan_for(epoch)
+            .selections(epoch, self.offset(epoch), step)
     }
 
     /// Batch `step` of `epoch` (pure; does not move the loader). In the current epoch, steps
     /// count from the state's offset (after an elastic [`Loader::restore`], the batches are
     /// cut from the rest of the epoch).
     pub fn batch(&self, epoch: u64, step: u64) -> Result<Batch> {
-        self.plan.batch(epoch, self.offset(epoch), step, None)
+        self.plan_for(epoch)
+            .batch(epoch, self.offset(epoch), step, None)
     }
 
     /// Collate user-chosen selections with this loader's settings.
@@ -980,6 +1109,7 @@ impl Loader {
         }
         self.state = state;
         self.prefetch = None;
+        self.keep_ahead_of(state.epoch);
         Ok(())
     }
 
@@ -988,7 +1118,7 @@ impl Loader {
         if let Some(&n) = self.plan.first_steps.get() {
             return Ok(n);
         }
-        let n = self.plan.steps(0, 0)?;
+        let n = self.plan_for(0).steps(0, 0)?;
         Ok(*self.plan.first_steps.get_or_init(|| n))
     }
 
@@ -1232,6 +1362,76 @@ impl Loader {
             offset: 0,
         };
         self.prefetch = None;
+        self.keep_ahead_of(epoch);
+    }
+
+    /// The plan, once a pass computed ahead for `epoch` in this process has ended: its value
+    /// is then cached (or, if it failed, the caller computes it and meets the error itself).
+    fn plan_for(&self, epoch: u64) -> &Plan {
+        if let Some(a) = &self.ahead {
+            if a.epoch == epoch && a.pid == std::process::id() {
+                // Returns when the thread ends: it never sends.
+                let _ = a.done.recv();
+            }
+        }
+        &self.plan
+    }
+
+    /// After the current epoch's first batch: compute the next epoch's plan on a background
+    /// thread (length, token-budget and no-duplicates batches), so its start does not wait
+    /// for a pass over every row. One thread, at most one pass at a time; the plan is the same
+    /// as computed on demand (a pure function of the epoch), only earlier.
+    fn look_ahead(&mut self) {
+        let Some(epoch) = self.state.epoch.checked_add(1) else {
+            return;
+        };
+        let pid = std::process::id();
+        if !self.plan.plans_epochs()
+            || self
+                .ahead
+                .as_ref()
+                .is_some_and(|a| a.pid == pid && a.epoch == epoch)
+        {
+            return;
+        }
+        self.stop_ahead();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done, rx) = sync_channel::<()>(0);
+        let (plan, flag) = (self.plan.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("rankfeed-plan-ahead".into())
+            .spawn(move || {
+                let _done = done;
+                // An error (or a stop) leaves the epoch uncached: computed on demand, where
+                // the error reaches the caller.
+                let _ = plan.plan_ahead(epoch, &flag);
+            });
+        if spawned.is_ok() {
+            self.ahead = Some(Ahead {
+                pid,
+                epoch,
+                stop,
+                done: rx,
+            });
+        }
+    }
+
+    /// Stop a pass computed ahead unless it is for `epoch`.
+    fn keep_ahead_of(&mut self, epoch: u64) {
+        if self.ahead.as_ref().is_some_and(|a| a.epoch != epoch) {
+            self.stop_ahead();
+        }
+    }
+
+    /// Stop the pass computed ahead, if any (it ends at its next check, within 64 rows).
+    fn stop_ahead(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            a.stop.store(true, Ordering::Relaxed);
+            if a.pid != std::process::id() {
+                // Forked: the thread did not come along. Leave its channel untouched.
+                std::mem::forget(a.done);
+            }
+        }
     }
 
     /// The offset of `epoch`: the state's in the current epoch, else 0.
@@ -1322,6 +1522,9 @@ impl Iterator for Loader {
                 .unwrap_or_else(|_| Err(Error::Internal("a prefetch thread stopped".into())))
         };
         self.state.step += 1;
+        if batch.is_ok() {
+            self.look_ahead();
+        }
         Some(batch)
     }
 }
@@ -1562,8 +1765,12 @@ mod tests {
     fn a_pass_split_across_threads_is_the_sequential_pass() {
         let f = |i: usize| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
         for n in [0, 1, 7, 1000, 65_535, 65_536, 200_003] {
-            for min in [1, 64, 65_536] {
-                let bounds = even_bounds(n, min);
+            for (min, threads) in [(1, 2), (64, 3), (65_536, 8), (1, 1)] {
+                let pass = Pass {
+                    threads,
+                    stop: None,
+                };
+                let bounds = even_bounds(n, min, pass);
                 assert_eq!((bounds[0], *bounds.last().unwrap()), (0, n));
                 assert!(bounds.windows(2).all(|w| w[0] <= w[1]), "{bounds:?}");
                 let mut out = vec![0u64; n];
@@ -1606,10 +1813,25 @@ mod tests {
             let row = |i: u64| (i * k + i / 3) % rows as u64;
             let mut scratch = Vec::new();
             let want: Vec<u64> = (0..n).map(|i| f(row(i), &mut scratch).unwrap()).collect();
-            assert_eq!(row_pass(rows, n, 4, row, f).unwrap(), want, "{rows} {n}");
+            for threads in [1, 2, 5] {
+                let pass = Pass {
+                    threads,
+                    stop: None,
+                };
+                let got = row_pass(pass, rows, n, 4, row, f).unwrap();
+                assert_eq!(got, want, "{rows} {n} {threads}");
+            }
         }
+        // A pass told to stop stops with an error.
+        let stop = AtomicBool::new(true);
+        let pass = Pass {
+            threads: 1,
+            stop: Some(&stop),
+        };
+        assert!(row_pass(pass, 100, 100, 4, |i| i, |r, _| Ok(r)).is_err());
         // An error is returned, and a row outside the dataset is one.
         let e = row_pass(
+            Pass::now(),
             100_000,
             100_000,
             4,
@@ -1624,6 +1846,98 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("at 99000"), "{e}");
-        assert!(row_pass(10, 3, 4, |i| i + 8, |r, _| Ok(r)).is_err());
+        assert!(row_pass(Pass::now(), 10, 3, 4, |i| i + 8, |r, _| Ok(r)).is_err());
+    }
+
+    /// A small length-grouped (or token-budget) loader over a written dataset.
+    fn planned_loader(strategy: Strategy, dir: &std::path::Path) -> Loader {
+        use crate::writer::{DatasetWriter, GroupRecord, ManifestInfo, WriterOptions};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let facts = crate::tokenizer::TextTokenizer::from_file(
+            root.join("data/sample/bert/tokenizer.json"),
+        )
+        .unwrap()
+        .facts()
+        .clone();
+        let dir = dir.join("ds");
+        let mut w = DatasetWriter::create(&dir, WriterOptions::default()).unwrap();
+        for p in 0..200i32 {
+            w.add_passage(&vec![1000 + p; 1 + (p % 37) as usize])
+                .unwrap();
+        }
+        for r in 0..3000i32 {
+            w.add_group(&GroupRecord {
+                query: &vec![2000 + r % 50; 1 + (r % 9) as usize],
+                pos: &[r % 200],
+                neg: &[(r * 7 + 1) % 200, (r * 13 + 5) % 200, (r * 3 + 9) % 200],
+                pos_scores: None,
+                neg_scores: None,
+                prompt: None,
+                source: 0,
+            })
+            .unwrap();
+        }
+        w.finish(ManifestInfo {
+            tokenizer: Some(facts),
+            text: Default::default(),
+            sources: vec![crate::format::SourceStats {
+                path: "in.jsonl".into(),
+                rows_read: 3000,
+                rows_accepted: 3000,
+                ..Default::default()
+            }],
+            shards: None,
+        })
+        .unwrap();
+        let ds = Arc::new(Dataset::open(&dir).unwrap());
+        let mut o = LoaderOptions {
+            batch_size: 8,
+            strategy,
+            ..Default::default()
+        };
+        o.collate.group_size = 4;
+        Loader::new(ds, o).unwrap()
+    }
+
+    #[test]
+    fn the_next_epochs_plan_is_computed_ahead_and_stopped_when_not_needed() {
+        for strategy in [
+            Strategy::LengthGrouped { megabatch: 5 },
+            Strategy::TokenBudget {
+                max_tokens: 512,
+                megabatch: Some(5),
+            },
+            Strategy::NoDuplicates,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut l = planned_loader(strategy.clone(), dir.path());
+            let cached = |l: &Loader, e: u64| match l.plan.schedule {
+                Schedule::Grouped(_) => has(&l.plan.lengths, e).unwrap(),
+                Schedule::Budget(_) => has(&l.plan.budget, e).unwrap(),
+                _ => has(&l.plan.no_dup, e).unwrap(),
+            };
+            assert!(
+                l.ahead.is_none(),
+                "nothing computed ahead before the first batch"
+            );
+            l.next().unwrap().unwrap();
+            let a = l.ahead.as_ref().expect("epoch 1 computed ahead");
+            assert_eq!(a.epoch, 1);
+            let _ = a.done.recv();
+            assert!(cached(&l, 1), "{strategy:?}: epoch 1's plan is cached");
+            assert!(cached(&l, 0), "{strategy:?}: epoch 0's plan is kept");
+            // Moving elsewhere stops it; the epoch served then plans its next.
+            l.set_epoch(5);
+            assert!(l.ahead.is_none());
+            l.next().unwrap().unwrap();
+            assert_eq!(l.ahead.as_ref().map(|a| a.epoch), Some(6));
+            // The epoch computed ahead is the epoch computed on demand.
+            let _ = l.ahead.as_ref().unwrap().done.recv();
+            let other = tempfile::tempdir().unwrap();
+            let fresh = planned_loader(strategy.clone(), other.path());
+            for k in 0..l.steps(6).unwrap() {
+                assert_eq!(l.selections(6, k).unwrap(), fresh.selections(6, k).unwrap());
+            }
+        }
     }
 }

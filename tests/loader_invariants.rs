@@ -736,6 +736,27 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
                 l.state()
             ));
         }
+        // The iterator goes on into the next epoch, whose plan (length, token-budget and
+        // no-duplicates batches) it computed ahead on a background thread during this one:
+        // the same batches as computed on demand.
+        let then: Vec<Vec<Selection>> = l
+            .by_ref()
+            .map(|b| b.map(|b| b.selections))
+            .collect::<rankfeed::Result<_>>()
+            .map_err(|e| format!("rank {rank}: next epoch: {e}"))?;
+        let then_want: Vec<Vec<Selection>> =
+            (0..pure.steps(epoch + 1).map_err(|e| e.to_string())?)
+                .map(|k| pure.selections(epoch + 1, k))
+                .collect::<rankfeed::Result<_>>()
+                .map_err(|e| format!("rank {rank}: next epoch's selections: {e}"))?;
+        if then != then_want {
+            return Err(format!(
+                "rank {rank}: the epoch after, planned ahead ({} batches), differs from \
+                 selections(e + 1, k) ({} batches)",
+                then.len(),
+                then_want.len()
+            ));
+        }
         // Resume at a step, in a new loader.
         let start = KeyedRng::new(&[c.seed, rank, 0x5e5]).below(steps + 1);
         let mut r = Loader::new(data.ds.clone(), options(c, rank, c.resume_threads))
@@ -786,6 +807,22 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
     let collator = loaders[0].collator();
     let len = |s: &Selection| collator.group_len(&data.ds, s).unwrap();
     let all_sources: Vec<usize> = (0..data.sizes.len()).collect();
+    // What the plans measure from lengths alone (the passage length table, the truncation
+    // rules on lengths) is what the pairs built from the tokens hold.
+    for s in by_rank.iter().flatten().flatten() {
+        let pairs = collator.pairs(&data.ds, s).unwrap();
+        let (longest, total) = collator.group_tokens(&data.ds, s).unwrap();
+        let built = pairs.iter().map(|p| p.len()).max().unwrap_or(0);
+        if (built, pairs.iter().map(|p| p.len()).sum::<usize>()) != (longest, total)
+            || len(s) != longest
+        {
+            return Err(format!(
+                "row {}: pairs of {built} tokens at most, the plan measured {longest} / {}",
+                s.row,
+                len(s)
+            ));
+        }
+    }
     match &c.strategy {
         Strategy::Random | Strategy::Grouped(_) => {
             let b = c.batch_size as u64;

@@ -104,10 +104,15 @@ pub(super) fn layout(facts: Option<&TokenizerFacts>, eos: Option<i32>) -> Vec<Pi
 }
 
 impl Collator {
+    /// The tokens a sequence of `n` keeps in [`Collator::single`] of `max_len`.
+    pub(super) fn single_kept(&self, n: usize, max_len: usize) -> usize {
+        n.min(max_len.saturating_sub(self.fixed_len))
+    }
+
     /// One sequence on its own: `ids` cut to `max_len` minus the special tokens, in the
     /// single-sequence layout.
     pub fn single<'a>(&'a self, ids: &'a [i32], max_len: usize) -> Pair<'a> {
-        let content = &ids[..ids.len().min(max_len.saturating_sub(self.fixed_len))];
+        let content = &ids[..self.single_kept(ids.len(), max_len)];
         Pair {
             layout: &self.layout,
             sep: &[],

@@ -336,6 +336,20 @@ pub struct Pair<'a> {
     pub overlong: bool,
 }
 
+/// What a pair keeps of its parts, in tokens ([`Collator::cut`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cut {
+    query: usize,
+    passage: usize,
+    /// Whether the prompt is part of the pair (LLM modes), whole.
+    prompt: bool,
+    sep_kept: usize,
+    len: usize,
+    query_length: usize,
+    prompt_length: usize,
+    overlong: bool,
+}
+
 impl<'a> Pair<'a> {
     /// Call `f` with each segment (ids, token type id) in order.
     #[inline(always)]
@@ -575,70 +589,88 @@ impl Collator {
 
     /// The pair of `query` (with `prompt`, LLM modes) and `passage`, as the model sees it.
     pub fn pair<'a>(&'a self, query: &'a [i32], passage: &'a [i32], prompt: &'a [i32]) -> Pair<'a> {
-        let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
-        let q = &query[..query.len().min(self.query_cap())];
-        let mut p = &passage[..passage.len().min(self.passage_cap())];
-        let mut pair = Pair {
+        if self.options.mode == Mode::Embedder {
+            // A passage on its own (what length grouping measures in embedder mode).
+            return self.single(passage, self.options.passage_max_len);
+        }
+        let c = self.cut(query.len(), passage.len(), prompt.len());
+        Pair {
             layout: &self.layout,
             sep: &self.sep,
-            query: q,
-            passage: p,
-            prompt: &[],
-            sep_kept: 0,
-            len: 0,
-            query_length: 0,
-            prompt_length: 0,
-            overlong: false,
+            query: &query[..c.query],
+            passage: &passage[..c.passage],
+            prompt: if c.prompt { prompt } else { &[] },
+            sep_kept: c.sep_kept,
+            len: c.len,
+            query_length: c.query_length,
+            prompt_length: c.prompt_length,
+            overlong: c.overlong,
+        }
+    }
+
+    /// The length of [`Collator::pair`] of a query, a passage and a prompt of these lengths
+    /// (what length-grouped and token-budget plans measure, from lengths alone).
+    pub fn pair_len(&self, query: usize, passage: usize, prompt: usize) -> usize {
+        self.cut(query, passage, prompt).len
+    }
+
+    /// What the pair of a query, a passage and a prompt of these lengths keeps: the
+    /// truncation rules of each mode, on lengths (so [`Collator::pair`] and
+    /// [`Collator::pair_len`] cannot disagree).
+    fn cut(&self, query: usize, passage: usize, prompt: usize) -> Cut {
+        let (qm, pm) = (self.options.query_max_len, self.options.passage_max_len);
+        let mut c = Cut {
+            query: query.min(self.query_cap()),
+            passage: passage.min(self.passage_cap()),
+            ..Cut::default()
         };
         match self.options.mode {
-            // A passage on its own (what length grouping measures in embedder mode).
-            Mode::Embedder => return self.single(passage, pm),
+            Mode::Embedder => {
+                c.query = 0;
+                c.passage = self.single_kept(passage, pm);
+                c.len = self.fixed_len + c.passage;
+            }
             Mode::Encoder if self.options.truncation == Truncation::LongestFirst => {
-                let (a, b) = longest_first(
-                    query.len(),
-                    passage.len(),
-                    (qm + pm).saturating_sub(self.fixed_len),
-                );
-                pair.query = &query[..a];
-                pair.passage = &passage[..b];
-                pair.len = self.fixed_len + a + b;
+                let (a, b) =
+                    longest_first(query, passage, (qm + pm).saturating_sub(self.fixed_len));
+                (c.query, c.passage) = (a, b);
+                c.len = self.fixed_len + a + b;
             }
             Mode::Encoder => {
-                let total = q.len() + p.len() + self.fixed_len;
+                let total = c.query + c.passage + self.fixed_len;
                 if total > qm + pm {
                     let r = total - (qm + pm);
-                    if p.len() > r {
-                        p = &p[..p.len() - r];
+                    if c.passage > r {
+                        c.passage -= r;
                     } else {
-                        pair.overlong = true;
+                        c.overlong = true;
                     }
                 }
-                pair.passage = p;
-                pair.len = self.fixed_len + q.len() + p.len();
+                c.len = self.fixed_len + c.query + c.passage;
             }
             Mode::Llm | Mode::Matryoshka => {
                 let s = self.sep.len();
-                let a_len = self.bos as usize + q.len();
-                let b_len = s + p.len();
-                let budget = (qm + pm) as i64 - prompt.len() as i64 - s as i64;
+                let a_len = self.bos as usize + c.query;
+                let b_len = s + c.passage;
+                let budget = (qm + pm) as i64 - prompt as i64 - s as i64;
                 let mut keep_b = b_len;
                 if (a_len + b_len) as i64 > budget {
                     let r = ((a_len + b_len) as i64 - budget) as usize;
                     if b_len > r {
                         keep_b = b_len - r;
                     } else {
-                        pair.overlong = true;
+                        c.overlong = true;
                     }
                 }
-                pair.sep_kept = keep_b.min(s);
-                pair.passage = &p[..keep_b.saturating_sub(s)];
-                pair.prompt = prompt;
-                pair.len = a_len + keep_b + s + prompt.len();
-                pair.query_length = a_len + s;
-                pair.prompt_length = s + prompt.len();
+                c.sep_kept = keep_b.min(s);
+                c.passage = keep_b.saturating_sub(s);
+                c.prompt = true;
+                c.len = a_len + keep_b + s + prompt;
+                c.query_length = a_len + s;
+                c.prompt_length = s + prompt;
             }
         }
-        pair
+        c
     }
 
     /// The prompt tokens of a row (its own or the mode's default); empty in encoder mode.
@@ -668,17 +700,14 @@ impl Collator {
         pos: u32,
         neg: &[u32],
     ) -> Result<usize> {
-        let prompt = self.prompt_of(ds, g.prompt)?;
+        let prompt = self.prompt_of(ds, g.prompt)?.len();
         // A pair's length never decreases with its passage's (truncation cuts the passage
         // to the budget, or nothing), so the longest passage makes the longest pair.
-        let mut longest: &[i32] = ds.referenced_passage(pick(g.pos, pos, row, "positive")?)?;
+        let mut longest = ds.referenced_passage_len(pick(g.pos, pos, row, "positive")?)?;
         for &j in neg {
-            let p = ds.referenced_passage(pick(g.neg, j, row, "negative")?)?;
-            if p.len() > longest.len() {
-                longest = p;
-            }
+            longest = longest.max(ds.referenced_passage_len(pick(g.neg, j, row, "negative")?)?);
         }
-        Ok(self.pair(g.query, longest, prompt).len())
+        Ok(self.pair_len(g.query.len(), longest, prompt))
     }
 
     /// A selection's longest pair and the total tokens of its pairs (what token-budget batches
@@ -698,14 +727,12 @@ impl Collator {
         pos: u32,
         neg: &[u32],
     ) -> Result<(usize, usize)> {
-        let prompt = self.prompt_of(ds, g.prompt)?;
+        let prompt = self.prompt_of(ds, g.prompt)?.len();
         let (mut longest, mut total) = (0, 0);
         let first = pick(g.pos, pos, row, "positive")?;
         let rest = neg.iter().map(|&j| pick(g.neg, j, row, "negative"));
         for id in std::iter::once(Ok(first)).chain(rest) {
-            let l = self
-                .pair(g.query, ds.referenced_passage(id?)?, prompt)
-                .len();
+            let l = self.pair_len(g.query.len(), ds.referenced_passage_len(id?)?, prompt);
             longest = longest.max(l);
             total += l;
         }
