@@ -194,43 +194,6 @@ impl Table {
         }
     }
 
-    /// The length of every list of the list column at node `node`, buffer `buf`, of batch `b`
-    /// into `out` (one per row of the batch), saturated at `u16::MAX`: what
-    /// [`Table::non_null_list`] of each row would return the length of, with its checks.
-    fn list_lengths<T: Pod>(
-        &self,
-        b: Loc<'_>,
-        node: usize,
-        buf: usize,
-        out: &mut [u16],
-    ) -> Result<()> {
-        if b.layout.nodes[node].null_count != 0 {
-            for i in 0..out.len() {
-                if self.is_null(b, node, buf, i)? {
-                    return Err(self.corrupt(i, b, "tokens is null"));
-                }
-            }
-        }
-        let offsets: &[i64] = self.buffer(b, buf + 1, 0)?;
-        let values = (self.bytes(b, buf + 3).len() / std::mem::size_of::<T>())
-            .min(b.layout.nodes[node + 1].len) as u64;
-        if offsets.len() < out.len() + 1 {
-            return Err(self.corrupt(
-                offsets.len().saturating_sub(1),
-                b,
-                "list offsets out of bounds or decreasing",
-            ));
-        }
-        for (i, (l, w)) in out.iter_mut().zip(offsets.windows(2)).enumerate() {
-            let (s, e) = (w[0], w[1]);
-            if !(0 <= s && s <= e && e as u64 <= values) {
-                return Err(self.corrupt(i, b, "list offsets out of bounds or decreasing"));
-            }
-            *l = (e - s).min(u16::MAX as i64) as u16;
-        }
-        Ok(())
-    }
-
     /// [`Table::list`], a null being corrupt (`what` names the column).
     #[inline(always)]
     fn non_null_list<T: Pod>(
@@ -305,8 +268,6 @@ pub struct Dataset {
     groups: Table,
     passages: Table,
     prompts: Table,
-    /// Each passage's length, saturated at `u16::MAX` (see [`Dataset::passage_lengths`]).
-    passage_lengths: std::sync::OnceLock<Vec<u16>>,
 }
 
 impl Dataset {
@@ -354,7 +315,6 @@ impl Dataset {
             groups,
             passages,
             prompts,
-            passage_lengths: std::sync::OnceLock::new(),
         })
     }
 
@@ -503,48 +463,6 @@ impl Dataset {
             ),
             e => e,
         })
-    }
-
-    /// Every passage's length in tokens (saturated at `u16::MAX`: longer passages read their
-    /// offsets), computed the first time it is asked for, in one pass over the passages' list
-    /// offsets in storage order (checked as a read of each passage checks them), and kept: 2
-    /// bytes a passage. Epoch passes over every row (length-grouped and token-budget plans)
-    /// read lengths here, from one small contiguous array, instead of two offsets in a
-    /// record batch per passage. Opening stays O(1): only such a pass asks for it.
-    pub fn passage_lengths(&self) -> Result<&[u16]> {
-        if let Some(v) = self.passage_lengths.get() {
-            return Ok(v);
-        }
-        let t = &self.passages;
-        let mut v = vec![0u16; t.rows];
-        for (batch, (lengths, layout)) in v
-            .chunks_mut(t.rows_per_batch)
-            .zip(&t.layout.batches)
-            .enumerate()
-        {
-            t.list_lengths::<i32>(Loc { batch, layout }, 0, 0, lengths)?;
-        }
-        // Computed without holding a lock (a process forked meanwhile computes its own); a
-        // second thread that computed it too offers the same values.
-        let _ = self.passage_lengths.set(v);
-        Ok(self.passage_lengths.get().expect("set above"))
-    }
-
-    /// The length of passage `id` as stored in a group's `pos`/`neg`: from
-    /// [`Dataset::passage_lengths`] once computed, else (and for longer passages) from its
-    /// offsets, with the errors of [`Dataset::referenced_passage`].
-    #[inline]
-    pub fn referenced_passage_len(&self, id: i32) -> Result<usize> {
-        if let Some(&l) = self
-            .passage_lengths
-            .get()
-            .and_then(|t| usize::try_from(id).ok().and_then(|i| t.get(i)))
-        {
-            if l != u16::MAX {
-                return Ok(l as usize);
-            }
-        }
-        Ok(self.referenced_passage(id)?.len())
     }
 
     /// Token ids of prompt `id`.

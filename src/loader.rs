@@ -652,7 +652,6 @@ impl Plan {
     /// `drop_last`, the short tail is left out before sorting, as in random order (it would
     /// otherwise sort into the kept batches).
     fn length_order(&self, epoch: u64, offset: u64, pass: Pass<'_>) -> Result<LengthOrder> {
-        self.ds.passage_lengths()?;
         let order = self.order(epoch, offset);
         let b = self.options.batch_size as u64;
         let kept = if self.options.drop_last {
@@ -700,7 +699,6 @@ impl Plan {
 
     /// Token budget: `epoch`'s plan computed (see [`Plan::budget_plan`]).
     fn make_budget(&self, epoch: u64, budget: Budget, pass: Pass<'_>) -> Result<BudgetPlan> {
-        self.ds.passage_lengths()?;
         let order = self.order(epoch, 0);
         let n = order.global_len();
         let (mut sizes, mut longest) = (

@@ -155,7 +155,6 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Open, then read every row: all that a corrupt file may cause is an `Err`.
 fn open_and_read_all(dir: &Path) -> Result<(), Error> {
     let ds = Dataset::open(dir)?;
-    lengths_agree_with_reads(&ds);
     for row in 0..ds.len() {
         let g = ds.group(row)?;
         for &id in g.pos.iter().chain(g.neg) {
@@ -166,32 +165,6 @@ fn open_and_read_all(dir: &Path) -> Result<(), Error> {
         }
     }
     ds.validate()
-}
-
-/// The passage length table (what epoch passes read) says what reading each passage says:
-/// built, it holds each readable passage's length (saturated at `u16::MAX`), and it fails to
-/// build only where some passage cannot be read; a passage's length through it matches.
-fn lengths_agree_with_reads(ds: &Dataset) {
-    let reads: Vec<Option<usize>> = (0..ds.num_passages())
-        .map(|id| ds.passage(id as i32).ok().map(<[i32]>::len))
-        .collect();
-    match ds.passage_lengths() {
-        Ok(t) => {
-            assert_eq!(t.len(), reads.len());
-            for (id, (&l, r)) in t.iter().zip(&reads).enumerate() {
-                let r = r.unwrap_or_else(|| panic!("passage {id} unreadable, the table built"));
-                assert_eq!(l as usize, r.min(u16::MAX as usize), "passage {id}");
-                assert_eq!(ds.referenced_passage_len(id as i32).unwrap(), r);
-            }
-        }
-        Err(e) => {
-            assert!(
-                reads.iter().any(Option::is_none),
-                "table refused ({e}), every read fine"
-            );
-            assert!(e.to_string().contains("passages.arrow"), "{e}");
-        }
-    }
 }
 
 #[test]
@@ -348,49 +321,4 @@ fn manifest_problems_are_errors() {
     assert!(matches!(Dataset::open(&bad), Err(Error::Corrupt { .. })));
     std::fs::remove_file(bad.join("manifest.json")).unwrap();
     assert!(matches!(Dataset::open(&bad), Err(Error::Io { .. })));
-}
-
-#[test]
-fn passage_lengths_past_the_table_width_read_their_offsets() {
-    // Lengths 65,534 and 65,535 sit at the table's limit (the latter saturates), 70,000 past
-    // it: every length comes back exact, through the table or the offsets.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("ds");
-    let mut w = DatasetWriter::create(
-        &out,
-        WriterOptions {
-            rows_per_batch: 2,
-            overwrite: false,
-        },
-    )
-    .unwrap();
-    let lens = [3usize, 65_534, 65_535, 70_000, 0, 12];
-    for (i, &n) in lens.iter().enumerate() {
-        w.add_passage(&vec![100 + i as i32; n]).unwrap();
-    }
-    w.add_group(&GroupRecord {
-        query: &[7, 8],
-        pos: &[0],
-        neg: &[1, 2, 3, 4, 5],
-        pos_scores: None,
-        neg_scores: None,
-        prompt: None,
-        source: 0,
-    })
-    .unwrap();
-    w.finish(ManifestInfo {
-        sources: vec![Default::default()],
-        ..Default::default()
-    })
-    .unwrap();
-    let ds = Dataset::open(&out).unwrap();
-    lengths_agree_with_reads(&ds);
-    let t = ds.passage_lengths().unwrap();
-    assert_eq!(t, [3, 65_534, 65_535, 65_535, 0, 12]);
-    for (id, &n) in lens.iter().enumerate() {
-        assert_eq!(ds.referenced_passage_len(id as i32).unwrap(), n);
-    }
-    // An id outside the table is the read's error.
-    let e = ds.referenced_passage_len(6).unwrap_err();
-    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
 }

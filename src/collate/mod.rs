@@ -703,9 +703,14 @@ impl Collator {
         let prompt = self.prompt_of(ds, g.prompt)?.len();
         // A pair's length never decreases with its passage's (truncation cuts the passage
         // to the budget, or nothing), so the longest passage makes the longest pair.
-        let mut longest = ds.referenced_passage_len(pick(g.pos, pos, row, "positive")?)?;
+        let mut longest = ds
+            .referenced_passage(pick(g.pos, pos, row, "positive")?)?
+            .len();
         for &j in neg {
-            longest = longest.max(ds.referenced_passage_len(pick(g.neg, j, row, "negative")?)?);
+            longest = longest.max(
+                ds.referenced_passage(pick(g.neg, j, row, "negative")?)?
+                    .len(),
+            );
         }
         Ok(self.pair_len(g.query.len(), longest, prompt))
     }
@@ -732,7 +737,7 @@ impl Collator {
         let first = pick(g.pos, pos, row, "positive")?;
         let rest = neg.iter().map(|&j| pick(g.neg, j, row, "negative"));
         for id in std::iter::once(Ok(first)).chain(rest) {
-            let l = self.pair_len(g.query.len(), ds.referenced_passage_len(id?)?, prompt);
+            let l = self.pair_len(g.query.len(), ds.referenced_passage(id?)?.len(), prompt);
             longest = longest.max(l);
             total += l;
         }

@@ -25,8 +25,9 @@ impl Collator {
     }
 
     /// input_ids, attention_mask and token_type_ids (as asked), `[rows, len]` each, in one
-    /// pass over the pairs; every element is written exactly once, each array row by row as
-    /// runs (padding, segments; the mask and type ids as runs of one value).
+    /// pass over the pairs: each grid is made filled with its padding value (the pad id, 0),
+    /// then only each pair's cells are written, into place: its token runs (widened to the
+    /// id type), ones in the mask, and the type id runs that are not 0.
     #[allow(clippy::type_complexity)]
     pub(super) fn grids<T: IdElem>(
         &self,
@@ -34,26 +35,10 @@ impl Collator {
         len: usize,
     ) -> (Vec<T>, Option<Vec<T>>, Option<Vec<T>>) {
         let cells = pairs.len() * len;
-        let mut ids: Vec<T> = Vec::with_capacity(cells);
-        let mut mask: Option<Vec<T>> = self
-            .options
-            .attention_mask
-            .then(|| Vec::with_capacity(cells));
-        let mut types: Option<Vec<T>> = self.token_type_ids.then(|| Vec::with_capacity(cells));
-        // Rows are written as runs copied from these (a copy is a memcpy, where
-        // `Vec::resize` writes one element at a time): `pads`, and `len` zeros then `len` ones,
-        // whose windows are the mask rows and the type id runs.
-        let pads = vec![T::from_i32(self.pad); len];
-        let zeros_ones: Vec<T> = std::iter::repeat_n(T::from_i32(0), len)
-            .chain(std::iter::repeat_n(T::from_i32(1), len))
-            .collect();
-        let zeros = &zeros_ones[..len];
-        let ones_zeros: Vec<T> = zeros_ones[len..].iter().chain(zeros).copied().collect();
-        let run = |v: &mut Vec<T>, n: usize, value: u8| match value {
-            0 => append(v, &zeros[..n]),
-            1 => append(v, &zeros_ones[len..len + n]),
-            _ => v.resize(v.len() + n, T::from_i32(value as i32)),
-        };
+        let (zero, one) = (T::from_i32(0), T::from_i32(1));
+        let mut ids: Vec<T> = vec![T::from_i32(self.pad); cells];
+        let mut mask: Option<Vec<T>> = self.options.attention_mask.then(|| vec![zero; cells]);
+        let mut types: Option<Vec<T>> = self.token_type_ids.then(|| vec![zero; cells]);
         let left = self.side == Side::Left;
         // The passages' tokens are the batch's scattered reads: prefetch them a few pairs
         // ahead of the copy, so their misses overlap copying (a burst of prefetches up front
@@ -68,40 +53,37 @@ impl Collator {
             if let Some(ahead) = pairs.get(r + distance) {
                 storage::prefetch(ahead.passage);
             }
-            let padding = len - pair.len;
-            let (before, after) = if left { (padding, 0) } else { (0, padding) };
-            append(&mut ids, &pads[..before]);
-            pair.for_each_segment(|seg, _| ids.extend(seg.iter().map(|&v| T::from_i32(v))));
-            append(&mut ids, &pads[..after]);
+            let start = r * len + if left { len - pair.len } else { 0 };
+            let cells = start..start + pair.len;
+            let mut row = &mut ids[cells.clone()];
+            pair.for_each_segment(|seg, _| {
+                let (to, rest) = std::mem::take(&mut row).split_at_mut(seg.len());
+                widen(to, seg);
+                row = rest;
+            });
             if let Some(m) = mask.as_mut() {
-                m.extend_from_slice(if left {
-                    &zeros_ones[pair.len..pair.len + len]
-                } else {
-                    &ones_zeros[padding..padding + len]
-                });
+                m[cells.clone()].fill(one);
             }
             if let Some(t) = types.as_mut() {
-                append(t, &zeros[..before]);
-                let mut current = (0usize, 0u8);
+                let mut row = &mut t[cells];
                 pair.for_each_segment(|seg, type_id| {
-                    if type_id != current.1 {
-                        run(t, current.0, current.1);
-                        current = (0, type_id);
+                    let (to, rest) = std::mem::take(&mut row).split_at_mut(seg.len());
+                    if type_id != 0 {
+                        to.fill(T::from_i32(type_id as i32));
                     }
-                    current.0 += seg.len();
+                    row = rest;
                 });
-                run(t, current.0, current.1);
-                append(t, &zeros[..after]);
             }
         }
         (ids, mask, types)
     }
 }
 
-/// `v.extend_from_slice(run)`, skipping the call for the empty runs (most padding runs).
+/// `to[i] = src[i]` in the id type: a plain loop the compiler vectorizes (a sign-extending
+/// copy for int64, a copy for int32).
 #[inline(always)]
-fn append<T: Copy>(v: &mut Vec<T>, run: &[T]) {
-    if !run.is_empty() {
-        v.extend_from_slice(run);
+fn widen<T: IdElem>(to: &mut [T], src: &[i32]) {
+    for (t, &s) in to.iter_mut().zip(src) {
+        *t = T::from_i32(s);
     }
 }

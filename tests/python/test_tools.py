@@ -49,3 +49,15 @@ def test_peers_bench_runs_and_every_side_makes_the_same_batches(rankfeed_bin):
         assert side in out, out
     assert "the expert's arrays equal rankfeed's on 100 batches, and on 100 truncated" in out, out
     assert "of the in-cache copy bound" in out, out
+
+
+def test_ahead_bench_runs_and_the_planned_batch_is_the_batch_on_demand(rankfeed_bin, tmp_path):
+    # The script exits non-zero if epoch 1's first batch planned ahead differs from a loader's
+    # made at epoch 1.
+    ds = tmp_path / "ds"
+    subprocess.run([rankfeed_bin, "convert", ROOT / "data/sample/wordnet-nouns.jsonl.gz",
+                    "--tokenizer", ROOT / "data/sample/bert/tokenizer.json", "-o", ds],
+                   check=True, capture_output=True)
+    out = run(ROOT / "tools/ahead_bench.py", ds, "--rounds", "2", "--train-seconds", "0.3")
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and all("rows: epoch 1's first batch planned ahead" in l for l in lines), out
