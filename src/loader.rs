@@ -362,6 +362,9 @@ struct Plan {
     no_dup: EpochCache<NoDupPlan>,
     /// Batches of epoch 0 from its start, once computed.
     first_steps: std::sync::OnceLock<u64>,
+    /// What the plans are shared by in this process ([`SharedPlans`]): the dataset's
+    /// directory and seal, and every option but the prefetch ones.
+    shared: String,
 }
 
 /// Fill `out` on scoped threads, part `k` being `out[bounds[k]..bounds[k + 1]]` filled by
@@ -532,9 +535,11 @@ const EPOCH_PASS_THREADS: usize = 8;
 
 /// The cached value for `epoch`, or `make()` stored as it. The lock is held while computing,
 /// so other threads wait for the value instead of computing it again (a plan computed ahead
-/// holds no lock while it runs: see [`offer`]).
-fn cached<T>(
+/// holds no lock while it runs: see [`offer`]). A plan another loader of this process computed
+/// for the same dataset and settings (`shared`, see [`SharedPlans`]) is taken from there.
+fn cached<T: Send + Sync + 'static>(
     cache: &EpochCache<T>,
+    shared: &str,
     epoch: u64,
     make: impl FnOnce() -> Result<T>,
 ) -> Result<Arc<T>> {
@@ -542,19 +547,83 @@ fn cached<T>(
     if let Some(v) = c.iter().find(|(e, _)| *e == epoch).map(|(_, v)| v.clone()) {
         return Ok(v);
     }
-    let v = Arc::new(make()?);
+    let v = match SharedPlans::get(shared, epoch) {
+        Some(v) => v,
+        None => {
+            let v = Arc::new(make()?);
+            SharedPlans::put(shared, epoch, v.clone());
+            v
+        }
+    };
     keep(&mut c, epoch, v.clone());
     Ok(v)
 }
 
 /// Store `v` as `epoch`'s value unless one is there (the value is the same: a plan is a pure
-/// function of its epoch).
-fn offer<T>(cache: &EpochCache<T>, epoch: u64, v: T) -> Result<()> {
+/// function of its epoch), and share it with the process's other loaders.
+fn offer<T: Send + Sync + 'static>(
+    cache: &EpochCache<T>,
+    shared: &str,
+    epoch: u64,
+    v: T,
+) -> Result<()> {
     let mut c = lock(cache)?;
     if !c.iter().any(|(e, _)| *e == epoch) {
-        keep(&mut c, epoch, Arc::new(v));
+        let v = Arc::new(v);
+        SharedPlans::put(shared, epoch, v.clone());
+        keep(&mut c, epoch, v);
     }
     Ok(())
+}
+
+/// Epoch plans shared by the loaders of one process: a loader of the same dataset (its
+/// directory and manifest seal) with the same settings (every option but the prefetch ones)
+/// takes the plan another computed instead of computing it again. `RankfeedIterable` makes a
+/// loader per pass, and one more to count each epoch's steps: without this each epoch's plan
+/// would be computed twice, and the plan a pass's loader computed ahead for the next epoch
+/// would go with it. The [`SHARED_PLANS`] most recently computed plans are kept (4 to 8 bytes
+/// a row each). Never waited for: a lock another thread holds (or held at a `fork`, in the
+/// child) means computing the plan, not blocking.
+struct SharedPlans;
+
+/// One shared plan: its loader key, epoch, and value.
+type SharedPlan = (Arc<str>, u64, Arc<dyn std::any::Any + Send + Sync>);
+
+static SHARED: std::sync::Mutex<Vec<SharedPlan>> = std::sync::Mutex::new(Vec::new());
+
+/// Plans a process keeps for its loaders ([`SharedPlans`]): a pass's and the next epoch's of
+/// one run, and one more (an evaluation loader, a probe at another epoch).
+const SHARED_PLANS: usize = 3;
+
+impl SharedPlans {
+    /// The lock, if it can be had without waiting long (a few tries).
+    fn lock() -> Option<std::sync::MutexGuard<'static, Vec<SharedPlan>>> {
+        for _ in 0..64 {
+            match SHARED.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+                Err(std::sync::TryLockError::Poisoned(_)) => return None,
+            }
+        }
+        None
+    }
+
+    fn get<T: Send + Sync + 'static>(key: &str, epoch: u64) -> Option<Arc<T>> {
+        let g = Self::lock()?;
+        let (_, _, v) = g.iter().find(|(k, e, _)| **k == *key && *e == epoch)?;
+        v.clone().downcast::<T>().ok()
+    }
+
+    fn put<T: Send + Sync + 'static>(key: &str, epoch: u64, v: Arc<T>) {
+        let Some(mut g) = Self::lock() else {
+            return;
+        };
+        g.retain(|(k, e, _)| !(**k == *key && *e == epoch));
+        if g.len() >= SHARED_PLANS {
+            g.remove(0);
+        }
+        g.push((key.into(), epoch, v));
+    }
 }
 
 /// Add `epoch`'s value, keeping the [`EPOCHS_CACHED`] most recently added.
@@ -622,7 +691,7 @@ impl Plan {
     /// out before sorting, as in random order (it would otherwise sort into the kept batches).
     fn grouped_span(&self, epoch: u64, offset: u64, step: u64, mult: u64) -> Result<Vec<u64>> {
         let b = self.options.batch_size as u64;
-        let lengths = cached(&self.lengths, epoch, || {
+        let lengths = cached(&self.lengths, &self.shared, epoch, || {
             self.length_order(epoch, offset, Pass::now())
         })?;
         let source = lengths.source_batch(step, b, mult);
@@ -692,7 +761,7 @@ impl Plan {
         let Schedule::Budget(budget) = self.schedule else {
             return Err(Error::Internal("no token budget".into()));
         };
-        cached(&self.budget, epoch, || {
+        cached(&self.budget, &self.shared, epoch, || {
             self.make_budget(epoch, budget, Pass::now())
         })
     }
@@ -734,7 +803,7 @@ impl Plan {
         let Schedule::NoDup(settings) = self.schedule else {
             return Err(Error::Internal("no no-duplicates schedule".into()));
         };
-        cached(&self.no_dup, epoch, || {
+        cached(&self.no_dup, &self.shared, epoch, || {
             self.make_no_dup(epoch, settings, Pass::now())
         })
     }
@@ -772,15 +841,24 @@ impl Plan {
             stop: Some(stop),
         };
         match self.schedule {
-            Schedule::Grouped(_) if !has(&self.lengths, epoch)? => {
-                offer(&self.lengths, epoch, self.length_order(epoch, 0, pass)?)
-            }
-            Schedule::Budget(b) if !has(&self.budget, epoch)? => {
-                offer(&self.budget, epoch, self.make_budget(epoch, b, pass)?)
-            }
-            Schedule::NoDup(d) if !has(&self.no_dup, epoch)? => {
-                offer(&self.no_dup, epoch, self.make_no_dup(epoch, d, pass)?)
-            }
+            Schedule::Grouped(_) if !has(&self.lengths, epoch)? => offer(
+                &self.lengths,
+                &self.shared,
+                epoch,
+                self.length_order(epoch, 0, pass)?,
+            ),
+            Schedule::Budget(b) if !has(&self.budget, epoch)? => offer(
+                &self.budget,
+                &self.shared,
+                epoch,
+                self.make_budget(epoch, b, pass)?,
+            ),
+            Schedule::NoDup(d) if !has(&self.no_dup, epoch)? => offer(
+                &self.no_dup,
+                &self.shared,
+                epoch,
+                self.make_no_dup(epoch, d, pass)?,
+            ),
             _ => Ok(()),
         }
     }
@@ -936,6 +1014,14 @@ impl Loader {
             }
         }
         check_steps(&universe, &options, &schedule)?;
+        let shared = {
+            let o = LoaderOptions {
+                prefetch_threads: 0,
+                prefetch_depth: 0,
+                ..options.clone()
+            };
+            format!("{}\n{}\n{o:?}", ds.dir().display(), ds.manifest().checksum)
+        };
         let loader = Loader {
             plan: Arc::new(Plan {
                 ds,
@@ -948,6 +1034,7 @@ impl Loader {
                 budget: std::sync::Mutex::new(Vec::new()),
                 no_dup: std::sync::Mutex::new(Vec::new()),
                 first_steps: std::sync::OnceLock::new(),
+                shared,
             }),
             state: LoaderState::default(),
             prefetch: None,
@@ -1899,6 +1986,7 @@ mod tests {
 
     #[test]
     fn the_next_epochs_plan_is_computed_ahead_and_stopped_when_not_needed() {
+        let _serial = SHARED_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         for strategy in [
             Strategy::LengthGrouped { megabatch: 5 },
             Strategy::TokenBudget {
@@ -1937,5 +2025,41 @@ mod tests {
                 assert_eq!(l.selections(6, k).unwrap(), fresh.selections(6, k).unwrap());
             }
         }
+    }
+
+    /// The loader tests that put plans in the process's [`SharedPlans`] run one at a time, so
+    /// none evicts the plan another is checking.
+    static SHARED_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn loaders_of_one_dataset_and_settings_share_their_plans() {
+        let _serial = SHARED_SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let strategy = Strategy::LengthGrouped { megabatch: 5 };
+        let a = planned_loader(strategy.clone(), dir.path());
+        let plan_of = |l: &Loader, e: u64| {
+            l.steps(e).unwrap();
+            l.selections(e, 0).unwrap();
+            let c = lock(&l.plan.lengths).unwrap();
+            c.iter()
+                .find(|(k, _)| *k == e)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let first = plan_of(&a, 3);
+        // Another loader of the dataset (opened again), same settings but the prefetch ones:
+        // the same plan, not computed again.
+        let ds = Arc::new(Dataset::open(dir.path().join("ds")).unwrap());
+        let o = LoaderOptions {
+            prefetch_threads: 3,
+            ..a.options().clone()
+        };
+        let b = Loader::new(ds.clone(), o.clone()).unwrap();
+        assert!(Arc::ptr_eq(&first, &plan_of(&b, 3)));
+        // Another seed is another plan.
+        let c = Loader::new(ds, LoaderOptions { seed: 99, ..o }).unwrap();
+        let other = plan_of(&c, 3);
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_ne!(*first, *other);
     }
 }
