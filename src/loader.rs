@@ -10,7 +10,7 @@
 //! DataLoader workers) works in the child.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::Arc;
 
 use crate::collate::{Batch, CollateOptions, Collator};
@@ -329,7 +329,7 @@ type EpochCache<T> = std::sync::Mutex<Epochs<T>>;
 type Epochs<T> = Vec<(u64, Arc<T>)>;
 
 /// How an epoch is cut into batches.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Schedule {
     /// `batch_size` consecutive positions of the rank's order.
     Random,
@@ -448,9 +448,9 @@ fn even_bounds(n: usize, min: usize, pass: Pass<'_>) -> Vec<usize> {
     (0..=threads).map(|t| (t * chunk).min(n)).collect()
 }
 
-/// An epoch pass whose value at each position `i` of `0..n` is `f(row(i), scratch)`, a
-/// function of the row alone (`row(i) < rows`): `f` runs once for each distinct row, in row
-/// order, and the values are gathered by position. Row order is the dataset's storage order:
+/// An epoch pass whose value at each position `i` of `0..n` is a function of its row
+/// `row(i) < rows` alone: `f(rows, values, scratch)` computes the values of the distinct rows,
+/// given in row order up to 64 at a time, and the values are gathered by position. Row order is the dataset's storage order:
 /// a row's id lists follow the previous row's, and its passages (numbered in first-reference
 /// order at conversion) mostly follow the previous row's passages, so the pass streams through
 /// the maps where position order (shuffled) would miss the cache on every list and passage
@@ -459,13 +459,12 @@ fn even_bounds(n: usize, min: usize, pass: Pass<'_>) -> Vec<usize> {
 /// position (its row), `size_of::<T>()` a position (the result) and a distinct row, and 2 bits
 /// a dataset row, so a rank of many, or a small subset of a large dataset, pays for its own
 /// rows only. The first error in row order is the one returned.
-fn row_pass<T: Send + Sync + Copy + Default>(
+fn row_pass<T: Send + Sync + Copy + Default, S: Default>(
     pass: Pass<'_>,
     rows: usize,
     n: u64,
-    group_size: usize,
     row: impl Fn(u64) -> u64 + Sync,
-    f: impl Fn(u64, &mut Vec<u32>) -> Result<T> + Sync,
+    f: impl Fn(&[u64], &mut [T], &mut S) -> Result<()> + Sync,
 ) -> Result<Vec<T>> {
     let n = usize::try_from(n).map_err(|_| Error::Internal("an epoch beyond memory".into()))?;
     let split = EPOCH_PASS_SPLIT as usize;
@@ -478,6 +477,7 @@ fn row_pass<T: Send + Sync + Copy + Default>(
         }
         Ok(())
     })?;
+    pass.go_on()?;
     let words = rows.div_ceil(64);
     let mut wanted = vec![0u64; words];
     for &r in &at {
@@ -500,21 +500,24 @@ fn row_pass<T: Send + Sync + Copy + Default>(
     let bounds: Vec<usize> = by_word.iter().map(|&w| before[w]).collect();
     let mut values = vec![T::default(); count];
     fill_parts(&mut values, &bounds, |k, part| {
-        let mut neg = Vec::with_capacity(group_size);
+        let (mut scratch, mut batch) = (S::default(), Vec::with_capacity(64));
         let mut j = 0;
         let first = by_word[k];
         for (w, &word) in wanted[first..by_word[k + 1]].iter().enumerate() {
             pass.go_on()?;
             let base = (first + w) as u64 * 64;
+            batch.clear();
             let mut bits = word;
             while bits != 0 {
-                part[j] = f(base + bits.trailing_zeros() as u64, &mut neg)?;
-                j += 1;
+                batch.push(base + bits.trailing_zeros() as u64);
                 bits &= bits - 1;
             }
+            f(&batch, &mut part[j..j + batch.len()], &mut scratch)?;
+            j += batch.len();
         }
         Ok(())
     })?;
+    pass.go_on()?;
     let mut out = vec![T::default(); n];
     fill_parts(&mut out, &by_position, |k, part| {
         let start = by_position[k];
@@ -526,6 +529,13 @@ fn row_pass<T: Send + Sync + Copy + Default>(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Scratch space of [`Plan::measure_rows`]: a row's drawn negatives and passage ids.
+#[derive(Debug, Default)]
+struct Measuring {
+    neg: Vec<u32>,
+    ids: Vec<i32>,
 }
 
 /// Rows below which an epoch pass runs on one thread (starting threads costs more).
@@ -565,14 +575,17 @@ fn offer<T: Send + Sync + 'static>(
     cache: &EpochCache<T>,
     shared: &str,
     epoch: u64,
-    v: T,
+    v: Arc<T>,
 ) -> Result<()> {
-    let mut c = lock(cache)?;
-    if !c.iter().any(|(e, _)| *e == epoch) {
-        let v = Arc::new(v);
-        SharedPlans::put(shared, epoch, v.clone());
-        keep(&mut c, epoch, v);
-    }
+    let evicted = {
+        let mut c = lock(cache)?;
+        if c.iter().any(|(e, _)| *e == epoch) {
+            return Ok(());
+        }
+        keep(&mut c, epoch, v.clone())
+    };
+    drop(evicted);
+    SharedPlans::put(shared, epoch, v);
     Ok(())
 }
 
@@ -615,23 +628,31 @@ impl SharedPlans {
     }
 
     fn put<T: Send + Sync + 'static>(key: &str, epoch: u64, v: Arc<T>) {
-        let Some(mut g) = Self::lock() else {
-            return;
+        let key: Arc<str> = key.into();
+        let evicted = {
+            let Some(mut g) = Self::lock() else {
+                return;
+            };
+            let at = g.iter().position(|(k, e, _)| *k == key && *e == epoch);
+            let evicted = match at {
+                Some(i) => Some(g.remove(i)),
+                None if g.len() >= SHARED_PLANS => Some(g.remove(0)),
+                None => None,
+            };
+            g.push((key, epoch, v));
+            evicted
         };
-        g.retain(|(k, e, _)| !(**k == *key && *e == epoch));
-        if g.len() >= SHARED_PLANS {
-            g.remove(0);
-        }
-        g.push((key.into(), epoch, v));
+        // Freed once the lock is released (a large plan takes a while to free).
+        drop(evicted);
     }
 }
 
-/// Add `epoch`'s value, keeping the [`EPOCHS_CACHED`] most recently added.
-fn keep<T>(c: &mut Epochs<T>, epoch: u64, v: Arc<T>) {
-    if c.len() >= EPOCHS_CACHED {
-        c.remove(0);
-    }
+/// Add `epoch`'s value, keeping the [`EPOCHS_CACHED`] most recently added; returns the value
+/// evicted, for the caller to drop once it has released the lock.
+fn keep<T>(c: &mut Epochs<T>, epoch: u64, v: Arc<T>) -> Option<(u64, Arc<T>)> {
+    let evicted = (c.len() >= EPOCHS_CACHED).then(|| c.remove(0));
     c.push((epoch, v));
+    evicted
 }
 
 /// Whether `epoch`'s value is cached.
@@ -649,6 +670,27 @@ fn lock<T>(cache: &EpochCache<T>) -> Result<std::sync::MutexGuard<'_, Epochs<T>>
 }
 
 impl Plan {
+    /// The same plan with empty caches: what a forked child uses (see [`Loader::after_fork`]).
+    fn fresh(&self) -> Plan {
+        let first_steps = std::sync::OnceLock::new();
+        if let Some(&n) = self.first_steps.get() {
+            let _ = first_steps.set(n);
+        }
+        Plan {
+            ds: self.ds.clone(),
+            universe: self.universe.clone(),
+            collator: self.collator.clone(),
+            options: self.options.clone(),
+            schedule: self.schedule.clone(),
+            lengths: std::sync::Mutex::new(Vec::new()),
+            sorted: std::sync::Mutex::new(Vec::new()),
+            budget: std::sync::Mutex::new(Vec::new()),
+            no_dup: std::sync::Mutex::new(Vec::new()),
+            first_steps,
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Batches of `epoch` from its position `offset` on (see [`LoaderState::offset`]).
     fn steps(&self, epoch: u64, offset: u64) -> Result<u64> {
         let b = self.options.batch_size as u64;
@@ -732,17 +774,39 @@ impl Plan {
             pass,
             self.ds.len(),
             kept,
-            self.options.collate.group_size,
             |i| order.row(i),
-            |row, neg| self.length_of(epoch, row, neg),
+            |rows, out, s| self.measure_rows(epoch, rows, out, s, |longest, _| longest),
         )?))
     }
 
-    /// The group length of `row` in `epoch` ([`Collator::group_len`] of its selection), with
-    /// `neg` as scratch space: the length pass calls this for every row of an epoch.
-    fn length_of(&self, epoch: u64, row: u64, neg: &mut Vec<u32>) -> Result<u32> {
-        let (g, pos) = self.draw(epoch, row, neg)?;
-        Ok(self.collator.drawn_len(&self.ds, &g, row, pos, neg)? as u32)
+    /// The longest pair and the total tokens (saturated at `u32::MAX`) of the drawn groups of
+    /// `rows` in `epoch`, each through `value` into `out`: what the length and budget plans
+    /// measure ([`Collator::group_tokens`] of each row's selection, without allocating). The
+    /// first error in row order is returned. (Drawing every group of the rows first and
+    /// prefetching their passages' offsets before reading them was measured slower: 966-1,117
+    /// ms against 485-912 ms at 4M rows.)
+    fn measure_rows<T>(
+        &self,
+        epoch: u64,
+        rows: &[u64],
+        out: &mut [T],
+        s: &mut Measuring,
+        value: impl Fn(u32, u32) -> T,
+    ) -> Result<()> {
+        for (o, &row) in out.iter_mut().zip(rows) {
+            let (g, pos) = self.draw(epoch, row, &mut s.neg)?;
+            s.ids.clear();
+            let prompt = self
+                .collator
+                .drawn_ids(&self.ds, &g, row, pos, &s.neg, &mut s.ids)?;
+            let passages = s
+                .ids
+                .iter()
+                .map(|&id| Ok(self.ds.referenced_passage(id)?.len()));
+            let (longest, total) = self.collator.measure(g.query.len(), prompt, passages)?;
+            *o = value(longest as u32, total.min(u32::MAX as usize) as u32);
+        }
+        Ok(())
     }
 
     /// The group of `row` and its positive in `epoch`, its negatives into `neg` (what
@@ -774,18 +838,12 @@ impl Plan {
             Vec::with_capacity(n as usize),
             Vec::with_capacity(n as usize),
         );
-        let g = self.options.collate.group_size;
         let pairs = row_pass(
             pass,
             self.ds.len(),
             n,
-            g,
             |p| order.global_row(p),
-            |row, neg| {
-                let (g, pos) = self.draw(epoch, row, neg)?;
-                let (l, total) = self.collator.drawn_tokens(&self.ds, &g, row, pos, neg)?;
-                Ok((l as u32, total.min(u32::MAX as usize) as u32))
-            },
+            |rows, out, s| self.measure_rows(epoch, rows, out, s, |l, total| (l, total)),
         )?;
         for (l, total) in pairs {
             longest.push(l);
@@ -840,25 +898,36 @@ impl Plan {
             threads: 1,
             stop: Some(stop),
         };
+        // Computed unless cached here or by another loader of the process; offered unless
+        // stopped meanwhile (the loader moved on: its epoch's plan stays cached).
+        fn ahead<T: Send + Sync + 'static>(
+            cache: &EpochCache<T>,
+            shared: &str,
+            epoch: u64,
+            pass: Pass<'_>,
+            make: impl FnOnce() -> Result<T>,
+        ) -> Result<()> {
+            if has(cache, epoch)? {
+                return Ok(());
+            }
+            let v = match SharedPlans::get::<T>(shared, epoch) {
+                Some(v) => v,
+                None => Arc::new(make()?),
+            };
+            pass.go_on()?;
+            offer(cache, shared, epoch, v)
+        }
+        let shared = self.shared.as_str();
         match self.schedule {
-            Schedule::Grouped(_) if !has(&self.lengths, epoch)? => offer(
-                &self.lengths,
-                &self.shared,
-                epoch,
-                self.length_order(epoch, 0, pass)?,
-            ),
-            Schedule::Budget(b) if !has(&self.budget, epoch)? => offer(
-                &self.budget,
-                &self.shared,
-                epoch,
-                self.make_budget(epoch, b, pass)?,
-            ),
-            Schedule::NoDup(d) if !has(&self.no_dup, epoch)? => offer(
-                &self.no_dup,
-                &self.shared,
-                epoch,
-                self.make_no_dup(epoch, d, pass)?,
-            ),
+            Schedule::Grouped(_) => ahead(&self.lengths, shared, epoch, pass, || {
+                self.length_order(epoch, 0, pass)
+            }),
+            Schedule::Budget(b) => ahead(&self.budget, shared, epoch, pass, || {
+                self.make_budget(epoch, b, pass)
+            }),
+            Schedule::NoDup(d) => ahead(&self.no_dup, shared, epoch, pass, || {
+                self.make_no_dup(epoch, d, pass)
+            }),
             _ => Ok(()),
         }
     }
@@ -940,7 +1009,7 @@ impl Plan {
 
 /// Same-source batching: the batch sources (a source, or small sources merged), their
 /// batches, and their per-rank batch sizes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SameSource {
     batches: SourceBatches,
     groups: Vec<BatchSource>,
@@ -970,6 +1039,8 @@ struct Ahead {
 /// An iterator of batches; see the module docs.
 pub struct Loader {
     plan: Arc<Plan>,
+    /// The process `plan` belongs to (see [`Loader::after_fork`]).
+    plan_pid: u32,
     state: LoaderState,
     prefetch: Option<Prefetch>,
     ahead: Option<Ahead>,
@@ -1036,6 +1107,7 @@ impl Loader {
                 first_steps: std::sync::OnceLock::new(),
                 shared,
             }),
+            plan_pid: std::process::id(),
             state: LoaderState::default(),
             prefetch: None,
             ahead: None,
@@ -1174,6 +1246,7 @@ impl Loader {
     /// Continue from a saved state. An offset needs the random order (the others cannot
     /// continue from a prefix of the epoch's order) and must lie within the epoch.
     pub fn set_state(&mut self, state: LoaderState) -> Result<()> {
+        self.after_fork();
         if state.offset > 0 {
             if self.plan.options.strategy != Strategy::Random {
                 return Err(Error::argument(
@@ -1439,8 +1512,25 @@ impl Loader {
         Ok(Resumed::Elastic { consumed })
     }
 
+    /// In a process forked from the one that made (or last used) this loader, start from the
+    /// same plan with empty caches: a lock of the parent's caches may have been held at the
+    /// fork by one of its threads (a prefetch thread computing an epoch's plan, a plan computed
+    /// ahead), which the child does not have, so the child never touches them. `next`,
+    /// `set_epoch` and `set_state` call this; a caller that forks and then uses the `&self`
+    /// methods (`batch`, `steps`, ...) calls it first. O(1) otherwise (a pid check).
+    pub fn after_fork(&mut self) {
+        let pid = std::process::id();
+        if self.plan_pid != pid {
+            let fresh = Arc::new(self.plan.fresh());
+            // Never dropped here: its locks are the parent's.
+            std::mem::forget(std::mem::replace(&mut self.plan, fresh));
+            self.plan_pid = pid;
+        }
+    }
+
     /// Start epoch `epoch` from its first batch.
     pub fn set_epoch(&mut self, epoch: u64) {
+        self.after_fork();
         self.state = LoaderState {
             epoch,
             step: 0,
@@ -1450,13 +1540,17 @@ impl Loader {
         self.keep_ahead_of(epoch);
     }
 
-    /// The plan, once a pass computed ahead for `epoch` in this process has ended: its value
-    /// is then cached (or, if it failed, the caller computes it and meets the error itself).
+    /// The plan, for a caller about to use `epoch`'s: a pass computed ahead for `epoch` that
+    /// has not ended yet is stopped, so the caller computes the plan at once on every core
+    /// instead of waiting for one thread (an epoch shorter than that pass starts no later than
+    /// without it); one that has ended has cached it.
     fn plan_for(&self, epoch: u64) -> &Plan {
         if let Some(a) = &self.ahead {
-            if a.epoch == epoch && a.pid == std::process::id() {
-                // Returns when the thread ends: it never sends.
-                let _ = a.done.recv();
+            if a.epoch == epoch
+                && a.pid == std::process::id()
+                && matches!(a.done.try_recv(), Err(TryRecvError::Empty))
+            {
+                a.stop.store(true, Ordering::Relaxed);
             }
         }
         &self.plan
@@ -1570,6 +1664,7 @@ impl Iterator for Loader {
     /// The next batch of the current epoch; after the last one, `None` once, and the loader
     /// moves to the next epoch (so `for batch in &mut loader` is one epoch).
     fn next(&mut self) -> Option<Result<Batch>> {
+        self.after_fork();
         let steps = match self.steps(self.state.epoch) {
             Ok(s) => s,
             Err(e) => return Some(Err(e)),
@@ -1879,6 +1974,19 @@ mod tests {
         assert!(e.to_string().contains("part 1"), "{e}");
     }
 
+    /// `f` of each row, as a pass computes the values of its rows.
+    fn each(
+        f: impl Fn(u64, &mut Vec<u32>) -> Result<u64> + Sync,
+    ) -> impl Fn(&[u64], &mut [u64], &mut Vec<u32>) -> Result<()> + Sync {
+        move |rows, out, scratch| {
+            assert!(rows.len() <= 64 && rows.windows(2).all(|w| w[0] < w[1]));
+            for (o, &r) in out.iter_mut().zip(rows) {
+                *o = f(r, scratch)?;
+            }
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_row_ordered_pass_is_the_pass_by_position() {
         // Rows repeated (weighted sources, padded shards), left out (subsets, other ranks) and
@@ -1903,7 +2011,7 @@ mod tests {
                     threads,
                     stop: None,
                 };
-                let got = row_pass(pass, rows, n, 4, row, f).unwrap();
+                let got = row_pass(pass, rows, n, row, each(f)).unwrap();
                 assert_eq!(got, want, "{rows} {n} {threads}");
             }
         }
@@ -1913,25 +2021,24 @@ mod tests {
             threads: 1,
             stop: Some(&stop),
         };
-        assert!(row_pass(pass, 100, 100, 4, |i| i, |r, _| Ok(r)).is_err());
+        assert!(row_pass(pass, 100, 100, |i| i, each(|r, _| Ok(r))).is_err());
         // An error is returned, and a row outside the dataset is one.
         let e = row_pass(
             Pass::now(),
             100_000,
             100_000,
-            4,
             |i| i,
-            |r, _| {
+            each(|r, _| {
                 if r == 99_000 {
                     Err(Error::Internal(format!("at {r}")))
                 } else {
                     Ok(r)
                 }
-            },
+            }),
         )
         .unwrap_err();
         assert!(e.to_string().contains("at 99000"), "{e}");
-        assert!(row_pass(Pass::now(), 10, 3, 4, |i| i + 8, |r, _| Ok(r)).is_err());
+        assert!(row_pass(Pass::now(), 10, 3, |i| i + 8, each(|r, _| Ok(r))).is_err());
     }
 
     /// A small length-grouped (or token-budget) loader over a written dataset.

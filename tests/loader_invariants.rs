@@ -52,7 +52,10 @@ fn bert_facts() -> TokenizerFacts {
 /// One written dataset and what the checks need to know about it.
 struct Data {
     _dir: tempfile::TempDir,
+    _link: tempfile::TempDir,
     ds: Arc<Dataset>,
+    /// `ds` opened under another path (see [`write`]).
+    apart: Arc<Dataset>,
     /// Source of each row.
     source_of: Vec<usize>,
     /// Whether each row has no negatives.
@@ -209,9 +212,17 @@ fn write(spec: &DataSpec, facts: &TokenizerFacts) -> Data {
     })
     .unwrap();
     let ds = Arc::new(Dataset::open(dir.path()).unwrap());
+    // The same dataset under another path: its loaders share no plan with `ds`'s (loaders of
+    // one process share plans by dataset path, seal and settings), so the pure batches are
+    // computed on their own.
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(dir.path(), link.path().join("ds")).unwrap();
+    let apart = Arc::new(Dataset::open(link.path().join("ds")).unwrap());
     Data {
         _dir: dir,
+        _link: link,
         ds,
+        apart,
         source_of,
         empty_neg,
         sizes: spec.sizes.clone(),
@@ -706,7 +717,8 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
             return Err(format!("rank {rank}: {steps} steps for {global_len} rows"));
         }
         // The pure batches, from a second loader computing in the caller's thread.
-        let pure = Loader::new(data.ds.clone(), options(c, rank, 0)).map_err(|e| e.to_string())?;
+        let pure =
+            Loader::new(data.apart.clone(), options(c, rank, 0)).map_err(|e| e.to_string())?;
         let want: Vec<Batch> = (0..steps)
             .map(|k| pure.batch(epoch, k))
             .collect::<rankfeed::Result<_>>()
@@ -807,15 +819,24 @@ fn check(c: &Config, data: &Data, stats: &mut Stats) -> Result<(), String> {
     let collator = loaders[0].collator();
     let len = |s: &Selection| collator.group_len(&data.ds, s).unwrap();
     let all_sources: Vec<usize> = (0..data.sizes.len()).collect();
-    // What the plans measure from lengths alone (the passage length table, the truncation
-    // rules on lengths) is what the pairs built from the tokens hold.
+    // What the plans measure from lengths alone (the truncation rules on lengths) is what the
+    // pairs built from the tokens hold: their ids and type ids, counted.
     for s in by_rank.iter().flatten().flatten() {
         let pairs = collator.pairs(&data.ds, s).unwrap();
         let (longest, total) = collator.group_tokens(&data.ds, s).unwrap();
-        let built = pairs.iter().map(|p| p.len()).max().unwrap_or(0);
-        if (built, pairs.iter().map(|p| p.len()).sum::<usize>()) != (longest, total)
-            || len(s) != longest
+        let lens: Vec<usize> = pairs.iter().map(|p| p.ids().len()).collect();
+        if pairs
+            .iter()
+            .zip(&lens)
+            .any(|(p, &l)| p.type_ids().len() != l || p.len() != l)
         {
+            return Err(format!(
+                "row {}: a pair's ids, types and length differ",
+                s.row
+            ));
+        }
+        let built = lens.iter().copied().max().unwrap_or(0);
+        if (built, lens.iter().sum::<usize>()) != (longest, total) || len(s) != longest {
             return Err(format!(
                 "row {}: pairs of {built} tokens at most, the plan measured {longest} / {}",
                 s.row,

@@ -1401,7 +1401,10 @@ impl PyLoader {
         if !now {
             self.detach(py, || self.inner.wait(ticket));
         }
-        self.inner.take()
+        let mut loader = self.inner.take()?;
+        // In a forked DataLoader worker: the parent's plan caches are never touched.
+        loader.after_fork();
+        Ok(loader)
     }
 
     fn mirror(&self) -> Mirror {

@@ -685,59 +685,55 @@ impl Collator {
     /// truncation). Reads list lengths only (offsets), never tokens: cheap enough to compute
     /// for every group of a megabatch when batches are grouped by length.
     pub fn group_len(&self, ds: &Dataset, sel: &Selection) -> Result<usize> {
-        let g = ds.group_ids(sel.row as usize)?;
-        self.drawn_len(ds, &g, sel.row, sel.pos, &sel.neg)
-    }
-
-    /// [`Collator::group_len`] of a group already read, for the positive `pos` and negatives
-    /// `neg` drawn from it (no allocation: the length pass of grouped batches calls this once
-    /// per row of an epoch).
-    pub fn drawn_len(
-        &self,
-        ds: &Dataset,
-        g: &GroupIds<'_>,
-        row: u64,
-        pos: u32,
-        neg: &[u32],
-    ) -> Result<usize> {
-        let prompt = self.prompt_of(ds, g.prompt)?.len();
-        // A pair's length never decreases with its passage's (truncation cuts the passage
-        // to the budget, or nothing), so the longest passage makes the longest pair.
-        let mut longest = ds
-            .referenced_passage(pick(g.pos, pos, row, "positive")?)?
-            .len();
-        for &j in neg {
-            longest = longest.max(
-                ds.referenced_passage(pick(g.neg, j, row, "negative")?)?
-                    .len(),
-            );
-        }
-        Ok(self.pair_len(g.query.len(), longest, prompt))
+        Ok(self.group_tokens(ds, sel)?.0)
     }
 
     /// A selection's longest pair and the total tokens of its pairs (what token-budget batches
     /// count), from lengths only.
     pub fn group_tokens(&self, ds: &Dataset, sel: &Selection) -> Result<(usize, usize)> {
         let g = ds.group_ids(sel.row as usize)?;
-        self.drawn_tokens(ds, &g, sel.row, sel.pos, &sel.neg)
+        let mut ids = Vec::with_capacity(1 + sel.neg.len());
+        let prompt = self.drawn_ids(ds, &g, sel.row, sel.pos, &sel.neg, &mut ids)?;
+        self.measure(
+            g.query.len(),
+            prompt,
+            ids.iter().map(|&id| Ok(ds.referenced_passage(id)?.len())),
+        )
     }
 
-    /// [`Collator::group_tokens`] of a group already read (no allocation: the token-budget
-    /// plan calls this once per row of an epoch).
-    pub fn drawn_tokens(
+    /// The passage ids of the pairs of group `g` (row `row`) with positive `pos` and negatives
+    /// `neg` drawn, positive first, appended to `ids`; returns the length of the group's
+    /// prompt (0 in encoder and embedder modes). What the plans measure, once per row of an
+    /// epoch (no allocation once `ids` has room).
+    pub fn drawn_ids(
         &self,
         ds: &Dataset,
         g: &GroupIds<'_>,
         row: u64,
         pos: u32,
         neg: &[u32],
-    ) -> Result<(usize, usize)> {
+        ids: &mut Vec<i32>,
+    ) -> Result<usize> {
         let prompt = self.prompt_of(ds, g.prompt)?.len();
+        ids.push(pick(g.pos, pos, row, "positive")?);
+        for &j in neg {
+            ids.push(pick(g.neg, j, row, "negative")?);
+        }
+        Ok(prompt)
+    }
+
+    /// The longest pair and the total tokens of the pairs of a query of `query` tokens (with
+    /// a prompt of `prompt`) and passages of these lengths, after truncation
+    /// ([`Collator::pair_len`]); the first error of `passages` is returned.
+    pub fn measure(
+        &self,
+        query: usize,
+        prompt: usize,
+        passages: impl Iterator<Item = Result<usize>>,
+    ) -> Result<(usize, usize)> {
         let (mut longest, mut total) = (0, 0);
-        let first = pick(g.pos, pos, row, "positive")?;
-        let rest = neg.iter().map(|&j| pick(g.neg, j, row, "negative"));
-        for id in std::iter::once(Ok(first)).chain(rest) {
-            let l = self.pair_len(g.query.len(), ds.referenced_passage(id?)?.len(), prompt);
+        for p in passages {
+            let l = self.pair_len(query, p?, prompt);
             longest = longest.max(l);
             total += l;
         }

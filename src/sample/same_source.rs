@@ -133,7 +133,7 @@ impl SourceBatches {
 }
 
 /// The sources one same-source batch draws from: one, or a directory's small sources merged.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BatchSource {
     members: Vec<usize>,
     /// Prefix sums of the members' rows per epoch.

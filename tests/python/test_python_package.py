@@ -8,6 +8,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -196,6 +197,35 @@ def test_a_forked_child_runs_the_threaded_epoch_pass(tmp_path):
     child.join(timeout=60)
     assert child.exitcode == 0
     assert got == [int(r) for r in next(ds.loader(**opts))["rows"]]
+
+
+def _child_next_epoch_rows(loader, epoch, queue):
+    loader.set_epoch(epoch)
+    queue.put([int(r) for r in next(loader)["rows"]])
+
+
+@pytest.mark.parametrize("plan", [{"length_grouped": 5}, {"max_tokens": 512},
+                                  {"no_duplicates": True}])
+def test_a_child_forked_while_the_next_epoch_is_planned_ahead_plans_it_itself(dataset, plan):
+    # After its first batch a loader plans the next epoch on a background thread. A child
+    # forked at any moment of that pass (the parent's plan caches possibly locked by it) uses
+    # fresh caches of its own: it never hangs, and its next epoch is the parent's.
+    ds = rankfeed.Dataset(dataset)
+    opts = dict(batch_size=4, group_size=4, prefetch_threads=2, **plan)
+    ctx = mp.get_context("fork")
+    want = [int(r) for r in next(ds.loader(epoch=1, **opts))["rows"]]
+    for delay in (0.0, 0.001, 0.005):
+        parent = ds.loader(**opts)
+        next(parent)
+        time.sleep(delay)
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_next_epoch_rows, args=(parent, 1, queue))
+        child.start()
+        got = queue.get(timeout=120)
+        child.join(timeout=60)
+        assert child.exitcode == 0 and got == want, delay
+        parent.set_epoch(1)
+        assert [int(r) for r in next(parent)["rows"]] == want
 
 
 def test_torch_dataloader_workers(dataset):
