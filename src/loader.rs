@@ -1564,12 +1564,14 @@ impl Loader {
         let Some(epoch) = self.state.epoch.checked_add(1) else {
             return;
         };
+        if !self.plan.plans_epochs() {
+            return;
+        }
         let pid = std::process::id();
-        if !self.plan.plans_epochs()
-            || self
-                .ahead
-                .as_ref()
-                .is_some_and(|a| a.pid == pid && a.epoch == epoch)
+        if self
+            .ahead
+            .as_ref()
+            .is_some_and(|a| a.pid == pid && a.epoch == epoch)
         {
             return;
         }
