@@ -448,9 +448,9 @@ fn even_bounds(n: usize, min: usize, pass: Pass<'_>) -> Vec<usize> {
     (0..=threads).map(|t| (t * chunk).min(n)).collect()
 }
 
-/// An epoch pass whose value at each position `i` of `0..n` is a function of its row
-/// `row(i) < rows` alone: `f(rows, values, scratch)` computes the values of the distinct rows,
-/// given in row order up to 64 at a time, and the values are gathered by position. Row order is the dataset's storage order:
+/// An epoch pass whose value at each position `i` of `0..n` is `f(row(i), scratch)`, a
+/// function of the row alone (`row(i) < rows`): `f` runs once for each distinct row, in row
+/// order, and the values are gathered by position. Row order is the dataset's storage order:
 /// a row's id lists follow the previous row's, and its passages (numbered in first-reference
 /// order at conversion) mostly follow the previous row's passages, so the pass streams through
 /// the maps where position order (shuffled) would miss the cache on every list and passage
@@ -464,7 +464,7 @@ fn row_pass<T: Send + Sync + Copy + Default, S: Default>(
     rows: usize,
     n: u64,
     row: impl Fn(u64) -> u64 + Sync,
-    f: impl Fn(&[u64], &mut [T], &mut S) -> Result<()> + Sync,
+    f: impl Fn(u64, &mut S) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     let n = usize::try_from(n).map_err(|_| Error::Internal("an epoch beyond memory".into()))?;
     let split = EPOCH_PASS_SPLIT as usize;
@@ -500,20 +500,18 @@ fn row_pass<T: Send + Sync + Copy + Default, S: Default>(
     let bounds: Vec<usize> = by_word.iter().map(|&w| before[w]).collect();
     let mut values = vec![T::default(); count];
     fill_parts(&mut values, &bounds, |k, part| {
-        let (mut scratch, mut batch) = (S::default(), Vec::with_capacity(64));
+        let mut scratch = S::default();
         let mut j = 0;
         let first = by_word[k];
         for (w, &word) in wanted[first..by_word[k + 1]].iter().enumerate() {
             pass.go_on()?;
             let base = (first + w) as u64 * 64;
-            batch.clear();
             let mut bits = word;
             while bits != 0 {
-                batch.push(base + bits.trailing_zeros() as u64);
+                part[j] = f(base + bits.trailing_zeros() as u64, &mut scratch)?;
+                j += 1;
                 bits &= bits - 1;
             }
-            f(&batch, &mut part[j..j + batch.len()], &mut scratch)?;
-            j += batch.len();
         }
         Ok(())
     })?;
@@ -531,7 +529,7 @@ fn row_pass<T: Send + Sync + Copy + Default, S: Default>(
     Ok(out)
 }
 
-/// Scratch space of [`Plan::measure_rows`]: a row's drawn negatives and passage ids.
+/// Scratch space of [`Plan::measure`]: a row's drawn negatives and passage ids.
 #[derive(Debug, Default)]
 struct Measuring {
     neg: Vec<u32>,
@@ -775,38 +773,21 @@ impl Plan {
             self.ds.len(),
             kept,
             |i| order.row(i),
-            |rows, out, s| self.measure_rows(epoch, rows, out, s, |longest, _| longest),
+            |row, s| Ok(self.measure(epoch, row, s)?.0),
         )?))
     }
 
-    /// The longest pair and the total tokens (saturated at `u32::MAX`) of the drawn groups of
-    /// `rows` in `epoch`, each through `value` into `out`: what the length and budget plans
-    /// measure ([`Collator::group_tokens`] of each row's selection, without allocating). The
-    /// first error in row order is returned. (Drawing every group of the rows first and
-    /// prefetching their passages' offsets before reading them was measured slower: 966-1,117
-    /// ms against 485-912 ms at 4M rows.)
-    fn measure_rows<T>(
-        &self,
-        epoch: u64,
-        rows: &[u64],
-        out: &mut [T],
-        s: &mut Measuring,
-        value: impl Fn(u32, u32) -> T,
-    ) -> Result<()> {
-        for (o, &row) in out.iter_mut().zip(rows) {
-            let (g, pos) = self.draw(epoch, row, &mut s.neg)?;
-            s.ids.clear();
-            let prompt = self
-                .collator
-                .drawn_ids(&self.ds, &g, row, pos, &s.neg, &mut s.ids)?;
-            let passages = s
-                .ids
-                .iter()
-                .map(|&id| Ok(self.ds.referenced_passage(id)?.len()));
-            let (longest, total) = self.collator.measure(g.query.len(), prompt, passages)?;
-            *o = value(longest as u32, total.min(u32::MAX as usize) as u32);
-        }
-        Ok(())
+    /// The longest pair and the total tokens (saturated at `u32::MAX`) of `row`'s drawn group
+    /// in `epoch`: what the length and budget plans measure ([`Collator::group_tokens`] of its
+    /// selection, without allocating). (Drawing 64 rows' groups first and prefetching their
+    /// passages' offsets before reading them was measured slower: 966-1,117 ms against 485-912
+    /// ms at 4M rows.)
+    fn measure(&self, epoch: u64, row: u64, s: &mut Measuring) -> Result<(u32, u32)> {
+        let (g, pos) = self.draw(epoch, row, &mut s.neg)?;
+        let (longest, total) = self
+            .collator
+            .drawn_tokens(&self.ds, &g, row, pos, &s.neg, &mut s.ids)?;
+        Ok((longest as u32, total.min(u32::MAX as usize) as u32))
     }
 
     /// The group of `row` and its positive in `epoch`, its negatives into `neg` (what
@@ -843,7 +824,7 @@ impl Plan {
             self.ds.len(),
             n,
             |p| order.global_row(p),
-            |rows, out, s| self.measure_rows(epoch, rows, out, s, |l, total| (l, total)),
+            |row, s| self.measure(epoch, row, s),
         )?;
         for (l, total) in pairs {
             longest.push(l);
@@ -1976,19 +1957,6 @@ mod tests {
         assert!(e.to_string().contains("part 1"), "{e}");
     }
 
-    /// `f` of each row, as a pass computes the values of its rows.
-    fn each(
-        f: impl Fn(u64, &mut Vec<u32>) -> Result<u64> + Sync,
-    ) -> impl Fn(&[u64], &mut [u64], &mut Vec<u32>) -> Result<()> + Sync {
-        move |rows, out, scratch| {
-            assert!(rows.len() <= 64 && rows.windows(2).all(|w| w[0] < w[1]));
-            for (o, &r) in out.iter_mut().zip(rows) {
-                *o = f(r, scratch)?;
-            }
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_row_ordered_pass_is_the_pass_by_position() {
         // Rows repeated (weighted sources, padded shards), left out (subsets, other ranks) and
@@ -2013,7 +1981,7 @@ mod tests {
                     threads,
                     stop: None,
                 };
-                let got = row_pass(pass, rows, n, row, each(f)).unwrap();
+                let got = row_pass(pass, rows, n, row, f).unwrap();
                 assert_eq!(got, want, "{rows} {n} {threads}");
             }
         }
@@ -2023,24 +1991,24 @@ mod tests {
             threads: 1,
             stop: Some(&stop),
         };
-        assert!(row_pass(pass, 100, 100, |i| i, each(|r, _| Ok(r))).is_err());
+        assert!(row_pass(pass, 100, 100, |i| i, |r, _: &mut ()| Ok(r)).is_err());
         // An error is returned, and a row outside the dataset is one.
         let e = row_pass(
             Pass::now(),
             100_000,
             100_000,
             |i| i,
-            each(|r, _| {
+            |r, _: &mut ()| {
                 if r == 99_000 {
                     Err(Error::Internal(format!("at {r}")))
                 } else {
                     Ok(r)
                 }
-            }),
+            },
         )
         .unwrap_err();
         assert!(e.to_string().contains("at 99000"), "{e}");
-        assert!(row_pass(Pass::now(), 10, 3, |i| i + 8, each(|r, _| Ok(r))).is_err());
+        assert!(row_pass(Pass::now(), 10, 3, |i| i + 8, |r, _: &mut ()| Ok(r)).is_err());
     }
 
     /// A small length-grouped (or token-budget) loader over a written dataset.

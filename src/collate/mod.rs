@@ -693,19 +693,14 @@ impl Collator {
     pub fn group_tokens(&self, ds: &Dataset, sel: &Selection) -> Result<(usize, usize)> {
         let g = ds.group_ids(sel.row as usize)?;
         let mut ids = Vec::with_capacity(1 + sel.neg.len());
-        let prompt = self.drawn_ids(ds, &g, sel.row, sel.pos, &sel.neg, &mut ids)?;
-        self.measure(
-            g.query.len(),
-            prompt,
-            ids.iter().map(|&id| Ok(ds.referenced_passage(id)?.len())),
-        )
+        self.drawn_tokens(ds, &g, sel.row, sel.pos, &sel.neg, &mut ids)
     }
 
-    /// The passage ids of the pairs of group `g` (row `row`) with positive `pos` and negatives
-    /// `neg` drawn, positive first, appended to `ids`; returns the length of the group's
-    /// prompt (0 in encoder and embedder modes). What the plans measure, once per row of an
-    /// epoch (no allocation once `ids` has room).
-    pub fn drawn_ids(
+    /// [`Collator::group_tokens`] of group `g` (row `row`) already read, for the positive
+    /// `pos` and negatives `neg` drawn from it, with `ids` as scratch space for their passage
+    /// ids: the plans call this once per row of an epoch (no allocation once `ids` has room).
+    /// From lengths alone: each pair's is [`Collator::pair_len`].
+    pub fn drawn_tokens(
         &self,
         ds: &Dataset,
         g: &GroupIds<'_>,
@@ -713,27 +708,16 @@ impl Collator {
         pos: u32,
         neg: &[u32],
         ids: &mut Vec<i32>,
-    ) -> Result<usize> {
+    ) -> Result<(usize, usize)> {
         let prompt = self.prompt_of(ds, g.prompt)?.len();
+        ids.clear();
         ids.push(pick(g.pos, pos, row, "positive")?);
         for &j in neg {
             ids.push(pick(g.neg, j, row, "negative")?);
         }
-        Ok(prompt)
-    }
-
-    /// The longest pair and the total tokens of the pairs of a query of `query` tokens (with
-    /// a prompt of `prompt`) and passages of these lengths, after truncation
-    /// ([`Collator::pair_len`]); the first error of `passages` is returned.
-    pub fn measure(
-        &self,
-        query: usize,
-        prompt: usize,
-        passages: impl Iterator<Item = Result<usize>>,
-    ) -> Result<(usize, usize)> {
         let (mut longest, mut total) = (0, 0);
-        for p in passages {
-            let l = self.pair_len(query, p?, prompt);
+        for &id in ids.iter() {
+            let l = self.pair_len(g.query.len(), ds.referenced_passage(id)?.len(), prompt);
             longest = longest.max(l);
             total += l;
         }
